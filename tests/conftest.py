@@ -1,0 +1,16 @@
+"""Shared fixtures: a tiny demo dataset generated once per test session, wandb off."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small copy of the built-in demo dataset (COCO, Tencent-ML and folder formats), 64 px."""
+    from ssl_zoo.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    return str(make_demo_dataset(root, num_train=48, num_val=16, size=64, seed=0))

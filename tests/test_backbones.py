@@ -1,0 +1,119 @@
+"""Backbone adapter: shapes per family, masking semantics, gradients, local checkpoints, clear errors."""
+
+import pytest
+import timm
+import torch
+
+from ssl_zoo.models import Backbone, MLPHead
+
+SMALL = {
+    "resnet18": {},
+    "vit_tiny_patch16_224": {"img_size": 64},
+    "swin_tiny_patch4_window7_224": {"img_size": 64, "model_kwargs": {"window_size": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    torch.manual_seed(0)
+    return {name: Backbone(name, **kw).eval() for name, kw in SMALL.items()}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_feature_views_shapes(backbones, name):
+    b = backbones[name]
+    x = torch.randn(2, 3, 64, 64)
+    pooled = b(x)
+    fmap = b.forward_map(x)
+    assert pooled.shape == (2, b.num_features)
+    assert fmap.shape[:2] == (2, b.num_features)
+    assert fmap.shape[2] == fmap.shape[3] == 64 // b.output_stride
+    assert torch.isfinite(pooled).all() and torch.isfinite(fmap).all()
+    # num_features agrees with timm's own classifier-free model.
+    assert b.num_features == timm.create_model(name, num_classes=0, **{k: v for k, v in SMALL[name].items()
+                                                                      if k == "img_size"}
+                                               | SMALL[name].get("model_kwargs", {})).num_features
+
+
+def test_vit_tokens_and_map_agree(backbones):
+    b = backbones["vit_tiny_patch16_224"]
+    x = torch.randn(2, 3, 64, 64)
+    tokens = b.forward_tokens(x)
+    assert tokens.shape == (2, 1 + 16, b.num_features)
+    # forward_tokens reproduces timm's forward_features exactly when nothing is masked.
+    torch.testing.assert_close(tokens, b.forward_features(x))
+    fmap = b.forward_map(x)
+    # map cell (i, j) is patch token 1 + i*w + j
+    torch.testing.assert_close(fmap[:, :, 1, 2], tokens[:, 1 + 1 * 4 + 2])
+    # the pooled embedding is timm's pre-logits (CLS token for this model)
+    torch.testing.assert_close(b(x), b.model.forward_head(tokens, pre_logits=True))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_masked_patches_carry_the_mask_token(backbones, name):
+    b = backbones[name]
+    x = torch.randn(1, 3, 64, 64)
+    h, w = b.patch_grid(64)
+    token = torch.randn(b.embed_dim)
+    mask = torch.zeros(1, h, w, dtype=torch.bool)
+    mask[0, 0, 0] = True
+    # The embedding of the masked patch is replaced: changing that patch's pixels changes nothing.
+    x2 = x.clone()
+    p = b.patch_size
+    x2[..., :p, :p] = torch.randn(3, p, p)
+    out1, out2 = b.forward_map(x, mask, token), b.forward_map(x2, mask, token)
+    torch.testing.assert_close(out1, out2)
+    # Without the mask the same pixel change does change the output.
+    assert not torch.allclose(b.forward_map(x), b.forward_map(x2))
+    # And the mask token itself matters.
+    assert not torch.allclose(out1, b.forward_map(x, mask, token + 1.0))
+
+
+def test_mask_shape_mismatch_is_clear(backbones):
+    b = backbones["vit_tiny_patch16_224"]
+    with pytest.raises(ValueError, match="patch grid"):
+        b.forward_tokens(torch.randn(1, 3, 64, 64), torch.zeros(1, 3, 3, dtype=torch.bool), torch.zeros(192))
+    with pytest.raises(ValueError, match="ResNet"):
+        backbones["resnet18"].forward_map(torch.randn(1, 3, 64, 64), torch.zeros(1, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    b = Backbone(name, **SMALL[name])
+    head = MLPHead(b.num_features, [32], 16, last_norm=True)
+    loss = head(b(torch.randn(4, 3, 64, 64))).pow(2).mean() + b.forward_map(torch.randn(4, 3, 64, 64)).mean()
+    loss.backward()
+    missing = [n for n, p in b.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    src = Backbone("resnet18")
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": src.model.state_dict()}, path)
+    dst = Backbone("resnet18", pretrained=str(path))
+    for (k, v), (k2, v2) in zip(src.model.state_dict().items(), dst.model.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="do not match"):
+        Backbone("vit_tiny_patch16_224", pretrained=str(path), img_size=64)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        Backbone("resnet18", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_or_unsupported_backbone():
+    with pytest.raises(ValueError, match="not a timm model"):
+        Backbone("no_such_net_42")
+    with pytest.raises(ValueError, match="supports the timm ResNet"):
+        Backbone("mobilenetv3_small_050")
+
+
+def test_mlp_head_layout():
+    head = MLPHead(8, [16, 16], 4, last_norm=True)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert head[-1].affine is False and head[0].bias is None
+    moco_v2 = MLPHead(8, [16], 4, norm_layer=None)
+    assert [type(m).__name__ for m in moco_v2] == ["Linear", "ReLU", "Linear"]
+    assert head(torch.randn(5, 8)).shape == (5, 4)
