@@ -1,0 +1,78 @@
+"""Multi-projector contrastive learning terms of MPCL (Eq. 2-4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["mpcl_total_loss", "projector_contrastive_regularization", "ptb_weights"]
+
+
+def projector_contrastive_regularization(z: Tensor) -> Tensor:
+    """Projector contrastive regularisation (MPCL Eq. 2), one value per projector.
+
+    ``pcr_m = mean_b (1/(Mp-1)) * sum_{l != m} cos(z_b^m, z_b^l)``: the similarity between the
+    outputs of different projectors for the *same* sample. Adding it to the loss pushes the
+    projectors apart, so gradients flow to every projector (it is a regulariser, not a target).
+
+    Args:
+        z: ``[Mp, B, D]`` outputs of ``Mp >= 2`` projectors (computed in float32).
+
+    Returns:
+        ``[Mp]`` float32 batch averages over this rank's batch.
+    """
+    if z.ndim != 3 or z.shape[0] < 2:
+        raise ValueError(f"z must have shape [Mp, B, D] with Mp >= 2 projectors, got {tuple(z.shape)}")
+    num_proj = z.shape[0]
+    z = F.normalize(z.float(), dim=-1)  # [Mp, B, D]
+    cos = torch.einsum("mbd,lbd->bml", z, z)  # [B, Mp, Mp] per-sample projector similarities
+    off_diagonal = ~torch.eye(num_proj, dtype=torch.bool, device=z.device)  # [Mp, Mp], l != m
+    per_sample = torch.where(off_diagonal, cos, 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
+    return per_sample.mean(dim=0)
+
+
+def ptb_weights(acc: Tensor, epsilon: float = 0.5) -> Tensor:
+    """Performance-based task balancing weights (MPCL Eq. 3): ``softmax((1 - acc) / epsilon)``.
+
+    Projectors with lower accuracy get larger weights. No gradient flows through the weights.
+
+    Args:
+        acc: ``[Mp]`` each projector's mean contrastive top-1 accuracy over the previous epoch, as a
+            fraction in ``[0, 1]``.
+        epsilon: softmax temperature, ``> 0``.
+
+    Returns:
+        ``[Mp]`` float32 weights summing to 1.
+    """
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if acc.ndim != 1:
+        raise ValueError(f"acc must have shape [Mp], got {tuple(acc.shape)}")
+    acc = acc.detach().float()
+    if bool(((acc < 0) | (acc > 1)).any()):
+        raise ValueError(f"acc must be fractions in [0, 1] (not percentages), got {acc.tolist()}")
+    return torch.softmax((1.0 - acc) / epsilon, dim=0)
+
+
+def mpcl_total_loss(losses: Tensor, pcr: Tensor, weights: Tensor, lam: float = 0.01) -> Tensor:
+    """MPCL objective (Eq. 4): ``(1/Mp) * sum_m (weights_m * losses_m + lam * pcr_m)``.
+
+    Args:
+        losses: ``[Mp]`` batch-averaged contrastive loss of each projector.
+        pcr: ``[Mp]`` batch-averaged :func:`projector_contrastive_regularization`.
+        weights: ``[Mp]`` :func:`ptb_weights` (treated as constants).
+        lam: weight of the regulariser, ``>= 0``.
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if not (losses.ndim == 1 and losses.shape == pcr.shape == weights.shape):
+        raise ValueError(
+            f"losses, pcr and weights must all have shape [Mp], got {tuple(losses.shape)}, "
+            f"{tuple(pcr.shape)} and {tuple(weights.shape)}"
+        )
+    per_projector = weights.detach().float() * losses.float() + lam * pcr.float()  # [Mp]
+    return per_projector.mean()

@@ -1,0 +1,83 @@
+"""Run a function in several CPU processes joined by a gloo process group.
+
+Usage::
+
+    from tests.ddp_utils import run_distributed
+
+    def _check(rank: int, world_size: int, batch: torch.Tensor) -> dict:  # module level
+        ...
+        return {"loss": loss.detach(), "grad": z.grad}
+
+    results = run_distributed(_check, world_size=2, batch=batch)  # one entry per rank
+
+``fn`` must be defined at module level of an importable module (it is pickled by reference into
+freshly spawned interpreters), its keyword arguments and return value must be picklable
+(tensors are fine).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["run_distributed"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    out_dir: str,
+    fn: Callable[..., Any],
+    kwargs: dict[str, Any],
+) -> None:
+    # One intra-op thread per process: the test machines have few cores and W processes share them.
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        backend="gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        result = fn(rank, world_size, **kwargs)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> list[Any]:
+    """Call ``fn(rank, world_size, **kwargs)`` in ``world_size`` spawned gloo processes.
+
+    Returns:
+        The value each rank returned, indexed by rank. An exception in any rank is re-raised here
+        (as ``torch.multiprocessing.ProcessRaisedException`` carrying the child's traceback).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(
+            _worker,
+            args=(world_size, _free_port(), out_dir, fn, kwargs),
+            nprocs=world_size,
+            join=True,
+        )
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
+        ]
