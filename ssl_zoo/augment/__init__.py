@@ -1,0 +1,50 @@
+"""View transforms and mask generators.
+
+Transforms take one decoded PIL image and return ``dict[str, Tensor]`` with at least
+``"views": Tensor[V, 3, S, S]``; they are pure, picklable and draw from torch's RNG.
+"""
+
+from ssl_zoo.augment.blocks import BlockwiseAugmentation, block_boxes, shuffle_pairs
+from ssl_zoo.augment.masking import BlockwiseMaskGenerator, RandomPatchMaskGenerator
+from ssl_zoo.augment.views import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+    HVPTransform,
+    MultiViewTransform,
+    MVPTransform,
+    TorchSeeded,
+    TwoViewTransform,
+    blur_kernel_size,
+    byol_view,
+    mocov2_transform,
+    mocov3_transform,
+    normalize_transform,
+    simsiam_view,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NORMALIZATIONS",
+    "BlockwiseAugmentation",
+    "BlockwiseMaskGenerator",
+    "HVPTransform",
+    "MVPTransform",
+    "MultiViewTransform",
+    "RandomPatchMaskGenerator",
+    "TorchSeeded",
+    "TwoViewTransform",
+    "block_boxes",
+    "blur_kernel_size",
+    "byol_view",
+    "mocov2_transform",
+    "mocov3_transform",
+    "normalize_transform",
+    "shuffle_pairs",
+    "simsiam_view",
+]
