@@ -1,0 +1,148 @@
+"""BAM + IA-CLoss: SimSiam for multi-label images, and the SimSiam baseline.
+
+Paper: "Self-Supervised Contrastive Learning for Multi-Label Images" (Chen). Each image is split into four
+overlapping, corner-anchored blocks (Block-wise Augmentation Module, §3.1); each block yields two views
+(8 views per image). SimSiam's stop-gradient loss pulls the two views of a block together (L_sim), and the
+image-aware contrastive loss (IA-CLoss, Eq. 1) pulls together all views of the same image and pushes away
+views of other images in the global batch (L_ia):
+
+    L_total = L_sim + lambda * L_ia                                                   (§3.2)
+
+With ``bam=False, ia_loss="none"`` this module *is* SimSiam (Chen & He 2021): two views of the whole image.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightly.loss import NegativeCosineSimilarity
+from lightly.utils.debug import std_of_l2_normalized
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from ssl_zoo.augment import BlockwiseAugmentation, shuffle_pairs
+from ssl_zoo.losses import ImageAwareContrastiveLoss, SupConLoss
+from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
+from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
+
+
+class BAMIA(LightningModule):
+    """SimSiam + Block-wise Augmentation + Image-Aware Contrastive Loss.
+
+    Args:
+        backbone: timm backbone name (ResNet-50 in the paper; any family of the adapter works).
+        backbone_kwargs: extra :class:`~ssl_zoo.models.Backbone` arguments (``img_size``, ``model_kwargs``...).
+        img_size: side of every view (224 in the paper).
+        proj_hidden_dim, proj_dim: SimSiam projector 2048-2048-2048 with BN (output BN without affine).
+        pred_hidden_dim: SimSiam predictor bottleneck 2048-512-2048.
+        head_norm: normalisation in the heads: ``batch`` (the paper), ``layer`` or ``none`` (batch-size
+            independent heads, e.g. to check DDP equivalence without SyncBN).
+        bam: four-block augmentation (8 views per image); ``False`` gives SimSiam's two whole-image views.
+        overlap: gamma, the extra fraction of width/height each block covers beyond one half, in [0, 0.5].
+        min_scale: lower bound of RandomResizedCrop's scale (0.2 in the paper, Table 5 varies it).
+        ia_loss: ``ia`` (IA-CLoss, Eq. 1), ``supcon`` (the paper's SUP ablation: SupCon with image ids as
+            labels) or ``none``.
+        lam: lambda, the weight of L_ia (4 in the paper).
+        temperature: tau of the contrastive loss (0.1).
+        base_lr: SGD lr for a batch of 256 images; the lr is ``base_lr * lr_batch_size / 256``.
+        lr_batch_size: batch used for lr scaling; ``None`` = the global batch. The paper trains BAM with
+            batch 128 but the lr of batch 512 (set 512 in the paper config).
+        momentum, weight_decay: SGD settings (0.9, 1e-4).
+        fix_predictor_lr: keep the predictor at the initial lr while the rest decays (SimSiam §4.2).
+        warmup_epochs: linear warmup before the cosine decay (0 in the papers).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict | None = None,
+        img_size: int = 224,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 2048,
+        pred_hidden_dim: int = 512,
+        head_norm: Literal["batch", "layer", "none"] = "batch",
+        bam: bool = True,
+        overlap: float = 0.2,
+        min_scale: float = 0.2,
+        ia_loss: Literal["ia", "supcon", "none"] = "ia",
+        lam: float = 4.0,
+        temperature: float = 0.1,
+        base_lr: float = 0.05,
+        lr_batch_size: int | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        fix_predictor_lr: bool = True,
+        warmup_epochs: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= overlap <= 0.5:
+            raise ValueError(f"model.overlap (gamma) must lie in [0, 0.5], got {overlap}")
+        if ia_loss not in ("ia", "supcon", "none"):
+            raise ValueError(f"model.ia_loss must be 'ia', 'supcon' or 'none', got '{ia_loss}'")
+        self.save_hyperparameters()
+
+        self.backbone = Backbone(backbone, **(backbone_kwargs or {}))
+        d = self.backbone.num_features
+        norm = norm_layer_by_name(head_norm)
+        self.projector = MLPHead(d, [proj_hidden_dim, proj_hidden_dim], proj_dim, norm_layer=norm, last_norm=True)
+        self.predictor = MLPHead(proj_dim, [pred_hidden_dim], proj_dim, norm_layer=norm)
+        self.similarity_loss = NegativeCosineSimilarity()
+        self.contrastive_loss = {
+            "ia": ImageAwareContrastiveLoss(temperature=temperature),
+            "supcon": SupConLoss(temperature=temperature),
+            "none": None,
+        }[ia_loss]
+
+    # ------------------------------------------------------------------ data hook
+    def train_transform(self) -> BlockwiseAugmentation:
+        """One image -> 8 views (4 blocks x 2) with BAM, or SimSiam's 2 views without."""
+        return BlockwiseAugmentation(size=self.hparams.img_size, overlap=self.hparams.overlap,
+                                     min_scale=self.hparams.min_scale, bam=self.hparams.bam)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled backbone features ``[B, D]`` (what downstream evaluation uses)."""
+        return self.backbone(x)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        # Views: [B, V, 3, S, S] with V = 8 (BAM) or 2 (SimSiam); pairs are the two views of one block.
+        x1, x2, row, _block = shuffle_pairs(batch["views"], batch["block_ids"])  # [P, 3, S, S] x2, P = B*V/2
+        image_ids = batch["index"][row]  # dataset index: unique per image across all ranks
+
+        # Encode and project each view batch separately, as SimSiam does (BN statistics per view).
+        z1 = self.projector(self.backbone(x1))  # [P, proj_dim]
+        z2 = self.projector(self.backbone(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+
+        # L_sim: symmetric negative cosine with stop-gradient on the target branch (SimSiam Eq. 3-4).
+        loss_sim = 0.5 * (self.similarity_loss(p1, z2.detach()) + self.similarity_loss(p2, z1.detach()))
+        loss = loss_sim
+        batch_size = batch["views"].shape[0]
+        if self.contrastive_loss is not None:
+            # L_ia over every view of the global batch, on projector embeddings (Eq. 1).
+            z = torch.cat([z1, z2])  # [2P, proj_dim]
+            loss_ia = self.contrastive_loss(z, torch.cat([image_ids, image_ids]))
+            loss = loss_sim + self.hparams.lam * loss_ia
+            self.log("train/loss_ia", loss_ia, on_epoch=True, sync_dist=True, batch_size=batch_size)
+
+        self.log("train/loss_sim", loss_sim, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        # Collapse indicator: std of the l2-normalised embedding, ~1/sqrt(d) when healthy, 0 when collapsed.
+        self.log("train/z_std", std_of_l2_normalized(z1.detach()), on_epoch=True, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
+        groups = [
+            {"params": [*self.backbone.parameters(), *self.projector.parameters()], "name": "encoder"},
+            {"params": list(self.predictor.parameters()), "name": "predictor"},
+        ]
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
+        scheduler = warmup_cosine_scheduler(optimizer, total, warmup,
+                                            constant_groups=(1,) if hp.fix_predictor_lr else ())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
