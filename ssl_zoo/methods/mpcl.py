@@ -1,0 +1,457 @@
+"""MPCL: multi-projector contrastive learning on MoCo v2 and MoCo v3, and the MoCo v2 / v3 baselines.
+
+Paper: "Retaining Diverse Information in Contrastive Learning through Multiple Projectors" (Zhu, Yu).
+One backbone f_theta feeds ``Mp`` projectors g^m_theta; a momentum backbone f_xi with momentum copies
+g^m_xi produces the keys. Each projector has its own InfoNCE loss (Eq. 1) and contrastive top-1
+accuracy; a projector contrastive regulariser (PCR, Eq. 2) pushes the projectors' outputs for the same
+sample apart; performance-based training balance (PTB, Eq. 3) weights projector ``m``'s loss by a
+softmax over ``(1 - acc_m) / epsilon`` of the previous epoch's accuracies:
+
+    L = (1/Mp) * sum_m ( w_m * L_m + lam * PCR_m )                                          (Eq. 4)
+
+``flavour`` picks the contrastive framework:
+
+* ``mocov2`` (He et al. 2020, Chen et al. 2020): 2-layer MLP projectors without BN, one negative queue
+  of 65,536 keys *per projector*, tau 0.2, constant momentum 0.999, shuffled BN for the key encoder,
+  SGD lr 0.03 * B / 256 with cosine decay.
+* ``mocov3`` (Chen, Xie, He 2021, ViT recipe): 3-layer BN projectors + a 2-layer predictor per projector,
+  negatives from the global batch, symmetric loss scaled by 2 * tau, momentum cosine from 0.99 to 1,
+  AdamW lr 1.5e-4 * B / 256, weight decay 0.1, 40 warmup epochs, frozen patch embedding.
+
+With ``num_projectors=1`` the module *is* the plain MoCo v2 / v3 baseline (PCR is undefined for one
+projector and PTB's softmax over one projector is 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightly.utils.debug import std_of_l2_normalized
+from lightly.utils.lars import LARS
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from ssl_zoo.augment import TwoViewTransform, mocov2_transform, mocov3_transform
+from ssl_zoo.losses import (
+    KeyQueue,
+    moco_v2_info_nce,
+    moco_v3_info_nce,
+    mpcl_total_loss,
+    projector_contrastive_regularization,
+    ptb_weights,
+)
+from ssl_zoo.models import Backbone, MLPHead
+from ssl_zoo.models.heads import NORM_LAYERS, norm_layer_by_name
+from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
+from ssl_zoo.utils.ema import cosine_schedule, init_teacher, update_ema
+from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
+
+__all__ = ["MPCL", "batch_shuffle", "batch_unshuffle"]
+
+Flavour = Literal["mocov2", "mocov3"]
+
+# The paper's settings of each flavour; an argument left at ``None`` takes the value of its flavour.
+FLAVOUR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mocov2": {  # MoCo v2, ResNet-50 (Chen et al. 2020, "Improved Baselines")
+        "projector_hidden_dims": 2048,
+        "proj_dim": 128,
+        "head_norm": "none",
+        "symmetric": False,
+        "ema_momentum": 0.999,
+        "ema_cosine": False,
+        "shuffle_bn": True,
+        "freeze_patch_embed": False,
+        "optimizer": "sgd",
+        "base_lr": 0.03,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0,
+    },
+    "mocov3": {  # MoCo v3, ViT-B/16 (Chen, Xie, He 2021, Table 11 / main_moco.py ViT recipe)
+        "projector_hidden_dims": 4096,
+        "proj_dim": 256,
+        "head_norm": "batch",
+        "symmetric": True,
+        "ema_momentum": 0.99,
+        "ema_cosine": True,
+        "shuffle_bn": False,
+        "freeze_patch_embed": True,
+        "optimizer": "adamw",
+        "base_lr": 1.5e-4,
+        "weight_decay": 0.1,
+        "warmup_epochs": 40,
+    },
+}
+
+
+# ---------------------------------------------------------------------- shuffled BN (MoCo §3.3)
+@torch.no_grad()
+def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Shuffle the global batch across ranks before the key encoder (MoCo's ``_batch_shuffle_ddp``).
+
+    Every rank then normalises a random subset of the global batch with BatchNorm, so the batch
+    statistics of a query and of its positive key come from different samples and cannot leak the
+    positive (MoCo §3.3, "Shuffling BN"). On one process the batch statistics do not depend on the
+    order, so this is the identity.
+
+    Args:
+        x: ``[B, ...]`` this rank's key-encoder input; every rank passes the same shape.
+
+    Returns:
+        ``(x_shuffled [B, ...], unshuffle)``: this rank's slice of the permuted global batch and the
+        inverse permutation ``[W*B]`` for :func:`batch_unshuffle` (``None`` on one process).
+    """
+    if world_size() == 1:
+        return x, None
+    x_all = gather_no_grad(x)  # [W*B, ...], rank order
+    perm = torch.randperm(x_all.shape[0], device=x.device)  # [W*B]
+    dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
+    b, r = x.shape[0], rank()
+    return x_all[perm[r * b : (r + 1) * b]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(y: Tensor, unshuffle: Tensor | None) -> Tensor:
+    """Undo :func:`batch_shuffle` on the key encoder's output (MoCo's ``_batch_unshuffle_ddp``).
+
+    Args:
+        y: ``[B, ...]`` outputs for this rank's shuffled slice.
+        unshuffle: the inverse permutation returned by :func:`batch_shuffle` (``None``: identity).
+
+    Returns:
+        ``[B, ...]`` outputs in the order of this rank's original batch.
+    """
+    if unshuffle is None:
+        return y
+    y_all = gather_no_grad(y)  # [W*B, ...] in shuffled order
+    b, r = y.shape[0], rank()
+    return y_all[unshuffle[r * b : (r + 1) * b]]
+
+
+class MPCL(LightningModule):
+    """Multi-projector contrastive learning (MPCL) on MoCo v2 / MoCo v3; one projector = the baseline.
+
+    Arguments left at ``None`` take the paper's value for ``flavour`` (see ``FLAVOUR_DEFAULTS``); the
+    resolved values are stored in ``self.hparams`` (and so in checkpoints).
+
+    Args:
+        backbone: timm backbone name (ResNet-50 for MoCo v2, ViT-B/16 for MoCo v3 in the paper).
+        backbone_kwargs: extra :class:`~ssl_zoo.models.Backbone` arguments (``img_size``...).
+        flavour: contrastive framework, ``mocov2`` (queue) or ``mocov3`` (global in-batch negatives).
+        img_size: side of both views (224 in the paper).
+        num_projectors: ``Mp >= 1``, number of projectors (4 in the paper; 1 = MoCo baseline).
+        projector_hidden_dims: hidden width of the projectors, one int for all or a list with one width
+            per projector (Table I, "different hidden dims"). mocov2: 2048, mocov3: 4096.
+        proj_dim: output width of every projector (mocov2: 128, mocov3: 256).
+        pred_hidden_dim: hidden width of the MoCo v3 predictors (4096); unused by mocov2.
+        head_norm: normalisation in the heads, ``batch`` (BN), ``layer`` (LayerNorm, BN-free) or ``none``.
+            mocov2: ``none`` (MoCo v2's MLP has no BN), mocov3: ``batch``.
+        temperature: tau of every InfoNCE loss (0.2 for both flavours).
+        queue_size: keys in each projector's negative queue (65,536); mocov2 only.
+        symmetric: contrast both (view 1 -> view 2) and (view 2 -> view 1). mocov2: ``False`` (MoCo v2
+            code; the two directions are averaged when on), mocov3: ``True`` (the two terms are summed,
+            as in MoCo v3's code).
+        pcr: add the projector contrastive regulariser (Eq. 2); needs ``num_projectors >= 2``.
+        ptb: weight the projectors' losses by PTB (Eq. 3); ``False`` keeps the uniform weights ``1/Mp``.
+        lam: lambda, the weight of PCR in Eq. 4 (0.01).
+        epsilon: the softmax temperature of PTB in Eq. 3 (0.5).
+        ema_momentum: momentum of the key encoder (mocov2: 0.999; mocov3: 0.99, the cosine start).
+        ema_cosine: ramp the momentum from ``ema_momentum`` to 1 with a half cosine over training
+            (MoCo v3 ``--moco-m-cos``). mocov2: ``False``, mocov3: ``True``.
+        shuffle_bn: shuffle the key encoder's input across ranks (MoCo v2's shuffled BN). Use
+            ``trainer.sync_batchnorm`` instead when it is off. mocov2: ``True``, mocov3: ``False``.
+        freeze_patch_embed: keep a ViT's random patch projection fixed (MoCo v3 §4.2 "random patch
+            projection", for stability). mocov2: ``False``, mocov3: ``True``; ignored for non-ViTs.
+        optimizer: ``sgd`` (MoCo v2), ``adamw`` (MoCo v3 ViT) or ``lars`` (MoCo v3 ResNet).
+        base_lr: lr for a batch of 256 images; the lr is ``base_lr * lr_batch_size / 256``
+            (mocov2: 0.03, mocov3: 1.5e-4).
+        lr_batch_size: batch used for lr scaling; ``None`` = the global batch.
+        weight_decay: mocov2: 1e-4 (on every parameter, as MoCo), mocov3: 0.1 (AdamW on every
+            parameter, as MoCo v3; LARS excludes biases and norms).
+        sgd_momentum: momentum of SGD and LARS (0.9).
+        warmup_epochs: linear lr warmup before the cosine decay (mocov2: 0, mocov3: 40).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict | None = None,
+        flavour: Flavour = "mocov2",
+        img_size: int = 224,
+        num_projectors: int = 4,
+        projector_hidden_dims: int | list[int] | None = None,
+        proj_dim: int | None = None,
+        pred_hidden_dim: int = 4096,
+        head_norm: Literal["batch", "layer", "none"] | None = None,
+        temperature: float = 0.2,
+        queue_size: int = 65536,
+        symmetric: bool | None = None,
+        pcr: bool = True,
+        ptb: bool = True,
+        lam: float = 0.01,
+        epsilon: float = 0.5,
+        ema_momentum: float | None = None,
+        ema_cosine: bool | None = None,
+        shuffle_bn: bool | None = None,
+        freeze_patch_embed: bool | None = None,
+        optimizer: Literal["sgd", "adamw", "lars"] | None = None,
+        base_lr: float | None = None,
+        lr_batch_size: int | None = None,
+        weight_decay: float | None = None,
+        sgd_momentum: float = 0.9,
+        warmup_epochs: int | None = None,
+    ) -> None:
+        super().__init__()
+        if flavour not in FLAVOUR_DEFAULTS:
+            raise ValueError(f"model.flavour must be 'mocov2' or 'mocov3', got '{flavour}'")
+        if num_projectors < 1:
+            raise ValueError(f"model.num_projectors must be >= 1, got {num_projectors}")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        if lam < 0:
+            raise ValueError(f"model.lam must be >= 0, got {lam}")
+        if epsilon <= 0:
+            raise ValueError(f"model.epsilon must be > 0, got {epsilon}")
+        if queue_size < 1:
+            raise ValueError(f"model.queue_size must be >= 1, got {queue_size}")
+        self.save_hyperparameters()
+        # Fill the flavour's paper values into the arguments left at None (stored resolved).
+        for key, value in FLAVOUR_DEFAULTS[flavour].items():
+            if self.hparams[key] is None:
+                self.hparams[key] = value
+        hp = self.hparams
+        if hp.head_norm not in NORM_LAYERS:
+            raise ValueError(f"model.head_norm must be 'batch', 'layer' or 'none', got '{hp.head_norm}'")
+        if hp.optimizer not in ("sgd", "adamw", "lars"):
+            raise ValueError(f"model.optimizer must be 'sgd', 'adamw' or 'lars', got '{hp.optimizer}'")
+        if not 0.0 <= hp.ema_momentum <= 1.0:
+            raise ValueError(f"model.ema_momentum must lie in [0, 1], got {hp.ema_momentum}")
+        hidden = hp.projector_hidden_dims
+        hidden = [hidden] * num_projectors if isinstance(hidden, int) else list(hidden)
+        if len(hidden) != num_projectors or any(h < 1 for h in hidden):
+            raise ValueError(
+                f"model.projector_hidden_dims must be one positive int or a list of {num_projectors} "
+                f"(num_projectors) positive ints, got {hp.projector_hidden_dims}"
+            )
+
+        # f_theta and f_xi (MPCL §3.1); the teacher_* prefixes are what export / evaluation look for.
+        self.backbone = Backbone(backbone, **(backbone_kwargs or {}))
+        if hp.freeze_patch_embed and self.backbone.family == "vit":
+            # MoCo v3 §4.2: a fixed random patch projection avoids the training instability spikes.
+            self.backbone.model.patch_embed.requires_grad_(False)
+        d = self.backbone.num_features
+        norm = norm_layer_by_name(hp.head_norm)
+        depth = 1 if flavour == "mocov2" else 2  # hidden layers: 2-layer (v2) / 3-layer (v3) MLPs
+        # g^m_theta, m = 1..Mp: same architecture, own (possibly different) hidden width and init.
+        self.projectors = nn.ModuleList(
+            MLPHead(d, [h] * depth, hp.proj_dim, norm_layer=norm, last_norm=flavour == "mocov3") for h in hidden
+        )
+        # MoCo v3 puts a predictor after the query-side projector; here each projector has its own.
+        self.predictors = (
+            nn.ModuleList(
+                MLPHead(hp.proj_dim, [pred_hidden_dim], hp.proj_dim, norm_layer=norm, last_norm=True)
+                for _ in range(num_projectors)
+            )
+            if flavour == "mocov3"
+            else None
+        )
+        self.teacher_backbone = init_teacher(self.backbone)
+        self.teacher_projectors = init_teacher(self.projectors)  # g^m_xi
+        # MoCo v2: one queue of negatives per projector; each only ever receives its own keys.
+        self.queues = (
+            nn.ModuleList(KeyQueue(hp.proj_dim, queue_size) for _ in range(num_projectors))
+            if flavour == "mocov2"
+            else None
+        )
+
+        # PTB state (Eq. 3), buffers so that checkpoints carry it and a resumed run continues with it.
+        # The accumulators hold sums over *all* ranks (reduced every step), so they agree across ranks
+        # and DDP's buffer broadcast from rank 0 cannot corrupt them.
+        self.register_buffer("ptb_weight", torch.full((num_projectors,), 1.0 / num_projectors))  # w_m
+        self.register_buffer("ptb_last_acc", torch.zeros(num_projectors))  # acc_m of the previous epoch
+        self.register_buffer("ptb_correct", torch.zeros(num_projectors))  # correct queries this epoch
+        self.register_buffer("ptb_count", torch.zeros(()))  # queries this epoch (per projector)
+        self._total_steps: int | None = None
+
+    # ------------------------------------------------------------------ data hook
+    def train_transform(self) -> TwoViewTransform:
+        """One image -> the two MoCo v2 / MoCo v3 views, ``{"views": [2, 3, S, S]}``."""
+        make = mocov2_transform if self.hparams.flavour == "mocov2" else mocov3_transform
+        return make(self.hparams.img_size)
+
+    # ------------------------------------------------------------------ encoders
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled backbone features ``[B, D]`` (what downstream evaluation uses)."""
+        return self.backbone(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Student projector outputs z^m = g^m_theta(f_theta(x)), stacked ``[Mp, B, proj_dim]``."""
+        h = self.backbone(x)  # [B, d]
+        return torch.stack([g(h) for g in self.projectors])  # [Mp, B, proj_dim]
+
+    def predict(self, z: Tensor) -> Tensor:
+        """Queries: MoCo v3 predictor outputs ``[Mp, B, proj_dim]``; MoCo v2 queries are ``z`` itself."""
+        if self.predictors is None:
+            return z
+        return torch.stack([p(z_m) for p, z_m in zip(self.predictors, z, strict=True)])
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """Momentum keys g^m_xi(f_xi(x)) ``[Mp, B, proj_dim]``, with shuffled BN when configured."""
+        unshuffle = None
+        if self.hparams.shuffle_bn:
+            x, unshuffle = batch_shuffle(x)  # [B, 3, S, S], a random slice of the global batch
+        h = self.teacher_backbone(x)  # [B, d]
+        k = torch.stack([g(h) for g in self.teacher_projectors], dim=1)  # [B, Mp, proj_dim]
+        return batch_unshuffle(k, unshuffle).transpose(0, 1)  # [Mp, B, proj_dim], original order
+
+    # ------------------------------------------------------------------ losses
+    def contrast(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-projector InfoNCE (Eq. 1) and top-1 accuracy: ``q, k [Mp, B, D]`` -> ``[Mp]``, ``[Mp]``.
+
+        MoCo v2: negatives from projector m's own queue; MoCo v3: the other keys of the global batch.
+        """
+        losses, accs = [], []
+        for m in range(q.shape[0]):
+            if self.queues is None:
+                loss, acc = moco_v3_info_nce(q[m], k[m], self.hparams.temperature)
+            else:
+                loss, acc = moco_v2_info_nce(q[m], k[m], self.queues[m].keys, self.hparams.temperature)
+            losses.append(loss)
+            accs.append(acc)
+        return torch.stack(losses), torch.stack(accs)
+
+    def loss_weights(self) -> Tensor:
+        """w_m of Eq. 4: PTB weights from the previous epoch (uniform 1/Mp in the first epoch / PTB off)."""
+        return self.ptb_weight
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        views = batch["views"]  # [B, 2, 3, S, S]
+        x1, x2 = views[:, 0], views[:, 1]  # [B, 3, S, S] each
+        b = views.shape[0]
+
+        # Encode and project: z^m = g^m_theta(f_theta(x)), keys k^m = g^m_xi(f_xi(x')) (§3.1).
+        z1 = self.project(x1)  # [Mp, B, D]
+        k2 = self.keys(x2)  # [Mp, B, D], no gradient
+        if hp.symmetric:
+            z2 = self.project(x2)
+            k1 = self.keys(x1)
+
+        # Eq. 1 for every projector (computed against the queue *before* this batch is enqueued).
+        losses, accs = self.contrast(self.predict(z1), k2)  # [Mp], [Mp]
+        if hp.symmetric:
+            losses_21, accs_21 = self.contrast(self.predict(z2), k1)
+            # MoCo v3 sums the two directions (its 2*tau scale assumes it); MoCo v2 variants average.
+            losses = losses + losses_21 if hp.flavour == "mocov3" else (losses + losses_21) / 2
+            accs = (accs + accs_21) / 2
+
+        # Eq. 2 on the projector outputs (before the MoCo v3 predictor): one value per projector.
+        num_proj = z1.shape[0]
+        if hp.pcr and num_proj > 1:
+            pcr = projector_contrastive_regularization(z1)  # [Mp]
+            if hp.symmetric:
+                pcr = (pcr + projector_contrastive_regularization(z2)) / 2
+        else:  # Eq. 2 is undefined for a single projector
+            pcr = torch.zeros(num_proj, device=z1.device)
+
+        # Eq. 4 with this epoch's PTB weights (constants).
+        loss = mpcl_total_loss(losses, pcr, self.loss_weights(), lam=hp.lam)
+
+        if self.queues is not None:  # each projector's own keys into its own queue (gathered inside)
+            for m, queue in enumerate(self.queues):
+                queue.enqueue(k2[m] if not hp.symmetric else torch.cat([k2[m], k1[m]]))
+
+        self._record(losses, pcr, accs, b)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=b)
+        # Collapse indicator: std of the l2-normalised embedding, ~1/sqrt(D) when healthy, 0 when collapsed.
+        self.log("train/z_std", std_of_l2_normalized(z1[0].detach()), on_epoch=True, batch_size=b)
+        return loss
+
+    @torch.no_grad()
+    def _record(self, losses: Tensor, pcr: Tensor, accs: Tensor, batch_size: int) -> None:
+        """Reduce this step's per-projector statistics over ranks (one all-reduce), feed PTB, log them."""
+        n = torch.tensor([float(batch_size)], device=losses.device)
+        stats = torch.cat([losses.detach().float(), pcr.detach().float(), accs.detach().float()]) * n
+        stats = all_reduce_sum(torch.cat([stats, n]))  # [3*Mp + 1]: sums over the global batch
+        mp = losses.shape[0]
+        total = stats[-1]
+        g_loss, g_pcr, g_correct = stats[:mp] / total, stats[mp : 2 * mp] / total, stats[2 * mp : 3 * mp]
+        self.record_accuracy(g_correct, total)
+        g_acc = g_correct / total
+        weights = self.loss_weights()
+        for m in range(mp):  # already global values: no further sync needed
+            self.log(f"train/proj{m}/loss", g_loss[m], on_epoch=True, batch_size=batch_size)
+            self.log(f"train/proj{m}/acc", g_acc[m], on_epoch=True, batch_size=batch_size)
+            self.log(f"train/proj{m}/pcr", g_pcr[m], on_epoch=True, batch_size=batch_size)
+            self.log(f"train/proj{m}/weight", weights[m], on_epoch=True, batch_size=batch_size)
+        self.log("train/loss_contrastive", g_loss.mean(), on_epoch=True, batch_size=batch_size)
+        self.log("train/pcr", g_pcr.mean(), on_epoch=True, batch_size=batch_size)
+        self.log("train/acc", g_acc.mean(), prog_bar=True, on_epoch=True, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ PTB (Eq. 3)
+    @torch.no_grad()
+    def record_accuracy(self, correct: Tensor, count: Tensor | float) -> None:
+        """Add global-batch counts to this epoch's accuracy: ``correct [Mp]`` queries out of ``count``.
+
+        Both must already be summed over ranks (the training step does it), so every rank holds the
+        same running totals.
+        """
+        self.ptb_correct += correct.to(self.ptb_correct)
+        self.ptb_count += torch.as_tensor(count).to(self.ptb_count)
+
+    def on_train_epoch_end(self) -> None:
+        """Close the epoch: acc_m = mean top-1 accuracy over it; the next epoch's w_m = Eq. 3 (acc)."""
+        if self.ptb_count.item() <= 0:
+            return
+        acc = (self.ptb_correct / self.ptb_count).clamp_(0.0, 1.0)  # [Mp], guards float round-off
+        self.ptb_last_acc.copy_(acc)
+        if self.hparams.ptb:
+            self.ptb_weight.copy_(ptb_weights(acc, self.hparams.epsilon))
+        self.ptb_correct.zero_()
+        self.ptb_count.zero_()
+
+    # ------------------------------------------------------------------ momentum encoder
+    def ema_momentum_at(self, step: int, total_steps: int) -> float:
+        """Key-encoder momentum after ``step`` optimiser steps: constant (MoCo v2) or the MoCo v3 cosine
+        ``m = 1 - (1 - m0) * (1 + cos(pi * step / total)) / 2``."""
+        if not self.hparams.ema_cosine:
+            return self.hparams.ema_momentum
+        return cosine_schedule(step, max(total_steps, 1), self.hparams.ema_momentum, 1.0)
+
+    def on_train_start(self) -> None:
+        self._total_steps = int(self.trainer.estimated_stepping_batches)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """theta_xi <- m * theta_xi + (1 - m) * theta_theta after each optimiser step (MoCo Eq. 2).
+
+        MoCo updates the key encoder just before computing the keys of the next batch; updating right
+        after the optimiser step is the same sequence of weights. (With gradient accumulation the update
+        runs after every micro-batch; the MoCo recipes do not accumulate.)
+        """
+        total = self._total_steps if self._total_steps is not None else 1
+        m = self.ema_momentum_at(self.global_step, total)
+        update_ema(self.teacher_backbone, self.backbone, m)
+        update_ema(self.teacher_projectors, self.projectors, m)
+        self.log("train/ema_momentum", m, on_step=True, on_epoch=False, batch_size=1)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
+        # The momentum encoder and the frozen patch embedding do not require gradients.
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        if hp.optimizer == "sgd":  # MoCo v2: weight decay on every parameter
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=hp.sgd_momentum, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":  # MoCo v3 ViT: AdamW, weight decay on every parameter
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay)
+        else:  # MoCo v3 ResNet: LARS; biases and norms get neither weight decay nor LARS scaling
+            optimizer = LARS(split_weight_decay(named, hp.weight_decay), lr=lr, momentum=hp.sgd_momentum,
+                             weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
+        scheduler = warmup_cosine_scheduler(optimizer, total, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
