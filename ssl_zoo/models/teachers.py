@@ -1,4 +1,4 @@
-"""Frozen guidance models that turn an image into per-token regression targets (MVP §3.3, Table 5).
+"""Frozen guidance models that turn an image into per-token regression targets (MVP; Table 5 compares them).
 
 Both teachers map an image batch ``[B, 3, S, S]`` to ``[B, 1+N, D]`` targets: the CLS token first, then
 the ``N = (S/p)^2`` patch tokens in raster order, so target ``m`` and a student token ``m`` look at the
@@ -95,7 +95,7 @@ class FrozenTeacher(nn.Module):
 
 
 class CLIPTeacher(FrozenTeacher):
-    """The vision tower of an open_clip model, frozen (MVP §3.3, Eq. 8).
+    """The vision tower of an open_clip model, frozen: MVP's multimodal guidance.
 
     Target of token ``i`` (CLS first, then the patches):
 
@@ -104,7 +104,8 @@ class CLIPTeacher(FrozenTeacher):
 
     where ``h`` is the output of the last transformer block. For the CLS token ``t_0`` equals open_clip's
     image embedding ``encode_image``; the same LayerNorm and projection are applied to every patch token,
-    which is how MVP reads "the output features of CLIP's image encoder" for all tokens.
+    so all ``1+N`` targets live in the space CLIP aligns with text (the choice this project makes for
+    MVP's token-wise targets; ``project_targets=False`` gives the pre-projection alternative).
 
     Args:
         model_name: open_clip architecture (``ViT-B-16`` in the paper, whatever the student's size).
@@ -144,8 +145,8 @@ class CLIPTeacher(FrozenTeacher):
         tag_cfg = {} if (not pretrained or is_file) else open_clip.get_pretrained_cfg(model_name, pretrained)
         if pretrained and not is_file and not tag_cfg:
             raise ValueError(
-                f"teacher pretrained='{pretrained}' is neither a local file nor an open_clip tag of '{model_name}' "
-                f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
+                f"teacher pretrained='{pretrained}' is neither a local file nor an open_clip tag of "
+                f"'{model_name}' (tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
             )
         clip = open_clip.create_model(
             model_name,
@@ -163,7 +164,9 @@ class CLIPTeacher(FrozenTeacher):
                 "MVP needs per-patch tokens of a plain open_clip VisionTransformer (ViT-B-16, ViT-L-14, ...)"
             )
         if visual.proj is None and project_targets:
-            raise ValueError(f"open_clip model '{model_name}' has no image projection: set project_targets=False")
+            raise ValueError(
+                f"open_clip model '{model_name}' has no image projection: set project_targets=False"
+            )
         self.visual = visual  # the text tower is dropped with `clip`
         self.model_name = model_name
         self.pretrained = pretrained or None
@@ -192,7 +195,8 @@ class CLIPTeacher(FrozenTeacher):
         v = self.visual
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
-                f"the CLIP teacher takes {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}"
+                f"the CLIP teacher takes {self.image_size}x{self.image_size} images, "
+                f"got {tuple(images.shape[-2:])}"
             )
         x = images * self.input_scale + self.input_shift  # no-op for CLIP-normalised inputs
         x = v.conv1(x.to(v.conv1.weight.dtype))  # [B, W, h, w]
@@ -262,7 +266,8 @@ def build_teacher(
     """``clip`` -> :class:`CLIPTeacher` (``kwargs`` = open_clip ``model_cfg`` overrides), ``timm`` ->
     :class:`TimmTeacher` (``kwargs`` = :class:`~ssl_zoo.models.Backbone` arguments)."""
     if kind == "clip":
-        return CLIPTeacher(name, pretrained, image_size=image_size, model_cfg=kwargs, project_targets=project_targets)
+        return CLIPTeacher(name, pretrained, image_size=image_size, model_cfg=kwargs,
+                           project_targets=project_targets)
     if kind == "timm":
         if not project_targets:
             warnings.warn("project_targets=False has no effect with a timm teacher (it has no projection)",
