@@ -1,0 +1,60 @@
+"""Dataset readers for the real formats (COCO, Tencent ML-Images, class-per-folder) and the demo data."""
+
+from ssl_zoo.data.coco import CocoMultiLabel, read_coco_multilabel
+from ssl_zoo.data.datamodule import (
+    CocoDataModule,
+    ImageFolderDataModule,
+    PretrainDataModule,
+    TencentMLDataModule,
+    ViewDataset,
+    eval_transform,
+)
+from ssl_zoo.data.folder import ImageFolderDataset
+from ssl_zoo.data.io import (
+    BadImageError,
+    BadSamplePolicy,
+    ImageListDataset,
+    load_image,
+    set_max_image_pixels,
+)
+from ssl_zoo.data.tencent import TencentClass, TencentML, parse_tencent_line, read_tencent_dictionary
+
+# ImageNet-100 is a class-per-folder tree of 100 ImageNet classes: the same reader.
+ImageNet100 = ImageFolderDataset
+
+_DEMO_NAMES = ("DEMO_CLASSES", "SUPERCLASSES", "make_demo_dataset")
+
+
+def __getattr__(name: str):
+    # The demo generator is imported on first use, so `python -m ssl_zoo.data.demo` runs the module once.
+    if name in _DEMO_NAMES:
+        from ssl_zoo.data import demo
+
+        return getattr(demo, name)
+    raise AttributeError(f"module 'ssl_zoo.data' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEMO_CLASSES",
+    "SUPERCLASSES",
+    "BadImageError",
+    "BadSamplePolicy",
+    "CocoDataModule",
+    "CocoMultiLabel",
+    "ImageFolderDataModule",
+    "PretrainDataModule",
+    "TencentMLDataModule",
+    "ViewDataset",
+    "eval_transform",
+    "ImageFolderDataset",
+    "ImageListDataset",
+    "ImageNet100",
+    "TencentClass",
+    "TencentML",
+    "load_image",
+    "make_demo_dataset",
+    "parse_tencent_line",
+    "read_coco_multilabel",
+    "read_tencent_dictionary",
+    "set_max_image_pixels",
+]

@@ -1,0 +1,539 @@
+"""The built-in demo dataset: procedurally drawn multi-label images written in the real dataset formats.
+
+``python -m ssl_zoo.data.demo --out data/demo [--num-train 2000 --num-val 500 --size 96 --seed 0]``
+
+Each image is a textured background (smooth noise, stripes or a gradient) with 1-4 objects from ten
+classes: seven filled shapes (circle, square, triangle, star, crescent, ring, cross) and three glyphs drawn
+as thick strokes (the letters E, H, Z), each of a random colour that contrasts with the background
+beneath it, random size, position and rotation, without overlap. A few images (every 25th, from the
+4th) show background only. Objects are rasterised at 4x resolution and box-filtered down, so edges are
+anti-aliased like a photograph's. Colour, size and position are independent of the class, so only the
+shape identifies it: a small CNN separates the classes, a colour histogram cannot.
+
+The same images are described three ways, in the formats the real readers parse:
+
+- COCO: ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json`` with non-contiguous
+  category ids (as in COCO) and tight boxes / areas measured on the drawn masks;
+- Tencent ML-Images: ``tencent/{train,val}.txt`` (paths relative to the output folder), each object's
+  class at confidence 1 and its superclass (``shape`` / ``glyph``) at 0.9, and the 3-column
+  ``tencent/dictionary_and_semantic_hierarchy.txt``;
+- class-per-folder: ``folder/{train,val}/<class>/<file>.jpg``, hard links to the same JPEGs, labelled with
+  the largest object's class (background-only images left out).
+
+Generation is deterministic: each image draws from its own generator seeded by (seed, split, index), so
+the output is byte-identical for a given seed whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["DEMO_CLASSES", "SUPERCLASSES", "DemoClass", "make_demo_dataset", "render_image", "main"]
+
+
+@dataclass(frozen=True)
+class DemoClass:
+    """A demo object class: its name, its superclass and its COCO category id."""
+
+    name: str
+    superclass: str
+    coco_id: int
+
+
+#: COCO category ids skip numbers as real COCO does (1..90 for 80 classes), so readers must map ids.
+DEMO_CLASSES: tuple[DemoClass, ...] = (
+    DemoClass("circle", "shape", 1),
+    DemoClass("square", "shape", 2),
+    DemoClass("triangle", "shape", 3),
+    DemoClass("star", "shape", 5),
+    DemoClass("crescent", "shape", 7),
+    DemoClass("ring", "shape", 9),
+    DemoClass("cross", "shape", 11),
+    DemoClass("letter_E", "glyph", 14),
+    DemoClass("letter_H", "glyph", 17),
+    DemoClass("letter_Z", "glyph", 20),
+)
+#: Tencent label indices: superclasses first (0, 1), then DEMO_CLASSES in order (2..11).
+SUPERCLASSES: tuple[str, ...] = ("shape", "glyph")
+PARENT_CONFIDENCE = 0.9
+
+_SUPERSAMPLE = 4  # objects are drawn at 4x and box-filtered down: anti-aliased edges
+_EMPTY_EVERY, _EMPTY_OFFSET = 25, 3  # image i shows background only when i % 25 == 3
+_SPLITS = {"train": 0, "val": 1}
+_MARKER = ".complete"
+_README_TITLE = "ssl_zoo demo dataset"
+
+
+def tencent_index(class_index: int) -> int:
+    """Tencent label index of ``DEMO_CLASSES[class_index]``."""
+    return len(SUPERCLASSES) + class_index
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def _rotate(points: Sequence[tuple[float, float]], angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(x * c - y * s, x * s + y * c) for x, y in points]
+
+
+def _regular(n: int, radius: float, inner: float | None = None) -> list[tuple[float, float]]:
+    """A regular n-gon (or an n-pointed star with inner radius ``inner``), first vertex pointing up."""
+    points = []
+    for k in range(n * (2 if inner else 1)):
+        r = inner if inner and k % 2 else radius
+        theta = -math.pi / 2 + math.pi * k / (n if inner else n / 2)
+        points.append((r * math.cos(theta), r * math.sin(theta)))
+    return points
+
+
+def _crescent(offset: float, inner: float, points: int = 48) -> list[tuple[float, float]]:
+    """A unit disc minus a disc of radius ``inner`` centred at ``(offset, 0)``: outer arc, then inner arc."""
+    x = (1 + offset**2 - inner**2) / (2 * offset)  # where the two circles cross, at (x, +-y)
+    y = math.sqrt(1 - x**2)
+    theta0 = math.atan2(y, x)
+    phi0 = math.atan2(y, x - offset)
+    outer = [theta0 + (2 * math.pi - 2 * theta0) * k / points for k in range(points + 1)]
+    inner_arc = [2 * math.pi - phi0 - (2 * math.pi - 2 * phi0) * k / points for k in range(1, points)]
+    return [(math.cos(t), math.sin(t)) for t in outer] + [
+        (offset + inner * math.cos(t), inner * math.sin(t)) for t in inner_arc
+    ]
+
+
+def _plus(arm: float) -> list[tuple[float, float]]:
+    a = arm
+    return [
+        (a, -1),
+        (a, -a),
+        (1, -a),
+        (1, a),
+        (a, a),
+        (a, 1),
+        (-a, 1),
+        (-a, a),
+        (-1, a),
+        (-1, -a),
+        (-a, -a),
+        (-a, -1),
+    ]
+
+
+# Outlines in units of the object radius (y points down). Sizes are scaled so that the classes cover
+# similar areas at the same radius.
+_POLYGONS: dict[str, list[tuple[float, float]]] = {
+    "circle": _regular(48, 1.0),
+    "square": _regular(4, 1.1),
+    "triangle": _regular(3, 1.25),
+    "star": _regular(5, 1.15, inner=0.48),
+    "crescent": _crescent(0.45, 0.8),
+    "cross": _plus(0.34),
+}
+# Glyphs: polylines of a thick pen, in a 1.2 x 1.8 box.
+_STROKES: dict[str, list[list[tuple[float, float]]]] = {
+    "letter_E": [[(0.6, -0.9), (-0.6, -0.9), (-0.6, 0.9), (0.6, 0.9)], [(-0.6, 0.0), (0.45, 0.0)]],
+    "letter_H": [[(-0.6, -0.9), (-0.6, 0.9)], [(0.6, -0.9), (0.6, 0.9)], [(-0.6, 0.0), (0.6, 0.0)]],
+    "letter_Z": [[(-0.6, -0.9), (0.6, -0.9), (-0.6, 0.9), (0.6, 0.9)]],
+}
+_RING_INNER = 0.55
+_STROKE_WIDTH = 0.32
+_GLYPH_MAX_TILT = math.radians(25)  # glyphs stay upright enough to be read
+
+
+def _outline(name: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of a polygonal class in output pixel coordinates."""
+    return [(cx + radius * x, cy + radius * y) for x, y in _rotate(_POLYGONS[name], angle)]
+
+
+def _draw_object(name: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+    """Rasterise one object; returns its coverage ``float32[size, size]`` in [0, 1]."""
+    ss = _SUPERSAMPLE
+    mask = Image.new("L", (size * ss, size * ss), 0)
+    draw = ImageDraw.Draw(mask)
+    if name in _POLYGONS:
+        draw.polygon([(x * ss, y * ss) for x, y in _outline(name, cx, cy, radius, angle)], fill=255)
+    elif name == "ring":
+        for r, fill in ((radius, 255), (radius * _RING_INNER, 0)):
+            draw.ellipse([(cx - r) * ss, (cy - r) * ss, (cx + r) * ss, (cy + r) * ss], fill=fill)
+    else:
+        width = _STROKE_WIDTH * radius * ss
+        for stroke in _STROKES[name]:
+            points = [((cx + radius * x) * ss, (cy + radius * y) * ss) for x, y in _rotate(stroke, angle)]
+            draw.line(points, fill=255, width=max(1, round(width)), joint="curve")
+            for x, y in (points[0], points[-1]):  # round pen caps
+                draw.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=255)
+    return np.asarray(mask.reduce(ss), dtype=np.float32) / 255.0  # [size, size], box filter
+
+
+def _segmentation(name: str, cx: float, cy: float, radius: float, angle: float) -> list[list[float]]:
+    """COCO polygon list; empty for the ring (it has a hole) and the glyphs (strokes, not outlines)."""
+    if name not in _POLYGONS:
+        return []
+    return [[round(float(v), 2) for point in _outline(name, cx, cy, radius, angle) for v in point]]
+
+
+# ------------------------------------------------------------------------------------------ textures
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    """HSV in [0, 1] to an RGB float array in [0, 255]."""
+    i = int(h * 6.0) % 6
+    f = h * 6.0 - int(h * 6.0)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    return np.asarray(rgb, dtype=np.float32) * 255.0
+
+
+def _muted(rng: np.random.Generator) -> np.ndarray:
+    return _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.25, 0.85))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A textured background ``float32[size, size, 3]``: smooth noise, stripes or a gradient."""
+    kind = rng.integers(3)
+    a, b = _muted(rng), _muted(rng)
+    # Keep the two tones within 45 grey levels so the texture never competes with the objects.
+    b = a + (b - a) * min(1.0, 45.0 / max(1e-6, float(np.abs(_luminance(b) - _luminance(a)))))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] each, in [0, 1)
+    if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
+        cells = int(rng.integers(3, 9))
+        coarse = Image.fromarray(rng.random((cells, cells)).astype(np.float32), mode="F")
+        weight = np.asarray(coarse.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    elif kind == 1:  # stripes of random angle and period
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(0.08, 0.25)
+        phase = (xx * math.cos(theta) + yy * math.sin(theta)) / period
+        weight = 0.5 + 0.5 * np.sin(2 * math.pi * phase + rng.uniform(0, 2 * math.pi))
+    else:  # linear gradient in a random direction
+        theta = rng.uniform(0, 2 * math.pi)
+        ramp = xx * math.cos(theta) + yy * math.sin(theta)
+        weight = (ramp - ramp.min()) / max(1e-6, float(ramp.max() - ramp.min()))
+    image = a + weight[..., None] * (b - a)  # [S, S, 3]
+    return image + rng.normal(0.0, 4.0, image.shape).astype(np.float32)
+
+
+def _object_colour(rng: np.random.Generator, local_luminance: float) -> np.ndarray:
+    """A saturated colour whose luminance differs from the background under the object by >= 70."""
+    for _ in range(50):
+        colour = _hsv_to_rgb(rng.random(), rng.uniform(0.45, 1.0), rng.uniform(0.3, 1.0))
+        if abs(float(_luminance(colour)) - local_luminance) >= 70.0:
+            return colour
+    return np.full(3, 0.0 if local_luminance > 127.5 else 255.0, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ images
+def render_image(seed: int, split: str, index: int, size: int = 96) -> tuple[Image.Image, list[dict]]:
+    """Draw demo image ``index`` of ``split``; deterministic in ``(seed, split, index, size)``.
+
+    Returns:
+        The RGB image and its objects, in drawing order, as dicts with ``class_index`` (into
+        :data:`DEMO_CLASSES`), ``bbox`` (COCO ``[x, y, w, h]`` of the pixels at least half covered),
+        ``area`` (that pixel count) and ``segmentation`` (a COCO polygon list, possibly empty).
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
+    rng = np.random.default_rng([seed, _SPLITS[split], index])
+    canvas = _background(rng, size)
+    if index % _EMPTY_EVERY == _EMPTY_OFFSET:
+        num_objects = 0
+    else:
+        num_objects = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15]))
+    # The first images of each split show one object of each class in turn, so that every class has a
+    # folder in both splits of the class-per-folder view (ImageFolder numbers classes by the folders present).
+    first_of_class = index - (index > _EMPTY_OFFSET)  # images 0, 1, 2, 4, ... -> classes 0, 1, 2, 3, ...
+    if num_objects and first_of_class < len(DEMO_CLASSES):
+        classes = [first_of_class]
+    else:
+        classes = [int(c) for c in rng.integers(len(DEMO_CLASSES), size=num_objects)]
+
+    occupied = np.zeros((size, size), dtype=bool)
+    objects: list[dict] = []
+    for class_index in classes:
+        name = DEMO_CLASSES[class_index].name
+        for _ in range(40):  # rejection sampling: the object lies inside the image and overlaps nothing
+            radius = rng.uniform(0.11, 0.21) * size
+            cx, cy = rng.uniform(radius, size - radius, size=2)
+            tilt = _GLYPH_MAX_TILT if name.startswith("letter") else math.pi
+            angle = rng.uniform(-tilt, tilt)
+            coverage = _draw_object(name, size, cx, cy, radius, angle)
+            solid = coverage >= 0.5
+            touches_border = (
+                coverage[0].any() or coverage[-1].any() or coverage[:, 0].any() or coverage[:, -1].any()
+            )
+            if not touches_border and not (occupied & (coverage > 0)).any():
+                break
+        else:
+            continue  # no free spot left: the image keeps fewer objects
+        if not solid.any():
+            continue
+        occupied |= coverage > 0
+        local = float(_luminance(canvas[solid]).mean())  # background brightness under the object
+        colour = _object_colour(rng, local)
+        alpha = coverage[..., None]  # [S, S, 1]
+        canvas = canvas * (1.0 - alpha) + colour * alpha
+        rows, cols = np.nonzero(solid)
+        x0, y0 = int(cols.min()), int(rows.min())
+        objects.append(
+            {
+                "class_index": class_index,
+                "bbox": [float(x0), float(y0), float(cols.max() - x0 + 1), float(rows.max() - y0 + 1)],
+                "area": float(solid.sum()),
+                "segmentation": _segmentation(name, cx, cy, radius, angle),
+            }
+        )
+    canvas += rng.normal(0.0, 2.5, canvas.shape).astype(np.float32)  # sensor-like grain over everything
+    image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mode="RGB")
+    return image, objects
+
+
+def _render_to_file(task: tuple[int, str, int, int, str]) -> list[dict]:
+    seed, split, index, size, path = task
+    image, objects = render_image(seed, split, index, size)
+    image.save(path, format="JPEG", quality=90)
+    return objects
+
+
+# ------------------------------------------------------------------------------------------ writers
+def _image_id(split: str, index: int, num_train: int) -> int:
+    # Unique across splits, as in COCO, so file names never collide.
+    return index + 1 + (num_train if split == "val" else 0)
+
+
+def _coco_json(
+    split: str, records: list[tuple[int, str, list[dict]]], size: int, seed: int, first_annotation_id: int
+) -> dict:
+    images, annotations = [], []
+    annotation_id = first_annotation_id
+    for image_id, file_name, objects in records:
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": size,
+                "height": size,
+                "license": 0,
+                "date_captured": "",
+            }
+        )
+        for obj in objects:
+            annotations.append(
+                {
+                    "id": annotation_id,
+                    "image_id": image_id,
+                    "category_id": DEMO_CLASSES[obj["class_index"]].coco_id,
+                    "bbox": obj["bbox"],
+                    "area": obj["area"],
+                    "iscrowd": 0,
+                    "segmentation": obj["segmentation"],
+                }
+            )
+            annotation_id += 1
+    return {
+        "info": {
+            "description": f"{_README_TITLE} ({split}), seed {seed}",
+            "version": "1.0",
+            "year": 2017,
+            "contributor": "ssl_zoo",
+            "date_created": "2017-01-01",
+        },
+        "licenses": [{"id": 0, "name": "public domain", "url": ""}],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": c.coco_id, "name": c.name, "supercategory": c.superclass} for c in DEMO_CLASSES
+        ],
+    }
+
+
+def _tencent_line(relative_path: str, objects: list[dict]) -> str:
+    classes = sorted({obj["class_index"] for obj in objects})
+    parents = sorted({SUPERCLASSES.index(DEMO_CLASSES[c].superclass) for c in classes})
+    fields = (
+        [relative_path]
+        + [f"{tencent_index(c)}:1" for c in classes]
+        + [f"{p}:{PARENT_CONFIDENCE}" for p in parents]
+    )
+    return "\t".join(fields)
+
+
+def _tencent_dictionary() -> str:
+    # 3-column form: wnid, parent index (-1 for a root), name; line i describes class i. The wnids are
+    # synthetic (n9xxxxxxx is outside WordNet's range).
+    lines = [f"n9{i:07d}\t-1\t{name}" for i, name in enumerate(SUPERCLASSES)]
+    lines += [
+        f"n9{tencent_index(i):07d}\t{SUPERCLASSES.index(c.superclass)}\t{c.name}"
+        for i, c in enumerate(DEMO_CLASSES)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(source, target)
+
+
+def _readme(num_train: int, num_val: int, size: int, seed: int) -> str:
+    rows = "\n".join(
+        f"  {i:>2}  {c.name:<9} {c.superclass:<6} coco_id={c.coco_id:<3} tencent_index={tencent_index(i)}"
+        for i, c in enumerate(DEMO_CLASSES)
+    )
+    return f"""{_README_TITLE}
+{"=" * len(_README_TITLE)}
+
+Procedurally drawn multi-label images ({size}x{size} JPEG, quality 90): 1-4 objects of {len(DEMO_CLASSES)}
+classes on textured backgrounds; every {_EMPTY_EVERY}th image (from index {_EMPTY_OFFSET}) is background only.
+Generated by `python -m ssl_zoo.data.demo --out <this folder> --num-train {num_train} --num-val {num_val} \\
+--size {size} --seed {seed}`; the same arguments reproduce it byte for byte.
+
+Layout
+  train2017/, val2017/                       {num_train} + {num_val} images, COCO file names
+  annotations/instances_{{train,val}}2017.json COCO instances (boxes, areas, polygons where exact)
+  tencent/{{train,val}}.txt                    Tencent ML-Images lists: class:1 and superclass:{PARENT_CONFIDENCE}
+  tencent/dictionary_and_semantic_hierarchy.txt  3-column class dictionary (synthetic wnids)
+  folder/{{train,val}}/<class>/*.jpg            single-label view (largest object), hard links
+  .complete                                  written when everything else is in place
+
+Classes (index in COCO order = ascending category id)
+{rows}
+Tencent superclasses: {", ".join(f"{i}={name}" for i, name in enumerate(SUPERCLASSES))}
+"""
+
+
+def _is_previous_demo(path: Path) -> bool:
+    readme = path / "README.txt"
+    if (path / _MARKER).exists():
+        return True
+    return readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith(_README_TITLE)
+
+
+def make_demo_dataset(
+    out: str | os.PathLike[str] = "data/demo",
+    num_train: int = 2000,
+    num_val: int = 500,
+    size: int = 96,
+    seed: int = 0,
+    workers: int = 0,
+) -> Path:
+    """Generate the demo dataset into ``out`` and return its path.
+
+    Everything is written to a sibling ``.<name>.partial`` folder, which replaces ``out`` once complete
+    (with the ``.complete`` marker inside), so an interrupted run never leaves a half-written dataset
+    behind a marker. An existing ``out`` is replaced only if it is empty or a previous demo dataset.
+
+    Args:
+        out: output folder.
+        num_train: training images, ``>= 1``.
+        num_val: validation images, ``>= 1``.
+        size: image side in pixels, ``>= 32``.
+        seed: random seed, ``>= 0``; the output is a pure function of the arguments.
+        workers: processes used for drawing; 0 = ``min(8, cpu count)``, 1 = this process only.
+
+    Raises:
+        ValueError: an argument outside its range.
+        FileExistsError: ``out`` exists, is not empty and is not a demo dataset.
+    """
+    checks = (("num_train", num_train, 1), ("num_val", num_val, 1), ("size", size, 32), ("seed", seed, 0))
+    for name, value, low in checks:
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_previous_demo(out))):
+        raise FileExistsError(f"'{out}' exists and is not a demo dataset; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    counts = {"train": num_train, "val": num_val}
+    tasks: list[tuple[int, str, int, int, str]] = []
+    for split, count in counts.items():
+        (staging / f"{split}2017").mkdir(parents=True)
+        for index in range(count):
+            file_name = f"{_image_id(split, index, num_train):012d}.jpg"
+            tasks.append((seed, split, index, size, str(staging / f"{split}2017" / file_name)))
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(tasks) >= 64:
+        with multiprocessing.get_context().Pool(workers) as pool:
+            results = pool.map(_render_to_file, tasks, chunksize=32)
+    else:
+        results = [_render_to_file(task) for task in tasks]
+
+    (staging / "annotations").mkdir()
+    (staging / "tencent").mkdir()
+    next_annotation_id = 1
+    position = 0
+    for split, count in counts.items():
+        records = []
+        for index in range(count):
+            image_id = _image_id(split, index, num_train)
+            records.append((image_id, f"{image_id:012d}.jpg", results[position]))
+            position += 1
+        coco = _coco_json(split, records, size, seed, next_annotation_id)
+        next_annotation_id += len(coco["annotations"])
+        (staging / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(coco, separators=(",", ":")), encoding="utf-8"
+        )
+        (staging / "tencent" / f"{split}.txt").write_text(
+            "".join(_tencent_line(f"{split}2017/{name}", objects) + "\n" for _, name, objects in records),
+            encoding="utf-8",
+        )
+        for _, name, objects in records:
+            if not objects:
+                continue  # a background-only image has no class in a single-label view
+            # Largest by box area (first on ties): mask area would favour filled shapes over thin glyphs.
+            largest = max(objects, key=lambda obj: obj["bbox"][2] * obj["bbox"][3])
+            folder = staging / "folder" / split / DEMO_CLASSES[largest["class_index"]].name
+            folder.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(staging / f"{split}2017" / name, folder / name)
+    (staging / "tencent" / "dictionary_and_semantic_hierarchy.txt").write_text(
+        _tencent_dictionary(), encoding="utf-8"
+    )
+    (staging / "README.txt").write_text(_readme(num_train, num_val, size, seed), encoding="utf-8")
+    (staging / _MARKER).write_text(
+        json.dumps({"num_train": num_train, "num_val": num_val, "size": size, "seed": seed}) + "\n",
+        encoding="utf-8",
+    )
+
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.data.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    parser.add_argument("--num-train", type=int, default=2000, help="training images (default: 2000)")
+    parser.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")
+    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--workers", type=int, default=0, help="drawing processes; 0 = min(8, CPUs)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = make_demo_dataset(args.out, args.num_train, args.num_val, args.size, args.seed, args.workers)
+    except (ValueError, FileExistsError) as error:
+        parser.error(str(error))
+    print(
+        f"wrote {args.num_train} + {args.num_val} demo images to {out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

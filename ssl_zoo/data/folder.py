@@ -1,0 +1,75 @@
+"""Class-per-folder trees (ImageNet-1K, ImageNet-100, the demo's ``folder/`` view).
+
+The file discovery is torchvision's own (``find_classes`` / ``make_dataset``), so classes, their indices
+and the sample order are exactly those of ``torchvision.datasets.ImageFolder``; only the decoding (robust
+:func:`~ssl_zoo.data.io.load_image`) and the ``on_bad_sample`` policy differ. ImageNet-100 is this class
+on a folder holding the 100 chosen class directories.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from ssl_zoo.data.io import ImageListDataset
+
+__all__ = ["IMG_EXTENSIONS", "ImageFolderDataset"]
+
+
+class ImageFolderDataset(ImageListDataset):
+    """``root/<class>/**/<image>`` as ``item = (image, int label)`` with torchvision ImageFolder semantics.
+
+    Classes are the sub-directories of ``root`` sorted by name, ``class_to_idx`` maps them to
+    ``0..K-1``; files with an image extension (``IMG_EXTENSIONS``, case-insensitive) are collected
+    recursively, following symlinks, in sorted order. A class folder without images raises
+    ``FileNotFoundError``, as in torchvision.
+
+    Args:
+        root: the split folder, e.g. ``imagenet/train``.
+        transform: applied to the decoded RGB ``PIL.Image``.
+        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`~ssl_zoo.data.io.BadSamplePolicy`).
+
+    Attributes:
+        classes, class_to_idx: as in torchvision.
+        samples: ``list[(path, label)]``, as in torchvision (built from compact arrays on each access).
+        targets: ``list[int]`` label of each sample.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform: Callable | None = None,
+        on_bad_sample: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder root '{self.root}' does not exist or is not a directory")
+        self.classes, self.class_to_idx = find_classes(self.root)
+        samples = make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        super().__init__([path for path, _ in samples], transform, on_bad_sample)
+        self._labels = np.asarray([label for _, label in samples], dtype=np.int64)  # [N]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def targets(self) -> list[int]:
+        return self._labels.tolist()
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return list(zip(self.paths, self.targets, strict=True))
+
+    def target(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={self.root!r}, images={len(self)}, classes={self.num_classes}, "
+            f"on_bad_sample={self.on_bad_sample!r})"
+        )

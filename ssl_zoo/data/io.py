@@ -1,0 +1,354 @@
+"""Robust image decoding and the ``on_bad_sample`` policy shared by every dataset reader.
+
+Large crawled datasets (Tencent ML-Images, web-scale COCO mirrors) always contain a few files that
+are empty, truncated by an interrupted download, HTML error pages saved as ``.jpg``, CMYK or 16-bit
+scans, or images whose EXIF says "rotate me". :func:`load_image` turns every readable file into an
+upright 8-bit RGB ``PIL.Image`` and every unreadable one into a :class:`BadImageError` that names the
+file, so a run either stops with a useful message (``on_bad_sample="raise"``) or replaces the sample
+deterministically and keeps count (``on_bad_sample="skip"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "BAD_SAMPLE_POLICIES",
+    "BadImageError",
+    "BadSamplePolicy",
+    "ImageListDataset",
+    "PathArray",
+    "load_image",
+    "set_max_image_pixels",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest accepted image, in pixels (width * height). 2**28 = 268M pixels, e.g. 16384 x 16384, is far
+#: above any real photo in COCO / ImageNet / Tencent ML-Images (their largest are a few tens of Mpx) but
+#: stops decompression bombs before they allocate gigabytes. Override it by assigning
+#: stops decompression bombs before they allocate gigabytes. Change it with :func:`set_max_image_pixels`,
+#: or per call with ``load_image(max_pixels=...)``.
+MAX_IMAGE_PIXELS: int = 2**28
+
+# Pillow's own guard warns above its limit and raises above twice its limit, inside ``Image.open``. Set it
+# explicitly so the behaviour does not depend on the Pillow version's default (89.5 Mpx today) or on
+# another library having disabled it (``Image.MAX_IMAGE_PIXELS = None`` is a common copy-pasted "fix").
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    """Set the largest accepted image size (width * height) here and in Pillow's own guard."""
+    global MAX_IMAGE_PIXELS
+    if pixels < 1:
+        raise ValueError(f"pixels must be >= 1, got {pixels}")
+    MAX_IMAGE_PIXELS = int(pixels)
+    Image.MAX_IMAGE_PIXELS = int(pixels)
+
+
+#: Background that transparent pixels are composited on (RGBA, LA, PA and palette images with a
+#: transparent index). White, as browsers and image viewers show such images, so logos and product shots
+#: with transparent backgrounds look the way their authors intended; black would hide dark foregrounds.
+TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+BAD_SAMPLE_POLICIES = ("raise", "skip")
+
+T = TypeVar("T")
+
+
+class BadImageError(OSError, ValueError):
+    """An image file that cannot be decoded (empty, truncated, corrupt, not an image, too large, missing).
+
+    Subclasses both ``OSError`` (what Pillow raises for undecodable files) and ``ValueError`` so existing
+    ``except`` clauses for either keep working.
+
+    Attributes:
+        path: the offending file.
+        reason: why it was rejected.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{self.path}': {reason}")
+
+    def __str__(self) -> str:
+        # OSError.__str__ would format (errno, strerror) when constructed with two arguments; we pass one
+        # message, but keep the formatting explicit.
+        return f"cannot read image '{self.path}': {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its two arguments (DataLoader workers send exceptions to the main process).
+        return (type(self), (self.path, self.reason))
+
+
+def _to_uint8_from_16bit(image: Image.Image) -> Image.Image:
+    """Scale a 16-bit (``I;16*``) or 32-bit integer (``I``) grey image to 8 bits.
+
+    ``I`` is what Pillow uses for 16-bit PNG / TIFF greyscale on some versions, so its values are taken
+    as 16-bit: ``v8 = round(v16 * 255 / 65535)``, with values outside ``[0, 65535]`` clipped.
+    """
+    values = np.asarray(image, dtype=np.int64)  # [H, W]; I;16B is byte-swapped by numpy's view
+    values = np.clip(values, 0, 65535)
+    scaled = (values * 255 + 32767) // 65535  # round-half-up of v * 255 / 65535, exact in integers
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite an image with an alpha channel on :data:`TRANSPARENT_BACKGROUND`; returns RGB."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any decoded Pillow mode to 8-bit RGB.
+
+    - ``RGB``: unchanged.
+    - ``RGBA``, ``LA``, ``PA``, ``RGBa`` and ``P`` / ``L`` / ``RGB`` with a ``transparency`` entry:
+      composited on :data:`TRANSPARENT_BACKGROUND` (white).
+    - ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, ``I``: 16-bit grey scaled to 8 bits, then replicated.
+    - ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``L``, ``1``, ``P``, ``F``: Pillow's conversion.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        return _to_uint8_from_16bit(image).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        return _flatten_alpha(image)
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+    """Decode ``path`` fully into an upright 8-bit RGB image, or raise :class:`BadImageError`.
+
+    Steps: check the file is non-empty; open it (header only) and reject it if it has more than
+    ``max_pixels`` pixels (decompression bombs); ``load()`` all pixel data so that truncated or corrupt
+    files fail here rather than later inside a transform; apply the EXIF orientation
+    (``ImageOps.exif_transpose``); convert to RGB with :func:`to_rgb`.
+
+    A truncated file is only detected if ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (Pillow's
+    default); some codebases set it globally, in which case the missing rows are filled with grey.
+
+    Args:
+        path: image file.
+        max_pixels: largest accepted ``width * height``; None uses :data:`MAX_IMAGE_PIXELS`. Pillow's own
+            guard (``PIL.Image.MAX_IMAGE_PIXELS``, raising above twice its value) still applies.
+
+    Returns:
+        A ``PIL.Image`` in mode ``RGB`` that owns its pixel data (the file is closed).
+
+    Raises:
+        BadImageError: the file is missing, empty, not an image, truncated, corrupt or too large.
+    """
+    path = os.fspath(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {limit}")
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+            if width * height > limit:
+                raise BadImageError(
+                    path,
+                    f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+                    "(possible decompression bomb; see ssl_zoo.data.io.set_max_image_pixels)",
+                )
+            image.load()  # decode everything now: truncation surfaces here, inside the loader
+            # exif_transpose returns a new image (rotated, or a plain copy), detached from the file that
+            # the `with` block closes.
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except BadImageError:
+        raise
+    except FileNotFoundError as error:
+        raise BadImageError(path, "file not found") from error
+    except UnidentifiedImageError as error:
+        raise BadImageError(path, "not a recognised image format") from error
+    except Image.DecompressionBombError as error:
+        raise BadImageError(path, f"decompression bomb: {error}") from error
+    except MemoryError:
+        raise  # the machine is out of memory: not a property of this file
+    except Exception as error:
+        # Pillow reports truncated / corrupt data as OSError ("image file is truncated"), SyntaxError
+        # (malformed headers), ValueError, EOFError, and malformed EXIF / TIFF tags as struct.error,
+        # KeyError or IndexError depending on the plugin: all of them mean "this file cannot be used".
+        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+    return rgb
+
+
+def check_bad_sample_policy(on_bad_sample: str) -> str:
+    """Validate an ``on_bad_sample`` value; returns it unchanged."""
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+    return on_bad_sample
+
+
+class BadSamplePolicy:
+    """What a dataset does when an image cannot be read: ``"raise"`` or ``"skip"``.
+
+    With ``"skip"``, index ``i`` is replaced by the first readable index among ``i+1, i+2, ...`` (modulo
+    the dataset length), so the replacement is deterministic and the returned label is always the one of
+    the image actually returned. Indices found bad are remembered and passed over without re-reading.
+    Every bad index passed over increments :attr:`num_skipped`; the first :attr:`max_recorded` distinct
+    bad files are kept in :attr:`bad_paths` and logged. If no index is readable, a ``RuntimeError``
+    says so.
+
+    Counts are per process: each DataLoader worker holds its own copy of the dataset.
+
+    Args:
+        on_bad_sample: ``"raise"`` or ``"skip"``.
+        max_recorded: how many distinct bad paths to keep and log, ``>= 0``.
+    """
+
+    def __init__(self, on_bad_sample: Literal["raise", "skip"] = "raise", max_recorded: int = 100) -> None:
+        self.mode = check_bad_sample_policy(on_bad_sample)
+        if max_recorded < 0:
+            raise ValueError(f"max_recorded must be >= 0, got {max_recorded}")
+        self.max_recorded = max_recorded
+        self.num_skipped = 0
+        self.bad_paths: list[str] = []
+        self.bad_indices: set[int] = set()
+
+    def _record(self, index: int, error: BadImageError) -> None:
+        self.bad_indices.add(index)
+        if len(self.bad_paths) < self.max_recorded and error.path not in self.bad_paths:
+            self.bad_paths.append(error.path)
+            logger.warning("on_bad_sample='skip': skipping unreadable image (%s)", error)
+
+    def fetch(self, index: int, length: int, read: Callable[[int], T]) -> tuple[int, T]:
+        """Read sample ``index`` with ``read``; returns ``(index actually read, value)``.
+
+        Only :class:`BadImageError` counts as a bad sample; any other exception propagates.
+        """
+        if self.mode == "raise":
+            return index, read(index)
+        for step in range(length):
+            candidate = (index + step) % length
+            if candidate in self.bad_indices:
+                self.num_skipped += 1
+                continue
+            try:
+                return candidate, read(candidate)
+            except BadImageError as error:
+                self._record(candidate, error)
+                self.num_skipped += 1
+        raise RuntimeError(
+            f"on_bad_sample='skip': none of the {length} samples could be read; "
+            f"first unreadable files: {self.bad_paths[:5]}"
+        )
+
+
+class PathArray(Sequence[str]):
+    """An immutable list of strings stored as one UTF-8 buffer plus offsets.
+
+    A Python list of millions of ``str`` objects is slowly copied into every forked DataLoader worker
+    (reference counting touches each object's page); two numpy arrays are not.
+    """
+
+    def __init__(self, strings: Iterable[str]) -> None:
+        # One pass, without an intermediate list: `strings` may be a generator over a huge file.
+        buffer = bytearray()
+        ends = array("q")
+        for string in strings:
+            buffer += string.encode("utf-8")
+            ends.append(len(buffer))
+        self._offsets = np.zeros(
+            len(ends) + 1, dtype=np.int64
+        )  # [N+1]; string i is [offsets[i], offsets[i+1])
+        self._offsets[1:] = np.frombuffer(ends, dtype=np.int64)
+        self._buffer = np.frombuffer(bytes(buffer), dtype=np.uint8)  # [total bytes], read-only
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} paths")
+        index %= len(self)
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._buffer[start:end].tobytes().decode("utf-8")
+
+
+class ImageListDataset(Dataset):
+    """Base of the dataset readers: a list of image files, a target per file, and the bad-sample policy.
+
+    Subclasses fill :attr:`paths` (full paths) and implement :meth:`target`. Items are
+    ``(transform(image) or PIL image, target)``; the transform is applied outside the bad-sample guard,
+    so a bug in a transform is raised, never mistaken for a bad file.
+
+    Args:
+        paths: full image paths, one per sample (any iterable; stored as a :class:`PathArray`).
+        transform: callable applied to the decoded RGB ``PIL.Image``.
+        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`BadSamplePolicy`).
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[str],
+        transform: Callable | None = None,
+        on_bad_sample: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        self.paths = paths if isinstance(paths, PathArray) else PathArray(paths)
+        self.transform = transform
+        self.on_bad_sample = on_bad_sample
+        self.bad_sample_policy = BadSamplePolicy(on_bad_sample)
+
+    def target(self, index: int) -> Any:
+        """The label of sample ``index``."""
+        raise NotImplementedError
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad indices passed over so far under ``on_bad_sample="skip"`` (this process)."""
+        return self.bad_sample_policy.num_skipped
+
+    @property
+    def bad_paths(self) -> list[str]:
+        """The first distinct unreadable files met so far (this process)."""
+        return self.bad_sample_policy.bad_paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode image ``index`` (no transform, no bad-sample handling)."""
+        return load_image(self.paths[index])
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        index = operator.index(index)  # Python / numpy / 0-dim integer tensor indices alike
+        length = len(self)
+        if not -length <= index < length:
+            raise IndexError(f"index {index} out of range for a dataset of {length} images")
+        index %= length
+        used, image = self.bad_sample_policy.fetch(index, length, self.load)
+        target = self.target(used)  # the label of the image actually returned
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+    def missing_files(self) -> list[str]:
+        """Paths that do not exist as files (a cheap ``stat``, no decoding)."""
+        return [p for p in self.paths if not os.path.isfile(p)]
+
+    def check_files(self, source: str) -> None:
+        """Raise ``FileNotFoundError`` listing missing images; ``source`` names the annotation file."""
+        missing = self.missing_files()
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:5])
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(self)} images listed in '{source}' do not exist, e.g. {shown}"
+            )
