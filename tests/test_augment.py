@@ -606,3 +606,24 @@ def test_transforms_pickle_for_dataloader_workers(make, photo):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key])
+
+
+def test_hvp_randaugment_survives_zero_bit_posterize():
+    """timm asks Pillow for a 0-bit posterize at magnitude 10, which Pillow >= 13 refuses; it means black."""
+    from PIL import Image as PILImage
+
+    from ssl_zoo.augment.views import _safe_posterize
+    from timm.data.auto_augment import rand_augment_transform
+
+    ra = _safe_posterize(rand_augment_transform("rand-m10-inc1", {}))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    out = op(PILImage.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getpixel((0, 0)) == (0, 0, 0)
+    # and a whole HVP transform at the maximal magnitude runs on a real photo
+    t = HVPTransform(size=32, model_patch_size=4, mask_patch_size=16, randaugment="rand-m10-n4-inc1")
+    from sklearn.datasets import load_sample_image
+
+    img = PILImage.fromarray(load_sample_image("china.jpg"))
+    for _ in range(20):
+        assert t(img)["views"].shape == (2, 3, 32, 32)

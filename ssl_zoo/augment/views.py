@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
 from torchvision import transforms as T
@@ -292,6 +292,27 @@ class TorchSeeded:
         return f"{type(self).__name__}({self.transform!r})"
 
 
+def _posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
+    """timm's posterize, extended to 0 bits (all black), which Pillow >= 13 refuses.
+
+    timm's ``PosterizeIncreasing`` asks for 0 bits at magnitude 10; older Pillow returned a black image
+    there, which is what the RandAugment policy intends.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _safe_posterize(randaugment: Callable) -> Callable:
+    """Route the posterize ops of a timm RandAugment through :func:`_posterize_keep_zero_bits`."""
+    for op in getattr(randaugment, "ops", []):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_keep_zero_bits
+    return randaugment
+
+
 class HVPTransform:
     """HVP-MTL's input pipeline (HVP-MTL §3.1): two views and a SimMIM mask for the first.
 
@@ -355,7 +376,7 @@ class HVPTransform:
                 "interpolation": Image.Resampling.BICUBIC,
             }
             try:
-                steps.append(TorchSeeded(rand_augment_transform(randaugment, hparams)))
+                steps.append(TorchSeeded(_safe_posterize(rand_augment_transform(randaugment, hparams))))
             except (AssertionError, KeyError, ValueError) as error:
                 raise ValueError(
                     f"randaugment: invalid timm RandAugment config {randaugment!r} ({error})"
