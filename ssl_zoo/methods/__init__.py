@@ -1,0 +1,8 @@
+"""One LightningModule per method, each composed from the shared parts; chosen by ``class_path`` in YAML."""
+
+from ssl_zoo.methods.bam_ia import BAMIA
+from ssl_zoo.methods.hvp_mtl import HVPMTL
+from ssl_zoo.methods.mpcl import MPCL
+from ssl_zoo.methods.mvp import MVP
+
+__all__ = ["BAMIA", "HVPMTL", "MPCL", "MVP"]

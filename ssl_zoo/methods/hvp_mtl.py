@@ -1,0 +1,396 @@
+"""HVP-MTL: heuristic vision pre-training with supervised and self-supervised multi-task learning.
+
+Paper: "Heuristic Vision Pre-Training with Self-Supervised and Supervised Multi-Task Learning" (Qian, 2023).
+One encoder (Swin-B or ViT-B) is trained on Tencent ML-Images by four heads at once (§3):
+
+* multi-label classification (L_mcls, Eq. 1): a Query2Label decoder whose C label embeddings Q0 query the
+  encoder's last feature map F0 (projected to ``d``), a group-wise linear classifier, and the weighted
+  asymmetric loss;
+* online clustering (L_cl, Eq. 2-3): SwAV's projection MLP + K L2-normalised prototypes, equipartitioned
+  codes from Sinkhorn-Knopp over the global batch, and the swapped prediction loss between the two views;
+* masked image modelling (L_mim, Eq. 4): SimMIM, a learnable mask token in place of masked patch embeddings,
+  a 1x1 convolution + PixelShuffle decoder and the L1 loss on the masked pixels;
+* momentum distillation (L_mom, Eq. 6): an EMA teacher of encoder + projection + decoder; the cosine
+  similarities S(g, Q0) between an image embedding g and the label embeddings are softmax-normalised and
+  matched between student and teacher with a symmetric KL divergence.
+
+    L = a1 * L_mcls + a2 * L_cl + a3 * L_mim + a4 * L_mom,   a = (0.001, 0.02, 1.0, 10.0)     (Eq. 7)
+
+An ``alpha_* = 0`` removes that task entirely: its head is not built, its loss not computed (the paper's
+leave-one-out ablation, Table 5).
+
+Which view feeds which head (``HVPTransform`` gives two augmented views and one mask, §3.1):
+
+* view 0 with the mask -> encoder -> MIM decoder (L_mim);
+* views 0 and 1 unmasked, encoded together in one pass -> mean-pooled F0 -> clustering (L_cl, swapped);
+* view 1 unmasked (the same features, not encoded again) -> Query2Label decoder -> L_mcls, and the student
+  side of L_mom; the teacher encodes the same view 1 (momentum distillation compares predictions on one
+  input, as in ALBEF). Without clustering only view 1 is encoded unmasked.
+
+Choices the paper leaves open (options of the constructor):
+
+* g, the image embedding of S(g, Q0): the mean of the decoder's C output tokens (``distill_embedding=
+  "decoder_mean"``), or the mean of the projected encoder tokens fed to the decoder (``"memory_mean"``);
+* the softmax temperature of S: 0.1 (``distill_temperature``); S is a cosine in [-1, 1], so 0.1 spreads it
+  over a logit range of 20;
+* the pooling of F0 before the clustering MLP: the spatial mean (Swin's own head pools the same way; for
+  ViT the mean of the patch tokens);
+* the teacher runs in eval mode (no dropout / stochastic depth in its targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightly.utils.debug import std_of_l2_normalized
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from ssl_zoo.augment import HVPTransform
+from ssl_zoo.losses import (
+    SwappedPredictionLoss,
+    WeightedAsymmetricLoss,
+    masked_l1_loss,
+    sinkhorn_knopp,
+    symmetric_kl_divergence,
+)
+from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
+from ssl_zoo.models.query2label import Query2LabelDecoder
+from ssl_zoo.utils.ema import init_teacher, update_ema
+from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
+
+__all__ = ["HVPMTL", "label_similarity"]
+
+TASKS = ("mcls", "cl", "mim", "mom")
+
+
+def label_similarity(g: Tensor, label_embeddings: Tensor) -> Tensor:
+    """S(g, Q0) of HVP-MTL Eq. 6: cosine similarity of each image embedding with each label embedding.
+
+    Args:
+        g: ``[B, d]`` image embeddings.
+        label_embeddings: ``[C, d]``, the decoder's label queries Q0.
+
+    Returns:
+        ``[B, C]`` cosines in ``[-1, 1]``.
+    """
+    return F.normalize(g, dim=-1) @ F.normalize(label_embeddings, dim=-1).T  # [B, C]
+
+
+class HVPMTL(LightningModule):
+    """Multi-label classification + clustering + SimMIM + momentum distillation on one encoder (Eq. 7).
+
+    Args:
+        backbone: timm Swin or ViT (``swin_base_patch4_window7_224`` in the paper; ViT-B and Swin-T/S in
+            Table 6). ResNets work only with ``alpha_mim=0`` (no patch embedding to mask).
+        backbone_kwargs: extra :class:`~ssl_zoo.models.Backbone` arguments; ``img_size`` must equal
+            ``img_size`` below (``model_kwargs: {window_size: ...}`` for small Swin inputs).
+        num_classes: C, labels of the multi-label data (11,166 for Tencent ML-Images).
+        img_size: side of both views (224).
+        alpha_mcls, alpha_cl, alpha_mim, alpha_mom: a1..a4 of Eq. 7 (0.001, 0.02, 1.0, 10.0); 0 removes the task.
+        decoder_dim: d, width of the Query2Label decoder (F0 is projected to it).
+        decoder_layers, decoder_heads, decoder_ffn_dim, decoder_dropout: the decoder's transformer layers.
+        decoder_position_embedding: add a 2-D sine position code to the decoder memory (Query2Label).
+        asl_eta, asl_gamma_pos, asl_gamma_neg: eta, gamma+, gamma- of the weighted asymmetric loss (Eq. 1).
+        num_prototypes: K, clustering prototypes (3000).
+        cluster_hidden_dim, cluster_dim: SwAV projection MLP d0 -> 2048 -> 128.
+        head_norm: normalisation in the projection MLP: ``batch`` (SwAV), ``layer`` or ``none``.
+        cluster_temperature: tau of the swapped prediction (Eq. 2-3, 0.1).
+        sinkhorn_epsilon, sinkhorn_iterations, sinkhorn_clamp_max: Sinkhorn-Knopp settings (0.05, 3, 10).
+        mask_patch_size, mask_ratio: SimMIM masking (32 px patches, 60%).
+        ema_momentum: m of the teacher update ``theta_t <- m * theta_t + (1 - m) * theta_s`` (0.995).
+        distill_temperature: softmax temperature of S(g, Q0) in Eq. 6 (not given in the paper: 0.1).
+        distill_embedding: g of Eq. 6, ``decoder_mean`` or ``memory_mean`` (see the module docstring).
+        randaugment, color_jitter, rotation, min_scale: view augmentation (§3.1), see
+            :class:`~ssl_zoo.augment.HVPTransform`.
+        base_lr: AdamW peak lr for a batch of ``lr_reference`` images, scaled linearly (1e-4 at 1024).
+        lr_reference: the batch ``base_lr`` is given for (1024).
+        lr_batch_size: batch used for scaling; ``None`` = the global batch.
+        weight_decay: 0.05, not applied to norms, biases and tokens.
+        betas: AdamW betas.
+        warmup_epochs: linear warmup to the peak lr (5), then cosine decay.
+        final_lr_ratio: lr at the end of the cosine as a fraction of the peak (1e-3: 1e-4 -> 1e-7).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "swin_base_patch4_window7_224",
+        backbone_kwargs: dict | None = None,
+        num_classes: int = 11166,
+        img_size: int = 224,
+        alpha_mcls: float = 0.001,
+        alpha_cl: float = 0.02,
+        alpha_mim: float = 1.0,
+        alpha_mom: float = 10.0,
+        decoder_dim: int = 512,
+        decoder_layers: int = 2,
+        decoder_heads: int = 8,
+        decoder_ffn_dim: int = 2048,
+        decoder_dropout: float = 0.1,
+        decoder_position_embedding: bool = True,
+        asl_eta: float = 10.0,
+        asl_gamma_pos: float = 4.0,
+        asl_gamma_neg: float = 1.0,
+        num_prototypes: int = 3000,
+        cluster_hidden_dim: int = 2048,
+        cluster_dim: int = 128,
+        head_norm: Literal["batch", "layer", "none"] = "batch",
+        cluster_temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        sinkhorn_clamp_max: float | None = 10.0,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        ema_momentum: float = 0.995,
+        distill_temperature: float = 0.1,
+        distill_embedding: Literal["decoder_mean", "memory_mean"] = "decoder_mean",
+        randaugment: str | None = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.4,
+        rotation: float = 10.0,
+        min_scale: float = 0.08,
+        base_lr: float = 1e-4,
+        lr_reference: int = 1024,
+        lr_batch_size: int | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: int = 5,
+        final_lr_ratio: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        alphas = {"mcls": alpha_mcls, "cl": alpha_cl, "mim": alpha_mim, "mom": alpha_mom}
+        for task, value in alphas.items():
+            if value < 0:
+                raise ValueError(f"model.alpha_{task} must be >= 0 (0 removes the task), got {value}")
+        if not any(alphas.values()):
+            raise ValueError("at least one of model.alpha_mcls, alpha_cl, alpha_mim, alpha_mom must be > 0")
+        if num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
+        if num_prototypes < 1:
+            raise ValueError(f"model.num_prototypes must be >= 1, got {num_prototypes}")
+        if not 0.0 <= ema_momentum <= 1.0:
+            raise ValueError(f"model.ema_momentum must lie in [0, 1], got {ema_momentum}")
+        if distill_temperature <= 0:
+            raise ValueError(f"model.distill_temperature must be > 0, got {distill_temperature}")
+        if distill_embedding not in ("decoder_mean", "memory_mean"):
+            raise ValueError(
+                f"model.distill_embedding must be 'decoder_mean' or 'memory_mean', got '{distill_embedding}'"
+            )
+        self.save_hyperparameters()
+        self.alphas = alphas
+
+        # Encoder: F0 = the last stage's map [B, d0, H, W].
+        self.backbone = Backbone(backbone, **(backbone_kwargs or {}))
+        self._check_img_size(img_size)
+        d0 = self.backbone.num_features
+
+        # Multi-label head (Eq. 1): input projection d0 -> d + label-query decoder + group-wise classifier.
+        # Distillation (Eq. 6) needs the projection and the label embeddings Q0 even without L_mcls.
+        self.decoder = None
+        if alpha_mcls > 0 or alpha_mom > 0:
+            self.decoder = Query2LabelDecoder(
+                d0, num_classes, dim=decoder_dim, num_layers=decoder_layers, num_heads=decoder_heads,
+                ffn_dim=decoder_ffn_dim, dropout=decoder_dropout, position_embedding=decoder_position_embedding,
+                classifier=alpha_mcls > 0,
+            )
+        self.asl = WeightedAsymmetricLoss(asl_eta, asl_gamma_pos, asl_gamma_neg) if alpha_mcls > 0 else None
+
+        # Clustering head (Eq. 2-3): projection MLP -> L2 norm -> K prototypes (SwAV).
+        self.cluster_projector = self.prototypes = self.swapped_prediction = None
+        if alpha_cl > 0:
+            self.cluster_projector = MLPHead(d0, [cluster_hidden_dim], cluster_dim,
+                                             norm_layer=norm_layer_by_name(head_norm))
+            self.prototypes = nn.Linear(cluster_dim, num_prototypes, bias=False)
+            self.swapped_prediction = SwappedPredictionLoss(cluster_temperature)
+
+        # MIM head (Eq. 4, SimMIM): mask token in the patch embedding space + 1x1 conv + PixelShuffle.
+        self.mask_token = self.mim_decoder = None
+        if alpha_mim > 0:
+            if self.backbone.family == "resnet":
+                raise ValueError(f"masked image modelling needs a ViT or Swin backbone, got '{backbone}'; "
+                                 f"set model.alpha_mim: 0 to train a ResNet without L_mim")
+            self.mask_token = nn.Parameter(torch.zeros(self.backbone.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM's initialisation
+            stride = self.backbone.output_stride
+            self.mim_decoder = nn.Sequential(
+                nn.Conv2d(d0, stride**2 * 3, kernel_size=1),  # one RGB patch of stride x stride per cell
+                nn.PixelShuffle(stride),  # [B, 3*s^2, H, W] -> [B, 3, H*s, W*s]
+            )
+
+        # Momentum teacher: EMA of encoder + projection + decoder, never back-propagated.
+        self.teacher_backbone = self.teacher_decoder = None
+        if alpha_mom > 0:
+            self.teacher_backbone = init_teacher(self.backbone).eval()
+            self.teacher_decoder = init_teacher(self.decoder).eval()
+        self._ema_step: int | None = None
+
+    def _check_img_size(self, img_size: int) -> None:
+        if self.backbone.family == "resnet":
+            return
+        built = self.backbone.model.patch_embed.img_size
+        built = tuple(built) if isinstance(built, tuple | list) else (built, built)
+        if built != (img_size, img_size):
+            raise ValueError(
+                f"model.img_size={img_size} but the backbone '{self.backbone.name}' is built for {built[0]} px: "
+                f"set model.backbone_kwargs.img_size: {img_size}"
+            )
+
+    # ------------------------------------------------------------------ data hook
+    def train_transform(self) -> HVPTransform:
+        """One image -> two augmented views ``[2, 3, S, S]`` and a SimMIM mask for view 0 (§3.1)."""
+        hp = self.hparams
+        # A ResNet (alpha_mim = 0) has no patch grid; its mask is drawn on the mask-patch grid and never used.
+        patch = self.backbone.patch_size if self.backbone.family != "resnet" else hp.mask_patch_size
+        return HVPTransform(size=hp.img_size, model_patch_size=patch, mask_patch_size=hp.mask_patch_size,
+                            mask_ratio=hp.mask_ratio, randaugment=hp.randaugment, color_jitter=hp.color_jitter,
+                            rotation=hp.rotation, min_scale=hp.min_scale)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.decoder is None or datamodule is None:
+            return
+        try:
+            data_classes = int(datamodule.num_classes)
+        except (AttributeError, NotImplementedError, TypeError):
+            return
+        if data_classes != self.hparams.num_classes:
+            raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {data_classes} "
+                             f"classes: set model.init_args.num_classes: {data_classes}")
+
+    # ------------------------------------------------------------------ student / teacher pieces
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled encoder features ``[B, D]`` (what downstream evaluation uses)."""
+        return self.backbone(x)
+
+    def normalize_prototypes(self) -> None:
+        """Project the prototypes back onto the unit sphere (SwAV: once per step, before the forward)."""
+        with torch.no_grad():
+            w = self.prototypes.weight  # [K, cluster_dim]
+            w.copy_(F.normalize(w, dim=1))
+
+    def image_embedding(self, decoder: Query2LabelDecoder, feature_map: Tensor, tokens: Tensor | None) -> Tensor:
+        """g of Eq. 6, ``[B, d]``: mean of the decoder's class tokens or of its projected memory."""
+        if self.hparams.distill_embedding == "decoder_mean":
+            return tokens.mean(dim=1)  # [B, C, d] -> [B, d]
+        return decoder.memory(feature_map).mean(dim=1)  # [B, H*W, d] -> [B, d]
+
+    @torch.no_grad()
+    def teacher_similarity(self, x: Tensor) -> Tensor:
+        """Teacher S(g_t, Q0_t) ``[B, C]`` on unmasked images ``x``."""
+        f = self.teacher_backbone.forward_map(x)  # [B, d0, H, W]
+        tokens = self.teacher_decoder.decode(f) if self.hparams.distill_embedding == "decoder_mean" else None
+        g = self.image_embedding(self.teacher_decoder, f, tokens)  # [B, d]
+        return label_similarity(g, self.teacher_decoder.query_embed)  # [B, C]
+
+    def pixel_mask(self, mask: Tensor) -> Tensor:
+        """Patch-grid mask ``[B, h, w]`` -> pixel mask ``[B, 1, S, S]`` (1 = masked pixel)."""
+        p = self.backbone.patch_size
+        return mask.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2).unsqueeze(1)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        views = batch["views"]  # [B, 2, 3, S, S]
+        x0, x1 = views[:, 0], views[:, 1]  # [B, 3, S, S] each
+        batch_size = views.shape[0]
+        losses: dict[str, Tensor] = {}
+
+        # L_mim (Eq. 4): view 0 with masked patch embeddings -> F0 -> pixels; L1 on the masked pixels of the
+        # normalised input (SimMIM's target).
+        if self.mim_decoder is not None:
+            mask = batch["mask"].bool()  # [B, h, w] on the patch-embedding grid
+            f_masked = self.backbone.forward_map(x0, mask, self.mask_token)  # [B, d0, H, W]
+            recon = self.mim_decoder(f_masked)  # [B, 3, S, S]
+            losses["mim"] = masked_l1_loss(recon, x0, self.pixel_mask(mask))
+
+        # Unmasked encoder pass: both views for clustering, view 1 alone otherwise.
+        f1 = pooled = None
+        if self.prototypes is not None:
+            f = self.backbone.forward_map(torch.cat([x0, x1]))  # [2B, d0, H, W]
+            f1 = f[batch_size:]  # [B, d0, H, W], view 1
+            pooled = f.mean(dim=(2, 3))  # [2B, d0]
+        elif self.decoder is not None:
+            f1 = self.backbone.forward_map(x1)  # [B, d0, H, W]
+
+        # L_cl (Eq. 2-3): prototype scores of each view; codes by Sinkhorn-Knopp over the global batch;
+        # each view predicts the other's codes.
+        if self.prototypes is not None:
+            self.normalize_prototypes()
+            z = F.normalize(self.cluster_projector(pooled), dim=1)  # [2B, cluster_dim]
+            scores = self.prototypes(z)  # [2B, K], cosines with the unit prototypes
+            s0, s1 = scores.chunk(2)  # [B, K] each
+            hp = self.hparams
+            q0, q1 = (sinkhorn_knopp(s.detach(), hp.sinkhorn_epsilon, hp.sinkhorn_iterations, hp.sinkhorn_clamp_max)
+                      for s in (s0, s1))  # [B, K] each, no gradient
+            losses["cl"] = self.swapped_prediction(s0, s1, q0, q1)
+            self.log("train/cluster_z_std", std_of_l2_normalized(z.detach()), on_epoch=True, batch_size=batch_size)
+
+        # L_mcls (Eq. 1) and L_mom (Eq. 6) on view 1.
+        if self.decoder is not None:
+            logits, tokens = self.decoder(f1)  # [B, C] (None without L_mcls), [B, C, d]
+            if logits is not None:
+                target = batch["target"]  # [B, C] multi-hot (or confidences)
+                if target.shape != logits.shape:
+                    raise ValueError(f"batch['target'] has shape {tuple(target.shape)}, expected multi-hot "
+                                     f"[B, {self.hparams.num_classes}] (model.num_classes)")
+                losses["mcls"] = self.asl(logits, target)
+            if self.teacher_decoder is not None:
+                g = self.image_embedding(self.decoder, f1, tokens)  # [B, d]
+                s_student = label_similarity(g, self.decoder.query_embed)  # [B, C]
+                s_teacher = self.teacher_similarity(x1)  # [B, C]
+                # Eq. 6: KL(p_s || p_t) + KL(p_t || p_s) of p = softmax(S / T).
+                losses["mom"] = symmetric_kl_divergence(s_student, s_teacher, self.hparams.distill_temperature)
+            if pooled is None:
+                pooled = f1.mean(dim=(2, 3))  # [B, d0]
+
+        # Eq. 7: weighted sum of the tasks that are switched on.
+        loss = sum(self.alphas[task] * value for task, value in losses.items())
+        for task, value in losses.items():
+            self.log(f"train/loss_{task}", value, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        # Collapse indicator on the pooled encoder features: ~1/sqrt(d) when healthy, 0 when collapsed.
+        if pooled is None:
+            pooled = f_masked.mean(dim=(2, 3))  # MIM only
+        self.log("train/z_std", std_of_l2_normalized(pooled.detach().float()), on_epoch=True,
+                 batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ momentum teacher
+    def train(self, mode: bool = True) -> HVPMTL:
+        """The teacher always runs in eval mode: its targets carry no dropout or stochastic depth."""
+        super().train(mode)
+        for teacher in (self.teacher_backbone, self.teacher_decoder):
+            if teacher is not None:
+                teacher.eval()
+        return self
+
+    def update_teacher(self) -> None:
+        """theta_t <- m * theta_t + (1 - m) * theta_s for encoder, projection and decoder (teacher of L_mom)."""
+        if self.teacher_backbone is None:
+            return
+        m = self.hparams.ema_momentum
+        update_ema(self.teacher_backbone, self.backbone, m)
+        update_ema(self.teacher_decoder, self.decoder, m)
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimiser step: with gradient accumulation, batches that did not step leave the student
+        # unchanged and must not move the teacher towards it again.
+        if self._ema_step is not None and self.global_step == self._ema_step:
+            return
+        self._ema_step = self.global_step
+        self.update_teacher()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer), reference=hp.lr_reference)
+        # AdamW, no weight decay on norms, biases and tokens; the teacher (requires_grad=False) is skipped.
+        optimizer = torch.optim.AdamW(split_weight_decay(self.named_parameters(), hp.weight_decay), lr=lr,
+                                      betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
+        scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

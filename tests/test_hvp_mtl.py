@@ -1,0 +1,488 @@
+"""HVP-MTL: Query2Label head, every loss term against a float64 brute force, the leave-one-out switches, the EMA
+teacher, 2-process DDP equivalence, the demo config through the CLI and every config under experiments/hvp_mtl.
+
+Models are tiny (2-block ViT-Tiny at 32 px = 2 x 2 patches, 16-wide decoder, 7 prototypes, LayerNorm heads, no
+dropout), so the file runs in well under a minute on 2 CPU cores and a split batch has no batch statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from ssl_zoo.methods import HVPMTL
+from ssl_zoo.methods import hvp_mtl as hvp_module
+from ssl_zoo.models.query2label import GroupWiseLinear, Query2LabelDecoder, sine_position_embedding_2d
+from tests.ddp_utils import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments" / "hvp_mtl"
+C = 5  # classes of the tiny model
+S = 32  # view side
+ALPHAS = {"mcls": 0.3, "cl": 0.7, "mim": 1.3, "mom": 2.0}
+
+TINY = dict(
+    backbone="vit_tiny_patch16_224",
+    backbone_kwargs={"img_size": S, "model_kwargs": {"depth": 2}},
+    num_classes=C,
+    img_size=S,
+    decoder_dim=16,
+    decoder_heads=2,
+    decoder_ffn_dim=32,
+    decoder_dropout=0.0,
+    num_prototypes=7,
+    cluster_hidden_dim=16,
+    cluster_dim=8,
+    head_norm="layer",
+    mask_patch_size=16,
+    warmup_epochs=0,
+    lr_batch_size=1024,
+)
+
+
+def _model(seed: int = 0, perturb_teacher: bool = True, **overrides) -> HVPMTL:
+    args = {**TINY, **{f"alpha_{k}": v for k, v in ALPHAS.items()}, **overrides}
+    torch.manual_seed(seed)
+    model = HVPMTL(**args)
+    if perturb_teacher and model.teacher_backbone is not None:
+        # At initialisation the teacher equals the student and L_mom is 0; move it so the term is informative.
+        with torch.no_grad():
+            for p in [*model.teacher_backbone.parameters(), *model.teacher_decoder.parameters()]:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _batch(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    grid = S // 16
+    # 3 of the 4 patches masked in every image (ceil(0.6 * 4)), at random places.
+    mask = torch.stack([torch.randperm(grid * grid, generator=g) < 3 for _ in range(n)]).view(n, grid, grid)
+    return {
+        "views": torch.randn(n, 2, 3, S, S, generator=g),
+        "mask": mask,
+        "target": (torch.rand(n, C, generator=g) < 0.4).float(),
+        "index": torch.arange(n),
+    }
+
+
+class _LogRecorder:
+    """Stands in for LightningModule.log outside a Trainer and keeps the last value of each key."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name, value, *args, **kwargs) -> None:
+        self.values[name] = torch.as_tensor(value).detach()
+
+
+def _step(model: HVPMTL, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    recorder = _LogRecorder()
+    model.log = recorder  # instance attribute shadows the method
+    loss = model.training_step(batch, 0)
+    return loss, recorder.values
+
+
+# ---------------------------------------------------------------------- float64 brute-force references
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    for i, row in enumerate(x):
+        shifted = row - row.max()
+        out[i] = shifted - np.log(np.exp(shifted).sum())
+    return out
+
+
+def _ref_asl(logits, y, eta=10.0, gp=4.0, gn=1.0, eps=1e-8) -> float:
+    total = 0.0
+    for b in range(logits.shape[0]):
+        for c in range(logits.shape[1]):
+            p = 1.0 / (1.0 + np.exp(-logits[b, c]))
+            total -= y[b, c] * eta * (1 - p) ** gp * np.log(max(p, eps))
+            total -= (1 - y[b, c]) * p**gn * np.log(max(1 - p, eps))
+    return total / logits.shape[0]
+
+
+def _ref_sinkhorn(scores, eps=0.05, iters=3, clamp=10.0) -> np.ndarray:
+    q = np.exp(np.minimum(scores / eps, clamp)).T  # [K, B]
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q = q / q.sum(axis=1, keepdims=True) / k
+        q = q / q.sum(axis=0, keepdims=True) / b
+    return (q * b).T
+
+
+def _ref_swapped(s0, s1, q0, q1, tau=0.1) -> float:
+    lp0, lp1 = _log_softmax(s0 / tau), _log_softmax(s1 / tau)
+    return float(np.mean([-0.5 * ((q1[i] * lp0[i]).sum() + (q0[i] * lp1[i]).sum()) for i in range(len(s0))]))
+
+
+def _ref_masked_l1(pred, target, pixel_mask) -> float:
+    err, count = 0.0, 0
+    b, ch, h, w = pred.shape
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                if pixel_mask[i, y, x]:
+                    err += np.abs(pred[i, :, y, x] - target[i, :, y, x]).sum()
+                    count += ch
+    return err / count
+
+
+def _ref_symmetric_kl(a, b, temperature) -> float:
+    pa, pb = np.exp(_log_softmax(a / temperature)), np.exp(_log_softmax(b / temperature))
+    return float(np.mean([(pa[i] * np.log(pa[i] / pb[i]) + pb[i] * np.log(pb[i] / pa[i])).sum() for i in range(len(a))]))
+
+
+def _ref_cosines(g, q) -> np.ndarray:
+    out = np.empty((g.shape[0], q.shape[0]))
+    for i in range(g.shape[0]):
+        for c in range(q.shape[0]):
+            out[i, c] = g[i] @ q[c] / (np.linalg.norm(g[i]) * np.linalg.norm(q[c]))
+    return out
+
+
+# ---------------------------------------------------------------------- Query2Label head
+def test_group_wise_linear_is_one_classifier_per_class():
+    torch.manual_seed(0)
+    head = GroupWiseLinear(4, 6)
+    h = torch.randn(3, 4, 6)
+    w, b = _np(head.weight), _np(head.bias)
+    expected = np.array([[_np(h)[i, c] @ w[c] + b[c] for c in range(4)] for i in range(3)])
+    np.testing.assert_allclose(_np(head(h)), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, 4, 6\]"):
+        head(torch.randn(3, 5, 6))
+
+
+def test_sine_position_code_layout():
+    code = sine_position_embedding_2d(3, 4, 8)  # [12, 8]: row code in the first half, column code in the second
+    assert code.shape == (12, 8)
+    grid = code.view(3, 4, 8)
+    torch.testing.assert_close(grid[:, 0, :4], grid[:, 3, :4])  # same row -> same first half
+    torch.testing.assert_close(grid[0, :, 4:], grid[2, :, 4:])  # same column -> same second half
+    y = 2 * np.pi * 2 / 3  # row 1 (of 3), lowest frequency: sin, then cos
+    np.testing.assert_allclose(_np(grid[1, 0, [0, 2]]), [np.sin(y), np.cos(y)], rtol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_embedding_2d(2, 2, 6)
+
+
+def test_query2label_shapes_and_every_parameter_trained():
+    torch.manual_seed(0)
+    dec = Query2LabelDecoder(in_dim=12, num_classes=C, dim=16, num_layers=2, num_heads=2, ffn_dim=24, dropout=0.0)
+    logits, tokens = dec(torch.randn(3, 12, 2, 3))
+    assert logits.shape == (3, C) and tokens.shape == (3, C, 16)
+    (logits.sum() + tokens.square().mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
+    # Images are decoded independently (no batch statistics): permuting the batch permutes the outputs.
+    x = torch.randn(2, 12, 2, 2)
+    torch.testing.assert_close(dec(x.flip(0))[0], dec(x)[0].flip(0))
+    assert Query2LabelDecoder(12, C, dim=16, num_heads=2, classifier=False)(x)[0] is None
+    with pytest.raises(ValueError, match="num_heads"):
+        Query2LabelDecoder(12, C, dim=16, num_heads=3)
+
+
+# ---------------------------------------------------------------------- the four terms and Eq. 7
+def test_every_term_matches_brute_force_and_total_is_eq7():
+    model = _model()
+    batch = _batch(4)
+    loss, logged = _step(model, batch)
+
+    x0, x1 = batch["views"][:, 0], batch["views"][:, 1]
+    with torch.no_grad():
+        # L_mim on view 0 with its mask; target = the (normalised) input pixels.
+        recon = model.mim_decoder(model.backbone.forward_map(x0, batch["mask"], model.mask_token))
+        pixel_mask = np.stack([np.kron(m, np.ones((16, 16))) for m in batch["mask"].numpy()]).astype(bool)
+        l_mim = _ref_masked_l1(_np(recon), _np(x0), pixel_mask)
+        # L_cl on both unmasked views, each encoded on its own here.
+        w = _np(model.prototypes.weight)
+        w = w / np.linalg.norm(w, axis=1, keepdims=True)
+        scores = []
+        for x in (x0, x1):
+            z = _np(model.cluster_projector(model.backbone.forward_map(x).mean(dim=(2, 3))))
+            scores.append((z / np.linalg.norm(z, axis=1, keepdims=True)) @ w.T)
+        codes = [_ref_sinkhorn(s) for s in scores]
+        l_cl = _ref_swapped(scores[0], scores[1], codes[0], codes[1], tau=0.1)
+        # L_mcls on view 1: per-class dot products of the decoder tokens, weighted asymmetric loss.
+        f1 = model.backbone.forward_map(x1)
+        tokens = _np(model.decoder.decode(f1))  # [B, C, d]
+        gw, gb = _np(model.decoder.classifier.weight), _np(model.decoder.classifier.bias)
+        logits = np.einsum("bcd,cd->bc", tokens, gw) + gb
+        l_mcls = _ref_asl(logits, _np(batch["target"]))
+        # L_mom on view 1: S(g, Q0) of student and teacher, g = mean of the decoder tokens, T = 0.1.
+        s_student = _ref_cosines(tokens.mean(axis=1), _np(model.decoder.query_embed))
+        t_tokens = _np(model.teacher_decoder.decode(model.teacher_backbone.forward_map(x1)))
+        s_teacher = _ref_cosines(t_tokens.mean(axis=1), _np(model.teacher_decoder.query_embed))
+        l_mom = _ref_symmetric_kl(s_student, s_teacher, 0.1)
+
+    refs = {"mcls": l_mcls, "cl": l_cl, "mim": l_mim, "mom": l_mom}
+    for task, ref in refs.items():
+        assert np.isfinite(ref) and ref > 0, task
+        np.testing.assert_allclose(logged[f"train/loss_{task}"].item(), ref, rtol=1e-4, err_msg=task)
+    total = sum(ALPHAS[t] * refs[t] for t in refs)  # Eq. 7
+    np.testing.assert_allclose(loss.item(), total, rtol=1e-4)
+    np.testing.assert_allclose(logged["train/loss"].item(), total, rtol=1e-4)
+    assert 0 < logged["train/z_std"].item() <= 1
+
+
+def test_codes_are_computed_per_view_over_the_batch():
+    """Sinkhorn sees the whole batch: codes of an image change when the other images change."""
+    scores = torch.randn(6, 7)
+    codes = hvp_module.sinkhorn_knopp(scores)
+    assert not torch.allclose(hvp_module.sinkhorn_knopp(scores[:3]), codes[:3], atol=1e-3)
+
+
+# ---------------------------------------------------------------------- leave-one-out (Table 5)
+def _raise(*args, **kwargs):
+    raise AssertionError("a removed task was computed")
+
+
+# Per task: the modules that must not exist, and the functions that must never run when its alpha is 0.
+REMOVED = {
+    "mcls": (["decoder.classifier", "asl"],
+             [(GroupWiseLinear, "forward"), (hvp_module.WeightedAsymmetricLoss, "forward")]),
+    "cl": (["cluster_projector", "prototypes", "swapped_prediction"],
+           [(hvp_module.MLPHead, "forward"), (hvp_module, "sinkhorn_knopp"), (HVPMTL, "normalize_prototypes")]),
+    "mim": (["mask_token", "mim_decoder"],
+            [(hvp_module, "masked_l1_loss"), (hvp_module.Backbone, "_apply_mask"), (torch.nn.PixelShuffle, "forward")]),
+    "mom": (["teacher_backbone", "teacher_decoder"],
+            [(HVPMTL, "teacher_similarity"), (hvp_module, "symmetric_kl_divergence"), (hvp_module, "update_ema")]),
+}
+
+
+@pytest.mark.parametrize("task", list(REMOVED))
+def test_zero_alpha_removes_the_task_entirely(task, monkeypatch):
+    model = _model(**{f"alpha_{task}": 0.0})
+    modules, functions = REMOVED[task]
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in modules:
+        assert not any(n == prefix or n.startswith(prefix + ".") for n in names), prefix
+    for owner, attr in functions:
+        monkeypatch.setattr(owner, attr, _raise)
+
+    # Count encoder passes: images per call, masked or not.
+    calls: list[tuple[int, bool]] = []
+    forward_map = model.backbone.forward_map
+
+    def spy(x, mask=None, mask_token=None):
+        calls.append((x.shape[0], mask is not None))
+        return forward_map(x, mask, mask_token)
+
+    monkeypatch.setattr(model.backbone, "forward_map", spy)
+    batch = _batch(4)
+    loss, logged = _step(model, batch)
+    model.on_train_batch_end(None, batch, 0)  # the EMA hook must be a no-op without a teacher
+
+    assert f"train/loss_{task}" not in logged
+    kept = [t for t in ALPHAS if t != task]
+    np.testing.assert_allclose(loss.item(), sum(ALPHAS[t] * logged[f"train/loss_{t}"].item() for t in kept), rtol=1e-5)
+    expected_calls = {"mim": [(8, False)], "cl": [(4, True), (4, False)]}.get(task, [(4, True), (8, False)])
+    assert calls == expected_calls
+    # The remaining heads are all trained (nothing left for DDP's find_unused_parameters).
+    loss.backward()
+    untrained = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not untrained, untrained
+
+
+def test_alpha_validation():
+    with pytest.raises(ValueError, match="alpha_cl must be >= 0"):
+        HVPMTL(**{**TINY, "alpha_cl": -1.0})
+    with pytest.raises(ValueError, match="at least one"):
+        HVPMTL(**{**TINY, "alpha_mcls": 0.0, "alpha_cl": 0.0, "alpha_mim": 0.0, "alpha_mom": 0.0})
+    with pytest.raises(ValueError, match="backbone_kwargs.img_size: 64"):
+        HVPMTL(**{**TINY, "img_size": 64})
+    with pytest.raises(ValueError, match="alpha_mim: 0"):
+        HVPMTL(**{**TINY, "backbone": "resnet18", "backbone_kwargs": None})
+
+
+# ---------------------------------------------------------------------- teacher
+def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
+    model = _model()
+    model.train()
+    assert not model.teacher_backbone.training and not model.teacher_decoder.training
+    assert model.backbone.training
+    loss, _ = _step(model, _batch(2))
+    loss.backward()
+    teacher = [*model.teacher_backbone.parameters(), *model.teacher_decoder.parameters()]
+    assert all(not p.requires_grad and p.grad is None for p in teacher)
+    student = [n for n, p in model.named_parameters() if not n.startswith("teacher_") and p.grad is None]
+    assert not student, student
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_teacher_is_ema_of_student_after_one_optimizer_step(accumulate, tmp_path):
+    from lightning.pytorch import Trainer
+
+    m = 0.9
+    model = _model(ema_momentum=m, perturb_teacher=True)
+    teacher_before = {**{f"b.{k}": v for k, v in _params(model.teacher_backbone).items()},
+                      **{f"d.{k}": v for k, v in _params(model.teacher_decoder).items()}}
+    batches = [_batch(2, seed=s) for s in range(2)]
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path))
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 1
+    student = {**{f"b.{k}": v for k, v in _params(model.backbone).items()},
+               **{f"d.{k}": v for k, v in _params(model.decoder).items()}}
+    teacher = {**{f"b.{k}": v for k, v in _params(model.teacher_backbone).items()},
+               **{f"d.{k}": v for k, v in _params(model.teacher_decoder).items()}}
+    assert teacher.keys() == student.keys() == teacher_before.keys()
+    moved = 0
+    for name in teacher:
+        expected = m * teacher_before[name] + (1 - m) * student[name]  # exactly one EMA step
+        torch.testing.assert_close(teacher[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        moved += int(not torch.equal(teacher[name], teacher_before[name]))
+    assert moved == len(teacher)
+
+
+def test_num_classes_must_match_the_data():
+    from types import SimpleNamespace
+
+    model = _model()
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_classes=C + 1))
+    with pytest.raises(ValueError, match=f"num_classes: {C + 1}"):
+        model.setup("fit")
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_classes=C))
+    model.setup("fit")
+
+
+def test_swin_encoder_masks_its_4px_patch_grid_and_reconstructs_at_stride_32():
+    # A one-block-per-stage Swin at 32 px: patch grid 8 x 8, F0 [B, 8 * 24, 1, 1].
+    swin = dict(backbone="swin_tiny_patch4_window7_224", mask_patch_size=8, backbone_kwargs={
+        "img_size": S, "model_kwargs": {"window_size": 1, "depths": [1, 1, 1, 1], "embed_dim": 24,
+                                        "num_heads": [1, 1, 1, 1]}})
+    model = _model(**swin)
+    transform = model.train_transform()
+    assert transform.mask_generator.model_patch_size == 4 and transform.mask_generator.scale == 2
+    batch = _batch(2)
+    batch["mask"] = torch.stack([transform.mask_generator() for _ in range(2)])  # [2, 8, 8], 2 x 2 blocks
+    assert model.mim_decoder(torch.zeros(1, 192, 1, 1)).shape == (1, 3, S, S)  # PixelShuffle(32)
+    pixel = model.pixel_mask(batch["mask"])
+    assert pixel.shape == (2, 1, S, S)
+    expected = np.stack([np.kron(m, np.ones((4, 4))) for m in batch["mask"].numpy()])
+    np.testing.assert_array_equal(pixel[:, 0].numpy(), expected)
+    loss, logged = _step(model, batch)
+    assert all(torch.isfinite(logged[f"train/loss_{t}"]) for t in ALPHAS)
+    loss.backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+
+
+def test_train_transform_masks_the_patch_grid():
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    out = _model(perturb_teacher=False).train_transform()(img)
+    assert out["views"].shape == (2, 3, S, S) and out["mask"].shape == (2, 2) and out["mask"].sum() == 3
+
+
+# ---------------------------------------------------------------------- DDP
+def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
+    model = _model()
+    model.log = _LogRecorder()
+    local = {k: v.chunk(world_size)[rank] for k, v in batch.items()}
+    loss = model.training_step(local, 0)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    torch.distributed.all_reduce(grads)  # what DDP does: average the gradients over ranks
+    grads /= world_size
+    mean_loss = loss.detach().clone()
+    torch.distributed.all_reduce(mean_loss)
+    return {"loss": mean_loss / world_size, "grads": grads}
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_match_one_process_on_the_concatenated_batch():
+    batch = _batch(4)
+    single = _model()
+    loss, _ = _step(single, batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in single.parameters() if p.requires_grad])
+    for r in run_distributed(_ddp_step, world_size=2, batch=batch):
+        torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grads"], grads, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- configs and the CLI
+CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+PAPER = {"swinb_tencentml_30ep.yaml": "swin_base_patch4_window7_224", "vitb_tencentml_30ep.yaml": "vit_base_patch16_224",
+         "swint_tencentml_30ep.yaml": "swin_tiny_patch4_window7_224",
+         "swins_tencentml_30ep.yaml": "swin_small_patch4_window7_224"}
+ABLATIONS = {f"no_{t}.yaml": t for t in ALPHAS}
+
+
+def test_every_config_is_known():
+    names = {str(p.relative_to(EXPERIMENTS)) for p in CONFIGS}
+    assert names == {"demo.yaml", *PAPER, *(f"ablations/{a}" for a in ABLATIONS)}
+
+
+def _parse(config: Path) -> dict:
+    from ssl_zoo.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(buf.getvalue())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_config_parses_and_builds(config):
+    cfg = _parse(config)
+    assert cfg["model"]["class_path"] == "ssl_zoo.methods.HVPMTL"
+    assert cfg["data"]["class_path"].endswith("TencentMLDataModule")
+    init = cfg["model"]["init_args"]
+    assert init["num_classes"] == cfg["data"]["init_args"]["num_classes"]
+    with torch.device("meta"):  # the constructor's validation, without allocating Swin-B
+        model = HVPMTL(**init)
+    if config.name == "demo.yaml":
+        assert cfg["data"]["init_args"]["root"] == "data/demo"
+        dictionary = ROOT / "data/demo/tencent/dictionary_and_semantic_hierarchy.txt"
+        if dictionary.is_file():
+            assert init["num_classes"] == len(dictionary.read_text().strip().splitlines())
+        return
+    trainer = cfg["trainer"]
+    assert trainer["devices"] * trainer["num_nodes"] * cfg["data"]["init_args"]["batch_size"] == 1024
+    assert trainer["max_epochs"] == 30 and trainer["precision"] == "bf16-mixed"
+    hp = model.hparams
+    assert (hp.base_lr, hp.lr_reference, hp.weight_decay, hp.warmup_epochs) == (1e-4, 1024, 0.05, 5)
+    assert hp.base_lr * hp.final_lr_ratio == pytest.approx(1e-7)
+    assert (hp.num_prototypes, hp.ema_momentum, hp.num_classes) == (3000, 0.995, 11166)
+    removed = ABLATIONS.get(config.name)
+    expected_alphas = {t: 0.0 if t == removed else v for t, v in
+                       {"mcls": 0.001, "cl": 0.02, "mim": 1.0, "mom": 10.0}.items()}
+    assert model.alphas == expected_alphas
+    assert hp.backbone == PAPER.get(config.name, "swin_base_patch4_window7_224")
+
+
+@pytest.mark.slow
+def test_demo_fast_dev_run_through_the_cli(demo_root, tmp_path, monkeypatch):
+    from ssl_zoo.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cli = main(["fit", "--config", str(EXPERIMENTS / "demo.yaml"), "--trainer.fast_dev_run", "1",
+                "--trainer.accelerator", "cpu", "--run_root", str(tmp_path), "--data.init_args.root", demo_root,
+                "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "8",
+                # 2 of the 12 blocks: the wiring is what is tested, CPU time is scarce.
+                "--model.init_args.backbone_kwargs", '{"img_size": 64, "model_kwargs": {"depth": 2}}'])
+    metrics = cli.trainer.callback_metrics
+    for key in ("loss", "loss_mcls", "loss_cl", "loss_mim", "loss_mom", "z_std"):
+        assert torch.isfinite(metrics[f"train/{key}"]), key
+    model = cli.model
+    # One optimiser step moved the student; the teacher followed by (1 - m) only, so the two now differ.
+    pairs = list(zip(model.teacher_backbone.parameters(), model.backbone.parameters(), strict=True))
+    assert all(not t.requires_grad for t, _ in pairs)
+    assert not all(torch.equal(t, s) for t, s in pairs)
