@@ -1,0 +1,282 @@
+"""Checkpoint -> backbone: the one entry point every evaluation protocol and the exporter use.
+
+Two kinds of files are accepted, both read with ``torch.load(weights_only=True)`` (or safetensors), so a
+checkpoint can never run code on the machine that evaluates it:
+
+* an ssl_zoo pre-training checkpoint (a Lightning ``.ckpt``): ``state_dict`` holds the student backbone
+  under ``backbone.model.<timm key>`` and, for momentum / EMA methods, the teacher under
+  ``teacher_backbone.model.<timm key>``; ``hyper_parameters`` names the architecture (``backbone``) and
+  its constructor arguments (``backbone_kwargs``);
+* a plain timm state dict (optionally wrapped in ``{"state_dict": ...}`` / ``{"model": ...}`` and with a
+  ``module.`` prefix left by DDP), e.g. one written by ``python -m ssl_zoo.export --to timm``; the
+  architecture must then be named with ``backbone=``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ssl_zoo.models.backbones import Backbone
+
+__all__ = [
+    "STUDENT_PREFIX",
+    "TEACHER_PREFIX",
+    "BackboneWeights",
+    "UnsafeCheckpointError",
+    "describe_state_dict",
+    "load_backbone",
+    "read_backbone_weights",
+    "read_checkpoint",
+]
+
+STUDENT_PREFIX = "backbone.model."
+TEACHER_PREFIX = "teacher_backbone.model."
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file holds pickled Python objects other than tensors and plain containers; it was not loaded."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint without executing code: ``torch.load(weights_only=True)`` or safetensors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the pickle references anything beyond tensors and plain Python
+            containers (a ``__reduce__`` payload, a class instance), so loading it could run code.
+        ValueError: the file does not hold a dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpointError(
+            f"refusing to load '{path}': it holds pickled Python objects other than tensors and plain "
+            f"containers, and unpickling them could run arbitrary code (torch.load weights_only=True: "
+            f"{reason}). Re-save the weights as a plain state dict (torch.save(model.state_dict(), f))."
+        ) from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+@dataclass
+class BackboneWeights:
+    """The timm state dict of one backbone plus what the checkpoint says about its architecture."""
+
+    state_dict: dict[str, Tensor]
+    name: str | None = None  # timm model name recorded by the pre-training run, None for a plain dict
+    kwargs: dict[str, Any] = field(default_factory=dict)  # Backbone(name, **kwargs) of the pre-training run
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    is_pretraining_checkpoint: bool = False
+
+
+def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> BackboneWeights:
+    """Extract the student (default) or teacher backbone's timm state dict from a checkpoint file.
+
+    Raises:
+        ValueError: ``teacher=True`` for a checkpoint without a teacher, or a teacher requested from a plain
+            state dict.
+    """
+    path = os.fspath(ckpt)
+    obj = read_checkpoint(path)
+    state = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else None
+    if state is not None and any(k.startswith(STUDENT_PREFIX) for k in state):
+        prefix = TEACHER_PREFIX if teacher else STUDENT_PREFIX
+        weights = _strip_prefix(state, prefix)
+        if not weights:
+            prefixes = sorted({k.split(".", 1)[0] + "." for k in state})
+            raise ValueError(
+                f"checkpoint '{path}' has no teacher backbone (no '{TEACHER_PREFIX}*' keys; its modules are "
+                f"{', '.join(prefixes)}): this method keeps no momentum/EMA teacher, evaluate with teacher=False"
+            )
+        hparams = dict(obj.get("hyper_parameters") or {})
+        return BackboneWeights(weights, hparams.get("backbone"), dict(hparams.get("backbone_kwargs") or {}),
+                               hparams, is_pretraining_checkpoint=True)
+    if teacher:
+        raise ValueError(
+            f"a teacher backbone was requested but '{path}' is not an ssl_zoo pre-training checkpoint "
+            f"(no '{STUDENT_PREFIX}*' keys in its state_dict), so it holds one model only"
+        )
+    # Plain state dict, maybe wrapped (Lightning-less trainers, timm, torchvision-style {"model": ...}).
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    weights = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not weights:
+        raise ValueError(f"checkpoint '{path}' holds no tensors")
+    if all(k.startswith("module.") for k in weights):  # saved from a DistributedDataParallel wrapper
+        weights = _strip_prefix(weights, "module.")
+    return BackboneWeights(weights)
+
+
+_RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> timm name
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+
+
+def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
+    """A short guess of the architecture a timm state dict belongs to (for error messages)."""
+    keys = list(state_dict)
+    if "conv1.weight" in state_dict and any(k.startswith("layer4.") for k in keys):
+        blocks = tuple(
+            len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")}) for i in range(1, 5)
+        )
+        bottleneck = any(".conv3." in k for k in keys)
+        width = state_dict["conv1.weight"].shape[0]
+        name = _RESNET_DEPTHS.get((blocks, bottleneck))
+        return name or f"a ResNet (blocks {blocks}, {'bottleneck' if bottleneck else 'basic'}, stem {width})"
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is not None:
+        dim, patch = int(proj.shape[0]), int(proj.shape[-1])
+        if any(k.startswith("layers.") for k in keys):
+            depths = []
+            for i in range(8):
+                n = len({k.split(".")[3] for k in keys if re.match(rf"layers\.{i}\.blocks\.\d+\.", k)})
+                if n:
+                    depths.append(n)
+            return f"a Swin (embed dim {dim}, patch {patch}, depths {tuple(depths)})"
+        depth = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+        pos = state_dict.get("pos_embed")
+        size = _VIT_SIZES.get(dim)
+        guess = f"vit_{size}_patch{patch}" if size and depth in (12, 24, 32) else "a ViT"
+        grid = f", {pos.shape[1]} positions" if pos is not None else ""
+        return f"{guess} (embed dim {dim}, {depth} blocks, patch {patch}{grid})"
+    return f"an unknown architecture ({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
+
+
+def _drop_classifier(state_dict: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
+    """Remove a classifier the backbone does not have (``fc.*``/``head.*`` of a timm model with a head)."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if not classifier:
+        return state_dict
+    own = model.state_dict()
+    heads = [k for k in state_dict if k.startswith(classifier + ".") and k not in own]
+    return {k: v for k, v in state_dict.items() if k not in heads}
+
+
+def _resample_pos_embed(state_dict: dict[str, Tensor], backbone: Backbone) -> dict[str, Tensor]:
+    """Interpolate a ViT's absolute position embeddings to the backbone's grid (evaluation at another
+    resolution than pre-training, e.g. 448 px after 224 px; bicubic, prefix tokens kept, as in timm/DeiT)."""
+    pos = state_dict.get("pos_embed")
+    if backbone.family != "vit" or pos is None:
+        return state_dict
+    target = backbone.model.pos_embed
+    if pos.shape == target.shape:
+        return state_dict
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(backbone.model, "no_embed_class", False) else backbone.num_prefix_tokens
+    new_grid = list(backbone.model.patch_embed.grid_size)
+    n_old = pos.shape[1] - prefix
+    old = int(round(n_old**0.5))
+    if old * old != n_old:
+        return state_dict  # not a square grid: leave it to the shape check, which names the tensor
+    resampled = resample_abs_pos_embed(pos, new_grid, [old, old], num_prefix_tokens=prefix)
+    return {**state_dict, "pos_embed": resampled}
+
+
+def _mismatch_report(state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state_dict
+        if k in own and state_dict[k].shape != own[k].shape
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", shapes)):
+        if items:
+            parts.append(f"{len(items)} {label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+    return "; ".join(parts)
+
+
+def load_backbone(
+    ckpt: str | os.PathLike,
+    backbone: str | None = None,
+    backbone_kwargs: dict | None = None,
+    teacher: bool = False,
+) -> Backbone:
+    """Build a :class:`~ssl_zoo.models.Backbone` and load its weights from a checkpoint, strictly.
+
+    Args:
+        ckpt: an ssl_zoo pre-training checkpoint or a plain timm state dict (``.pt/.pth/.ckpt/.safetensors``).
+        backbone: timm model name. Optional for pre-training checkpoints (the recorded name is used; if
+            given it must equal it); required for plain state dicts.
+        backbone_kwargs: :class:`Backbone` arguments laid over the pre-training run's ones (e.g.
+            ``img_size`` for evaluation at another resolution, ``drop_path_rate`` for fine-tuning). ViT
+            position embeddings are interpolated to a new ``img_size``.
+        teacher: load the momentum/EMA teacher (``teacher_backbone.*``) instead of the student.
+
+    Returns:
+        The backbone with every tensor of its state dict taken from the checkpoint (train mode, as
+        ``nn.Module`` constructs it).
+
+    Raises:
+        UnsafeCheckpointError: the file could run code when unpickled (never loaded).
+        ValueError: architecture mismatch (the message names the checkpoint's architecture and the requested
+            one, and lists missing / unexpected / mis-shaped tensors), no backbone name for a plain state
+            dict, or no teacher in the checkpoint.
+    """
+    path = os.fspath(ckpt)
+    weights = read_backbone_weights(path, teacher=teacher)
+    if weights.is_pretraining_checkpoint and weights.name and backbone and backbone != weights.name:
+        raise ValueError(
+            f"architecture mismatch: checkpoint '{path}' was pre-trained with backbone '{weights.name}' "
+            f"but backbone '{backbone}' was requested (leave backbone unset to use the checkpoint's)"
+        )
+    name = backbone or weights.name
+    if name is None:
+        raise ValueError(
+            f"checkpoint '{path}' is a plain state dict that does not record its architecture (it looks like "
+            f"{describe_state_dict(weights.state_dict)}): pass backbone=<timm name>"
+        )
+    kwargs = {**weights.kwargs, **(backbone_kwargs or {})}
+    model = Backbone(name, **kwargs)
+    state_dict = _drop_classifier(weights.state_dict, model.model)
+    state_dict = _resample_pos_embed(state_dict, model)
+    own = model.model.state_dict()
+    report = _mismatch_report(state_dict, own)
+    if report:
+        found = weights.name if weights.is_pretraining_checkpoint and weights.name else describe_state_dict(state_dict)
+        which = "teacher" if teacher else "student"
+        raise ValueError(
+            f"architecture mismatch: the {which} weights in '{path}' (checkpoint architecture: {found}, "
+            f"backbone_kwargs {weights.kwargs or {}}) do not fit the requested backbone '{name}' "
+            f"(backbone_kwargs {kwargs}): {report}"
+        )
+    model.model.load_state_dict(state_dict, strict=True)
+    old_pos = weights.state_dict.get("pos_embed")
+    if old_pos is not None and old_pos.shape != state_dict["pos_embed"].shape:
+        warnings.warn(
+            f"position embeddings of '{path}' resampled from {tuple(old_pos.shape)} "
+            f"to {tuple(state_dict['pos_embed'].shape)} for img_size {kwargs.get('img_size')}",
+            stacklevel=2,
+        )
+    return model

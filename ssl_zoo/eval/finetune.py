@@ -1,0 +1,226 @@
+"""End-to-end fine-tuning with layer-wise lr decay (the BEiT / MVP protocol), single- and multi-label.
+
+BEiT §2.6 / MVP §4: AdamW, lr 4e-3 for a batch of 1024 (``base_lr`` 1e-3 per 256 images here), layer-wise
+lr decay 0.65 (the lr of layer l is ``lr * decay^(L + 1 - l)``, embeddings at l = 0, the head at L + 1),
+weight decay 0.05 (none on biases, norms, tokens and position embeddings), 20 warmup epochs then cosine,
+drop path 0.1, RandAugment, random erasing 0.25, mixup 0.8, cutmix 1.0 and label smoothing 0.1 (timm's
+``Mixup`` and ``SoftTargetCrossEntropy``), 100 epochs for ViT-B. Multi-label data (COCO, Tencent ML-Images)
+is fine-tuned with BCE on mixed multi-hot targets (timm's ``Mixup(multi_label=True)``, each label smoothed
+towards 0.5) and reports the multi-label metrics.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import timm
+import timm.data
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import Tensor, nn
+
+from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, embed, split_batch
+from ssl_zoo.eval.module import EvalModule, build_eval_backbone
+from ssl_zoo.eval.transforms import (
+    SingleView,
+    center_crop_transform,
+    finetune_train_transform,
+    resize_transform,
+)
+from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
+
+__all__ = ["FineTune", "layer_ids"]
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """BEiT / MAE layer ids of a timm model's parameters: 0 embeddings, 1..L blocks, L + 1 the rest.
+
+    The blocks come from timm's ``group_matcher(coarse=False)`` (ViT blocks, Swin blocks, ResNet blocks);
+    the final norm (``norm``/``fc_norm``) and any head are put after the last block.
+    """
+    from timm.models import group_parameters
+
+    ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    after = ("norm.", "fc_norm.", "head.", "fc.")
+    last = max((i for n, i in ids.items() if not n.startswith(after)), default=0) + 1
+    return {n: (last if n.startswith(after) else ids.get(n, last)) for n, _ in model.named_parameters()}
+
+
+class FineTune(EvalModule):
+    """Fine-tune the whole backbone plus a linear head.
+
+    Args:
+        ckpt, backbone, backbone_kwargs, teacher: as :class:`~ssl_zoo.eval.linear.LinearProbe` (``ckpt=None``
+            fine-tunes from a random initialisation, the from-scratch baseline).
+        num_classes: classes of the head; ``None`` = the data module's.
+        multilabel: BCE + multi-label metrics; ``None`` = the data module's task.
+        img_size: input side (224).
+        pooling: ``backbone`` (its own pooled embedding: ViT CLS token, ResNet/Swin average pool) or
+            ``gap`` / ``gmp`` / ``gamp`` of the last map. BEiT averages the patch tokens and then applies a
+            fresh LayerNorm; ``gap`` averages tokens that went through the pre-trained final norm.
+        drop_path_rate: stochastic depth of the backbone (0.1).
+        base_lr: AdamW lr for 256 images (BEiT's 4e-3 at batch 1024); lr = ``base_lr * batch / 256``.
+        lr_batch_size: batch used to scale the lr (``None`` = the global batch).
+        layer_decay: layer-wise lr decay factor (0.65; 1 disables it).
+        weight_decay: AdamW weight decay (0.05).
+        betas: AdamW betas (0.9, 0.999).
+        warmup_epochs: linear warmup epochs (20).
+        min_lr_ratio: final lr as a fraction of the peak (BEiT's 1e-6 / 4e-3).
+        mixup, cutmix: alphas of timm's ``Mixup`` (0.8, 1.0); both 0 disables mixing.
+        label_smoothing: 0.1.
+        auto_augment: timm auto-augment policy (``rand-m9-mstd0.5-inc1``, BEiT's RandAugment) or ``None``.
+        re_prob: random-erasing probability (0.25).
+        head_init_std: std of the head's truncated-normal initialisation (BEiT: 0.02 x init_scale 0.001).
+        threshold: decision threshold of the multi-label metrics.
+    """
+
+    protocol = "finetune"
+
+    def __init__(
+        self,
+        ckpt: str | None = None,
+        backbone: str | None = None,
+        backbone_kwargs: dict | None = None,
+        teacher: bool = False,
+        num_classes: int | None = None,
+        multilabel: bool | None = None,
+        img_size: int = 224,
+        pooling: FeaturePoolingName = "backbone",
+        drop_path_rate: float = 0.1,
+        base_lr: float = 1e-3,
+        lr_batch_size: int | None = None,
+        layer_decay: float = 0.65,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: int = 20,
+        min_lr_ratio: float = 2.5e-4,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        label_smoothing: float = 0.1,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        head_init_std: float = 2e-5,
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        check_pooling(pooling, "model.pooling")
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"model.layer_decay must lie in (0, 1], got {layer_decay}")
+        if base_lr <= 0:
+            raise ValueError(f"model.base_lr must be > 0, got {base_lr}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if mixup < 0 or cutmix < 0:
+            raise ValueError(f"model.mixup and model.cutmix must be >= 0, got {mixup} and {cutmix}")
+        if not 0.0 <= re_prob <= 1.0:
+            raise ValueError(f"model.re_prob must lie in [0, 1], got {re_prob}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"model.threshold must lie in [0, 1], got {threshold}")
+        self.save_hyperparameters()
+        self.backbone = build_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size,
+                                            drop_path_rate=drop_path_rate)
+        self.head: nn.Module | None = None
+        if num_classes is not None:
+            self.build_head(num_classes)
+        self.mixup_fn = None
+
+    def build_head(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=self.hparams.head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        hp = self.hparams
+        if (hp.mixup > 0 or hp.cutmix > 0) and self.mixup_fn is None:
+            kwargs = dict(mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, label_smoothing=hp.label_smoothing,
+                          num_classes=int(hp.num_classes))
+            if hp.multilabel:
+                if "multi_label" not in inspect.signature(timm.data.Mixup).parameters:
+                    raise RuntimeError("multi-label mixup needs a timm whose Mixup accepts multi_label=True (timm 1.0.31 does); "
+                                       "or set model.mixup 0 and model.cutmix 0")
+                kwargs["multi_label"] = True
+            self.mixup_fn = timm.data.Mixup(**kwargs)
+
+    # ------------------------------------------------------------------ data hooks
+    def train_transform(self):
+        hp = self.hparams
+        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob))
+
+    def val_transform(self):
+        size = self.hparams.img_size
+        return SingleView(resize_transform(size) if self.is_multilabel else center_crop_transform(size))
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, S, S]`` -> logits ``[B, C]``."""
+        return self.head(embed(self.backbone, x, self.hparams.pooling))
+
+    def training_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Soft-target CE after mixup, label-smoothed CE without it; BCE on (mixed) multi-hot targets."""
+        hp = self.hparams
+        logits = logits.float()
+        if self.is_multilabel:
+            if self.mixup_fn is None and hp.label_smoothing > 0:  # Mixup already smoothed the mixed targets
+                targets = targets.float() * (1.0 - hp.label_smoothing) + 0.5 * hp.label_smoothing
+            return nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
+        if self.mixup_fn is not None:
+            return SoftTargetCrossEntropy()(logits, targets)
+        if hp.label_smoothing > 0:
+            return LabelSmoothingCrossEntropy(hp.label_smoothing)(logits, targets.long())
+        return nn.functional.cross_entropy(logits, targets.long())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images, targets, _ = split_batch(batch)  # [B, 3, S, S], [B] or [B, C]
+        if self.mixup_fn is not None:
+            if images.shape[0] % 2:
+                raise ValueError(f"mixup/cutmix need an even batch, got {images.shape[0]} images")
+            images, targets = self.mixup_fn(images, targets)  # targets -> soft [B, C]
+        loss = self.training_loss(self(images), targets)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images, targets, index = split_batch(batch)
+        logits = self(images)
+        self.log("val/loss", self.loss_on(logits, targets), on_epoch=True, sync_dist=True,
+                 batch_size=images.shape[0])
+        self.accumulate(logits, targets, index)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float) -> list[dict]:
+        """AdamW groups with layer-wise lr decay (BEiT §2.6) and no weight decay on 1-D parameters/tokens.
+
+        Layer ids as BEiT's and MAE's code number them: 0 for the embeddings, 1..L for the blocks (timm's
+        ``group_matcher``; stages' blocks for Swin and ResNet), L + 1 for what follows them (final norm,
+        head); the lr of id l is ``lr * layer_decay^(L + 1 - l)``. (timm's ``param_groups_layer_decay``
+        groups the final norm with the last block and so gives every layer one decay step less.)
+        """
+        hp = self.hparams
+        ids = layer_ids(self.backbone.model)
+        last = max(ids.values())
+        no_decay = set(self.backbone.model.no_weight_decay()) if hasattr(self.backbone.model, "no_weight_decay") else set()
+        named = [(f"model.{n}", p, ids[n]) for n, p in self.backbone.model.named_parameters()]
+        named += [(f"head.{n}", p, last) for n, p in self.head.named_parameters()]
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, param, layer in named:
+            if not param.requires_grad:
+                continue
+            decay = not (param.ndim <= 1 or name.removeprefix("model.") in no_decay)
+            scale = hp.layer_decay ** (last - layer)
+            group = groups.setdefault((layer, decay), {
+                "params": [], "param_names": [], "lr_scale": scale, "lr": lr * scale,
+                "weight_decay": hp.weight_decay if decay else 0.0,
+            })
+            group["params"].append(param)
+            group["param_names"].append(name)
+        return list(groups.values())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
+        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
+        scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

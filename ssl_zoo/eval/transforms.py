@@ -1,0 +1,106 @@
+"""Image transforms of the evaluation protocols, in the data modules' view-dict format.
+
+The data modules ask the LightningModule for ``train_transform()`` / ``val_transform()`` returning a
+callable ``PIL image -> {"views": Tensor[V, 3, S, S]}``; evaluation uses one view (``V = 1``). Everything
+here is a picklable class or a torchvision ``Compose``, so loader workers can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2 as T
+
+from ssl_zoo.data.datamodule import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+__all__ = [
+    "NoImage",
+    "finetune_train_transform",
+    "SingleView",
+    "center_crop_transform",
+    "random_resized_crop_transform",
+    "resize_flip_transform",
+    "resize_transform",
+]
+
+
+class SingleView:
+    """Wrap an image transform ``PIL -> Tensor[3, S, S]`` into ``PIL -> {"views": Tensor[1, 3, S, S]}``."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, image) -> dict[str, Tensor]:
+        return {"views": self.transform(image).unsqueeze(0)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
+
+
+class NoImage:
+    """Cached-feature mode: the image is not used (features are looked up by dataset index), so return a
+    1-pixel placeholder view instead of resizing and normalising it."""
+
+    def __call__(self, image) -> dict[str, Tensor]:
+        return {"views": torch.zeros(1, 3, 1, 1)}
+
+
+def _to_normalised_tensor() -> list:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def random_resized_crop_transform(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """Linear-probe training augmentation of MoCo / SimSiam / MAE: RandomResizedCrop + horizontal flip."""
+    return T.Compose([T.PILToTensor(), T.RandomResizedCrop(size, scale=scale, antialias=True),
+                      T.RandomHorizontalFlip(), *_to_normalised_tensor()])
+
+
+def center_crop_transform(size: int) -> T.Compose:
+    """ImageNet evaluation: resize the short side to ``size / 0.875``, centre crop ``size``."""
+    return eval_transform(size)
+
+
+def resize_transform(size: int) -> T.Compose:
+    """Multi-label evaluation: resize the whole image to ``size x size`` (no crop, so no object is cut off;
+    the COCO protocol of ML-GCN / ASL / BAM+IA-CLoss)."""
+    return T.Compose([T.PILToTensor(), T.Resize((size, size), antialias=True), *_to_normalised_tensor()])
+
+
+def resize_flip_transform(size: int) -> T.Compose:
+    """Multi-label linear-probe training: :func:`resize_transform` + horizontal flip."""
+    return T.Compose([T.PILToTensor(), T.Resize((size, size), antialias=True), T.RandomHorizontalFlip(),
+                      *_to_normalised_tensor()])
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize for any bit count: 0 bits keeps nothing (a black image), as Pillow < 11 did.
+
+    RandAugment with increasing posterize (``inc1``, BEiT's policy) asks for 0 bits whenever the sampled
+    magnitude reaches its maximum (10); Pillow >= 11 raises ``ValueError`` for that instead.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def finetune_train_transform(size: int, auto_augment: str | None, re_prob: float) -> Callable:
+    """BEiT / DeiT fine-tuning augmentation (timm ``create_transform``): RandomResizedCrop (bicubic), flip,
+    RandAugment ``auto_augment``, normalisation and random erasing with probability ``re_prob``."""
+    import timm.data
+    from timm.data.auto_augment import RandAugment
+
+    transform = timm.data.create_transform(size, is_training=True, auto_augment=auto_augment, re_prob=re_prob,
+                                           re_mode="pixel", re_count=1, interpolation="bicubic")
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
+

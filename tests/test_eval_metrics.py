@@ -1,0 +1,288 @@
+"""Evaluation maths against independent brute-force computations: multi-label metrics, pooling, kNN vote."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from ssl_zoo.eval.features import embed, extract_features
+from ssl_zoo.eval.knn import knn_evaluate, knn_predict
+from ssl_zoo.eval.metrics import MULTILABEL_METRIC_NAMES, average_precision, multilabel_metrics
+from ssl_zoo.eval.pooling import FeaturePooling, gamp, gap, gmp, pool_map
+from ssl_zoo.models import Backbone
+
+
+# --------------------------------------------------------------------------------------------- references
+def reference_multilabel(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
+    """Plain loops over classes and samples, written from the definitions (no vectorised tricks)."""
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    n, c = scores.shape
+    aps = []
+    for j in range(c):
+        positives = [i for i in range(n) if targets[i, j] == 1]
+        if not positives:
+            continue
+        precisions = []
+        for i in positives:
+            retrieved = [m for m in range(n) if scores[m, j] >= scores[i, j]]
+            hits = sum(targets[m, j] for m in retrieved)
+            precisions.append(hits / len(retrieved))
+        aps.append(sum(precisions) / len(precisions))
+    tp = [0] * c
+    npred = [0] * c
+    ngt = [0] * c
+    for i in range(n):
+        for j in range(c):
+            pred = scores[i, j] >= threshold
+            npred[j] += int(pred)
+            ngt[j] += int(targets[i, j] == 1)
+            tp[j] += int(pred and targets[i, j] == 1)
+    cp = sum(tp[j] / npred[j] if npred[j] else 0.0 for j in range(c)) / c
+    cr = sum(tp[j] / ngt[j] if ngt[j] else 0.0 for j in range(c)) / c
+    op = sum(tp) / sum(npred) if sum(npred) else 0.0
+    orr = sum(tp) / sum(ngt) if sum(ngt) else 0.0
+
+    def f1(p, r):
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    return {"mAP": 100 * (sum(aps) / len(aps) if aps else math.nan), "CP": 100 * cp, "CR": 100 * cr,
+            "CF1": 100 * f1(cp, cr), "OP": 100 * op, "OR": 100 * orr, "OF1": 100 * f1(op, orr)}
+
+
+def assert_metrics_close(got: dict, want: dict) -> None:
+    assert set(got) == set(MULTILABEL_METRIC_NAMES) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+# --------------------------------------------------------------------------------------------- metrics
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multilabel_metrics_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((40, 7)) < 0.3).astype(np.float32)
+    targets[0] = 1  # every class has a positive
+    scores = rng.random((40, 7)).astype(np.float32)
+    got = multilabel_metrics(torch.from_numpy(scores), torch.from_numpy(targets), threshold=0.4)
+    assert_metrics_close(got, reference_multilabel(scores, targets, 0.4))
+
+
+def test_average_precision_matches_sklearn_with_and_without_ties():
+    rng = np.random.default_rng(3)
+    targets = (rng.random((60, 5)) < 0.4).astype(np.float64)
+    targets[0] = 1
+    for scores in (rng.random((60, 5)), np.round(rng.random((60, 5)), 1)):  # the second has many ties
+        ap = average_precision(torch.from_numpy(scores), torch.from_numpy(targets)).numpy()
+        want = [average_precision_score(targets[:, j], scores[:, j]) for j in range(5)]
+        np.testing.assert_allclose(ap, want, atol=1e-12)
+
+
+def test_average_precision_closed_form():
+    # Ranked: pos, neg, pos, neg -> precision at the positives 1/1 and 2/3.
+    scores = torch.tensor([[0.9], [0.8], [0.7], [0.1]])
+    targets = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    assert average_precision(scores, targets).item() == pytest.approx((1 + 2 / 3) / 2)
+    # A tie between a positive and a negative at the top: both count as retrieved together -> 1/2.
+    scores = torch.tensor([[0.5], [0.5], [0.1]])
+    targets = torch.tensor([[1.0], [0.0], [0.0]])
+    assert average_precision(scores, targets).item() == pytest.approx(0.5)
+
+
+def test_class_without_positives_is_left_out_of_map_and_counts_zero_recall():
+    scores = torch.tensor([[0.9, 0.8], [0.2, 0.1], [0.7, 0.3]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])  # class 1 has no positive
+    got = multilabel_metrics(scores, targets)
+    assert got["mAP"] == pytest.approx(100.0)  # class 0 ranked perfectly; class 1 does not enter the mean
+    assert torch.isnan(average_precision(scores, targets)[1])
+    # class 1: predicted once (0.8 >= 0.5), never right -> precision 0, recall 0 (no positives).
+    assert got["CP"] == pytest.approx(100 * (1.0 + 0.0) / 2)
+    assert got["CR"] == pytest.approx(100 * (1.0 + 0.0) / 2)
+    assert got["OP"] == pytest.approx(100 * 2 / 3)
+    assert got["OR"] == pytest.approx(100.0)
+    assert_metrics_close(got, reference_multilabel(scores.numpy(), targets.numpy(), 0.5))
+
+
+def test_class_never_predicted_has_precision_zero_not_nan():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.3]])
+    targets = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    got = multilabel_metrics(scores, targets)
+    assert all(math.isfinite(v) for v in got.values())
+    assert got["CP"] == pytest.approx(100 * (0.5 + 0.0) / 2)  # class 0: 1 of 2 predictions right
+    assert got["CR"] == pytest.approx(100 * (1.0 + 0.0) / 2)
+    assert got["CF1"] == pytest.approx(2 * got["CP"] * got["CR"] / (got["CP"] + got["CR"]))
+    assert_metrics_close(got, reference_multilabel(scores.numpy(), targets.numpy(), 0.5))
+
+
+def test_score_equal_to_threshold_counts_as_positive():
+    scores = torch.tensor([[0.5], [0.4999], [0.7]])
+    targets = torch.tensor([[1.0], [1.0], [0.0]])
+    got = multilabel_metrics(scores, targets, threshold=0.5)
+    # predicted: rows 0 (== threshold) and 2 -> TP 1, NP 2, NG 2
+    assert got["OP"] == pytest.approx(50.0)
+    assert got["OR"] == pytest.approx(50.0)
+    strict = multilabel_metrics(scores, targets, threshold=0.50001)
+    assert strict["OR"] == pytest.approx(0.0)
+
+
+def test_nothing_predicted_gives_zero_f1_not_nan():
+    got = multilabel_metrics(torch.zeros(4, 3), torch.eye(4, 3))
+    assert got["OP"] == got["OR"] == got["OF1"] == got["CF1"] == 0.0
+
+
+def test_cf1_is_not_mean_of_per_class_f1():
+    # class 0 perfect (F1 1), class 1 precision 1/3, recall 1 (F1 1/2) -> mean F1 0.75, CF1 from CP/CR differs
+    scores = torch.tensor([[0.9, 0.9], [0.1, 0.9], [0.1, 0.9]])
+    targets = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    got = multilabel_metrics(scores, targets)
+    cp, cr = (1 + 1 / 3) / 2, 1.0
+    assert got["CF1"] == pytest.approx(100 * 2 * cp * cr / (cp + cr))
+    assert got["CF1"] != pytest.approx(75.0)
+
+
+def test_metrics_reject_bad_inputs():
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        multilabel_metrics(torch.rand(3, 2), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="multi-hot"):
+        multilabel_metrics(torch.rand(3, 2), torch.full((3, 2), 0.5))
+    with pytest.raises(ValueError, match="NaN"):
+        multilabel_metrics(torch.tensor([[float("nan")]]), torch.ones(1, 1))
+
+
+def test_map_nan_when_no_class_has_positives():
+    assert math.isnan(multilabel_metrics(torch.rand(3, 2), torch.zeros(3, 2))["mAP"])
+
+
+# --------------------------------------------------------------------------------------------- pooling
+def test_pooling_on_hand_made_map():
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 10.0]])  # mean 4, max 10
+    x[0, 1] = torch.tensor([[-1.0, -1.0], [-1.0, -5.0]])  # mean -2, max -1
+    assert gap(x).tolist() == [[4.0, -2.0]]
+    assert gmp(x).tolist() == [[10.0, -1.0]]
+    assert gamp(x).tolist() == [[7.0, -1.5]]
+
+
+def test_gamp_is_mean_of_gap_and_gmp_on_random_maps():
+    x = torch.randn(3, 5, 4, 6)
+    flat = x.flatten(2)
+    torch.testing.assert_close(gamp(x), (flat.mean(-1) + flat.max(-1).values) / 2)
+    for name, fn in (("gap", gap), ("gmp", gmp), ("gamp", gamp)):
+        torch.testing.assert_close(pool_map(x, name), fn(x))
+        torch.testing.assert_close(FeaturePooling(name)(x), fn(x))
+
+
+def test_pooling_switch_changes_the_features_as_defined():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = backbone.forward_map(images)  # [2, 512, 2, 2]
+        feats = {p: embed(backbone, images, p) for p in ("gap", "gmp", "gamp", "backbone")}
+    torch.testing.assert_close(feats["gap"], fmap.mean(dim=(2, 3)))
+    torch.testing.assert_close(feats["gmp"], fmap.amax(dim=(2, 3)))
+    torch.testing.assert_close(feats["gamp"], (feats["gap"] + feats["gmp"]) / 2)
+    torch.testing.assert_close(feats["backbone"], feats["gap"])  # timm's ResNet head is an average pool
+    assert not torch.allclose(feats["gap"], feats["gmp"])
+
+
+def test_pooling_of_vit_uses_the_patch_grid():
+    torch.manual_seed(0)
+    backbone = Backbone("vit_tiny_patch16_224", img_size=32).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.forward_tokens(images)  # [2, 1 + 4, 192]
+        got = embed(backbone, images, "gamp")
+    patches = tokens[:, 1:]
+    torch.testing.assert_close(got, (patches.mean(1) + patches.amax(1)) / 2)
+
+
+def test_pooling_rejects_unknown_names_and_shapes():
+    with pytest.raises(ValueError, match="gap, gmp, gamp"):
+        pool_map(torch.zeros(1, 1, 1, 1), "avg")
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        gamp(torch.zeros(2, 3))
+
+
+# --------------------------------------------------------------------------------------------- kNN
+def reference_knn(features, bank, labels, num_classes, k, t):
+    """DINO's weighted vote with explicit loops (labels: ints, or multi-hot rows)."""
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    out = []
+    for q in f:
+        sims = b @ q
+        nearest = np.argsort(-sims)[:k]
+        votes = np.zeros(num_classes)
+        for j in nearest:
+            y = np.eye(num_classes)[labels[j]] if np.ndim(labels[j]) == 0 else labels[j]
+            votes += math.exp(sims[j] / t) * y
+        out.append(votes / sum(math.exp(sims[j] / t) for j in nearest))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_predict_matches_brute_force_single_label(k):
+    rng = np.random.default_rng(k)
+    bank, feats = rng.normal(size=(50, 8)), rng.normal(size=(7, 8))
+    labels = rng.integers(0, 4, size=50)
+    got = knn_predict(torch.from_numpy(feats), torch.from_numpy(bank), torch.from_numpy(labels), 4, k=k,
+                      temperature=0.07, chunk_size=3)
+    np.testing.assert_allclose(got.numpy(), reference_knn(feats, bank, labels, 4, k, 0.07), atol=1e-5)
+    torch.testing.assert_close(got.sum(1), torch.ones(7))
+
+
+def test_knn_predict_matches_brute_force_multi_label():
+    rng = np.random.default_rng(5)
+    bank, feats = rng.normal(size=(30, 6)), rng.normal(size=(4, 6))
+    labels = (rng.random((30, 3)) < 0.4).astype(np.float32)
+    got = knn_predict(torch.from_numpy(feats), torch.from_numpy(bank), torch.from_numpy(labels), k=10,
+                      temperature=0.5)
+    np.testing.assert_allclose(got.numpy(), reference_knn(feats, bank, labels, 3, 10, 0.5), atol=1e-5)
+    assert ((got >= 0) & (got <= 1 + 1e-6)).all()
+
+
+def test_knn_predict_is_cosine_and_clips_k():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    scaled_query = torch.tensor([[100.0, 1.0]])  # cosine: nearest is class 0 whatever the norm
+    got = knn_predict(scaled_query, bank * 7, labels, k=50, temperature=0.07)  # k > N is clipped
+    assert got.argmax(1).item() == 0 and got.shape == (1, 2)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn_predict(scaled_query, bank, labels, k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        knn_predict(scaled_query, bank, labels, temperature=0.0)
+
+
+class _ToyImages(torch.utils.data.Dataset):
+    def __init__(self, n=12, num_classes=3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 32, 32, generator=g)
+        self.labels = torch.arange(n) % num_classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def test_knn_evaluate_with_k1_on_its_own_training_set_is_perfect():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18")
+    loader = torch.utils.data.DataLoader(_ToyImages(), batch_size=5)
+    got = knn_evaluate(backbone, loader, loader, k=1)
+    assert got["top1"] == pytest.approx(100.0)
+    assert backbone.training  # mode restored after the frozen pass
+
+
+def test_extract_features_keeps_loader_order_and_eval_mode():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18")
+    data = _ToyImages(n=7)
+    feats, labels = extract_features(backbone, torch.utils.data.DataLoader(data, batch_size=3))
+    backbone.eval()
+    with torch.no_grad():
+        want = backbone(data.images)
+    torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == data.labels.tolist()
