@@ -48,6 +48,9 @@ gamp: $(STAMP) $(DEMO)/.complete
 finetune: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo fit --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/finetune_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
 
+knn: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo validate --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/knn_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
+
 sweep: $(STAMP) $(DEMO)/.complete
 	@test -n "$(SWEEP)" || { echo "error: give SWEEP=experiments/sweeps/<file>.yaml" >&2; exit 2; }
 	$(PYTHON) -m ssl_zoo.sweep $(SWEEP) $(if $(LOCAL),--local,)

@@ -14,7 +14,6 @@ methods and data modules are chosen by ``class_path``, and every key can be over
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -116,4 +115,4 @@ def main(args: list[str] | None = None, run: bool = True) -> SSLZooCLI:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

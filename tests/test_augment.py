@@ -611,9 +611,9 @@ def test_transforms_pickle_for_dataloader_workers(make, photo):
 def test_hvp_randaugment_survives_zero_bit_posterize():
     """timm asks Pillow for a 0-bit posterize at magnitude 10, which Pillow >= 13 refuses; it means black."""
     from PIL import Image as PILImage
+    from timm.data.auto_augment import rand_augment_transform
 
     from ssl_zoo.augment.views import _safe_posterize
-    from timm.data.auto_augment import rand_augment_transform
 
     ra = _safe_posterize(rand_augment_transform("rand-m10-inc1", {}))
     op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
