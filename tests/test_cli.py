@@ -93,8 +93,7 @@ def test_fit_writes_run_directory(demo_root, tmp_path):
 
 def test_run_dir_defaults_to_runs_name_stamp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(ROOT / "experiments/simsiam/demo.yaml"),
-                "--model.init_args.backbone", "resnet18", "--trainer.logger", "false"], run=False)
+    cli = main(["--config", str(ROOT / "experiments/simsiam/demo.yaml"), "--trainer.logger", "false"], run=False)
     run_dir = Path(cli.trainer.default_root_dir)
     assert run_dir.parent == Path("runs/simsiam")
     assert len(run_dir.name) == len("20260101-120000")
