@@ -81,3 +81,20 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) 
         return [
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
         ]
+
+
+def ddp_average_step(model: torch.nn.Module, batch: dict, rank: int, world_size: int) -> dict:
+    """Run ``model.training_step`` on this rank's shard of ``batch`` and average like DDP does.
+
+    The batch's tensors are split along dim 0 into ``world_size`` equal shards. Returns the loss and the
+    flattened gradients of the trainable parameters, both averaged over ranks (DDP averages gradients;
+    the mean loss is what a synced log shows), for comparison with one process on the whole batch.
+    """
+    local = {k: v.chunk(world_size)[rank] for k, v in batch.items()}
+    loss = model.training_step(local, 0)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    dist.all_reduce(grads)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    return {"loss": mean_loss / world_size, "grads": grads / world_size}

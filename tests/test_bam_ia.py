@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssl_zoo.methods import BAMIA
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import ddp_average_step, run_distributed
 
 TINY = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 32}, img_size=32,
             proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8, head_norm="layer")
@@ -72,16 +72,7 @@ def test_stop_gradient_and_every_parameter_trained():
 
 def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
     model = _model()
-    local = {k: v.chunk(world_size)[rank] for k, v in batch.items()}
-    loss = model.training_step(local, 0)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-    # What DDP does: average the gradients over ranks.
-    torch.distributed.all_reduce(grads)
-    grads /= world_size
-    mean_loss = loss.detach().clone()
-    torch.distributed.all_reduce(mean_loss)
-    return {"loss": mean_loss / world_size, "grads": grads}
+    return ddp_average_step(model, batch, rank, world_size)
 
 
 @pytest.mark.distributed

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ssl_zoo.methods import HVPMTL
 from ssl_zoo.methods import hvp_mtl as hvp_module
 from ssl_zoo.models.query2label import GroupWiseLinear, Query2LabelDecoder, sine_position_embedding_2d
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import ddp_average_step, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments" / "hvp_mtl"
@@ -393,15 +393,7 @@ def test_train_transform_masks_the_patch_grid():
 def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
     model = _model()
     model.log = _LogRecorder()
-    local = {k: v.chunk(world_size)[rank] for k, v in batch.items()}
-    loss = model.training_step(local, 0)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    torch.distributed.all_reduce(grads)  # what DDP does: average the gradients over ranks
-    grads /= world_size
-    mean_loss = loss.detach().clone()
-    torch.distributed.all_reduce(mean_loss)
-    return {"loss": mean_loss / world_size, "grads": grads}
+    return ddp_average_step(model, batch, rank, world_size)
 
 
 @pytest.mark.distributed

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ssl_zoo.methods import MVP
 from ssl_zoo.models import Backbone
 from ssl_zoo.models.teachers import CLIPTeacher, TimmTeacher
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import ddp_average_step, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 32  # image side: a 2 x 2 patch grid for both the student and the teacher (16 px patches)
@@ -253,15 +253,7 @@ def test_train_transform_matches_the_student_grid():
 # ---------------------------------------------------------------------------------------- DDP
 def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
     model = _model()
-    local = {k: v.chunk(world_size)[rank] for k, v in batch.items()}
-    loss = model.training_step(local, 0)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    torch.distributed.all_reduce(grads)  # what DDP does: average the gradients over ranks
-    grads /= world_size
-    mean_loss = loss.detach().clone()
-    torch.distributed.all_reduce(mean_loss)
-    return {"loss": mean_loss / world_size, "grads": grads}
+    return ddp_average_step(model, batch, rank, world_size)
 
 
 @pytest.mark.distributed
