@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = [
     ["-m", "benchmarks.demo_quality", "--methods", "bam_ia", "simsiam"],
+    ["-m", "benchmarks.mvp_teacher_share", "--fit"],
 ]
 
 
