@@ -305,7 +305,7 @@ def _posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **_kwargs) ->
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def _safe_posterize(randaugment: Callable) -> Callable:
+def safe_posterize(randaugment: Callable) -> Callable:
     """Route the posterize ops of a timm RandAugment through :func:`_posterize_keep_zero_bits`."""
     for op in getattr(randaugment, "ops", []):
         if op.name.startswith("Posterize"):
@@ -376,7 +376,7 @@ class HVPTransform:
                 "interpolation": Image.Resampling.BICUBIC,
             }
             try:
-                steps.append(TorchSeeded(_safe_posterize(rand_augment_transform(randaugment, hparams))))
+                steps.append(TorchSeeded(safe_posterize(rand_augment_transform(randaugment, hparams))))
             except (AssertionError, KeyError, ValueError) as error:
                 raise ValueError(
                     f"randaugment: invalid timm RandAugment config {randaugment!r} ({error})"

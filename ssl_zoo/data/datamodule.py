@@ -24,8 +24,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
 
 
 def eval_transform(size: int = 224, resize_ratio: float = 0.875) -> Callable:

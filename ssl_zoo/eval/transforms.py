@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2 as T
 
+from ssl_zoo.augment.views import safe_posterize
 from ssl_zoo.data.datamodule import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 __all__ = [
@@ -74,21 +75,6 @@ def resize_flip_transform(size: int) -> T.Compose:
                       *_to_normalised_tensor()])
 
 
-def _posterize(img, bits_to_keep: int, **_):
-    """timm's posterize for any bit count: 0 bits keeps nothing (a black image), as Pillow < 11 did.
-
-    RandAugment with increasing posterize (``inc1``, BEiT's policy) asks for 0 bits whenever the sampled
-    magnitude reaches its maximum (10); Pillow >= 11 raises ``ValueError`` for that instead.
-    """
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
 def finetune_train_transform(size: int, auto_augment: str | None, re_prob: float) -> Callable:
     """BEiT / DeiT fine-tuning augmentation (timm ``create_transform``): RandomResizedCrop (bicubic), flip,
     RandAugment ``auto_augment``, normalisation and random erasing with probability ``re_prob``."""
@@ -99,8 +85,6 @@ def finetune_train_transform(size: int, auto_augment: str | None, re_prob: float
                                            re_mode="pixel", re_count=1, interpolation="bicubic")
     for step in getattr(transform, "transforms", []):
         if isinstance(step, RandAugment):
-            for op in step.ops:
-                if op.name.startswith("Posterize"):
-                    op.aug_fn = _posterize
+            safe_posterize(step)  # Pillow >= 11 refuses the 0-bit posterize that ``inc1`` asks for
     return transform
 

@@ -1,6 +1,6 @@
 """Backbones (a thin adapter over timm) and heads."""
 
-from ssl_zoo.models.backbones import Backbone, build_backbone, load_state_dict_file
+from ssl_zoo.models.backbones import Backbone, load_state_dict_file
 from ssl_zoo.models.heads import MLPHead, norm_layer_by_name
 
-__all__ = ["Backbone", "MLPHead", "norm_layer_by_name", "build_backbone", "load_state_dict_file"]
+__all__ = ["Backbone", "MLPHead", "norm_layer_by_name", "load_state_dict_file"]

@@ -128,9 +128,7 @@ class Backbone(nn.Module):
     @property
     def embed_dim(self) -> int:
         """Width of the patch embeddings (where a mask token lives): ViT ``D``, Swin first-stage width."""
-        if self.family == "vit":
-            return self.model.embed_dim
-        if self.family == "swin":
+        if self.family in ("vit", "swin"):
             return self.model.embed_dim
         raise ValueError(f"backbone '{self.name}' ({self.family}) has no patch embedding to mask")
 
@@ -164,10 +162,6 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Pooled embedding ``[B, num_features]``."""
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-
-    def pool(self, features: Tensor) -> Tensor:
-        """Pool the output of ``forward_features``/``forward_tokens`` the way timm's head does."""
-        return self.model.forward_head(features, pre_logits=True)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """timm's unpooled features (ResNet ``[B,C,H,W]``, ViT ``[B,1+N,D]``, Swin ``[B,H,W,C]``)."""
@@ -236,7 +230,3 @@ class Backbone(nn.Module):
         tokens = m.norm(m.layers(tokens))  # [B, H, W, C]
         return tokens.permute(0, 3, 1, 2).contiguous()
 
-
-def build_backbone(name: str = "resnet50", **kwargs) -> Backbone:
-    """Functional alias of :class:`Backbone` for configs and scripts."""
-    return Backbone(name, **kwargs)
