@@ -6,6 +6,9 @@ unchanged unless ``--pretrain-args`` adds overrides), then the GAMP multi-label 
 initialised backbone is the baseline. Loss curves are read back from the runs' ``metrics.csv``.
 
     python -m benchmarks.demo_quality --methods bam_ia simsiam --json benchmarks/results/demo_quality.json
+    python -m benchmarks.demo_quality --methods hvp_mtl --curve-keys train/loss_mcls train/loss_cl train/loss_mim \\
+        train/loss_mom --probe-configs experiments/eval/gamp_demo.yaml experiments/eval/linear_demo.yaml \\
+        --probe-args='--model.init_args.backbone vit_tiny_patch16_224' --json benchmarks/results/hvp_mtl_quality.json
 
 Writes the raw JSON; ``benchmarks/RESULTS.md`` quotes it with the command and machine.
 """
@@ -46,9 +49,12 @@ def read_step_curve(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row[key])) for row in csv.DictReader(f) if row.get(key)]
 
 
-def probe(ckpt: str | None, out_dir: Path, probe_config: str, extra: list[str]) -> dict:
-    """Run the probe config on ``ckpt`` (None = random init); return the last record it wrote."""
-    cmd = [sys.executable, "-m", "ssl_zoo", "fit", "--config", probe_config,
+def probe(ckpt: str | None, out_dir: Path, probe_config: str, extra: list[str], subcommand: str = "fit") -> dict:
+    """Run the probe config on ``ckpt`` (None = random init); return the last record it wrote.
+
+    ``subcommand`` is ``fit`` for trained probes (linear, GAMP) and ``validate`` for the kNN probe.
+    """
+    cmd = [sys.executable, "-m", "ssl_zoo", subcommand, "--config", probe_config,
            "--trainer.default_root_dir", str(out_dir), *extra]
     if ckpt:
         cmd += ["--model.init_args.ckpt", ckpt]
@@ -59,13 +65,20 @@ def probe(ckpt: str | None, out_dir: Path, probe_config: str, extra: list[str]) 
     return record
 
 
+def probe_name(config: str) -> str:
+    """``experiments/eval/gamp_demo.yaml`` -> ``gamp_demo``."""
+    return Path(config).stem
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["bam_ia", "simsiam"])
-    parser.add_argument("--probe-config", default="experiments/eval/gamp_demo.yaml")
+    parser.add_argument("--probe-configs", nargs="+", default=["experiments/eval/gamp_demo.yaml"],
+                        help="evaluation configs run on every checkpoint and on the random-init baseline")
     parser.add_argument("--pretrain-args", default="", help="extra CLI overrides for every pre-training run")
     parser.add_argument("--probe-args", default="", help="extra CLI overrides for every probe run")
-    parser.add_argument("--curve-key", default="train/loss_sim", help="loss term whose curve is recorded")
+    parser.add_argument("--curve-keys", nargs="+", default=["train/loss_sim"],
+                        help="logged loss terms whose per-step and per-epoch curves are recorded")
     parser.add_argument("--out", default="benchmarks/runs/demo_quality")
     parser.add_argument("--json", default="benchmarks/results/demo_quality.json")
     args = parser.parse_args()
@@ -76,7 +89,8 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "probe_config": args.probe_config,
+        "probe_configs": args.probe_configs,
+        "probe_args": args.probe_args,
         "pretrain_args": args.pretrain_args,
         "results": {},
     }
@@ -89,25 +103,27 @@ def main() -> None:
     def save() -> None:  # after every stage, so an interrupted run keeps what it measured
         path.write_text(json.dumps(report, indent=1))
 
-    report["results"]["random_init"] = {"probe": probe(None, out / "probe_random", args.probe_config, probe_extra)}
+    def probes(ckpt: str | None, tag: str) -> dict:
+        return {probe_name(config): probe(ckpt, out / f"{probe_name(config)}_{tag}", config, probe_extra)
+                for config in args.probe_configs}
+
+    report["results"]["random_init"] = {"probes": probes(None, "random")}
     save()
     for method in args.methods:
         run_dir = out / method
         seconds = run([sys.executable, "-m", "ssl_zoo", "fit", "--config", f"experiments/{method}/demo.yaml",
                        "--trainer.default_root_dir", str(run_dir), *args.pretrain_args.split()])
         metrics_csv = run_dir / "metrics.csv"
-        entry = {
-            "pretrain_wall_s": round(seconds, 1),
-            "loss_epoch": read_curve(metrics_csv, "train/loss_epoch"),
-            f"{args.curve_key}_epoch": read_curve(metrics_csv, f"{args.curve_key}_epoch"),
-            f"{args.curve_key}_step": read_step_curve(metrics_csv, f"{args.curve_key}_step"),
-        }
-        entry["probe"] = probe(str(run_dir / "checkpoints" / "last.ckpt"), out / f"probe_{method}",
-                               args.probe_config, probe_extra)
+        entry: dict = {"pretrain_wall_s": round(seconds, 1), "loss_epoch": read_curve(metrics_csv, "train/loss_epoch")}
+        for key in args.curve_keys:
+            entry[f"{key}_epoch"] = read_curve(metrics_csv, f"{key}_epoch")
+            entry[f"{key}_step"] = read_step_curve(metrics_csv, f"{key}_step")
+        entry["probes"] = probes(str(run_dir / "checkpoints" / "last.ckpt"), method)
         report["results"][method] = entry
         save()
 
-    print(json.dumps({k: v["probe"].get("metrics") for k, v in report["results"].items()}, indent=1))
+    summary = {k: {name: rec.get("metrics") for name, rec in v["probes"].items()} for k, v in report["results"].items()}
+    print(json.dumps(summary, indent=1))
     print(f"wrote {path}")
 
 

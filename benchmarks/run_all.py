@@ -7,6 +7,12 @@ import sys
 
 BENCHMARKS = [
     ["-m", "benchmarks.demo_quality", "--methods", "bam_ia", "simsiam"],
+    ["-m", "benchmarks.demo_quality", "--methods", "hvp_mtl", "--curve-keys", "train/loss_mcls", "train/loss_cl",
+     "train/loss_mim", "train/loss_mom", "--probe-configs", "experiments/eval/gamp_demo.yaml",
+     "experiments/eval/linear_demo.yaml", "--probe-args=--model.init_args.backbone vit_tiny_patch16_224",
+     "--pretrain-args=--trainer.max_epochs 4 --trainer.limit_train_batches 30",
+     "--json", "benchmarks/results/hvp_mtl_quality.json"],
+    ["-m", "benchmarks.mpcl_ablation"],
     ["-m", "benchmarks.mvp_teacher_share", "--fit"],
 ]
 
