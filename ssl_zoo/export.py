@@ -217,10 +217,10 @@ def export_checkpoint(
 
 def _hint(model_name: str, to: str, out: Path) -> str:
     if to == "timm":
-        return f"timm.create_model('{model_name}', num_classes=0).load_state_dict(torch.load('{out}'))"
+        return f"timm.create_model('{model_name}', num_classes=0).load_state_dict(torch.load('{out}', weights_only=True))"
     if to == "torchvision":
         tv = model_name if model_name in _TORCHVISION_RESNETS else _TORCHVISION_VITS.get(model_name, "VisionTransformer(...)")
-        return f"torchvision.models.{tv}().load_state_dict(torch.load('{out}'), strict=False)  # all but the classifier"
+        return f"torchvision.models.{tv}().load_state_dict(torch.load('{out}', weights_only=True), strict=False)  # all but the classifier"
     return f"MODEL.WEIGHTS {out} (detectron2)"
 
 

@@ -15,7 +15,6 @@ checkpoint can never run code on the machine that evaluates it:
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ssl_zoo.models.backbones import Backbone
+from ssl_zoo.utils.safe_load import UnsafeCheckpointError, read_checkpoint
 
 __all__ = [
     "STUDENT_PREFIX",
@@ -40,40 +40,6 @@ __all__ = [
 
 STUDENT_PREFIX = "backbone.model."
 TEACHER_PREFIX = "teacher_backbone.model."
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The file holds pickled Python objects other than tensors and plain containers; it was not loaded."""
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint without executing code: ``torch.load(weights_only=True)`` or safetensors.
-
-    Raises:
-        FileNotFoundError: no such file.
-        UnsafeCheckpointError: the pickle references anything beyond tensors and plain Python
-            containers (a ``__reduce__`` payload, a class instance), so loading it could run code.
-        ValueError: the file does not hold a dict.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return dict(load_file(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeCheckpointError(
-            f"refusing to load '{path}': it holds pickled Python objects other than tensors and plain "
-            f"containers, and unpickling them could run arbitrary code (torch.load weights_only=True: "
-            f"{reason}). Re-save the weights as a plain state dict (torch.save(model.state_dict(), f))."
-        ) from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
 
 
 @dataclass

@@ -16,11 +16,12 @@ Only timm's public API and documented module attributes are used. Nothing is eve
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import timm
-import torch
 from torch import Tensor, nn
+
+from ssl_zoo.utils.safe_load import read_checkpoint
 
 Family = Literal["resnet", "vit", "swin"]
 
@@ -62,16 +63,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         raise FileNotFoundError(
             f"checkpoint file '{path}' does not exist (ssl_zoo never downloads weights: give a local path)"
         )
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj: Any = read_checkpoint(path)
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint file '{path}' does not hold a state dict (found {type(obj).__name__})")
     return obj
 
 
