@@ -12,13 +12,15 @@ ARGS ?=
 DEMO ?= data/demo
 CKPT ?=
 SWEEP ?=
+COUNT ?=
+LOCAL ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install demo-data pretrain linear gamp finetune knn sweep bench lint test test-fast test-ddp clean
 
 help:
 	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
-	@echo "make test | test-fast | test-ddp | lint | bench | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=..."
+	@echo "make test | test-fast | test-ddp | lint | bench | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
 
 # torch/torchvision are pinned and installed first (they come from local wheels where the machine has them);
 # constraints.txt pins the rest of the resolved environment for reproducible installs.
@@ -51,9 +53,13 @@ finetune: $(STAMP) $(DEMO)/.complete
 knn: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo validate --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/knn_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
 
+# wandb sweep + wandb agent when wandb is online; offline or LOCAL=1: the same file runs here, one trial after
+# another, each an offline wandb run (summary in runs/sweeps/<name>/<stamp>/). COUNT=N caps the trials,
+# ARGS='...' is appended to every trial's command (e.g. a shorter schedule).
 sweep: $(STAMP) $(DEMO)/.complete
 	@test -n "$(SWEEP)" || { echo "error: give SWEEP=experiments/sweeps/<file>.yaml" >&2; exit 2; }
-	$(PYTHON) -m ssl_zoo.sweep $(SWEEP) $(if $(LOCAL),--local,)
+	@test -f "$(SWEEP)" || { echo "error: sweep file '$(SWEEP)' not found; see experiments/sweeps/" >&2; exit 2; }
+	$(PYTHON) -m ssl_zoo.sweep $(SWEEP) $(if $(LOCAL),--local,) $(if $(COUNT),--count $(COUNT),) $(if $(ARGS),-- $(ARGS),)
 
 bench: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.run_all

@@ -9,6 +9,7 @@ and append their final metrics to ``eval.json`` in the pre-training run director
 
 from ssl_zoo.eval.checkpoint import UnsafeCheckpointError, describe_state_dict, load_backbone, read_checkpoint
 from ssl_zoo.eval.features import embed, extract_features
+from ssl_zoo.eval.final_probe import FinalKNNProbe
 from ssl_zoo.eval.finetune import FineTune
 from ssl_zoo.eval.knn import KNNMonitor, KNNProbe, knn_evaluate, knn_predict
 from ssl_zoo.eval.linear import LinearProbe, MultiLabelLinearProbe
@@ -20,6 +21,7 @@ from ssl_zoo.eval.results import append_eval_record, read_eval_records, results_
 __all__ = [
     "LARS",
     "FeaturePooling",
+    "FinalKNNProbe",
     "FineTune",
     "KNNMonitor",
     "KNNProbe",

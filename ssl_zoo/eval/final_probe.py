@@ -1,0 +1,147 @@
+"""The end-of-run probe: one weighted kNN vote on the pre-trained backbone when ``fit`` ends.
+
+This is the number a hyperparameter sweep optimises (``experiments/sweeps/``): a pre-training run cannot be
+compared by its own loss across loss weights (changing lambda changes the loss), but the quality of its
+frozen features can. Add it to any pre-training run from the command line, as the sweep files do::
+
+    python -m ssl_zoo fit --config experiments/mvp/demo.yaml --trainer.callbacks+=ssl_zoo.eval.FinalKNNProbe
+
+The vote is :func:`~ssl_zoo.eval.knn.knn_predict` (InstDisc §3.4, DINO §4.1) on the data module's labelled
+splits; the metrics are those of :class:`~ssl_zoo.eval.knn.KNNProbe`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, extract_features
+from ssl_zoo.eval.knn import knn_predict
+from ssl_zoo.eval.metrics import multilabel_metrics
+from ssl_zoo.eval.module import single_label_metrics
+from ssl_zoo.eval.results import RESULTS_FILE, append_eval_record, make_eval_record
+from ssl_zoo.eval.transforms import center_crop_transform, resize_transform
+
+__all__ = ["FinalKNNProbe", "METRIC_PREFIX"]
+
+#: Logged names are ``probe/knn_<metric>``: ``top1``/``top5`` on single-label data, ``mAP``, ``CP`` ...
+#: ``OF1`` (:func:`~ssl_zoo.eval.metrics.multilabel_metrics`) on multi-label data.
+METRIC_PREFIX = "probe/knn_"
+
+
+def evenly_spaced_subset(dataset: Dataset, cap: int | None) -> Dataset:
+    """At most ``cap`` samples, evenly spaced over the dataset (every class of a sorted folder tree stays in)."""
+    if cap is None or cap >= len(dataset):
+        return dataset
+    return Subset(dataset, torch.linspace(0, len(dataset) - 1, cap).long().tolist())
+
+
+class FinalKNNProbe(Callback):
+    """Weighted kNN accuracy of ``pl_module.backbone``, once, when training ends (``on_train_end``).
+
+    The training split (deterministic evaluation transform) is the bank and the validation split votes, both
+    through the data module's ``labelled_dataset``. The metrics go to every logger of the trainer under
+    ``probe/knn_<metric>`` (the CSV log and the wandb run, whose summary keeps the value a sweep reads), into
+    ``trainer.callback_metrics``, and as a record of ``eval.json`` in the run directory. Runs on global rank 0
+    only, on detached features under ``torch.no_grad``. Without labelled splits or labels it warns and logs
+    nothing. Under ``fast_dev_run`` it uses one batch of each split and writes no ``eval.json``.
+
+    Args:
+        k, temperature: vote parameters (DINO's 20 and 0.07).
+        pooling: feature pooling (see :func:`~ssl_zoo.eval.features.embed`).
+        img_size: evaluation resolution; ``None`` = the method's ``img_size`` hyperparameter (a ViT built for
+            one size cannot take another), else the data module's ``eval_size``.
+        max_train_samples, max_val_samples: caps on the bank and the queries (evenly spaced subsets), so that
+            at ImageNet scale the probe costs minutes, not an epoch; ``None`` = the whole split.
+    """
+
+    def __init__(
+        self,
+        k: int = 20,
+        temperature: float = 0.07,
+        pooling: FeaturePoolingName = "backbone",
+        img_size: int | None = None,
+        max_train_samples: int | None = 50000,
+        max_val_samples: int | None = 10000,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"FinalKNNProbe: k must be >= 1, got {k}")
+        if temperature <= 0:
+            raise ValueError(f"FinalKNNProbe: temperature must be > 0, got {temperature}")
+        for name, cap in (("max_train_samples", max_train_samples), ("max_val_samples", max_val_samples)):
+            if cap is not None and cap < 1:
+                raise ValueError(f"FinalKNNProbe: {name} must be >= 1 or None, got {cap}")
+        check_pooling(pooling, "FinalKNNProbe.pooling")
+        self.k = k
+        self.temperature = temperature
+        self.pooling = pooling
+        self.img_size = img_size
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+
+    def _eval_size(self, pl_module: LightningModule, datamodule) -> int:
+        if self.img_size is not None:
+            return self.img_size
+        return int(pl_module.hparams.get("img_size") or getattr(datamodule, "eval_size", 224))
+
+    def _loader(self, datamodule, split: str, transform, cap: int | None) -> DataLoader:
+        dataset = evenly_spaced_subset(datamodule.labelled_dataset(split, transform=transform), cap)
+        return DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+
+    @torch.no_grad()
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        backbone = getattr(pl_module, "backbone", None)
+        if datamodule is None or not hasattr(datamodule, "labelled_dataset") or backbone is None:
+            warnings.warn("FinalKNNProbe skipped: it needs an ssl_zoo data module (labelled_dataset) and a "
+                          "LightningModule with a .backbone", stacklevel=2)
+            return
+        start = time.perf_counter()
+        size = self._eval_size(pl_module, datamodule)
+        multilabel = bool(getattr(datamodule, "multilabel", False))
+        # Multi-label images are resized whole (no object cut off), single-label ones centre-cropped: the
+        # evaluation transforms of KNNProbe.
+        transform = resize_transform(size) if multilabel else center_crop_transform(size)
+        train_cap, val_cap = self.max_train_samples, self.max_val_samples
+        if trainer.fast_dev_run:
+            train_cap = val_cap = datamodule.batch_size
+        with trainer.precision_plugin.forward_context():
+            bank, bank_targets = extract_features(
+                backbone, self._loader(datamodule, "train", transform, train_cap), self.pooling)
+            if bank_targets.dim() == 2 and not bank_targets.any():
+                warnings.warn("FinalKNNProbe skipped: the training split has no labels", stacklevel=2)
+                return
+            feats, targets = extract_features(
+                backbone, self._loader(datamodule, "val", transform, val_cap), self.pooling)
+        if bank_targets.dim() == 2:
+            scores = knn_predict(feats, bank, bank_targets, k=self.k, temperature=self.temperature)
+            metrics = multilabel_metrics(scores, targets)
+        else:
+            num_classes = int(max(bank_targets.max().item(), targets.max().item()) + 1)
+            scores = knn_predict(feats, bank, bank_targets, num_classes, self.k, self.temperature)
+            metrics = single_label_metrics(scores, targets)
+
+        logged = {f"{METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in logged.items()})
+        summary = ", ".join(f"{name} {value:.2f}" for name, value in metrics.items())
+        rank_zero_info(f"kNN probe at the end of training ({bank.shape[0]} bank, {feats.shape[0]} queries, "
+                       f"{size} px, {time.perf_counter() - start:.1f} s): {summary}")
+        if trainer.fast_dev_run or not trainer.default_root_dir:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        settings = {"k": self.k, "temperature": self.temperature, "pooling": self.pooling, "img_size": size,
+                    "bank_size": bank.shape[0], "num_queries": feats.shape[0]}
+        append_eval_record(run_dir / RESULTS_FILE, make_eval_record(
+            None, "knn_end_of_pretraining", metrics, settings, epoch=trainer.current_epoch,
+            pretraining={"method": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                         "run_dir": str(run_dir.resolve())}))
