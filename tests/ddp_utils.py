@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["run_distributed"]
+__all__ = ["ddp_average_step", "named_gradients", "run_distributed"]
 
 
 def _free_port() -> int:
@@ -83,18 +84,38 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) 
         ]
 
 
-def ddp_average_step(model: torch.nn.Module, batch: dict, rank: int, world_size: int) -> dict:
-    """Run ``model.training_step`` on this rank's shard of ``batch`` and average like DDP does.
+class _TrainingStepModule(torch.nn.Module):
+    """What Lightning's DDP strategy wraps: a module whose ``forward(batch)`` is ``training_step``."""
 
-    The batch's tensors are split along dim 0 into ``world_size`` equal shards. Returns the loss and the
-    flattened gradients of the trainable parameters, both averaged over ranks (DDP averages gradients;
-    the mean loss is what a synced log shows), for comparison with one process on the whole batch.
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.module.training_step(batch, 0)
+
+
+def named_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients of every trainable parameter by name; a trainable parameter without one is an error
+    (DDP would then never reduce its bucket)."""
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise AssertionError(f"trainable parameters received no gradient: {missing}")
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ddp_average_step(model: torch.nn.Module, batch: dict, rank: int, world_size: int) -> dict:
+    """One ``model.training_step`` on this rank's shard of ``batch`` inside ``DistributedDataParallel``.
+
+    The batch's tensors are split along dim 0 into ``world_size`` equal shards. DDP broadcasts rank 0's
+    parameters and buffers, then averages the gradients over ranks during ``backward``, as in a
+    ``strategy: ddp`` run. Returns the mean of the ranks' losses (what a synced log shows) and the averaged
+    gradients by parameter name, for comparison with one process on the whole batch.
     """
     local = {k: v.chunk(world_size)[rank] for k, v in batch.items()}
-    loss = model.training_step(local, 0)
+    ddp_model = DistributedDataParallel(_TrainingStepModule(model))  # must outlive backward: it owns the hooks
+    loss = ddp_model(local)
     loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    dist.all_reduce(grads)
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    return {"loss": mean_loss / world_size, "grads": grads / world_size}
+    return {"loss": mean_loss / world_size, "grads": named_gradients(model)}

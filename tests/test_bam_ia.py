@@ -1,10 +1,9 @@
-"""BAM + IA-CLoss method: the loss composition, the SimSiam switch, DDP equivalence, gradients."""
+"""BAM + IA-CLoss method: the loss composition, the SimSiam switch, gradients (DDP: tests/test_distributed.py)."""
 
 import pytest
 import torch
 
 from ssl_zoo.methods import BAMIA
-from tests.ddp_utils import ddp_average_step, run_distributed
 
 TINY = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 32}, img_size=32,
             proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8, head_norm="layer")
@@ -68,21 +67,3 @@ def test_stop_gradient_and_every_parameter_trained():
     m.training_step(_batch(2), 0).backward()
     no_grad = [n for n, p in m.named_parameters() if p.grad is None]
     assert not no_grad, no_grad
-
-
-def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
-    model = _model()
-    return ddp_average_step(model, batch, rank, world_size)
-
-
-@pytest.mark.distributed
-def test_ddp_two_processes_match_one_process_on_the_concatenated_batch():
-    batch = _batch(4)
-    single = _model()
-    loss = single.training_step(batch, 0)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in single.parameters()])
-    results = run_distributed(_ddp_step, world_size=2, batch=batch)
-    for r in results:
-        torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(r["grads"], grads, rtol=1e-4, atol=1e-6)

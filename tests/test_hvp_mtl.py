@@ -1,8 +1,8 @@
 """HVP-MTL: Query2Label head, every loss term against a float64 brute force, the leave-one-out switches, the EMA
-teacher, 2-process DDP equivalence, the demo config through the CLI and every config under experiments/hvp_mtl.
+teacher, the demo config through the CLI and every config under experiments/hvp_mtl.
 
 Models are tiny (2-block ViT-Tiny at 32 px = 2 x 2 patches, 16-wide decoder, 7 prototypes, LayerNorm heads, no
-dropout), so the file runs in well under a minute on 2 CPU cores and a split batch has no batch statistics.
+dropout), so the file runs in well under a minute on 2 CPU cores. DDP equivalence: tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from ssl_zoo.methods import HVPMTL
 from ssl_zoo.methods import hvp_mtl as hvp_module
 from ssl_zoo.models.query2label import GroupWiseLinear, Query2LabelDecoder, sine_position_embedding_2d
-from tests.ddp_utils import ddp_average_step, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments" / "hvp_mtl"
@@ -387,25 +386,6 @@ def test_train_transform_masks_the_patch_grid():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     out = _model(perturb_teacher=False).train_transform()(img)
     assert out["views"].shape == (2, 3, S, S) and out["mask"].shape == (2, 2) and out["mask"].sum() == 3
-
-
-# ---------------------------------------------------------------------- DDP
-def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
-    model = _model()
-    model.log = _LogRecorder()
-    return ddp_average_step(model, batch, rank, world_size)
-
-
-@pytest.mark.distributed
-def test_ddp_two_processes_match_one_process_on_the_concatenated_batch():
-    batch = _batch(4)
-    single = _model()
-    loss, _ = _step(single, batch)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in single.parameters() if p.requires_grad])
-    for r in run_distributed(_ddp_step, world_size=2, batch=batch):
-        torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(r["grads"], grads, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- configs and the CLI

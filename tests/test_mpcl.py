@@ -1,9 +1,8 @@
 """MPCL / MoCo v2 / MoCo v3: loss wiring against brute force, per-projector queues, PTB state, momentum
-encoder, 2-process DDP equivalence, and every config under experiments/{mpcl,mocov2,mocov3}.
+encoder, and every config under experiments/{mpcl,mocov2,mocov3}.
 
 Models are tiny (2-block ViT-Tiny at 32 px = 4 patches, small heads) so the whole file runs in well under a
-minute on 2 CPU cores. ViT backbones with LayerNorm / norm-free heads have no batch statistics, so a
-split batch must give exactly the single-process result.
+minute on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import yaml
 
 from ssl_zoo.methods import MPCL
 from ssl_zoo.methods.mpcl import batch_shuffle, batch_unshuffle
-from ssl_zoo.utils import distributed as D
-from tests.ddp_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -280,63 +277,6 @@ def test_batch_shuffle_is_identity_on_one_process():
     x = torch.randn(5, 3)
     shuffled, unshuffle = batch_shuffle(x)
     assert unshuffle is None and torch.equal(shuffled, x) and torch.equal(batch_unshuffle(x, None), x)
-
-
-# ---------------------------------------------------------------------- DDP equivalence
-WORLD = 2
-B_LOCAL = 3
-
-
-def _step(model: MPCL, batch: dict[str, torch.Tensor]) -> dict:
-    loss = model.training_step(batch, 0)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    out = {"loss": loss.detach().clone(), "grads": grads,
-           "ptb_correct": model.ptb_correct.clone(), "ptb_count": model.ptb_count.clone()}
-    if model.queues is not None:
-        out["queues"] = [q.keys.clone() for q in model.queues]
-    if D.is_distributed():  # what DDP does: mean of the losses (logging), mean of the gradients
-        out["loss"] = D.all_reduce_sum(out["loss"]) / D.world_size()
-        out["grads"] = {n: D.all_reduce_sum(g) / D.world_size() for n, g in grads.items()}
-    return out
-
-
-def _ddp_worker(rank: int, world_size: int, batch: dict[str, torch.Tensor]) -> dict:
-    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-    local = {k: v[rows] for k, v in batch.items()}
-    out = {flavour: _step(_tiny(flavour, shuffle_bn=True), local) for flavour in ("mocov3", "mocov2")}
-    # Shuffled BN: the slices of all ranks form a permutation of the global batch, and unshuffling
-    # restores each rank's own rows.
-    x = torch.arange(world_size * 4, dtype=torch.float32).reshape(-1, 1)[rank * 4 : (rank + 1) * 4]
-    shuffled, unshuffle = batch_shuffle(x)
-    out["shuffled_all"] = D.gather_no_grad(shuffled)
-    out["unshuffled"] = batch_unshuffle(shuffled, unshuffle)
-    out["x"] = x
-    return out
-
-
-@pytest.mark.distributed
-def test_ddp_two_processes_match_one_process_on_concatenated_batch():
-    batch = _batch(WORLD * B_LOCAL, seed=5)
-    results = run_distributed(_ddp_worker, world_size=WORLD, batch=batch)
-    for flavour in ("mocov3", "mocov2"):
-        ref = _step(_tiny(flavour, shuffle_bn=True), batch)
-        for r in range(WORLD):
-            got = results[r][flavour]
-            torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
-            assert got["grads"].keys() == ref["grads"].keys()
-            for name, g in ref["grads"].items():
-                torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
-            # PTB accumulators hold global counts on every rank
-            torch.testing.assert_close(got["ptb_correct"], ref["ptb_correct"])
-            assert got["ptb_count"].item() == WORLD * B_LOCAL
-            if flavour == "mocov2":  # keys of both ranks, in rank order, in every projector's queue
-                for q_got, q_ref in zip(got["queues"], ref["queues"], strict=True):
-                    torch.testing.assert_close(q_got, q_ref, rtol=1e-5, atol=1e-6)
-    assert sorted(results[0]["shuffled_all"].flatten().tolist()) == list(range(WORLD * 4))
-    torch.testing.assert_close(results[0]["shuffled_all"], results[1]["shuffled_all"])
-    for r in range(WORLD):
-        torch.testing.assert_close(results[r]["unshuffled"], results[r]["x"])
 
 
 # ---------------------------------------------------------------------- configs

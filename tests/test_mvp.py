@@ -1,4 +1,4 @@
-"""MVP: CLIP target extraction, checkpoint loading, masking, frozen teacher, loss wiring, DDP, CLI demo."""
+"""MVP: CLIP target extraction, checkpoint loading, masking, frozen teacher, loss wiring, CLI demo (DDP: tests/test_distributed.py)."""
 
 import warnings
 from pathlib import Path
@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 from ssl_zoo.methods import MVP
 from ssl_zoo.models import Backbone
 from ssl_zoo.models.teachers import CLIPTeacher, TimmTeacher
-from tests.ddp_utils import ddp_average_step, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 32  # image side: a 2 x 2 patch grid for both the student and the teacher (16 px patches)
@@ -248,25 +247,6 @@ def test_train_transform_matches_the_student_grid():
     sample = _model().train_transform()(Image.new("RGB", (48, 40), (120, 30, 200)))
     assert sample["views"].shape == sample["teacher_views"].shape == (1, 3, S, S)
     assert sample["mask"].shape == (2, 2) and sample["mask"].sum() == 2
-
-
-# ---------------------------------------------------------------------------------------- DDP
-def _ddp_step(rank: int, world_size: int, batch: dict) -> dict:
-    model = _model()
-    return ddp_average_step(model, batch, rank, world_size)
-
-
-@pytest.mark.distributed
-def test_ddp_two_processes_match_one_process_on_the_concatenated_batch():
-    batch = _batch(4)
-    single = _model()
-    loss = single.training_step(batch, 0)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in single.parameters() if p.requires_grad])
-    results = run_distributed(_ddp_step, world_size=2, batch=batch)
-    for r in results:
-        torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(r["grads"], grads, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- configs

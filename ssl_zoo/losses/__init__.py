@@ -1,9 +1,10 @@
 """Losses of the four methods: small ``nn.Module`` wrappers around module-level pure functions.
 
-Every loss accepts float32 or bfloat16 inputs and reduces in float32. Losses that need the global
-batch (:class:`ImageAwareContrastiveLoss`, :class:`SupConLoss`, :func:`sinkhorn_knopp`,
-:func:`moco_v3_info_nce`, :class:`KeyQueue`) gather across ranks themselves and do nothing extra
-on one process.
+Every loss accepts float32 or bfloat16 inputs and computes in float32, also under ``torch.autocast``
+(``precision: bf16-mixed``; see :mod:`ssl_zoo.losses.precision`). Losses that need the global batch
+(:class:`ImageAwareContrastiveLoss`, :class:`SupConLoss`, :func:`sinkhorn_knopp`,
+:func:`moco_v3_info_nce`, :class:`KeyQueue`) gather across ranks themselves and do nothing extra on
+one process.
 """
 
 from ssl_zoo.losses.asl import WeightedAsymmetricLoss, weighted_asymmetric_loss

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ssl_zoo.losses.precision import float32_math
+
 __all__ = ["WeightedAsymmetricLoss", "weighted_asymmetric_loss"]
 
 
+@float32_math
 def weighted_asymmetric_loss(
     logits: Tensor,
     targets: Tensor,

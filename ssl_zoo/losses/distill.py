@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_zoo.losses.precision import float32_math
+
 __all__ = ["SymmetricKLDivergence", "symmetric_kl_divergence"]
 
 
+@float32_math
 def symmetric_kl_divergence(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:

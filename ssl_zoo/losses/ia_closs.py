@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.utils.distributed import gather, gather_no_grad, rank, world_size
 
 __all__ = [
@@ -74,6 +75,7 @@ def _pairwise_logits(
     return logits, self_mask, pos_mask, n_valid, scale
 
 
+@float32_math
 def image_aware_contrastive_loss(
     z: Tensor, image_ids: Tensor, temperature: float = 0.1, gather_distributed: bool = True
 ) -> Tensor:
@@ -108,6 +110,7 @@ def image_aware_contrastive_loss(
     return losses.sum() * scale / n_valid.clamp(min=1)
 
 
+@float32_math
 def supervised_contrastive_loss(
     z: Tensor, labels: Tensor, temperature: float = 0.1, gather_distributed: bool = True
 ) -> Tensor:

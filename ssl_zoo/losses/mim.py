@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ssl_zoo.losses.precision import float32_math
+
 __all__ = ["masked_l1_loss"]
 
 
+@float32_math
 def masked_l1_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """L1 reconstruction error on masked pixels only (HVP-MTL Eq. 4, SimMIM Eq. 1).
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.utils.distributed import gather_no_grad, rank, world_size
 
 __all__ = ["KeyQueue", "MoCoV2Loss", "MoCoV3Loss", "moco_v2_info_nce", "moco_v3_info_nce"]
@@ -46,6 +47,7 @@ class KeyQueue(nn.Module):
         """Number of keys the queue holds."""
         return self.keys.shape[0]
 
+    @float32_math
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
         """Gather ``keys [B, dim]`` from all ranks, then overwrite the oldest entries with them.
@@ -71,6 +73,7 @@ class KeyQueue(nn.Module):
         return f"dim={self.keys.shape[1]}, size={self.size}"
 
 
+@float32_math
 def moco_v2_info_nce(
     q: Tensor, k: Tensor, queue_keys: Tensor, temperature: float = 0.2
 ) -> tuple[Tensor, Tensor]:
@@ -113,6 +116,7 @@ def moco_v2_info_nce(
     return loss, acc
 
 
+@float32_math
 def moco_v3_info_nce(
     q: Tensor, k: Tensor, temperature: float = 0.2, gather_distributed: bool = True
 ) -> tuple[Tensor, Tensor]:

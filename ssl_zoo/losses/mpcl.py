@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_zoo.losses.precision import float32_math
+
 __all__ = ["mpcl_total_loss", "projector_contrastive_regularization", "ptb_weights"]
 
 
+@float32_math
 def projector_contrastive_regularization(z: Tensor) -> Tensor:
     """Projector contrastive regularisation (MPCL Eq. 2), one value per projector.
 
@@ -32,6 +35,7 @@ def projector_contrastive_regularization(z: Tensor) -> Tensor:
     return per_sample.mean(dim=0)
 
 
+@float32_math
 def ptb_weights(acc: Tensor, epsilon: float = 0.5) -> Tensor:
     """Performance-based task balancing weights (MPCL Eq. 3): ``softmax((1 - acc) / epsilon)``.
 
@@ -55,6 +59,7 @@ def ptb_weights(acc: Tensor, epsilon: float = 0.5) -> Tensor:
     return torch.softmax((1.0 - acc) / epsilon, dim=0)
 
 
+@float32_math
 def mpcl_total_loss(losses: Tensor, pcr: Tensor, weights: Tensor, lam: float = 0.01) -> Tensor:
     """MPCL objective (Eq. 4): ``(1/Mp) * sum_m (weights_m * losses_m + lam * pcr_m)``.
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_zoo.losses.precision import float32_math
+
 __all__ = ["mvp_alignment_loss"]
 
 
+@float32_math
 def mvp_alignment_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """Negative mean token-wise cosine similarity between predicted and teacher features (MVP Eq. 9).
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.utils.distributed import all_reduce_max, all_reduce_sum, world_size
 
 __all__ = ["SwappedPredictionLoss", "sinkhorn_knopp", "swapped_prediction_loss"]
@@ -24,6 +25,7 @@ def _global_logsumexp_rows(log_q: Tensor) -> Tensor:
     return row_max + row_sum.log()
 
 
+@float32_math
 @torch.no_grad()
 def sinkhorn_knopp(
     scores: Tensor, epsilon: float = 0.05, iterations: int = 3, clamp_max: float | None = 10.0
@@ -73,6 +75,7 @@ def sinkhorn_knopp(
     return (log_q + log_b).exp().T  # [B, K], Q * B: each sample's codes sum to 1
 
 
+@float32_math
 def swapped_prediction_loss(
     scores_a: Tensor, scores_b: Tensor, codes_a: Tensor, codes_b: Tensor, temperature: float = 0.1
 ) -> Tensor:

@@ -24,6 +24,7 @@ from torch import Tensor
 from ssl_zoo.augment import BlockwiseAugmentation, shuffle_pairs
 from ssl_zoo.losses import ImageAwareContrastiveLoss, SupConLoss
 from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
+from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
 
 
@@ -51,6 +52,9 @@ class BAMIA(LightningModule):
         momentum, weight_decay: SGD settings (0.9, 1e-4).
         fix_predictor_lr: keep the predictor at the initial lr while the rest decays (SimSiam §4.2).
         warmup_epochs: linear warmup before the cosine decay (0 in the papers).
+        compile: ``torch.compile`` the backbone's blocks (regional compilation, see
+            :mod:`ssl_zoo.models.acceleration`); off by default, compiling takes minutes on a CPU.
+        channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
     """
 
     def __init__(
@@ -74,6 +78,8 @@ class BAMIA(LightningModule):
         weight_decay: float = 1e-4,
         fix_predictor_lr: bool = True,
         warmup_epochs: int = 0,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= overlap <= 0.5:
@@ -94,13 +100,26 @@ class BAMIA(LightningModule):
             "none": None,
         }[ia_loss]
 
-    # ------------------------------------------------------------------ data hook
+    # ------------------------------------------------------------------ data hooks
+    def min_batch_size(self) -> tuple[int, str]:
+        """Smallest per-process batch and why (checked by the data module before training)."""
+        # The heads see P = B * V/2 pairs per forward: 4B with BAM, only B for SimSiam's two views, and
+        # BatchNorm cannot normalise a single sample.
+        if self.hparams.head_norm == "batch" and not self.hparams.bam:
+            return 2, ("the projector and predictor normalise with BatchNorm over the batch; "
+                       "or set model.init_args.head_norm: layer")
+        return 1, ""
+
     def train_transform(self) -> BlockwiseAugmentation:
         """One image -> 8 views (4 blocks x 2) with BAM, or SimSiam's 2 views without."""
         return BlockwiseAugmentation(size=self.hparams.img_size, overlap=self.hparams.overlap,
                                      min_scale=self.hparams.min_scale, bam=self.hparams.bam)
 
     # ------------------------------------------------------------------ training
+    def configure_model(self) -> None:
+        """Lightning hook, run before the strategy wraps the model: the optional backbone speed-ups."""
+        accelerate_backbones(self, compile=self.hparams.compile, channels_last=self.hparams.channels_last)
+
     def forward(self, x: Tensor) -> Tensor:
         """Pooled backbone features ``[B, D]`` (what downstream evaluation uses)."""
         return self.backbone(x)
@@ -116,6 +135,8 @@ class BAMIA(LightningModule):
         p1, p2 = self.predictor(z1), self.predictor(z2)
 
         # L_sim: symmetric negative cosine with stop-gradient on the target branch (SimSiam Eq. 3-4).
+        # Cosines in float32: under bf16 autocast the heads return bfloat16 (8-bit mantissa).
+        p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
         loss_sim = 0.5 * (self.similarity_loss(p1, z2.detach()) + self.similarity_loss(p2, z1.detach()))
         loss = loss_sim
         batch_size = batch["views"].shape[0]

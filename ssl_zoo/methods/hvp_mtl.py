@@ -56,7 +56,9 @@ from ssl_zoo.losses import (
     sinkhorn_knopp,
     symmetric_kl_divergence,
 )
+from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
+from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.query2label import Query2LabelDecoder
 from ssl_zoo.utils.ema import init_teacher, update_ema
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
@@ -66,6 +68,7 @@ __all__ = ["HVPMTL", "label_similarity"]
 TASKS = ("mcls", "cl", "mim", "mom")
 
 
+@float32_math
 def label_similarity(g: Tensor, label_embeddings: Tensor) -> Tensor:
     """S(g, Q0) of HVP-MTL Eq. 6: cosine similarity of each image embedding with each label embedding.
 
@@ -74,9 +77,10 @@ def label_similarity(g: Tensor, label_embeddings: Tensor) -> Tensor:
         label_embeddings: ``[C, d]``, the decoder's label queries Q0.
 
     Returns:
-        ``[B, C]`` cosines in ``[-1, 1]``.
+        ``[B, C]`` float32 cosines in ``[-1, 1]``; computed in float32 also under bf16 autocast, since
+        they are divided by the distillation temperature before the softmax of Eq. 6.
     """
-    return F.normalize(g, dim=-1) @ F.normalize(label_embeddings, dim=-1).T  # [B, C]
+    return F.normalize(g.float(), dim=-1) @ F.normalize(label_embeddings.float(), dim=-1).T  # [B, C]
 
 
 class HVPMTL(LightningModule):
@@ -112,6 +116,9 @@ class HVPMTL(LightningModule):
         betas: AdamW betas.
         warmup_epochs: linear warmup to the peak lr (5), then cosine decay.
         final_lr_ratio: lr at the end of the cosine as a fraction of the peak (1e-3: 1e-4 -> 1e-7).
+        compile: ``torch.compile`` the backbone's blocks (regional compilation, see
+            :mod:`ssl_zoo.models.acceleration`); off by default, compiling takes minutes on a CPU.
+        channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
     """
 
     def __init__(
@@ -157,6 +164,8 @@ class HVPMTL(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: int = 5,
         final_lr_ratio: float = 1e-3,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         alphas = {"mcls": alpha_mcls, "cl": alpha_cl, "mim": alpha_mim, "mom": alpha_mom}
@@ -257,6 +266,10 @@ class HVPMTL(LightningModule):
         if data_classes != self.hparams.num_classes:
             raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {data_classes} "
                              f"classes: set model.init_args.num_classes: {data_classes}")
+
+    def configure_model(self) -> None:
+        """Lightning hook, run before the strategy wraps the model: the optional backbone speed-ups."""
+        accelerate_backbones(self, compile=self.hparams.compile, channels_last=self.hparams.channels_last)
 
     # ------------------------------------------------------------------ student / teacher pieces
     def forward(self, x: Tensor) -> Tensor:

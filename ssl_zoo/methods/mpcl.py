@@ -43,6 +43,7 @@ from ssl_zoo.losses import (
     ptb_weights,
 )
 from ssl_zoo.models import Backbone, MLPHead
+from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.heads import NORM_LAYERS, norm_layer_by_name
 from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
 from ssl_zoo.utils.ema import cosine_schedule, init_teacher, update_ema
@@ -171,6 +172,9 @@ class MPCL(LightningModule):
             parameter, as MoCo v3; LARS excludes biases and norms).
         sgd_momentum: momentum of SGD and LARS (0.9).
         warmup_epochs: linear lr warmup before the cosine decay (mocov2: 0, mocov3: 40).
+        compile: ``torch.compile`` the backbone's blocks (regional compilation, see
+            :mod:`ssl_zoo.models.acceleration`); off by default, compiling takes minutes on a CPU.
+        channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
     """
 
     def __init__(
@@ -201,6 +205,8 @@ class MPCL(LightningModule):
         weight_decay: float | None = None,
         sgd_momentum: float = 0.9,
         warmup_epochs: int | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if flavour not in FLAVOUR_DEFAULTS:
@@ -274,13 +280,24 @@ class MPCL(LightningModule):
         self.register_buffer("ptb_count", torch.zeros(()))  # queries this epoch (per projector)
         self._total_steps: int | None = None
 
-    # ------------------------------------------------------------------ data hook
+    # ------------------------------------------------------------------ data hooks
+    def min_batch_size(self) -> tuple[int, str]:
+        """Smallest per-process batch and why (checked by the data module before training)."""
+        if self.hparams.head_norm == "batch":  # BatchNorm cannot normalise a single sample
+            return 2, ("the projectors normalise with BatchNorm over the batch; "
+                       "or set model.init_args.head_norm: layer")
+        return 1, ""
+
     def train_transform(self) -> TwoViewTransform:
         """One image -> the two MoCo v2 / MoCo v3 views, ``{"views": [2, 3, S, S]}``."""
         make = mocov2_transform if self.hparams.flavour == "mocov2" else mocov3_transform
         return make(self.hparams.img_size)
 
     # ------------------------------------------------------------------ encoders
+    def configure_model(self) -> None:
+        """Lightning hook, run before the strategy wraps the model: the optional backbone speed-ups."""
+        accelerate_backbones(self, compile=self.hparams.compile, channels_last=self.hparams.channels_last)
+
     def forward(self, x: Tensor) -> Tensor:
         """Pooled backbone features ``[B, D]`` (what downstream evaluation uses)."""
         return self.backbone(x)

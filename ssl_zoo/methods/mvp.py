@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ssl_zoo.augment import MVPTransform
 from ssl_zoo.losses import mvp_alignment_loss
 from ssl_zoo.models import Backbone
+from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.teachers import build_teacher
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
 
@@ -56,6 +57,9 @@ class MVP(LightningModule):
         betas: AdamW betas (0.9, 0.98).
         warmup_epochs: linear warmup before the cosine decay (10).
         final_lr_ratio: lr at the end of the cosine as a fraction of the peak (0).
+        compile: ``torch.compile`` the backbone's blocks (regional compilation, see
+            :mod:`ssl_zoo.models.acceleration`); off by default, compiling takes minutes on a CPU.
+        channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
     """
 
     def __init__(
@@ -80,6 +84,8 @@ class MVP(LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_epochs: int = 10,
         final_lr_ratio: float = 0.0,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if loss_on not in ("all", "masked"):
@@ -121,6 +127,10 @@ class MVP(LightningModule):
                             min_scale=hp.min_scale, color_jitter=hp.color_jitter)
 
     # ------------------------------------------------------------------ training
+    def configure_model(self) -> None:
+        """Lightning hook, run before the strategy wraps the model: the optional backbone speed-ups."""
+        accelerate_backbones(self, compile=self.hparams.compile, channels_last=self.hparams.channels_last)
+
     def forward(self, x: Tensor) -> Tensor:
         """Pooled student features ``[B, D]`` (what downstream evaluation uses)."""
         return self.backbone(x)
