@@ -56,18 +56,6 @@ def test_labelled_split_uses_eval_transform(demo_root, fmt):
     torch.testing.assert_close(x, x2)
 
 
-def test_missing_root_is_a_clear_error(tmp_path):
-    dm = CocoDataModule(root=str(tmp_path / "nope"), train_transform=TwoViews(), num_workers=0)
-    with pytest.raises(FileNotFoundError, match="data.root"):
-        dm.setup("fit")
-
-
-def test_batch_larger_than_dataset_is_rejected(demo_root):
-    dm = CocoDataModule(root=demo_root, batch_size=10_000, train_transform=TwoViews(), num_workers=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        dm.setup("fit")
-
-
 def test_transform_must_return_views(demo_root):
     dm = CocoDataModule(root=demo_root, batch_size=2, train_transform=lambda img: img, num_workers=0)
     dm.setup("fit")

@@ -103,6 +103,10 @@ class BlockwiseAugmentation:
 
     def __call__(self, img: Image.Image) -> dict[str, Tensor]:
         img = _as_rgb(img)
+        if self.bam and min(img.size) < 2:
+            # A 1-pixel side has blocks of round(0.5 + gamma) pixels: 0 at gamma = 0. Such images exist in
+            # crawled data (tracking pixels, thumbnails); repeating the pixel keeps every block non-empty.
+            img = img.resize((max(img.width, 2), max(img.height, 2)), Image.Resampling.NEAREST)
         regions = (
             [img.crop(box) for box in block_boxes(*img.size, overlap=self.overlap)] if self.bam else [img]
         )

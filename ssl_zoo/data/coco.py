@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -150,6 +150,9 @@ class CocoMultiLabel(ImageListDataset):
     @property
     def num_classes(self) -> int:
         return len(self.categories)
+
+    def locate(self, indices: Sequence[int]) -> list[str]:
+        return [f"image id {self.image_ids[index]!r}" for index in indices]
 
     def target(self, index: int) -> Tensor:
         return self.targets[index].clone()  # [C]; a copy so callers cannot edit the shared table

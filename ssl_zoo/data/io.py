@@ -15,7 +15,8 @@ import operator
 import os
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,8 +27,10 @@ __all__ = [
     "BAD_SAMPLE_POLICIES",
     "BadImageError",
     "BadSamplePolicy",
+    "Fetched",
     "ImageListDataset",
     "PathArray",
+    "Sample",
     "load_image",
     "set_max_image_pixels",
     "to_rgb",
@@ -37,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Largest accepted image, in pixels (width * height). 2**28 = 268M pixels, e.g. 16384 x 16384, is far
 #: above any real photo in COCO / ImageNet / Tencent ML-Images (their largest are a few tens of Mpx) but
-#: stops decompression bombs before they allocate gigabytes. Override it by assigning
 #: stops decompression bombs before they allocate gigabytes. Change it with :func:`set_max_image_pixels`,
 #: or per call with ``load_image(max_pixels=...)``.
 MAX_IMAGE_PIXELS: int = 2**28
@@ -63,6 +65,9 @@ def set_max_image_pixels(pixels: int) -> None:
 TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 BAD_SAMPLE_POLICIES = ("raise", "skip")
+
+# Threads for the up-front existence check of image files (I/O bound; the GIL is released in stat).
+_STAT_THREADS = 16
 
 T = TypeVar("T")
 
@@ -197,17 +202,28 @@ def check_bad_sample_policy(on_bad_sample: str) -> str:
     return on_bad_sample
 
 
+class Fetched(NamedTuple, Generic[T]):
+    """What :meth:`BadSamplePolicy.fetch` read: the index actually used, its value, the bad files passed over."""
+
+    index: int  # index whose value is returned (the requested one unless it was unreadable)
+    value: T
+    skipped: tuple[tuple[str, str], ...]  # (path, reason) of every unreadable index passed over, in order
+
+
 class BadSamplePolicy:
     """What a dataset does when an image cannot be read: ``"raise"`` or ``"skip"``.
 
     With ``"skip"``, index ``i`` is replaced by the first readable index among ``i+1, i+2, ...`` (modulo
     the dataset length), so the replacement is deterministic and the returned label is always the one of
     the image actually returned. Indices found bad are remembered and passed over without re-reading.
-    Every bad index passed over increments :attr:`num_skipped`; the first :attr:`max_recorded` distinct
-    bad files are kept in :attr:`bad_paths` and logged. If no index is readable, a ``RuntimeError``
-    says so.
+    Every bad index passed over increments :attr:`num_skipped` and is reported in the
+    :class:`Fetched` result, so the count can travel with the sample out of a DataLoader worker; the
+    first :attr:`max_recorded` distinct bad files are kept in :attr:`bad_paths` and logged. If no index
+    is readable, a ``RuntimeError`` says so.
 
-    Counts are per process: each DataLoader worker holds its own copy of the dataset.
+    :attr:`num_skipped` and :attr:`bad_paths` are per process: each DataLoader worker holds its own copy
+    of the dataset. Use the ``skipped`` field of :meth:`fetch`'s result (what the data modules put in
+    every batch) for counts that include the workers.
 
     Args:
         on_bad_sample: ``"raise"`` or ``"skip"``.
@@ -221,31 +237,33 @@ class BadSamplePolicy:
         self.max_recorded = max_recorded
         self.num_skipped = 0
         self.bad_paths: list[str] = []
-        self.bad_indices: set[int] = set()
+        self.bad_indices: dict[int, tuple[str, str]] = {}  # index -> (path, reason), read once
 
-    def _record(self, index: int, error: BadImageError) -> None:
-        self.bad_indices.add(index)
+    def _record(self, index: int, error: BadImageError) -> tuple[str, str]:
+        self.bad_indices[index] = (error.path, error.reason)
         if len(self.bad_paths) < self.max_recorded and error.path not in self.bad_paths:
             self.bad_paths.append(error.path)
             logger.warning("on_bad_sample='skip': skipping unreadable image (%s)", error)
+        return self.bad_indices[index]
 
-    def fetch(self, index: int, length: int, read: Callable[[int], T]) -> tuple[int, T]:
-        """Read sample ``index`` with ``read``; returns ``(index actually read, value)``.
+    def fetch(self, index: int, length: int, read: Callable[[int], T]) -> Fetched[T]:
+        """Read sample ``index`` with ``read``, or with ``"skip"`` the first readable one after it.
 
         Only :class:`BadImageError` counts as a bad sample; any other exception propagates.
         """
         if self.mode == "raise":
-            return index, read(index)
+            return Fetched(index, read(index), ())
+        skipped: list[tuple[str, str]] = []
         for step in range(length):
             candidate = (index + step) % length
-            if candidate in self.bad_indices:
-                self.num_skipped += 1
-                continue
-            try:
-                return candidate, read(candidate)
-            except BadImageError as error:
-                self._record(candidate, error)
-                self.num_skipped += 1
+            known = self.bad_indices.get(candidate)
+            if known is None:
+                try:
+                    return Fetched(candidate, read(candidate), tuple(skipped))
+                except BadImageError as error:
+                    known = self._record(candidate, error)
+            skipped.append(known)
+            self.num_skipped += 1
         raise RuntimeError(
             f"on_bad_sample='skip': none of the {length} samples could be read; "
             f"first unreadable files: {self.bad_paths[:5]}"
@@ -281,6 +299,15 @@ class PathArray(Sequence[str]):
         index %= len(self)
         start, end = self._offsets[index], self._offsets[index + 1]
         return self._buffer[start:end].tobytes().decode("utf-8")
+
+
+class Sample(NamedTuple):
+    """One item of an :class:`ImageListDataset` with its provenance (see :meth:`ImageListDataset.load_sample`)."""
+
+    image: Any  # the transformed image (a PIL image without transform)
+    target: Any  # the label of *this* image
+    index: int  # the dataset index the image was read from (differs from the requested one after a skip)
+    skipped: tuple[tuple[str, str], ...]  # (path, reason) of the unreadable files passed over
 
 
 class ImageListDataset(Dataset):
@@ -328,27 +355,53 @@ class ImageListDataset(Dataset):
         """Decode image ``index`` (no transform, no bad-sample handling)."""
         return load_image(self.paths[index])
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def load_sample(self, index: int) -> Sample:
+        """Sample ``index`` (or its substitute under ``"skip"``) with its target and the bad files passed over.
+
+        What :meth:`__getitem__` returns, plus the index of the image actually returned and the unreadable
+        files skipped to reach it, so that wrappers running in DataLoader workers can report them.
+        """
         index = operator.index(index)  # Python / numpy / 0-dim integer tensor indices alike
         length = len(self)
         if not -length <= index < length:
             raise IndexError(f"index {index} out of range for a dataset of {length} images")
         index %= length
-        used, image = self.bad_sample_policy.fetch(index, length, self.load)
+        used, image, skipped = self.bad_sample_policy.fetch(index, length, self.load)
         target = self.target(used)  # the label of the image actually returned
         if self.transform is not None:
             image = self.transform(image)
-        return image, target
+        return Sample(image, target, used, skipped)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        sample = self.load_sample(index)
+        return sample.image, sample.target
+
+    def missing_indices(self) -> list[int]:
+        """Indices whose file does not exist (a ``stat`` each, no decoding).
+
+        The ``stat`` calls run in a thread pool: on network file systems each one waits on a round trip,
+        and a list of millions of images would otherwise take hours to check.
+        """
+        with ThreadPoolExecutor(max_workers=_STAT_THREADS) as pool:
+            exists = pool.map(os.path.isfile, self.paths, chunksize=1024)
+            return [index for index, ok in enumerate(exists) if not ok]
 
     def missing_files(self) -> list[str]:
         """Paths that do not exist as files (a cheap ``stat``, no decoding)."""
-        return [p for p in self.paths if not os.path.isfile(p)]
+        return [self.paths[index] for index in self.missing_indices()]
+
+    def locate(self, indices: Sequence[int]) -> list[str]:
+        """Where each sample is listed in its annotation file, for error messages (subclasses refine it)."""
+        return [f"sample {index}" for index in indices]
 
     def check_files(self, source: str) -> None:
-        """Raise ``FileNotFoundError`` listing missing images; ``source`` names the annotation file."""
-        missing = self.missing_files()
+        """Raise ``FileNotFoundError`` naming ``source`` (the annotation file) and where each missing image is listed."""
+        missing = self.missing_indices()
         if missing:
-            shown = ", ".join(repr(p) for p in missing[:5])
+            shown = "; ".join(
+                f"{where}: '{self.paths[i]}'" for i, where in zip(missing[:5], self.locate(missing[:5]), strict=True)
+            )
             raise FileNotFoundError(
-                f"{len(missing)} of {len(self)} images listed in '{source}' do not exist, e.g. {shown}"
+                f"{len(missing)} of {len(self)} images listed in '{source}' do not exist, e.g. {shown} "
+                "(fix the paths or the data root, or remove those entries)"
             )

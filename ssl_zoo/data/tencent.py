@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple
 from urllib.parse import unquote
 
@@ -216,8 +216,13 @@ class TencentML(ImageListDataset):
 
         def image_paths() -> Iterator[str]:
             # Parses the list once; yields each image path and records its labels on the side.
-            with open(self.list_file, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
+            # Binary lines decoded one by one, so that a stray non-UTF-8 byte is reported with its line.
+            with open(self.list_file, "rb") as f:
+                for number, raw in enumerate(f, start=1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as error:
+                        raise ValueError(f"{self.list_file}:{number}: not valid UTF-8 ({error})") from None
                     if not line.strip():
                         continue
                     try:
@@ -244,6 +249,23 @@ class TencentML(ImageListDataset):
         self.confidences = np.frombuffer(confidences, dtype=np.float32).copy()  # [L]
         if validate_files:
             self.check_files(self.list_file)
+
+    def locate(self, indices: Sequence[int]) -> list[str]:
+        # Line numbers are not stored (4-8 bytes x 17M lines in every worker); one pass over the list finds
+        # them when an error message needs them. Blank lines are skipped by the parser and not samples.
+        wanted = set(indices)
+        line_of: dict[int, int] = {}
+        with open(self.list_file, "rb") as f:  # split into lines exactly as the parser does
+            sample = 0
+            for number, raw in enumerate(f, start=1):
+                if not raw.decode("utf-8", errors="replace").strip():
+                    continue
+                if sample in wanted:
+                    line_of[sample] = number
+                    if len(line_of) == len(wanted):
+                        break
+                sample += 1
+        return [f"{self.list_file}:{line_of[index]}" if index in line_of else f"sample {index}" for index in indices]
 
     def label_pairs(self, index: int) -> list[tuple[int, float]]:
         """The ``(label, confidence)`` pairs of sample ``index`` that pass ``min_confidence``."""
