@@ -12,6 +12,14 @@ ARGS ?=
 DEMO ?= data/demo
 CKPT ?=
 SWEEP ?=
+# Scaling out (README "Scaling out"): GPUS per node and NODES override the config's trainer.devices / num_nodes;
+# NODES > 1 prints the sbatch command (SUBMIT=1 submits it); RESUME=1 continues the newest run of the config's
+# name from its checkpoints/last.ckpt.
+NODES ?=
+GPUS ?=
+RESUME ?=
+SUBMIT ?=
+SLURM_LOG_DIR ?= runs/slurm
 COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
@@ -20,6 +28,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
+	@echo "             [GPUS=8] [NODES=2 (prints the sbatch command; SUBMIT=1 submits)] [RESUME=1]"
 	@echo "make test | test-fast | test-ddp | lint | bench | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
 
 # torch/torchvision are pinned and installed first (they come from local wheels where the machine has them);
@@ -37,9 +46,22 @@ $(DEMO)/.complete: | $(STAMP)
 
 demo-data: $(DEMO)/.complete
 
+# One node: Lightning starts one process per GPU itself. Several nodes: SLURM, one task per GPU.
+RESUME_FLAG = $(if $(filter-out 0,$(RESUME)),--resume true,)
+DEVICE_FLAGS = $(if $(GPUS),--trainer.accelerator gpu --trainer.devices $(GPUS),) $(if $(NODES),--trainer.num_nodes 1,)
+GPUS_PER_NODE = $(or $(GPUS),8)
+shell_quote = '$(subst ','\'',$(1))'
+SBATCH_CMD = NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) CONFIG=$(CONFIG) RESUME=$(if $(RESUME_FLAG),1,0) \
+	ARGS=$(call shell_quote,$(ARGS)) sbatch --nodes=$(NODES) --ntasks-per-node=$(GPUS_PER_NODE) \
+	--gpus-per-node=$(GPUS_PER_NODE) --output=$(SLURM_LOG_DIR)/%x-%j.out experiments/launch/slurm.sbatch
 pretrain: $(STAMP) $(DEMO)/.complete
 	@test -f $(CONFIG) || { echo "error: config '$(CONFIG)' not found (METHOD=$(METHOD)); see experiments/" >&2; exit 2; }
-	$(PYTHON) -m ssl_zoo fit --config $(CONFIG) $(ARGS)
+ifeq ($(filter-out 1,$(NODES)),)
+	$(PYTHON) -m ssl_zoo fit --config $(CONFIG) $(DEVICE_FLAGS) $(RESUME_FLAG) $(ARGS)
+else
+	@echo $(call shell_quote,$(SBATCH_CMD))
+	@$(if $(filter-out 0,$(SUBMIT)),mkdir -p $(SLURM_LOG_DIR) && $(SBATCH_CMD),echo "(not submitted: add SUBMIT=1, or run the line above on the cluster's login node)")
+endif
 
 # Evaluation jobs: CKPT=path/to/last.ckpt (empty = randomly initialised backbone, the baseline).
 EVAL_CKPT_ARG = $(if $(CKPT),--model.init_args.ckpt $(CKPT),)

@@ -8,7 +8,13 @@ methods and data modules are chosen by ``class_path``, and every key can be over
 * puts each run in ``runs/<name>/<YYYYmmdd-HHMMSS>/`` (``name`` is a top-level config key) holding the
   resolved ``config.yaml``, ``checkpoints/last.ckpt`` + the best checkpoint, ``metrics.csv`` and wandb files;
 * logs to CSV and to wandb, offline when no API key is configured (``WANDB_MODE=disabled`` turns wandb off);
-* shows throughput (images/s) in the progress bar.
+* shows throughput (images/s) in the progress bar;
+* writes ``checkpoints/last.ckpt`` atomically every ``checkpoint_every_n_steps`` steps and at epoch ends, with
+  everything an exact resume needs (RNG states, the sampler position); ``--resume`` continues the newest run
+  of the config's ``name`` in its own directory;
+* stops on a NaN/Inf loss term, saving ``checkpoints/last-good.ckpt`` (``--nonfinite_loss skip`` skips the step);
+* under ``data.on_bad_sample: skip``, logs ``data/skipped_epoch`` and lists the unreadable images in
+  ``<run_dir>/bad_samples.txt``.
 """
 
 from __future__ import annotations
@@ -17,12 +23,25 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ssl_zoo.utils.callbacks import ThroughputMonitor
+from ssl_zoo.utils.bad_samples import BadSampleMonitor
+from ssl_zoo.utils.callbacks import NonFiniteGuard, ThroughputMonitor
+from ssl_zoo.utils.checkpointing import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    RNGStateCheckpoint,
+    find_resume_checkpoint,
+    keep_previous_metrics,
+)
+
+#: Environment variable fixing the run directory's stamp (set by the launchers, inherited by DDP workers).
+RUN_STAMP_ENV = "SSL_ZOO_RUN_STAMP"
 
 
 def wandb_mode() -> str:
@@ -62,23 +81,67 @@ def default_loggers(run_dir: str, name: str, project: str = "ssl_zoo") -> list:
     return loggers
 
 
+def apply_resume(cfg) -> None:
+    """``--resume``: set ``ckpt_path`` and ``trainer.default_root_dir`` of the fit config to the run to continue.
+
+    With ``trainer.default_root_dir`` given, that run; else the run pinned by ``SSL_ZOO_RUN_STAMP`` (the
+    launchers set it), else the newest ``<run_root>/<name>/*/checkpoints/last.ckpt``. ``resume: auto`` starts
+    a new run when there is none; ``resume: true`` stops with an error naming where it looked.
+    """
+    if cfg.get("ckpt_path"):
+        raise ValueError(f"give either --resume or --ckpt_path, not both (ckpt_path={cfg['ckpt_path']})")
+    root_dir = cfg["trainer"].get("default_root_dir")
+    if root_dir:  # an explicit run directory: continue that one
+        ckpt = Path(root_dir) / "checkpoints" / "last.ckpt"
+        ckpt = ckpt if ckpt.is_file() else None
+        where = str(Path(root_dir) / "checkpoints" / "last.ckpt")
+    else:
+        pinned = os.environ.get(RUN_STAMP_ENV)
+        ckpt = find_resume_checkpoint(cfg["run_root"], cfg["name"], stamp=pinned)
+        where = os.path.join(cfg["run_root"], cfg["name"], pinned or "*", "checkpoints", "last.ckpt")
+    if ckpt is None:
+        if cfg["resume"] == "auto":
+            return
+        raise FileNotFoundError(
+            f"--resume: no checkpoint {where} for run name '{cfg['name']}'; start the run without "
+            "RESUME=1 / --resume first (or give --ckpt_path)"
+        )
+    cfg["ckpt_path"] = str(ckpt)
+    cfg["trainer"]["default_root_dir"] = str(ckpt.parent.parent)
+
+
 class SSLZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str, default="run",
                             help="method/run name: runs go to <run_root>/<name>/<date-time>/")
         parser.add_argument("--run_root", type=str, default="runs", help="parent of all run directories")
         parser.add_argument("--wandb_project", type=str, default="ssl_zoo")
+        parser.add_argument("--resume", type=bool | Literal["auto"], default=False,
+                            help="continue the newest run of this name (<run_root>/<name>/*/checkpoints/last.ckpt) "
+                                 "in its own directory; 'auto': resume if there is one, else start a new run")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000,
+                            help="write checkpoints/last.ckpt every N optimiser steps (and at every epoch end); "
+                                 "0: at epoch ends only")
+        parser.add_argument("--nonfinite_loss", type=Literal["stop", "skip", "off"], default="stop",
+                            help="on a NaN/Inf loss term: stop and save checkpoints/last-good.ckpt, skip the "
+                                 "optimiser step (counted in train/nonfinite_skips), or do not check")
 
     def _run_dir(self) -> str:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer_cfg = cfg["trainer"]
         if trainer_cfg.get("default_root_dir"):
             return str(trainer_cfg["default_root_dir"])
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        # Launchers pin the stamp so that every process of a multi-process run picks the same directory.
+        stamp = os.environ.get(RUN_STAMP_ENV) or time.strftime("%Y%m%d-%H%M%S")
+        several = trainer_cfg.get("devices") not in (1, "1") or (trainer_cfg.get("num_nodes") or 1) > 1
+        if self.subcommand and several:
+            os.environ[RUN_STAMP_ENV] = stamp  # the processes Lightning starts for the other devices inherit it
         return os.path.join(cfg["run_root"], cfg["name"], stamp)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if self.subcommand == "fit" and cfg.get("resume"):
+            apply_resume(cfg)
         cfg["trainer"]["default_root_dir"] = self._run_dir()
         self.run_dir = cfg["trainer"]["default_root_dir"]
 
@@ -86,16 +149,33 @@ class SSLZooCLI(LightningCLI):
         cfg = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
         trainer_cfg = cfg["trainer"]
         if trainer_cfg.get("logger") in (None, True) and not trainer_cfg.get("fast_dev_run"):
+            keep_previous_metrics(self.run_dir)  # a resumed run: Lightning's CSVLogger would delete them
             kwargs["logger"] = default_loggers(self.run_dir, cfg["name"], cfg["wandb_project"])
         callbacks = list(trainer_cfg.get("callbacks") or [])
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(
-                ModelCheckpoint(dirpath=os.path.join(self.run_dir, "checkpoints"), save_last=True,
+        checkpoint_dir = os.path.join(self.run_dir, "checkpoints")
+        checkpointing = trainer_cfg.get("enable_checkpointing") is not False
+        if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(  # last.ckpt comes from LastCheckpoint, written between steps
+                ModelCheckpoint(dirpath=checkpoint_dir, save_last=False,
                                 monitor="train/loss_epoch", mode="min", save_top_k=1,
                                 filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
             )
+        # Exact resume: last.ckpt every N steps and at epoch ends, RNG states, written atomically.
+        if checkpointing and not any(isinstance(c, LastCheckpoint) for c in callbacks):
+            callbacks.append(LastCheckpoint(checkpoint_dir, every_n_train_steps=cfg.get("checkpoint_every_n_steps",
+                                                                                         1000)))
+        if not any(isinstance(c, RNGStateCheckpoint) for c in callbacks):
+            callbacks.append(RNGStateCheckpoint())
+        if cfg.get("nonfinite_loss", "stop") != "off" and not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard(action=cfg.get("nonfinite_loss", "stop")))
+        plugins = trainer_cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            trainer_cfg["plugins"] = [*plugins, AtomicCheckpointIO()]
         if not any(isinstance(c, ThroughputMonitor) for c in callbacks):
             callbacks.append(ThroughputMonitor())
+        if not any(isinstance(c, BadSampleMonitor) for c in callbacks):
+            callbacks.append(BadSampleMonitor())  # data/skipped_epoch and <run_dir>/bad_samples.txt
         trainer_cfg["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

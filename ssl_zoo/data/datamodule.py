@@ -6,15 +6,23 @@ supplies its own multi-view augmentation while the data module stays method-agno
 decoded once; the transform makes all of its views from that one image. Items are
 
     {"views": Tensor[V, 3, S, S], <method-specific keys, e.g. "block_ids", "mask">,
-     "target": Tensor[C] | int, "index": int}
+     "target": Tensor[C] | int, "index": int, "num_skipped": int, "bad_files": str}
 
-and torch's default collate stacks them into ``[B, ...]``. Lightning injects the ``DistributedSampler``
-under DDP (``Trainer(use_distributed_sampler=True)``, its default), so ``batch_size`` is per process.
+and torch's default collate stacks them into ``[B, ...]`` (``bad_files`` into a list of ``B`` strings).
+``index`` and ``target`` always belong to the image in ``views``; ``num_skipped`` and ``bad_files`` say
+which unreadable files were passed over to produce it under ``on_bad_sample="skip"``, so the count leaves
+DataLoader worker processes with the data (see :class:`ssl_zoo.utils.bad_samples.BadSampleMonitor`). The training
+sampler (:class:`ssl_zoo.data.sampler.ResumableSampler`) shards the data over the processes under DDP, so
+``batch_size`` is per process; the order and every sample's views are functions of (seed, epoch, index), and
+the sampler's position is checkpointed, so a resumed run sees the data an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
+from ssl_zoo.data.io import check_bad_sample_policy
+from ssl_zoo.data.sampler import ResumableSampler, SampleKey, sample_seed, seeded_rng
+from ssl_zoo.utils.distributed import rank, world_size
 
 
 def eval_transform(size: int = 224, resize_ratio: float = 0.875) -> Callable:
@@ -41,7 +52,14 @@ def eval_transform(size: int = 224, resize_ratio: float = 0.875) -> Callable:
 
 
 class ViewDataset(Dataset):
-    """Wraps a labelled dataset whose transform returns a dict of views; adds ``target`` and ``index``."""
+    """Wraps a labelled dataset whose transform returns a dict of views; adds provenance keys.
+
+    Adds ``target`` and ``index`` of the image actually returned (after an ``on_bad_sample="skip"``
+    substitution, those of the substitute: labels never shift to another image), ``num_skipped``, the
+    number of unreadable files passed over to produce this item, and ``bad_files``, those files as a JSON
+    list of ``[path, reason]`` pairs (``""`` when none; a string, because default collate cannot stack
+    lists of different lengths).
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -49,14 +67,27 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        views, target = self.dataset[index]
+    def __getitem__(self, index: int | SampleKey) -> dict[str, Any]:
+        if isinstance(index, SampleKey):  # from ResumableSampler: the views are a function of (seed, epoch, index)
+            with seeded_rng(sample_seed(index.seed, index.epoch, index.index)):
+                return self[index.index]
+        load_sample = getattr(self.dataset, "load_sample", None)
+        if load_sample is not None:
+            views, target, used, skipped = load_sample(index)
+        else:  # any other (image, target) dataset: no substitution, nothing to report
+            (views, target), used, skipped = self.dataset[index], index, ()
         if not isinstance(views, dict) or "views" not in views:
             raise TypeError(
                 "a pre-training view transform must return a dict with a 'views' tensor [V, 3, S, S]; "
                 f"got {type(views).__name__}"
             )
-        return {**views, "target": target, "index": index}
+        return {
+            **views,
+            "target": target,
+            "index": used,
+            "num_skipped": len(skipped),
+            "bad_files": json.dumps([list(pair) for pair in skipped]) if skipped else "",
+        }
 
 
 class PretrainDataModule(LightningDataModule):
@@ -69,8 +100,12 @@ class PretrainDataModule(LightningDataModule):
         pin_memory: pin host memory (only when a GPU is present).
         persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
         on_bad_sample: ``raise`` (an unreadable image stops the run naming the file) or ``skip``
-            (replaced by another sample and counted).
-        validate_files: check that every image file exists at setup (fails in seconds, not hours).
+            (replaced by the next readable image, with that image's label; the CLI's
+            :class:`~ssl_zoo.utils.bad_samples.BadSampleMonitor` logs ``data/skipped_epoch`` and lists the
+            files in ``<run_dir>/bad_samples.txt``).
+        validate_files: check at setup that every listed image file exists (COCO and Tencent lists; a
+            class-per-folder tree is discovered from disk), so a wrong root or a partial download fails in
+            seconds, not hours into the run.
         eval_size: input size of the evaluation transform used by ``labelled_dataset``.
         train_transform: override the method's view transform (tests, ablations).
     """
@@ -90,6 +125,9 @@ class PretrainDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
+        check_bad_sample_policy(on_bad_sample)
         self.root = root
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -100,6 +138,8 @@ class PretrainDataModule(LightningDataModule):
         self.eval_size = eval_size
         self.train_transform = train_transform
         self.train_set: ViewDataset | None = None
+        self.train_sampler: ResumableSampler | None = None
+        self._resume_position: dict[str, int] | None = None  # from a checkpoint, until the loader exists
 
     # ----------------------------------------------------------- what subclasses provide
     def build_dataset(self, split: Literal["train", "val"], transform: Callable | None) -> Dataset:
@@ -141,10 +181,32 @@ class PretrainDataModule(LightningDataModule):
         self.check_root()
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = ViewDataset(self.build_dataset("train", self._resolve_train_transform()))
-            if len(self.train_set) < self.batch_size:
+            self.check_batch_size(len(self.train_set))
+
+    def check_batch_size(self, num_images: int) -> None:
+        """Reject, before any step, a per-process batch the run cannot use.
+
+        Every process must get one full batch (``drop_last``; the ``DistributedSampler`` gives each of the
+        ``W`` processes ``ceil(N / W)`` images), and the method may need a minimum per process, declared by
+        its ``min_batch_size()`` hook as ``(minimum, reason)`` (e.g. 2 for heads with BatchNorm).
+        """
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = math.ceil(num_images / world)
+        if per_process < self.batch_size:
+            spread = f" spread over {world} processes ({per_process} each)" if world > 1 else ""
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {num_images} training images under "
+                f"'{self.root}'{spread}: drop_last would leave no batch; set data.init_args.batch_size <= "
+                f"{per_process}"
+            )
+        hook = self._module_hook("min_batch_size")
+        if hook is not None:
+            minimum, reason = hook()
+            if self.batch_size < minimum:
                 raise ValueError(
-                    f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training "
-                    f"images under '{self.root}' (drop_last would leave no batch)"
+                    f"data.batch_size={self.batch_size} is too small for "
+                    f"{type(self.trainer.lightning_module).__name__}: it needs at least {minimum} images per "
+                    f"process ({reason}); set data.init_args.batch_size >= {minimum}"
                 )
 
     def val_dataloader(self) -> DataLoader:
@@ -159,32 +221,79 @@ class PretrainDataModule(LightningDataModule):
         self.check_root()
         return self.build_dataset(split, transform or eval_transform(self.eval_size))
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool, batch_size: int | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool, batch_size: int | None = None,
+                sampler: ResumableSampler | None = None) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
+            # Worker seeds come from this generator, not from the global RNG the model draws from.
+            generator=torch.Generator().manual_seed(run_seed()) if sampler is not None else None,
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches whose order and views depend only on (seed, epoch, position).
+
+        The :class:`~ssl_zoo.data.sampler.ResumableSampler` shards over the ranks itself (Lightning keeps it
+        under DDP) and, in a run resumed from a mid-epoch checkpoint, starts after the batches already done.
+        """
         if self.train_set is None:
             self.setup("fit")
+        self.train_sampler = ResumableSampler(self.train_set, seed=run_seed(), num_replicas=world_size(),
+                                              rank=rank())
+        if self._resume_position is not None:
+            self._apply_resume_position(self._resume_position)
+            self._resume_position = None
         # drop_last: every method here normalises over the batch (BN, Sinkhorn, in-batch negatives).
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return self._loader(self.train_set, shuffle=False, drop_last=True, sampler=self.train_sampler)
+
+    # ----------------------------------------------------------- exact resume (checkpointed sampler position)
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position, saved in every checkpoint of a fit.
+
+        ``start`` counts this rank's samples of epoch ``epoch`` already trained on: the batches the training
+        loop has processed in the current epoch; a finished epoch resumes at the start of the next one.
+        """
+        trainer, sampler = self.trainer, self.train_sampler
+        if trainer is None or sampler is None or trainer.state.fn != "fit":
+            return {}
+        epoch = trainer.current_epoch
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches_done >= trainer.num_training_batches:
+            epoch, batches_done = epoch + 1, 0
+        return {"train_sampler": {"epoch": epoch, "start": batches_done * self.batch_size,
+                                  "batch_size": self.batch_size, "num_replicas": sampler.num_replicas,
+                                  "seed": sampler.seed}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = state_dict.get("train_sampler")
+
+    def _apply_resume_position(self, position: dict[str, int]) -> None:
+        sampler = self.train_sampler
+        changed = [f"{key} {position[key]} -> {now}" for key, now in
+                   (("batch_size", self.batch_size), ("num_replicas", sampler.num_replicas), ("seed", sampler.seed))
+                   if position.get(key, now) != now]
+        if changed:
+            warnings.warn(f"resuming with a different {', '.join(changed)} than the checkpoint: the run continues "
+                          "but does not see the samples an uninterrupted run would have seen", stacklevel=2)
+        sampler.resume(int(position["epoch"]), min(int(position["start"]), sampler.num_samples))
 
     def labelled_dataloader(self, split: Literal["train", "val"], batch_size: int | None = None,
                             shuffle: bool = False, transform: Callable | None = None) -> DataLoader:
         return self._loader(self.labelled_dataset(split, transform), shuffle=shuffle, drop_last=False,
                             batch_size=batch_size)
 
-    def bad_sample_count(self) -> int:
-        """Samples replaced so far under ``on_bad_sample='skip'`` (this process, main-process loading)."""
-        return int(getattr(self.train_set.dataset, "num_skipped", 0)) if self.train_set else 0
+
+def run_seed() -> int:
+    """The run's seed (``seed_everything`` exports it as ``PL_GLOBAL_SEED``; 0 when none was set)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
 
 
 class CocoDataModule(PretrainDataModule):
