@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--align-images", type=int, default=500)
     parser.add_argument("--out", default="benchmarks/runs/mpcl_ablation")
     parser.add_argument("--json", default="benchmarks/results/mpcl_ablation.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --json (e.g. after an interrupted run) and add the variants given")
     args = parser.parse_args()
 
     out = ROOT / args.out / time.strftime("%Y%m%d-%H%M%S")
@@ -102,6 +104,8 @@ def main() -> None:
     }
     path = ROOT / args.json
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and path.is_file():
+        report["results"] = json.loads(path.read_text())["results"]
 
     def save() -> None:  # after every stage, so an interrupted run keeps what it measured
         path.write_text(json.dumps(report, indent=1))
@@ -113,8 +117,9 @@ def main() -> None:
             "align_uniform": alignment_uniformity(ckpt, ROOT / args.val_root, args.img_size, args.align_images),
         }
 
-    report["results"]["random init"] = score(None, "random")
-    save()
+    if "random init" not in report["results"]:
+        report["results"]["random init"] = score(None, "random")
+        save()
     for i, name in enumerate(args.variants):
         run_dir = out / f"variant{i}"
         seconds = run([sys.executable, "-m", "ssl_zoo", "fit", "--config", "experiments/mpcl/demo.yaml",
