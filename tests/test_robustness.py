@@ -48,6 +48,7 @@ from ssl_zoo.data import (
 )
 from ssl_zoo.data import io as data_io
 from ssl_zoo.data.datamodule import CocoDataModule, ImageFolderDataModule, ViewDataset
+from ssl_zoo.data.demo import make_demo_dataset
 from ssl_zoo.utils.bad_samples import BadSampleMonitor, read_bad_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -894,29 +895,16 @@ def test_offline_wandb_run_completes_and_resumes_from_its_weights_only_checkpoin
 
 
 # ============================================================================ acceptance: 5% corrupt data
-def _demo_subset(source: Path, target: Path, count: int) -> list[Path]:
-    """The first ``count`` training images of the demo set (COCO layout) in ``target``, in id order."""
-    data = json.loads((source / "annotations" / "instances_train2017.json").read_text())
-    images = sorted(data["images"], key=lambda image: image["id"])[:count]
-    kept = {image["id"] for image in images}
-    subset = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in kept]}
-    (target / "annotations").mkdir(parents=True)
-    (target / "train2017").mkdir()
-    for name in ("instances_train2017.json", "instances_val2017.json"):
-        (target / "annotations" / name).write_text(json.dumps(subset))
-    paths = []
-    for image in images:
-        paths.append(target / "train2017" / image["file_name"])
-        shutil.copyfile(source / "train2017" / image["file_name"], paths[-1])
-    return paths
+def _demo_images(target: Path, count: int) -> list[Path]:
+    """A ``count``-image demo set (COCO layout, the built-in generator) in ``target``; training paths in id order."""
+    make_demo_dataset(target, num_train=count, num_val=8, size=64, seed=0)
+    data = json.loads((target / "annotations" / "instances_train2017.json").read_text())
+    return [target / "train2017" / image["file_name"] for image in sorted(data["images"], key=lambda im: im["id"])]
 
 
 @pytest.mark.slow
 def test_demo_pretraining_with_5_percent_corrupt_images_completes_and_reports_them(tmp_path):
-    demo = ROOT / "data" / "demo"
-    if not (demo / ".complete").is_file():
-        pytest.skip("demo data missing: run `make demo-data`")
-    paths = _demo_subset(demo, tmp_path / "data", 200)
+    paths = _demo_images(tmp_path / "data", 200)
     bad_positions = range(7, 200, 20)  # 10 files, none adjacent: each is passed over once per epoch
     kinds = BAD_KINDS * 2
     for position, kind in zip(bad_positions, kinds, strict=False):
