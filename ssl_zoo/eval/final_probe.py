@@ -19,27 +19,18 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, extract_features
-from ssl_zoo.eval.knn import knn_predict
+from ssl_zoo.eval.knn import _check_knn_args, knn_predict, labelled_split_loader
 from ssl_zoo.eval.metrics import multilabel_metrics
 from ssl_zoo.eval.module import single_label_metrics
 from ssl_zoo.eval.results import RESULTS_FILE, append_eval_record, make_eval_record
-from ssl_zoo.eval.transforms import center_crop_transform, resize_transform
 
 __all__ = ["FinalKNNProbe", "METRIC_PREFIX"]
 
 #: Logged names are ``probe/knn_<metric>``: ``top1``/``top5`` on single-label data, ``mAP``, ``CP`` ...
 #: ``OF1`` (:func:`~ssl_zoo.eval.metrics.multilabel_metrics`) on multi-label data.
 METRIC_PREFIX = "probe/knn_"
-
-
-def evenly_spaced_subset(dataset: Dataset, cap: int | None) -> Dataset:
-    """At most ``cap`` samples, evenly spaced over the dataset (every class of a sorted folder tree stays in)."""
-    if cap is None or cap >= len(dataset):
-        return dataset
-    return Subset(dataset, torch.linspace(0, len(dataset) - 1, cap).long().tolist())
 
 
 class FinalKNNProbe(Callback):
@@ -70,10 +61,7 @@ class FinalKNNProbe(Callback):
         max_train_samples: int | None = 50000,
         max_val_samples: int | None = 10000,
     ) -> None:
-        if k < 1:
-            raise ValueError(f"FinalKNNProbe: k must be >= 1, got {k}")
-        if temperature <= 0:
-            raise ValueError(f"FinalKNNProbe: temperature must be > 0, got {temperature}")
+        _check_knn_args(k, temperature)
         for name, cap in (("max_train_samples", max_train_samples), ("max_val_samples", max_val_samples)):
             if cap is not None and cap < 1:
                 raise ValueError(f"FinalKNNProbe: {name} must be >= 1 or None, got {cap}")
@@ -90,10 +78,6 @@ class FinalKNNProbe(Callback):
             return self.img_size
         return int(pl_module.hparams.get("img_size") or getattr(datamodule, "eval_size", 224))
 
-    def _loader(self, datamodule, split: str, transform, cap: int | None) -> DataLoader:
-        dataset = evenly_spaced_subset(datamodule.labelled_dataset(split, transform=transform), cap)
-        return DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
-
     @torch.no_grad()
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -106,21 +90,17 @@ class FinalKNNProbe(Callback):
             return
         start = time.perf_counter()
         size = self._eval_size(pl_module, datamodule)
-        multilabel = bool(getattr(datamodule, "multilabel", False))
-        # Multi-label images are resized whole (no object cut off), single-label ones centre-cropped: the
-        # evaluation transforms of KNNProbe.
-        transform = resize_transform(size) if multilabel else center_crop_transform(size)
         train_cap, val_cap = self.max_train_samples, self.max_val_samples
         if trainer.fast_dev_run:
             train_cap = val_cap = datamodule.batch_size
         with trainer.precision_plugin.forward_context():
             bank, bank_targets = extract_features(
-                backbone, self._loader(datamodule, "train", transform, train_cap), self.pooling)
+                backbone, labelled_split_loader(datamodule, "train", size, train_cap), self.pooling)
             if bank_targets.dim() == 2 and not bank_targets.any():
                 warnings.warn("FinalKNNProbe skipped: the training split has no labels", stacklevel=2)
                 return
             feats, targets = extract_features(
-                backbone, self._loader(datamodule, "val", transform, val_cap), self.pooling)
+                backbone, labelled_split_loader(datamodule, "val", size, val_cap), self.pooling)
         if bank_targets.dim() == 2:
             scores = knn_predict(feats, bank, bank_targets, k=self.k, temperature=self.temperature)
             metrics = multilabel_metrics(scores, targets)

@@ -121,6 +121,25 @@ def knn_evaluate(
     return _knn_metrics(scores, targets)
 
 
+def evenly_spaced_subset(dataset, cap: int | None):
+    """At most ``cap`` samples, evenly spaced over the dataset (every class of a sorted folder tree stays in)."""
+    if cap is None or cap >= len(dataset):
+        return dataset
+    return Subset(dataset, torch.linspace(0, len(dataset) - 1, cap).long().tolist())
+
+
+def labelled_split_loader(datamodule, split: str, size: int, cap: int | None = None) -> DataLoader:
+    """A deterministic loader over an ssl_zoo data module's labelled ``split`` for a kNN vote.
+
+    Multi-label images are resized whole (no object cut off), single-label ones centre-cropped: the evaluation
+    transforms of :class:`KNNProbe`. ``cap`` keeps an evenly spaced subset (see :func:`evenly_spaced_subset`).
+    """
+    multilabel = bool(getattr(datamodule, "multilabel", False))
+    transform = resize_transform(size) if multilabel else center_crop_transform(size)
+    dataset = evenly_spaced_subset(datamodule.labelled_dataset(split, transform=transform), cap)
+    return DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+
+
 class KNNProbe(EvalModule):
     """kNN evaluation as a LightningModule, run with ``validate`` (no training):
 
@@ -255,14 +274,6 @@ class KNNMonitor(Callback):
         self.max_val_samples = max_val_samples
         self.enabled = True
 
-    def _loader(self, datamodule, split: str, cap: int | None, multilabel: bool) -> DataLoader:
-        size = self.img_size or getattr(datamodule, "eval_size", 224)
-        transform = resize_transform(size) if multilabel else center_crop_transform(size)
-        dataset = datamodule.labelled_dataset(split, transform=transform)
-        if cap is not None and cap < len(dataset):
-            dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, cap).long().tolist())
-        return DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
-
     def _disable(self, reason: str) -> None:
         self.enabled = False
         warnings.warn(f"KNNMonitor disabled: {reason}", stacklevel=2)
@@ -278,14 +289,14 @@ class KNNMonitor(Callback):
         if datamodule is None or not hasattr(datamodule, "labelled_dataset") or backbone is None:
             self._disable("needs an ssl_zoo data module (labelled_dataset) and a module with a .backbone")
             return
-        multilabel = bool(getattr(datamodule, "multilabel", False))
+        size = self.img_size or getattr(datamodule, "eval_size", 224)
         bank, bank_targets = extract_features(
-            backbone, self._loader(datamodule, "train", self.max_train_samples, multilabel), self.pooling)
+            backbone, labelled_split_loader(datamodule, "train", size, self.max_train_samples), self.pooling)
         if bank_targets.dim() == 2 and not bank_targets.any():
             self._disable("the training split has no labels")
             return
         feats, targets = extract_features(
-            backbone, self._loader(datamodule, "val", self.max_val_samples, multilabel), self.pooling)
+            backbone, labelled_split_loader(datamodule, "val", size, self.max_val_samples), self.pooling)
         num_classes = getattr(datamodule, "num_classes", None) if bank_targets.dim() == 1 else None
         scores = knn_predict(feats, bank, bank_targets, num_classes, self.k, self.temperature)
         metrics = _knn_metrics(scores, targets)
