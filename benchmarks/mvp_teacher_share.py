@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -22,17 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.timing import median_time
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -69,8 +60,8 @@ def main() -> None:
         model.training_step(batch, 0).backward()
         optimizer.step()
 
-    teacher_s = _median_time(teacher_only, args.repeats)
-    step_s = _median_time(full_step, args.repeats)
+    teacher_s = median_time(teacher_only, args.repeats)
+    step_s = median_time(full_step, args.repeats)
     report = {
         "config": args.config,
         "model_args": json.loads(args.model_args),

@@ -14,6 +14,9 @@ BENCHMARKS = [
      "--json", "benchmarks/results/hvp_mtl_quality.json"],
     ["-m", "benchmarks.mpcl_ablation"],
     ["-m", "benchmarks.mvp_teacher_share", "--fit"],
+    ["-m", "benchmarks.step_overhead", "--method", "all"],
+    ["-m", "benchmarks.data_pipeline"],
+    ["-m", "benchmarks.component_costs"],
 ]
 
 

@@ -1,0 +1,186 @@
+"""Speed benchmarks: each entry point runs with tiny sizes and writes the JSON it promises, and the compute
+limit mirrors what each method really encodes. Correctness only: no timing is ever asserted."""
+
+import json
+import math
+import statistics
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import component_costs, data_pipeline, step_overhead
+from benchmarks.timing import median_time, paired_medians, peak_flops
+
+PROMISED_STEP_KEYS = {"method", "images_per_s", "step_s", "limit_s", "ratio"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _input_layer(network: nn.Module) -> nn.Module:
+    """The layer every image entering a timm ResNet / ViT or an open_clip tower passes through once."""
+    for name in ("patch_embed", "conv1"):
+        if hasattr(network, name):
+            return getattr(network, name)
+    raise AssertionError(f"no input layer found on {type(network).__name__}")
+
+
+def _record_input_shapes(layer: nn.Module, shapes: list) -> torch.utils.hooks.RemovableHandle:
+    return layer.register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
+
+
+@pytest.mark.parametrize("method", list(step_overhead.METHODS))
+def test_limit_encodes_exactly_the_views_the_method_encodes(method, demo_root):
+    model, batch, n = step_overhead.load_method(method, batch_size=2, demo_root=demo_root)
+    assert n == 2
+    limit = step_overhead.method_limit(model, batch)
+
+    # The method's own step: every image through the student's and each teacher's input layer.
+    teacher = getattr(model, "teacher_backbone", None)
+    teacher_net = getattr(teacher, "visual", None) or getattr(teacher, "model", None) or getattr(
+        getattr(teacher, "backbone", None), "model", None)
+    student_seen, teacher_seen = [], []
+    hooks = [_record_input_shapes(_input_layer(model.backbone.model), student_seen)]
+    if teacher_net is not None:
+        hooks.append(_record_input_shapes(_input_layer(teacher_net), teacher_seen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log() without a Trainer
+        model.training_step(batch, 0)
+    for hook in hooks:
+        hook.remove()
+
+    assert sorted(student_seen) == sorted(tuple(x.shape) for x in limit.student_inputs)
+    assert sorted(teacher_seen) == sorted(tuple(x.shape) for _, x in limit.teachers)
+    assert limit.student_views == sum(s[0] for s in student_seen)
+
+    # The bare step back-propagates into the copy of the student only.
+    limit.step()
+    grads = [p.grad for p in limit.student.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert limit.student is not model.backbone.model
+
+
+def test_limit_flops_are_student_forward_backward_plus_teacher_forward():
+    from benchmarks.step_overhead import ComputeLimit, count_flops
+
+    student, teacher = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+    limit = ComputeLimit(student, [torch.randn(3, 8)], [(teacher, torch.randn(5, 8))])
+    # forward 2*3*8*4, weight gradient 2*3*8*4 (inputs need no gradient), teacher forward 2*5*8*4
+    assert count_flops(limit.step) == 2 * 3 * 8 * 4 * 2 + 2 * 5 * 8 * 4
+
+
+def test_step_overhead_writes_the_promised_json(demo_root, tmp_path):
+    out = tmp_path / "step.json"
+    step_overhead.main(["--method", "mocov2", "lightly_moco", "--batch-size", "2", "--rounds", "1", "--steps",
+                        "1", "--warmup", "0", "--threads", "1", "--peak-tflops", "1", "--demo-root", demo_root,
+                        "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["environment"]["threads"] == 1
+    rows = {row["method"]: row for row in report["results"]}
+    assert set(rows) == {"mocov2", "lightly_moco"}
+    assert rows["lightly_moco"]["compared_with"] == "mocov2"
+    for row in rows.values():
+        assert PROMISED_STEP_KEYS <= set(row)
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("step_s", "limit_s", "module_step_s"))
+        pairs = row["trainer_pairs"]
+        assert len(pairs) == len(row["module_pairs"]) == 1  # 1 round x 1 step
+        assert row["ratio"] == pytest.approx(statistics.median(step / lim for lim, step in pairs))
+        assert row["step_s"] == pytest.approx(statistics.median(step for _, step in pairs))
+        assert row["images_per_s"] == pytest.approx(2 / row["step_s"])
+        assert row["mfu"] == pytest.approx(row["flops_step"] / row["step_s"] / 1e12)
+        # MoCo v2: the query view through the student, the key view through the momentum encoder
+        assert row["student_views_per_step"] == row["teacher_views_per_step"] == 2
+        assert row["flops_step"] > row["flops_limit"] > 0
+    # the same backbone and views: the same unavoidable compute
+    assert rows["mocov2"]["flops_limit"] == rows["lightly_moco"]["flops_limit"]
+    table = step_overhead.markdown_table(report).splitlines()
+    assert len(table) == 2 + 2 and "lightly_moco (peer of mocov2)" in table[3]
+
+
+def test_component_costs_writes_components_teacher_share_and_memory(demo_root, tmp_path):
+    out = tmp_path / "components.json"
+    component_costs.main(["--sinkhorn-batch", "16", "--prototypes", "30", "--ia-views", "32", "--ia-dim", "8",
+                          "--queue-size", "64", "--queue-dim", "8", "--queue-batch", "4", "--batch-size", "2",
+                          "--repeats", "1", "--threads", "1", "--memory-methods", "--demo-root", demo_root,
+                          "--json", str(out)])
+    report = json.loads(out.read_text())
+    names = [c["name"] for c in report["components"]]
+    assert names == ["sinkhorn_knopp", "ia_closs", "queue_enqueue", "moco_v2_loss_with_queue"]
+    for c in report["components"]:
+        assert c["seconds"] > 0 and c["reference"]["seconds"] > 0
+        assert c["vs_reference"] == pytest.approx(c["seconds"] / c["reference"]["seconds"])
+    share = report["mvp_teacher_share"]
+    assert share["batch_size"] == 2
+    assert share["teacher_share"] == pytest.approx(share["teacher_s"] / share["step_s"])
+    assert report["peak_memory"] == []  # no methods asked for
+    assert len(component_costs.markdown_tables(report).splitlines()) == 2 + 4 + 2
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch, Lightning and the methods
+def test_peak_memory_runs_each_method_in_a_fresh_process(demo_root):
+    (memory,) = component_costs.peak_memory(["mocov2"], batch_size=2, steps=1, device="cpu", demo_root=demo_root)
+    assert memory["method"] == "mocov2" and memory["batch_size"] == 2
+    assert memory["peak_rss_mib"] >= memory["rss_before_steps_mib"] > 0 and memory["rss_after_import_mib"] > 0
+    assert memory["step_rss_increase_mib"] == pytest.approx(memory["peak_rss_mib"] - memory["rss_before_steps_mib"])
+    # the child's own address space, not the parent's high-water mark (ru_maxrss would survive the exec)
+    assert memory["peak_rss_while_building_mib"] >= memory["rss_after_import_mib"]
+
+
+def test_data_pipeline_counts_views_on_the_photographs(tmp_path):
+    out = tmp_path / "data.json"
+    data_pipeline.main(["--size", "32", "--rounds", "1", "--passes", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert {im["file"] for im in report["images"]} >= {"china.jpg", "flower.jpg"}
+    views = {r["transform"]: r["views_per_call"] for r in report["results"]}
+    assert views == {"bam": 8, "simsiam": 2, "lightly_simsiam": 2, "mocov2": 2, "mvp": 1, "hvp_mtl": 2}
+    for r in report["results"]:
+        assert r["views_per_s_per_core"] == pytest.approx(r["images_per_s_per_core"] * r["views_per_call"])
+    reference = next(r for r in report["results"] if r["transform"] == "lightly_simsiam")
+    assert reference["views_per_s_vs_lightly_simsiam"] == pytest.approx(1.0)
+    assert len(data_pipeline.markdown_table(report).splitlines()) == 2 + 6
+
+
+def test_median_time_runs_warmup_then_repeats():
+    calls = []
+    seconds = median_time(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and seconds >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        median_time(lambda: None, repeats=0)
+
+
+def test_paired_medians_alternate_the_two_functions():
+    order = []
+    first_s, second_s, ratio = paired_medians(lambda: order.append("a"), lambda: order.append("b"), repeats=3,
+                                              warmup=1)
+    assert order == ["a", "b"] * 4
+    assert first_s > 0 and second_s > 0 and ratio > 0
+
+
+def test_peak_flops_override_table_and_unknown(monkeypatch):
+    assert peak_flops(torch.device("cpu"), "32") is None
+    assert peak_flops(torch.device("cpu"), "bf16", override_tflops=2.5) == 2.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda"), "bf16") == 756e12  # the PCIe card, not the SXM figure
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda"), "bf16") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device=None: "Some Future GPU")
+    assert peak_flops(torch.device("cuda"), "32") is None
+
+
+def test_trunk_blocks_of_bare_networks():
+    import timm
+
+    resnet = timm.create_model("resnet18", num_classes=0)
+    assert step_overhead.trunk_blocks(resnet) == [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+    assert step_overhead.trunk_blocks(vit) == list(vit.blocks)
+    with pytest.raises(TypeError, match="no repeated blocks"):
+        step_overhead.trunk_blocks(nn.Linear(2, 2))
