@@ -20,10 +20,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, extract_features
-from ssl_zoo.eval.knn import _check_knn_args, knn_predict, labelled_split_loader
-from ssl_zoo.eval.metrics import multilabel_metrics
-from ssl_zoo.eval.module import single_label_metrics
+from ssl_zoo.eval.features import FeaturePoolingName, check_pooling
+from ssl_zoo.eval.knn import _check_knn_args, knn_vote_on_splits
 from ssl_zoo.eval.results import RESULTS_FILE, append_eval_record, make_eval_record
 
 __all__ = ["FinalKNNProbe", "METRIC_PREFIX"]
@@ -93,34 +91,25 @@ class FinalKNNProbe(Callback):
         train_cap, val_cap = self.max_train_samples, self.max_val_samples
         if trainer.fast_dev_run:
             train_cap = val_cap = datamodule.batch_size
-        with trainer.precision_plugin.forward_context():
-            bank, bank_targets = extract_features(
-                backbone, labelled_split_loader(datamodule, "train", size, train_cap), self.pooling)
-            if bank_targets.dim() == 2 and not bank_targets.any():
-                warnings.warn("FinalKNNProbe skipped: the training split has no labels", stacklevel=2)
-                return
-            feats, targets = extract_features(
-                backbone, labelled_split_loader(datamodule, "val", size, val_cap), self.pooling)
-        if bank_targets.dim() == 2:
-            scores = knn_predict(feats, bank, bank_targets, k=self.k, temperature=self.temperature)
-            metrics = multilabel_metrics(scores, targets)
-        else:
-            num_classes = int(max(bank_targets.max().item(), targets.max().item()) + 1)
-            scores = knn_predict(feats, bank, bank_targets, num_classes, self.k, self.temperature)
-            metrics = single_label_metrics(scores, targets)
+        vote = knn_vote_on_splits(backbone, datamodule, size, self.k, self.temperature, self.pooling, train_cap,
+                                  val_cap, feature_context=trainer.precision_plugin.forward_context())
+        if vote is None:
+            warnings.warn("FinalKNNProbe skipped: the training split has no labels", stacklevel=2)
+            return
+        metrics, bank_size, num_queries = vote
 
         logged = {f"{METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in logged.items()})
         summary = ", ".join(f"{name} {value:.2f}" for name, value in metrics.items())
-        rank_zero_info(f"kNN probe at the end of training ({bank.shape[0]} bank, {feats.shape[0]} queries, "
+        rank_zero_info(f"kNN probe at the end of training ({bank_size} bank, {num_queries} queries, "
                        f"{size} px, {time.perf_counter() - start:.1f} s): {summary}")
         if trainer.fast_dev_run or not trainer.default_root_dir:
             return
         run_dir = Path(trainer.default_root_dir)
         settings = {"k": self.k, "temperature": self.temperature, "pooling": self.pooling, "img_size": size,
-                    "bank_size": bank.shape[0], "num_queries": feats.shape[0]}
+                    "bank_size": bank_size, "num_queries": num_queries}
         append_eval_record(run_dir / RESULTS_FILE, make_eval_record(
             None, "knn_end_of_pretraining", metrics, settings, epoch=trainer.current_epoch,
             pretraining={"method": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",

@@ -12,6 +12,7 @@ by ``exp(s_j / T)``; the class scores are the weighted votes. Defaults are DINO'
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Iterable
@@ -138,6 +139,41 @@ def labelled_split_loader(datamodule, split: str, size: int, cap: int | None = N
     transform = resize_transform(size) if multilabel else center_crop_transform(size)
     dataset = evenly_spaced_subset(datamodule.labelled_dataset(split, transform=transform), cap)
     return DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+
+
+@torch.no_grad()
+def knn_vote_on_splits(
+    backbone: nn.Module,
+    datamodule,
+    size: int,
+    k: int,
+    temperature: float,
+    pooling: FeaturePoolingName,
+    max_train_samples: int | None,
+    max_val_samples: int | None,
+    num_classes: int | None = None,
+    feature_context=None,
+) -> tuple[dict[str, float], int, int] | None:
+    """The kNN vote of a data module's labelled splits: train is the bank, val votes (see :func:`knn_predict`).
+
+    Returns ``(metrics, bank size, number of queries)``, or None when the training split carries no labels.
+    ``num_classes`` (single-label only) defaults to ``max + 1`` over both splits; ``feature_context`` wraps the
+    feature extraction (e.g. the trainer's precision context), not the vote.
+    """
+    context = feature_context if feature_context is not None else contextlib.nullcontext()
+    with context:
+        bank, bank_targets = extract_features(
+            backbone, labelled_split_loader(datamodule, "train", size, max_train_samples), pooling)
+        if bank_targets.dim() == 2 and not bank_targets.any():
+            return None
+        feats, targets = extract_features(
+            backbone, labelled_split_loader(datamodule, "val", size, max_val_samples), pooling)
+    if bank_targets.dim() == 2:
+        num_classes = None
+    elif num_classes is None:
+        num_classes = int(max(bank_targets.max().item(), targets.max().item()) + 1)
+    scores = knn_predict(feats, bank, bank_targets, num_classes, k, temperature)
+    return _knn_metrics(scores, targets), bank.shape[0], feats.shape[0]
 
 
 class KNNProbe(EvalModule):
@@ -290,15 +326,12 @@ class KNNMonitor(Callback):
             self._disable("needs an ssl_zoo data module (labelled_dataset) and a module with a .backbone")
             return
         size = self.img_size or getattr(datamodule, "eval_size", 224)
-        bank, bank_targets = extract_features(
-            backbone, labelled_split_loader(datamodule, "train", size, self.max_train_samples), self.pooling)
-        if bank_targets.dim() == 2 and not bank_targets.any():
+        vote = knn_vote_on_splits(backbone, datamodule, size, self.k, self.temperature, self.pooling,
+                                  self.max_train_samples, self.max_val_samples,
+                                  num_classes=getattr(datamodule, "num_classes", None))
+        if vote is None:
             self._disable("the training split has no labels")
             return
-        feats, targets = extract_features(
-            backbone, labelled_split_loader(datamodule, "val", size, self.max_val_samples), self.pooling)
-        num_classes = getattr(datamodule, "num_classes", None) if bank_targets.dim() == 1 else None
-        scores = knn_predict(feats, bank, bank_targets, num_classes, self.k, self.temperature)
-        metrics = _knn_metrics(scores, targets)
-        keep = ("top1", "top5") if targets.dim() == 1 else ("mAP", "OF1", "CF1")
+        metrics = vote[0]
+        keep = ("top1", "top5") if "top1" in metrics else ("mAP", "OF1", "CF1")
         pl_module.log_dict({f"knn/{k}": v for k, v in metrics.items() if k in keep}, rank_zero_only=True)
