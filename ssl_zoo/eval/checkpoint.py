@@ -10,28 +10,38 @@ checkpoint can never run code on the machine that evaluates it:
 * a plain timm state dict (optionally wrapped in ``{"state_dict": ...}`` / ``{"model": ...}`` and with a
   ``module.`` prefix left by DDP), e.g. one written by ``python -m ssl_zoo.export --to timm``; the
   architecture must then be named with ``backbone=``.
+
+Loading is two steps, :func:`read_backbone_weights` (file -> :class:`BackboneWeights`: a timm state dict plus
+what the checkpoint records about it) and :func:`backbone_from_weights` (-> a strictly loaded
+:class:`~ssl_zoo.models.Backbone`); :func:`load_backbone` runs both. A layout converter for other
+projects' checkpoints produces a :class:`BackboneWeights` and hands it to the second step.
 """
 
 from __future__ import annotations
 
+import glob
+import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ssl_zoo.models.backbones import Backbone
-from ssl_zoo.utils.safe_load import UnsafeCheckpointError, read_checkpoint
+from ssl_zoo.utils.safe_load import NotACheckpointError, UnsafeCheckpointError, read_checkpoint
 
 __all__ = [
     "STUDENT_PREFIX",
     "TEACHER_PREFIX",
     "BackboneWeights",
+    "NotACheckpointError",
     "UnsafeCheckpointError",
+    "backbone_from_weights",
     "describe_state_dict",
     "load_backbone",
     "read_backbone_weights",
@@ -51,6 +61,49 @@ class BackboneWeights:
     kwargs: dict[str, Any] = field(default_factory=dict)  # Backbone(name, **kwargs) of the pre-training run
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
     is_pretraining_checkpoint: bool = False
+    source: str = ""  # the file, for messages
+    teacher: bool = False  # the momentum / EMA teacher's weights rather than the student's
+
+    @property
+    def img_size(self) -> int | None:
+        """The input side the backbone was pre-trained at, where the checkpoint tells: the backbone's own
+        ``img_size`` argument (ViT / Swin), else the method's crop size (``img_size`` hyper-parameter, e.g. a
+        ResNet's), else, for a plain ViT state dict, its square position-embedding grid times the patch size."""
+        for value in (self.kwargs.get("img_size"), self.hyper_parameters.get("img_size")):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return _vit_img_size(self.state_dict)
+
+    @property
+    def patch_size(self) -> int | None:
+        """Pixels per side of one patch embedding (ViT / Swin), None for a ResNet."""
+        proj = self.state_dict.get("patch_embed.proj.weight")
+        return int(proj.shape[-1]) if proj is not None and proj.dim() == 4 else None
+
+
+def _vit_img_size(state_dict: Mapping[str, Tensor]) -> int | None:
+    """Side of a ViT's pre-training input from its ``pos_embed`` (class token + a square grid, or the grid
+    alone) and patch size; None for other architectures or grids that are not square."""
+    pos, proj = state_dict.get("pos_embed"), state_dict.get("patch_embed.proj.weight")
+    if pos is None or proj is None or pos.dim() != 3 or any(k.startswith("layers.") for k in state_dict):
+        return None
+    for prefix in (1, 0):  # 1 + k^2 is never a square, so the two readings cannot both fit
+        side = math.isqrt(pos.shape[1] - prefix)
+        if side > 0 and side * side == pos.shape[1] - prefix:
+            return side * int(proj.shape[-1])
+    return None
+
+
+def _missing_checkpoint(path: str) -> OSError:
+    """What to give instead of a checkpoint path that does not exist (or a run directory)."""
+    if os.path.isdir(path):
+        inside = [p for p in (Path(path) / "checkpoints" / "last.ckpt", Path(path) / "last.ckpt") if p.is_file()]
+        hint = f"give the file inside it, {inside[0]}" if inside else "give a checkpoint file"
+        return IsADirectoryError(f"checkpoint '{path}' is a directory: {hint}")
+    recent = sorted(glob.glob(os.path.join("runs", "*", "*", "checkpoints", "last.ckpt")), key=os.path.getmtime)
+    hint = (f"the newest here: {', '.join(reversed(recent[-3:]))}" if recent else
+            "`make pretrain METHOD=<method>` writes runs/<method>/<stamp>/checkpoints/last.ckpt")
+    return FileNotFoundError(f"checkpoint '{path}' does not exist ({hint})")
 
 
 def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -61,10 +114,15 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
     """Extract the student (default) or teacher backbone's timm state dict from a checkpoint file.
 
     Raises:
+        FileNotFoundError: no such file (the message lists the newest checkpoints under ``runs/``).
+        IsADirectoryError: a directory, e.g. a run directory (the message names its ``last.ckpt``).
+        NotACheckpointError: a file that is not a checkpoint (a config, an image, an empty file).
         ValueError: ``teacher=True`` for a checkpoint without a teacher, or a teacher requested from a plain
             state dict.
     """
     path = os.fspath(ckpt)
+    if not os.path.isfile(path):
+        raise _missing_checkpoint(path)
     obj = read_checkpoint(path)
     state = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else None
     if state is not None and any(k.startswith(STUDENT_PREFIX) for k in state):
@@ -78,7 +136,7 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
             )
         hparams = dict(obj.get("hyper_parameters") or {})
         return BackboneWeights(weights, hparams.get("backbone"), dict(hparams.get("backbone_kwargs") or {}),
-                               hparams, is_pretraining_checkpoint=True)
+                               hparams, is_pretraining_checkpoint=True, source=path, teacher=teacher)
     if teacher:
         raise ValueError(
             f"a teacher backbone was requested but '{path}' is not an ssl_zoo pre-training checkpoint "
@@ -94,7 +152,7 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
         raise ValueError(f"checkpoint '{path}' holds no tensors")
     if all(k.startswith("module.") for k in weights):  # saved from a DistributedDataParallel wrapper
         weights = _strip_prefix(weights, "module.")
-    return BackboneWeights(weights)
+    return BackboneWeights(weights, source=path)
 
 
 _RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> timm name
@@ -210,8 +268,34 @@ def load_backbone(
             one, and lists missing / unexpected / mis-shaped tensors), no backbone name for a plain state
             dict, or no teacher in the checkpoint.
     """
-    path = os.fspath(ckpt)
-    weights = read_backbone_weights(path, teacher=teacher)
+    return backbone_from_weights(read_backbone_weights(ckpt, teacher=teacher), backbone, backbone_kwargs)
+
+
+def backbone_kwargs_of(weights: BackboneWeights, backbone_kwargs: dict | None = None) -> dict[str, Any]:
+    """The :class:`Backbone` arguments to rebuild ``weights``' architecture: the pre-training run's, with
+    ``backbone_kwargs`` laid over them (``model_kwargs`` key by key, so that a new ``drop_rate`` keeps the
+    recorded ``window_size``). The ``pretrained`` initialisation file is dropped: the checkpoint replaces
+    those weights, and the file need not exist where the checkpoint is evaluated."""
+    merged = {k: v for k, v in weights.kwargs.items() if k != "pretrained"}
+    for key, value in (backbone_kwargs or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            value = {**merged[key], **value}
+        merged[key] = value
+    return merged
+
+
+def backbone_from_weights(
+    weights: BackboneWeights,
+    backbone: str | None = None,
+    backbone_kwargs: dict | None = None,
+) -> Backbone:
+    """The second step of :func:`load_backbone`: build the architecture and load ``weights`` strictly.
+
+    The architecture is the one the checkpoint records, unless ``backbone`` names one (which must then equal
+    it; a plain state dict records none). ``backbone_kwargs`` are laid over the recorded ones; a patch size
+    that differs from the weights' is refused by name, a new ``img_size`` resamples ViT position embeddings.
+    """
+    path = weights.source or "<state dict>"
     if weights.is_pretraining_checkpoint and weights.name and backbone and backbone != weights.name:
         raise ValueError(
             f"architecture mismatch: checkpoint '{path}' was pre-trained with backbone '{weights.name}' "
@@ -223,15 +307,18 @@ def load_backbone(
             f"checkpoint '{path}' is a plain state dict that does not record its architecture (it looks like "
             f"{describe_state_dict(weights.state_dict)}): pass backbone=<timm name>"
         )
-    kwargs = {**weights.kwargs, **(backbone_kwargs or {})}
+    kwargs = backbone_kwargs_of(weights, backbone_kwargs)
     model = Backbone(name, **kwargs)
     state_dict = _drop_classifier(weights.state_dict, model.model)
     state_dict = _resample_pos_embed(state_dict, model)
     own = model.model.state_dict()
     report = _mismatch_report(state_dict, own)
     if report:
+        which = "teacher" if weights.teacher else "student"
         found = weights.name if weights.is_pretraining_checkpoint and weights.name else describe_state_dict(state_dict)
-        which = "teacher" if teacher else "student"
+        if weights.patch_size is not None and model.family in ("vit", "swin") and model.patch_size != weights.patch_size:
+            report = (f"patch size {weights.patch_size} px in the checkpoint, {model.patch_size} px requested "
+                      f"(leave the patch size unset to use the checkpoint's); {report}")
         raise ValueError(
             f"architecture mismatch: the {which} weights in '{path}' (checkpoint architecture: {found}, "
             f"backbone_kwargs {weights.kwargs or {}}) do not fit the requested backbone '{name}' "

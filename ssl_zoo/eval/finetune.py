@@ -20,7 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, embed, split_batch
-from ssl_zoo.eval.module import EvalModule, build_eval_backbone
+from ssl_zoo.eval.module import EvalModule
 from ssl_zoo.eval.transforms import (
     SingleView,
     center_crop_transform,
@@ -54,7 +54,7 @@ class FineTune(EvalModule):
             fine-tunes from a random initialisation, the from-scratch baseline).
         num_classes: classes of the head; ``None`` = the data module's.
         multilabel: BCE + multi-label metrics; ``None`` = the data module's task.
-        img_size: input side (224).
+        img_size: input side; ``None`` = the checkpoint's pre-training resolution (224 without one).
         pooling: ``backbone`` (its own pooled embedding: ViT CLS token, ResNet/Swin average pool) or
             ``gap`` / ``gmp`` / ``gamp`` of the last map. BEiT averages the patch tokens and then applies a
             fresh LayerNorm; ``gap`` averages tokens that went through the pre-trained final norm.
@@ -81,10 +81,10 @@ class FineTune(EvalModule):
         ckpt: str | None = None,
         backbone: str | None = None,
         backbone_kwargs: dict | None = None,
-        teacher: bool = False,
+        teacher: bool | None = None,
         num_classes: int | None = None,
         multilabel: bool | None = None,
-        img_size: int = 224,
+        img_size: int | None = None,
         pooling: FeaturePoolingName = "backbone",
         drop_path_rate: float = 0.1,
         base_lr: float = 1e-3,
@@ -117,8 +117,7 @@ class FineTune(EvalModule):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"model.threshold must lie in [0, 1], got {threshold}")
         self.save_hyperparameters()
-        self.backbone = build_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size,
-                                            drop_path_rate=drop_path_rate)
+        self.backbone = self.build_backbone(drop_path_rate=drop_path_rate)
         self.head: nn.Module | None = None
         if num_classes is not None:
             self.build_head(num_classes)

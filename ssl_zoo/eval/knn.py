@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, embed, extract_features, split_batch
 from ssl_zoo.eval.metrics import multilabel_metrics
-from ssl_zoo.eval.module import EvalModule, build_eval_backbone, single_label_metrics
+from ssl_zoo.eval.module import EvalModule, single_label_metrics
 from ssl_zoo.eval.transforms import SingleView, center_crop_transform, resize_transform
 from ssl_zoo.models.backbones import Backbone
 
@@ -200,8 +200,8 @@ class KNNProbe(EvalModule):
         ckpt: str | None = None,
         backbone: str | None = None,
         backbone_kwargs: dict | None = None,
-        teacher: bool = False,
-        img_size: int = 224,
+        teacher: bool | None = None,
+        img_size: int | None = None,
         pooling: FeaturePoolingName = "backbone",
         k: int = 20,
         temperature: float = 0.07,
@@ -214,7 +214,7 @@ class KNNProbe(EvalModule):
         self.save_hyperparameters()
         self.hparams.num_classes = None
         self.hparams.multilabel = None
-        self.backbone = build_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size)
+        self.backbone = self.build_backbone()
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.head = nn.Identity()  # no trainable part; keeps EvalModule.setup from building one

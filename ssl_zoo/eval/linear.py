@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, embed, split_batch
-from ssl_zoo.eval.module import EvalModule, build_eval_backbone
+from ssl_zoo.eval.module import EvalModule
 from ssl_zoo.eval.optim import LARS
 from ssl_zoo.eval.transforms import (
     NoImage,
@@ -51,9 +51,11 @@ class LinearProbe(EvalModule):
         ckpt: pre-training checkpoint or timm state dict; ``None`` evaluates a randomly initialised backbone.
         backbone: timm name (required without ``ckpt``; must match the checkpoint's if given).
         backbone_kwargs: extra :class:`~ssl_zoo.models.Backbone` arguments over the checkpoint's.
-        teacher: evaluate the momentum / EMA teacher of the checkpoint instead of the student.
+        teacher: evaluate the momentum / EMA teacher of the checkpoint instead of the student (``None``: the
+            student, see :func:`~ssl_zoo.eval.module.resolve_eval_backbone`).
         num_classes: classes of the head; ``None`` = the data module's.
-        img_size: input side (224); ViT position embeddings are interpolated when it differs from pre-training.
+        img_size: input side; ``None`` = the checkpoint's pre-training resolution (224 without one). ViT
+            position embeddings are interpolated when it differs from pre-training.
         pooling: ``backbone`` (its own pooled embedding: ResNet average pool, ViT CLS token) or ``gap`` /
             ``gmp`` / ``gamp`` of the last feature map.
         batch_norm: BatchNorm1d without affine parameters (eps 1e-6) before the linear layer (MAE, MoCo v3).
@@ -73,9 +75,9 @@ class LinearProbe(EvalModule):
         ckpt: str | None = None,
         backbone: str | None = None,
         backbone_kwargs: dict | None = None,
-        teacher: bool = False,
+        teacher: bool | None = None,
         num_classes: int | None = None,
-        img_size: int = 224,
+        img_size: int | None = None,
         pooling: FeaturePoolingName = "backbone",
         batch_norm: bool = False,
         optimizer: Literal["sgd", "lars"] = "sgd",
@@ -93,13 +95,13 @@ class LinearProbe(EvalModule):
             raise ValueError(f"model.optimizer must be 'sgd' or 'lars', got '{optimizer}'")
         if base_lr <= 0:
             raise ValueError(f"model.base_lr must be > 0, got {base_lr}")
-        if img_size < 1:
+        if img_size is not None and img_size < 1:
             raise ValueError(f"model.img_size must be >= 1, got {img_size}")
         self.save_hyperparameters()
         if "multilabel" not in self.hparams:
             self.hparams.multilabel = False
         # ViT / Swin are built for the evaluation resolution (the Backbone ignores img_size for ResNets).
-        self.backbone = build_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size)
+        self.backbone = self.build_backbone()
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.head: nn.Module | None = None
@@ -232,9 +234,9 @@ class MultiLabelLinearProbe(LinearProbe):
         ckpt: str | None = None,
         backbone: str | None = None,
         backbone_kwargs: dict | None = None,
-        teacher: bool = False,
+        teacher: bool | None = None,
         num_classes: int | None = None,
-        img_size: int = 224,
+        img_size: int | None = None,
         pooling: FeaturePoolingName = "gamp",
         batch_norm: bool = False,
         optimizer: Literal["sgd", "lars"] = "sgd",

@@ -10,8 +10,10 @@ They run with the pre-training data modules and CLI:
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,35 +23,90 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from ssl_zoo.eval.checkpoint import load_backbone
+from ssl_zoo.eval.checkpoint import backbone_from_weights, backbone_kwargs_of, read_backbone_weights
 from ssl_zoo.eval.metrics import multilabel_metrics
 from ssl_zoo.eval.results import append_eval_record, make_eval_record, results_file_for
 from ssl_zoo.models.backbones import Backbone
 
-__all__ = ["EvalModule", "build_eval_backbone", "first_occurrences", "single_label_metrics"]
+__all__ = [
+    "DEFAULT_IMG_SIZE",
+    "EvalBackbone",
+    "EvalModule",
+    "build_eval_backbone",
+    "first_occurrences",
+    "resolve_eval_backbone",
+    "single_label_metrics",
+]
+
+#: Input side of an evaluation when neither the configuration nor the checkpoint gives one (the papers' 224).
+DEFAULT_IMG_SIZE = 224
+
+
+@dataclass
+class EvalBackbone:
+    """The backbone an evaluation runs, with the settings it was resolved to."""
+
+    backbone: Backbone
+    img_size: int  # input side of the evaluation transforms (ViT / Swin are built for it)
+    teacher: bool  # the checkpoint's momentum / EMA teacher rather than its student
+    kwargs: dict[str, Any]  # the Backbone arguments it was built with
+
+
+def resolve_eval_backbone(
+    ckpt: str | None,
+    backbone: str | None = None,
+    backbone_kwargs: dict | None = None,
+    teacher: bool | None = None,
+    img_size: int | None = None,
+    **overrides: Any,
+) -> EvalBackbone:
+    """The backbone to evaluate and its settings; what the configuration leaves unset (``None``) comes from
+    the checkpoint.
+
+    * architecture and its :class:`~ssl_zoo.models.Backbone` arguments (patch size, Swin window, depth):
+      the pre-training run's (:func:`~ssl_zoo.eval.checkpoint.backbone_from_weights`); an explicit
+      ``backbone`` or patch size that contradicts them is an error naming both;
+    * input side: ``img_size``, else ``backbone_kwargs["img_size"]``, else the pre-training resolution
+      (:attr:`~ssl_zoo.eval.checkpoint.BackboneWeights.img_size`), else 224; ViT position embeddings are
+      resampled when it differs from pre-training;
+    * weights: the student unless ``teacher`` is true. Every method here is evaluated on its student (the
+      online / query encoder: SimSiam and MoCo v2/v3 evaluate it, MVP's teacher is the frozen CLIP model,
+      HVP-MTL transfers the trained encoder), so ``None`` means the student.
+
+    Without ``ckpt`` the backbone is randomly initialised (the baseline every table needs) and ``backbone``
+    must name it. ``overrides`` (``drop_path_rate``) are laid over ``backbone_kwargs``; ``None`` values are
+    dropped so the checkpoint's own settings stay.
+    """
+    kwargs = {**(backbone_kwargs or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    teacher = bool(teacher)
+    if ckpt:
+        weights = read_backbone_weights(ckpt, teacher=teacher)
+        size = img_size or kwargs.get("img_size") or weights.img_size or DEFAULT_IMG_SIZE
+        kwargs["img_size"] = int(size)
+        model = backbone_from_weights(weights, backbone, kwargs)
+        return EvalBackbone(model, int(size), teacher, backbone_kwargs_of(weights, kwargs))
+    if backbone is None:
+        raise ValueError(
+            "model.backbone is unset and there is no model.ckpt: give the pre-training checkpoint to evaluate "
+            "(--model.init_args.ckpt runs/<name>/<stamp>/checkpoints/last.ckpt, or make <job> CKPT=...), or a "
+            "timm name for the randomly initialised baseline (--model.init_args.backbone resnet18)"
+        )
+    if teacher:
+        raise ValueError("model.teacher=true needs a pre-training checkpoint (model.ckpt)")
+    size = int(img_size or kwargs.get("img_size") or DEFAULT_IMG_SIZE)
+    kwargs["img_size"] = size
+    return EvalBackbone(Backbone(backbone, **kwargs), size, teacher, kwargs)
 
 
 def build_eval_backbone(
     ckpt: str | None,
     backbone: str | None,
     backbone_kwargs: dict | None,
-    teacher: bool,
+    teacher: bool | None,
     **overrides: Any,
 ) -> Backbone:
-    """The backbone to evaluate: loaded from ``ckpt`` (:func:`~ssl_zoo.eval.checkpoint.load_backbone`), or
-    randomly initialised when ``ckpt`` is ``None`` (the baseline every table needs).
-
-    ``overrides`` (``img_size``, ``drop_path_rate``) are laid over ``backbone_kwargs``; ``None`` values are
-    dropped so the checkpoint's own settings stay.
-    """
-    kwargs = {**(backbone_kwargs or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    if ckpt:
-        return load_backbone(ckpt, backbone=backbone, backbone_kwargs=kwargs, teacher=teacher)
-    if backbone is None:
-        raise ValueError("model.backbone (a timm name) is required when model.ckpt is None (random baseline)")
-    if teacher:
-        raise ValueError("model.teacher=true needs a pre-training checkpoint (model.ckpt)")
-    return Backbone(backbone, **kwargs)
+    """The backbone of :func:`resolve_eval_backbone` alone (``overrides`` may hold ``img_size``)."""
+    return resolve_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, **overrides).backbone
 
 
 def first_occurrences(index: Tensor) -> Tensor:
@@ -96,6 +153,34 @@ class EvalModule(LightningModule):
     def build_head(self, num_classes: int) -> None:
         raise NotImplementedError
 
+    def build_backbone(self, **overrides: Any) -> Backbone:
+        """The backbone of ``hparams`` ``ckpt``, ``backbone``, ``backbone_kwargs``, ``teacher`` and
+        ``img_size`` (:func:`resolve_eval_backbone`), with the settings it resolved written back to
+        ``hparams``: the transforms read the input side there, and the run's checkpoints and ``eval.json``
+        record what was evaluated (so an evaluation checkpoint loads like a pre-training one)."""
+        hp = self.hparams
+        resolved = resolve_eval_backbone(hp.ckpt, hp.backbone, hp.backbone_kwargs, hp.teacher,
+                                         img_size=hp.get("img_size"), **overrides)
+        hp.backbone, hp.backbone_kwargs = resolved.backbone.name, resolved.kwargs
+        hp.img_size, hp.teacher = resolved.img_size, resolved.teacher
+        return resolved.backbone
+
+    def align_eval_size(self, datamodule: Any) -> None:
+        """Give the data module's evaluation transform (``eval_size``) the probe's input side, unless the
+        configuration set it to another value, which is an error naming both."""
+        size = self.hparams.get("img_size")
+        current = getattr(datamodule, "eval_size", None)
+        if size is None or current is None or current == size:
+            return
+        declared = inspect.signature(type(datamodule).__init__).parameters.get("eval_size")
+        if declared is not None and current != declared.default:
+            raise ValueError(
+                f"data.eval_size={current} contradicts the evaluation input size {size} (model.img_size, taken "
+                f"from the checkpoint when unset): drop data.init_args.eval_size, or set "
+                f"--model.init_args.img_size {current} to evaluate at {current} px"
+            )
+        datamodule.eval_size = size
+
     @property
     def is_multilabel(self) -> bool:
         return bool(self.hparams.multilabel)
@@ -103,6 +188,8 @@ class EvalModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Take the class count and the task type from the data module, then build the head once."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.align_eval_size(datamodule)
         if datamodule is not None and hasattr(datamodule, "num_classes"):
             dm_multilabel = bool(getattr(datamodule, "multilabel", False))
             if self.hparams.multilabel is None:
