@@ -6,11 +6,17 @@ PYTHON := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.ssl_zoo-installed
 
+# The methods are the folders of experiments/ with a demo.yaml.
+METHODS := $(sort $(patsubst experiments/%/demo.yaml,%,$(wildcard experiments/*/demo.yaml)))
 METHOD ?= simsiam
 CONFIG ?= experiments/$(METHOD)/demo.yaml
 ARGS ?=
 DEMO ?= data/demo
+# Evaluation jobs: CKPT=<checkpoint> (the backbone and its settings come from it); without one, the randomly
+# initialised BACKBONE at IMG_SIZE px (the baseline).
 CKPT ?=
+BACKBONE ?=
+IMG_SIZE ?=
 SWEEP ?=
 # Scaling out (README "Scaling out"): GPUS per node and NODES override the config's trainer.devices / num_nodes;
 # NODES > 1 prints the sbatch command (SUBMIT=1 submits it); RESUME=1 continues the newest run of the config's
@@ -24,12 +30,27 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data pretrain linear gamp finetune knn sweep bench lint test test-fast test-ddp clean
+.PHONY: help install demo-data check-method pretrain linear gamp finetune knn sweep bench lint test test-fast test-ddp clean
 
 help:
-	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
-	@echo "             [GPUS=8] [NODES=2 (prints the sbatch command; SUBMIT=1 submits)] [RESUME=1]"
-	@echo "make test | test-fast | test-ddp | lint | bench | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
+	@echo "Pre-training:  make pretrain METHOD=<method> [CONFIG=experiments/<method>/<config>.yaml] [ARGS='--trainer.max_epochs 5']"
+	@echo "               [GPUS=8] [NODES=2 (prints the sbatch command; SUBMIT=1 submits it)] [RESUME=1]"
+	@echo "Methods and their configs (METHOD runs demo.yaml, CPU-sized; the others are paper configs for GPUs):"
+	@$(foreach m,$(METHODS),echo "  $(m): $(notdir $(wildcard experiments/$(m)/*.yaml))$(if $(wildcard experiments/$(m)/ablations/*.yaml), + ablations/*.yaml overlays)";)
+	@echo "Evaluation of a checkpoint of any method (backbone, settings and input size from the checkpoint):"
+	@echo "  make linear|gamp|finetune|knn CKPT=runs/<method>/<stamp>/checkpoints/last.ckpt [CONFIG=experiments/eval/<config>.yaml] [ARGS=...]"
+	@echo "  without CKPT: a randomly initialised BACKBONE=resnet18 at IMG_SIZE=64 (the baseline)"
+	@echo "  configs: $(notdir $(wildcard experiments/eval/*.yaml))"
+	@echo "Other jobs:    make sweep SWEEP=experiments/sweeps/<file>.yaml [LOCAL=1] [COUNT=N] | demo-data | bench"
+	@echo "Development:   make test | test-fast | test-ddp | lint"
+	@echo "More:          $(PYTHON) -m ssl_zoo --help (methods, configs, jobs); $(PYTHON) -m ssl_zoo fit --help (every option)"
+	@echo "Errors print one line and exit with status 2; SSL_ZOO_DEBUG=1 shows the traceback."
+
+# Fails before anything is installed or generated when METHOD names no method (and no CONFIG is given).
+check-method:
+	@if [ "$(CONFIG)" = "experiments/$(METHOD)/demo.yaml" ] && [ -z "$(filter $(METHOD),$(METHODS))" ]; then \
+		echo "error: unknown METHOD=$(METHOD); the methods are: $(METHODS) (experiments/<method>/demo.yaml; make help lists their configs)" >&2; exit 2; fi
+	@test -f "$(CONFIG)" || { echo "error: config '$(CONFIG)' not found (METHOD=$(METHOD)); make help lists the configs" >&2; exit 2; }
 
 # torch/torchvision are pinned and installed first (they come from local wheels where the machine has them);
 # constraints.txt pins the rest of the resolved environment for reproducible installs.
@@ -54,8 +75,7 @@ shell_quote = '$(subst ','\'',$(1))'
 SBATCH_CMD = NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) CONFIG=$(CONFIG) RESUME=$(if $(RESUME_FLAG),1,0) \
 	ARGS=$(call shell_quote,$(ARGS)) sbatch --nodes=$(NODES) --ntasks-per-node=$(GPUS_PER_NODE) \
 	--gpus-per-node=$(GPUS_PER_NODE) --output=$(SLURM_LOG_DIR)/%x-%j.out experiments/launch/slurm.sbatch
-pretrain: $(STAMP) $(DEMO)/.complete
-	@test -f $(CONFIG) || { echo "error: config '$(CONFIG)' not found (METHOD=$(METHOD)); see experiments/" >&2; exit 2; }
+pretrain: check-method $(STAMP) $(DEMO)/.complete
 ifeq ($(filter-out 1,$(NODES)),)
 	$(PYTHON) -m ssl_zoo fit --config $(CONFIG) $(DEVICE_FLAGS) $(RESUME_FLAG) $(ARGS)
 else
@@ -63,8 +83,10 @@ else
 	@$(if $(filter-out 0,$(SUBMIT)),mkdir -p $(SLURM_LOG_DIR) && $(SBATCH_CMD),echo "(not submitted: add SUBMIT=1, or run the line above on the cluster's login node)")
 endif
 
-# Evaluation jobs: CKPT=path/to/last.ckpt (empty = randomly initialised backbone, the baseline).
-EVAL_CKPT_ARG = $(if $(CKPT),--model.init_args.ckpt $(CKPT),)
+# Evaluation jobs: CKPT=path/to/last.ckpt; empty = the randomly initialised BACKBONE (resnet18) at IMG_SIZE (64).
+EVAL_CKPT_ARG = $(if $(CKPT),--model.init_args.ckpt $(CKPT) $(if $(BACKBONE),--model.init_args.backbone $(BACKBONE),) \
+	$(if $(IMG_SIZE),--model.init_args.img_size $(IMG_SIZE),),--model.init_args.backbone $(or $(BACKBONE),resnet18) \
+	--model.init_args.img_size $(or $(IMG_SIZE),64))
 linear: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo fit --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/linear_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
 gamp: $(STAMP) $(DEMO)/.complete

@@ -682,10 +682,10 @@ def test_misspelt_override_is_rejected(capsys):
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("--data.init_args.batch_size", "1.5", r'"batch_size":\s+Expected a <class \'int\'>. Got value: 1.5'),
-        ("--model.init_args.overlap", "wide", r'"overlap":\s+Expected a <class \'float\'>. Got value: wide'),
-        ("--data.init_args.on_bad_sample", "ignore", r'"on_bad_sample":.*ignore'),
-        ("--model.init_args.head_norm", "group", r'"head_norm":.*group'),
+        ("--data.init_args.batch_size", "1.5", r"data\.init_args\.batch_size: Expected a <class 'int'>\. Got value: 1\.5"),
+        ("--model.init_args.overlap", "wide", r"model\.init_args\.overlap: Expected a <class 'float'>\. Got value: wide"),
+        ("--data.init_args.on_bad_sample", "ignore", r"data\.init_args\.on_bad_sample: .*ignore"),
+        ("--model.init_args.head_norm", "group", r"model\.init_args\.head_norm: .*group"),
     ],
     ids=["batch_size", "overlap", "on_bad_sample", "head_norm"],
 )

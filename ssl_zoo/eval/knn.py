@@ -189,7 +189,8 @@ class KNNProbe(EvalModule):
         ckpt, backbone, backbone_kwargs, teacher, img_size, pooling: as
             :class:`~ssl_zoo.eval.linear.LinearProbe`.
         k, temperature: DINO's 20 and 0.07.
-        max_train_samples: cap of the bank (an evenly spaced subset); ``None`` = the whole training split.
+        max_train_samples: cap of the bank (an evenly spaced subset); ``None`` = the whole training split
+            (one batch under ``fast_dev_run``).
         threshold: decision threshold of the multi-label metrics.
     """
 
@@ -245,6 +246,8 @@ class KNNProbe(EvalModule):
         datamodule = self.trainer.datamodule
         dataset = datamodule.labelled_dataset("train", transform=self.eval_image_transform())
         cap = self.hparams.max_train_samples
+        if self.trainer.fast_dev_run:  # a debug run: one batch of bank, as FinalKNNProbe does
+            cap = min(cap or datamodule.batch_size, datamodule.batch_size)
         if cap is not None and cap < len(dataset):
             dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, cap).long().tolist())
         loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)

@@ -109,6 +109,16 @@ def build_eval_backbone(
     return resolve_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, **overrides).backbone
 
 
+def _declared_default(cls: type, name: str) -> Any:
+    """The default of ``cls(name=...)``, looked up the class tree (``**kwargs`` hands arguments on)."""
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        parameter = inspect.signature(init).parameters.get(name) if init is not None else None
+        if parameter is not None:
+            return parameter.default
+    return inspect.Parameter.empty
+
+
 def first_occurrences(index: Tensor) -> Tensor:
     """Positions of the first occurrence of each distinct value of ``index`` ``[N]``, in ascending value order.
 
@@ -172,8 +182,8 @@ class EvalModule(LightningModule):
         current = getattr(datamodule, "eval_size", None)
         if size is None or current is None or current == size:
             return
-        declared = inspect.signature(type(datamodule).__init__).parameters.get("eval_size")
-        if declared is not None and current != declared.default:
+        default = _declared_default(type(datamodule), "eval_size")
+        if default is not inspect.Parameter.empty and current != default:
             raise ValueError(
                 f"data.eval_size={current} contradicts the evaluation input size {size} (model.img_size, taken "
                 f"from the checkpoint when unset): drop data.init_args.eval_size, or set "
