@@ -167,6 +167,24 @@ def test_settings_come_from_the_checkpoint_unless_given(tmp_path):
     assert read_backbone_weights(plain).img_size == 32
 
 
+def test_an_evaluation_checkpoint_records_what_it_evaluated(tmp_path):
+    """The resolved settings are written to the probe's hyper-parameters, so its own checkpoint (the same
+    ``backbone.model.*`` layout) loads as a backbone again, e.g. to run kNN on a fine-tuned network."""
+    from ssl_zoo.eval import FineTune
+    from ssl_zoo.eval.checkpoint import load_backbone
+
+    tuned = FineTune(ckpt=str(_vit_checkpoint(tmp_path / "last.ckpt")), num_classes=3)
+    assert (tuned.hparams.backbone, tuned.hparams.img_size, tuned.hparams.teacher) == ("vit_tiny_patch16_224", 32,
+                                                                                     False)
+    with torch.no_grad():
+        tuned.backbone.model.norm.weight.add_(1.0)  # as training would change it
+    path = tmp_path / "finetune.ckpt"
+    torch.save({"state_dict": tuned.state_dict(), "hyper_parameters": dict(tuned.hparams)}, path)
+    reloaded = load_backbone(path)
+    assert len(reloaded.model.blocks) == 2
+    assert all(torch.equal(v, tuned.backbone.model.state_dict()[k]) for k, v in reloaded.model.state_dict().items())
+
+
 def test_contradicting_the_checkpoint_names_both(tmp_path):
     ckpt = _vit_checkpoint(tmp_path / "last.ckpt")
     with pytest.raises(ValueError, match=r"'vit_tiny_patch16_224' but backbone 'vit_small_patch16_224' was requested"):
