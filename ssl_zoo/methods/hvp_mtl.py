@@ -60,7 +60,7 @@ from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.query2label import Query2LabelDecoder
-from ssl_zoo.utils.ema import init_teacher, update_ema
+from ssl_zoo.utils.ema import OncePerOptimizerStep, init_teacher, update_ema
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
 
 __all__ = ["HVPMTL", "label_similarity"]
@@ -232,7 +232,7 @@ class HVPMTL(LightningModule):
         if alpha_mom > 0:
             self.teacher_backbone = init_teacher(self.backbone).eval()
             self.teacher_decoder = init_teacher(self.decoder).eval()
-        self._ema_step: int | None = None
+        self._ema_due = OncePerOptimizerStep()
 
     def _check_img_size(self, img_size: int) -> None:
         if self.backbone.family == "resnet":
@@ -386,15 +386,11 @@ class HVPMTL(LightningModule):
         update_ema(self.teacher_decoder, self.decoder, m)
 
     def on_train_start(self) -> None:
-        self._ema_step = self.global_step
+        self._ema_due.start(self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimiser step: with gradient accumulation, batches that did not step leave the student
-        # unchanged and must not move the teacher towards it again.
-        if self._ema_step is not None and self.global_step == self._ema_step:
-            return
-        self._ema_step = self.global_step
-        self.update_teacher()
+        if self._ema_due(self.global_step):  # once per optimiser step, also under gradient accumulation
+            self.update_teacher()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

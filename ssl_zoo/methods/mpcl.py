@@ -46,7 +46,7 @@ from ssl_zoo.models import Backbone, MLPHead
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.heads import NORM_LAYERS, norm_layer_by_name
 from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
-from ssl_zoo.utils.ema import cosine_schedule, init_teacher, update_ema
+from ssl_zoo.utils.ema import OncePerOptimizerStep, cosine_schedule, init_teacher, update_ema
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
 
 __all__ = ["MPCL", "batch_shuffle", "batch_unshuffle"]
@@ -279,6 +279,7 @@ class MPCL(LightningModule):
         self.register_buffer("ptb_correct", torch.zeros(num_projectors))  # correct queries this epoch
         self.register_buffer("ptb_count", torch.zeros(()))  # queries this epoch (per projector)
         self._total_steps: int | None = None
+        self._ema_due = OncePerOptimizerStep()
 
     # ------------------------------------------------------------------ data hooks
     def min_batch_size(self) -> tuple[int, str]:
@@ -439,14 +440,17 @@ class MPCL(LightningModule):
 
     def on_train_start(self) -> None:
         self._total_steps = int(self.trainer.estimated_stepping_batches)
+        self._ema_due.start(self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """theta_xi <- m * theta_xi + (1 - m) * theta_theta after each optimiser step (MoCo Eq. 2).
 
         MoCo updates the key encoder just before computing the keys of the next batch; updating right
-        after the optimiser step is the same sequence of weights. (With gradient accumulation the update
-        runs after every micro-batch; the MoCo recipes do not accumulate.)
+        after the optimiser step is the same sequence of weights. With gradient accumulation, the micro-batches
+        that did not step leave the student unchanged and do not move the teacher.
         """
+        if not self._ema_due(self.global_step):
+            return
         total = self._total_steps if self._total_steps is not None else 1
         m = self.ema_momentum_at(self.global_step, total)
         update_ema(self.teacher_backbone, self.backbone, m)
