@@ -91,7 +91,9 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
-        if img_size is not None and not name.startswith("resnet"):
+        # ResNets take any input size and timm's ResNet constructor has no img_size (any name of timm's
+        # resnet module: resnet50, seresnet50, resnext50_32x4d, test_resnet ...).
+        if img_size is not None and not timm.models.is_model_in_modules(name, ["resnet"]):
             kwargs["img_size"] = img_size
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
