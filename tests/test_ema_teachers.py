@@ -112,3 +112,42 @@ def test_every_teacher_module_is_an_ema_of_its_student_once_per_optimizer_step(c
                                            msg=lambda msg, n=f"{teacher}.{name}": f"{n}: {msg}")
                 moves += int(not torch.equal(t_after, t_before))
     assert moves > 0  # the student did train and the teachers did follow
+
+
+# ---------------------------------------------------------------------- the same rule without a Trainer (fast)
+def _tiny_hvp() -> HVPMTL:
+    return _hvp(num_classes=4)
+
+
+@pytest.mark.parametrize("build", [lambda: _mpcl("mocov2"), lambda: _mpcl("mocov3"), _tiny_hvp],
+                         ids=["mpcl_mocov2", "mpcl_mocov3", "hvp_mtl"])
+def test_one_step_moves_every_teacher_module_by_the_ema_rule(build):
+    torch.manual_seed(0)
+    module = build()
+    module.log = lambda *args, **kwargs: None
+    pairs = PAIRS[type(module)]
+    for teacher, _ in pairs:  # a teacher distinct from its student, so that the update is visible
+        with torch.no_grad():
+            for p in getattr(module, teacher).parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    before = {t: {n: p.clone() for n, p in getattr(module, t).named_parameters()} for t, _ in pairs}
+    with torch.no_grad():  # stands in for an optimiser step of the student
+        for _, student in pairs:
+            for p in getattr(module, student).parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    module.on_train_batch_end(None, None, 0)  # no trainer: global_step 0, total steps 1
+    for teacher, student in pairs:
+        s_params = dict(getattr(module, student).named_parameters())
+        for name, t in getattr(module, teacher).named_parameters():
+            m = _momentum(module, 0, 1)
+            torch.testing.assert_close(t, m * before[teacher][name] + (1 - m) * s_params[name],
+                                       msg=lambda msg, n=f"{teacher}.{name}": f"{n}: {msg}")
+
+
+def test_the_gate_opens_once_per_optimizer_step():
+    from ssl_zoo.utils.ema import OncePerOptimizerStep
+
+    gate = OncePerOptimizerStep()
+    assert gate(0) and gate(0)  # before start(): always open (hooks called without a trainer)
+    gate.start(5)  # a run resumed after 5 steps
+    assert [gate(step) for step in (5, 6, 6, 6, 7, 7)] == [False, True, False, False, True, False]

@@ -103,7 +103,9 @@ class OncePerOptimizerStep:
 
     def __call__(self, global_step: int) -> bool:
         """True when ``global_step`` is new since the last call that returned True."""
-        if self.last_step is not None and global_step == self.last_step:
+        if self.last_step is None:
+            return True
+        if global_step == self.last_step:
             return False
         self.last_step = global_step
         return True
