@@ -117,6 +117,18 @@ def test_coco_targets_follow_ascending_category_ids(tmp_path):
     assert dataset[0][1].max() <= 1  # items are copies of the table
 
 
+def test_coco_annotated_only_drops_background_only_images(tmp_path):
+    root, ann, data = _coco_fixture(tmp_path)
+    _, _, targets = _coco_reference(data)
+    dataset = CocoMultiLabel(root, ann, annotated_only=True)
+    annotated = sorted({a["image_id"] for a in data["annotations"]})
+    assert dataset.image_ids == annotated == [7, 42]
+    for index, image_id in enumerate(dataset.image_ids):  # targets and pixels stay with their image
+        image, target = dataset[index]
+        assert target.tolist() == targets[image_id]
+        assert pixels(image)[0, 0].tolist() == list(colour_of(image_id))
+
+
 # ============================================================================ Tencent ML-Images
 def test_parse_tencent_line_forms():
     assert parse_tencent_line("17382017900_f7152f6e1c_o.jpg\t940:0.8\t860:0.8\t17:1\t1:1\n") == (

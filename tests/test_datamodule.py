@@ -1,5 +1,8 @@
 """Data modules: every format of the demo data through the same loaders, the view-transform hook, errors."""
 
+import json
+import os
+
 import pytest
 import torch
 from torchvision.transforms import v2 as T
@@ -61,3 +64,23 @@ def test_transform_must_return_views(demo_root):
     dm.setup("fit")
     with pytest.raises(TypeError, match="'views'"):
         dm.train_set[0]
+
+
+def test_coco_annotated_only_on_the_demo_data(demo_root):
+    """The demo's background-only images are dropped from both splits; labels stay with their images."""
+    for split in ("train", "val"):
+        with open(os.path.join(demo_root, "annotations", f"instances_{split}2017.json")) as f:
+            data = json.load(f)
+        annotated = {a["image_id"] for a in data["annotations"]}
+        file_of = {im["id"]: im["file_name"] for im in data["images"]}
+        kept_files = sorted(file_of[i] for i in annotated)
+        everything = CocoDataModule(root=demo_root, num_workers=0).labelled_dataset(split)
+        only = CocoDataModule(root=demo_root, num_workers=0, annotated_only=True).labelled_dataset(split)
+        assert len(everything) == len(data["images"])
+        assert sorted(os.path.basename(p) for p in only.paths) == kept_files
+        if split == "train":
+            assert len(only) < len(everything)  # the demo data does hold background-only images
+        assert bool(only.targets.any(dim=1).all())
+        rows = {i: r for i, r in zip(everything.image_ids, everything.targets, strict=True)}
+        for image_id, target in zip(only.image_ids, only.targets, strict=True):
+            assert torch.equal(target, rows[image_id])
