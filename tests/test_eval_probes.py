@@ -277,6 +277,50 @@ def test_probe_requires_a_backbone_without_checkpoint():
         LinearProbe(backbone="resnet18", pooling="avg")
 
 
+def _three_bands(width: int = 96, height: int = 32):
+    """A wide image: a red band on the left quarter, blue on the right quarter, green between."""
+    from PIL import Image
+
+    pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+    pixels[:, : width // 4, 0] = 255
+    pixels[:, width // 4 : 3 * width // 4, 1] = 255
+    pixels[:, 3 * width // 4 :, 2] = 255
+    return Image.fromarray(pixels.numpy())
+
+
+def _colours(view: torch.Tensor) -> list[int]:
+    """The dominant channel (0 red, 1 green, 2 blue) of each column of a normalised view ``[1, 3, S, S]``."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    image = view[0] * std + mean  # [3, S, S] in [0, 1]
+    return image.mean(dim=1).argmax(dim=0).tolist()  # [S]
+
+
+def test_multilabel_probe_crops():
+    """Squash keeps the whole image (both side bands), the centre crop cuts them away, RandomResizedCrop
+    trains on random parts of the image, squash training only flips the whole image."""
+    from ssl_zoo.eval.linear import MultiLabelLinearProbe
+
+    image = _three_bands()
+    squash = MultiLabelLinearProbe(backbone="resnet18", img_size=32)
+    columns = _colours(squash.val_transform()(image)["views"])
+    assert columns[0] == 0 and columns[-1] == 2 and columns[16] == 1
+
+    cropped = MultiLabelLinearProbe(backbone="resnet18", img_size=32, val_crop="center_crop",
+                                    train_crop="random_resized_crop")
+    view = cropped.val_transform()(image)["views"]
+    assert view.shape == (1, 3, 32, 32)
+    assert set(_colours(view)) == {1}  # 96x32 -> short side 37 (111x37) -> the middle 32 columns: green only
+
+    torch.manual_seed(0)
+    whole = [_colours(squash.train_transform()(image)["views"]) for _ in range(8)]
+    assert all(c in (columns, columns[::-1]) for c in whole)
+    crops = [_colours(cropped.train_transform()(image)["views"]) for _ in range(8)]
+    assert any(c not in (columns, columns[::-1]) for c in crops)
+    with pytest.raises(ValueError, match="model.train_crop"):
+        MultiLabelLinearProbe(backbone="resnet18", train_crop="center_crop")
+
+
 def test_linear_probe_refuses_multilabel_data(demo_root, tmp_path):
     with pytest.raises(ValueError, match="MultiLabelLinearProbe"):
         main(["fit", "--config", str(ROOT / "experiments/eval/linear_demo.yaml"), "--trainer.fast_dev_run", "1",
