@@ -9,8 +9,8 @@ settings the paper used, which a test checks against the resolved config chain::
       - id: Table 4
         caption: <the paper's caption, shortened>
         rows:
-          - name: gamma=0.2
-            pretrain: [experiments/bam_ia/r50_coco_paper.yaml, experiments/bam_ia/ablations/overlap_0.2.yaml]
+          - name: gamma=0.3
+            pretrain: [experiments/bam_ia/r50_coco_paper.yaml, experiments/bam_ia/ablations/overlap_0.3.yaml]
             eval: [experiments/eval/gamp_coco_224.yaml]
             paper: {mAP: 61.3}
             settings: {trainer.max_epochs: 100, model.init_args.ia_loss: none, global_batch: 128}
