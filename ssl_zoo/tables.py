@@ -325,6 +325,8 @@ def check_manifest(manifest: Manifest, root: str | Path = ".") -> list[str]:
 def _eval_subcommand(eval_chain: Sequence[str], root: str | Path) -> str:
     """``validate`` for the kNN protocol (nothing to train), ``fit`` for every other evaluation."""
     for config in eval_chain:
+        if not (Path(root) / config).is_file():  # reported by --check; the command is still printed
+            continue
         model = (yaml.safe_load((Path(root) / config).read_text()) or {}).get("model") or {}
         if str(model.get("class_path", "")).endswith("KNNProbe"):
             return "validate"
@@ -358,6 +360,8 @@ def row_commands(row: Row, root: str | Path = ".") -> list[str]:
 def _eval_names(row: Row, root: str | Path) -> set[str]:
     names = set()
     for config in row.eval:
+        if not (Path(root) / config).is_file():
+            continue
         doc = yaml.safe_load((Path(root) / config).read_text()) or {}
         if doc.get("name"):
             names.add(str(doc["name"]))
