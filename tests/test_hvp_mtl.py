@@ -445,31 +445,38 @@ def test_train_transform_masks_the_patch_grid():
 
 
 # ---------------------------------------------------------------------- configs and the CLI
-CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "tables.yaml")  # the manifest: test_tables.py
 PAPER = {"swinb_tencentml_30ep.yaml": "swin_base_patch4_window7_224", "vitb_tencentml_30ep.yaml": "vit_base_patch16_224",
          "swint_tencentml_30ep.yaml": "swin_tiny_patch4_window7_224",
          "swins_tencentml_30ep.yaml": "swin_small_patch4_window7_224"}
-ABLATIONS = {f"no_{t}.yaml": t for t in ALPHAS}
+# Overlays: the loss-term ablations of Table 5 (on ViT-B) and the multi-label-only baseline of Table 6, each with
+# the alphas it runs.
+PAPER_ALPHAS = {"mcls": 0.001, "cl": 0.02, "mim": 1.0, "mom": 10.0}
+OVERLAYS = {**{f"ablations/no_{t}.yaml": {**PAPER_ALPHAS, t: 0.0} for t in ALPHAS},
+            "baselines/mcls_only.yaml": {"mcls": 1.0, "cl": 0.0, "mim": 0.0, "mom": 0.0}}
+VITB = EXPERIMENTS / "vitb_tencentml_30ep.yaml"
 
 
 def test_every_config_is_known():
     names = {str(p.relative_to(EXPERIMENTS)) for p in CONFIGS}
-    assert names == {"demo.yaml", *PAPER, *(f"ablations/{a}" for a in ABLATIONS)}
+    assert names == {"demo.yaml", *PAPER, *OVERLAYS}
 
 
-def _parse(config: Path) -> dict:
+def _parse(*configs: Path) -> dict:
     from ssl_zoo.cli import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *(arg for c in configs for arg in ("--config", str(c))), "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(buf.getvalue())
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_config_parses_and_builds(config):
-    cfg = _parse(config)
+    """Every config (an overlay on the ViT-B paper config, as Table 5 runs them) builds the paper's settings."""
+    overlay = str(config.relative_to(EXPERIMENTS)) in OVERLAYS
+    cfg = _parse(VITB, config) if overlay else _parse(config)
     assert cfg["model"]["class_path"] == "ssl_zoo.methods.HVPMTL"
     assert cfg["data"]["class_path"].endswith("TencentMLDataModule")
     init = cfg["model"]["init_args"]
@@ -489,11 +496,19 @@ def test_config_parses_and_builds(config):
     assert (hp.base_lr, hp.lr_reference, hp.weight_decay, hp.warmup_epochs) == (1e-4, 1024, 0.05, 5)
     assert hp.base_lr * hp.final_lr_ratio == pytest.approx(1e-7)
     assert (hp.num_prototypes, hp.ema_momentum, hp.num_classes) == (3000, 0.995, 11166)
-    removed = ABLATIONS.get(config.name)
-    expected_alphas = {t: 0.0 if t == removed else v for t, v in
-                       {"mcls": 0.001, "cl": 0.02, "mim": 1.0, "mom": 10.0}.items()}
-    assert model.alphas == expected_alphas
-    assert hp.backbone == PAPER.get(config.name, "swin_base_patch4_window7_224")
+    assert (hp.distill_temperature, hp.freeze_prototypes_niters) == (1.0, 313)  # Eq. 6 has no temperature; SwAV
+    assert model.alphas == OVERLAYS.get(str(config.relative_to(EXPERIMENTS)), PAPER_ALPHAS)
+    assert hp.backbone == ("vit_base_patch16_224" if overlay else PAPER[config.name])
+    # Tencent ML-Images as released: the ImageNet-id list and the Open Images URL list, each with its own images.
+    data = cfg["data"]["init_args"]
+    for split in ("train", "val"):
+        assert data[f"{split}_list"] is None
+        assert [entry["list_file"] for entry in data[f"{split}_lists"]] == [
+            f"{split}_image_id_from_imagenet.txt", f"{split}_urls_from_openimages.txt"]
+        assert len({entry["image_root"] for entry in data[f"{split}_lists"]}) == 2
+    assert data["url_file_name"] == "parent_basename"
+    if overlay:
+        assert cfg["name"] != "hvp_mtl_vitb_tencentml_30ep"  # its own run directory
 
 
 @pytest.mark.slow
