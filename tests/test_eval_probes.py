@@ -346,7 +346,8 @@ def test_eval_configs_exist():
     names = {p.name for p in EVAL_CONFIGS}
     assert {"linear_demo.yaml", "gamp_demo.yaml", "finetune_demo.yaml", "linear_mocov2.yaml",
             "linear_mae_mvp.yaml", "gamp_coco_224.yaml", "gamp_coco_448.yaml", "finetune_vitb_mvp.yaml",
-            "finetune_swinb_hvp_simmim.yaml", "finetune_vitb_hvp_simmim.yaml"} <= names
+            "finetune_swinb_hvp_simmim.yaml", "finetune_swins_hvp_simmim.yaml", "finetune_swint_hvp_simmim.yaml",
+            "finetune_vitb_hvp_simmim.yaml"} <= names
 
 
 @pytest.mark.slow
