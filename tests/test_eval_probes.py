@@ -329,7 +329,8 @@ def _cli_args(config_path: Path, demo_root: str, tmp_path: Path, *extra: str) ->
     args = ["--config", str(config_path), "--data.init_args.root", _data_root(config, demo_root),
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+            "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+            "--trainer.precision", "32-true",
             "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
             "--model.init_args.backbone", "vit_tiny_patch16_224" if vit else "resnet18",
             "--model.init_args.img_size", "32"]

@@ -263,8 +263,8 @@ def test_sinkhorn_clamp_share_is_logged():
     np.testing.assert_allclose(logged["train/sinkhorn_clamped"].item(), clamped / total, rtol=1e-6)
 
 
-@pytest.mark.parametrize("frozen_steps", [2, 0])
-def test_prototypes_are_frozen_for_the_first_steps(frozen_steps, tmp_path):
+@pytest.mark.parametrize("frozen_steps, steps", [(2, 3), (0, 1)])
+def test_prototypes_are_frozen_for_the_first_steps(frozen_steps, steps, tmp_path):
     """SwAV: the prototypes get no update during the first freeze_prototypes_niters optimiser steps (their
     gradient is dropped; they still take part in the forward pass, so the rest of the network trains)."""
     from lightning.pytorch import Callback, Trainer
@@ -284,10 +284,11 @@ def test_prototypes_are_frozen_for_the_first_steps(frozen_steps, tmp_path):
     start = model.prototypes.weight.detach().clone()
     projector_start = next(model.cluster_projector.parameters()).detach().clone()
     record = Record()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                       callbacks=[record])
-    trainer.fit(model, train_dataloaders=DataLoader([_batch(4, seed=s) for s in range(3)], batch_size=None))
+    trainer.fit(model, train_dataloaders=DataLoader([_batch(4, seed=s) for s in range(steps)], batch_size=None))
+    assert len(record.prototypes) == steps
     for step, (prototypes, projector) in enumerate(zip(record.prototypes, record.projector, strict=True)):
         assert not torch.equal(projector, projector_start), step  # the projection MLP trains from step 1
         moved = (prototypes - start).abs().max().item()
@@ -522,7 +523,7 @@ def test_demo_fast_dev_run_through_the_cli(demo_root, tmp_path, monkeypatch):
                 # 2 of the 12 blocks: the wiring is what is tested, CPU time is scarce.
                 "--model.init_args.backbone_kwargs", '{"img_size": 64, "model_kwargs": {"depth": 2}}'])
     metrics = cli.trainer.callback_metrics
-    for key in ("loss", "loss_mcls", "loss_cl", "loss_mim", "loss_mom", "z_std"):
+    for key in ("loss", "loss_mcls", "loss_cl", "loss_mim", "loss_mom", "z_std", "sinkhorn_clamped"):
         assert torch.isfinite(metrics[f"train/{key}"]), key
     model = cli.model
     # One optimiser step moved the student; the teacher followed by (1 - m) only, so the two now differ.

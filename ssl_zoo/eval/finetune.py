@@ -12,7 +12,6 @@ towards 0.5) and reports the multi-label metrics.
 from __future__ import annotations
 
 import inspect
-import re
 
 import timm
 import timm.data
@@ -58,7 +57,7 @@ def _swin_patch_merging_with_previous_block(model: nn.Module, ids: dict[str, int
     decay step higher. Other models are returned unchanged."""
     if not type(model).__name__.startswith("SwinTransformer"):
         return ids
-    return {n: i - 1 if re.match(r"layers\.\d+\.downsample\.", n) else i for n, i in ids.items()}
+    return {n: i - 1 if n.startswith("layers.") and n.split(".")[2] == "downsample" else i for n, i in ids.items()}
 
 
 class FineTune(EvalModule):
