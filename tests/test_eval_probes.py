@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from ssl_zoo.cli import main
 from ssl_zoo.data import ImageFolderDataModule
 from ssl_zoo.eval.checkpoint import UnsafeCheckpointError, describe_state_dict, load_backbone
-from ssl_zoo.eval.finetune import FineTune
+from ssl_zoo.eval.finetune import FineTune, layer_ids
 from ssl_zoo.eval.knn import KNNMonitor
 from ssl_zoo.eval.linear import LinearProbe
 from ssl_zoo.eval.module import first_occurrences
@@ -270,11 +270,87 @@ def test_finetune_layer_decay_follows_beit():
     assert len(scale_of) == sum(1 for _ in model.parameters())  # every parameter is optimised once
 
 
+def _simmim_swin_layer(name: str, depths: list[int]) -> int:
+    """SimMIM's optimizer.get_swin_layer on timm parameter names (timm's layers.{i}.downsample is SimMIM's
+    layers.{i-1}.downsample: the patch merging that ends stage i - 1)."""
+    parts = name.split(".")
+    if name.startswith("patch_embed"):
+        return 0
+    if parts[0] == "layers" and parts[2] == "downsample":
+        return sum(depths[: int(parts[1])])
+    if parts[0] == "layers" and parts[2] == "blocks":
+        return sum(depths[: int(parts[1])]) + int(parts[3]) + 1
+    return sum(depths) + 1  # final norm and head
+
+
+def test_finetune_layer_decay_follows_simmim_for_swin():
+    """Swin layer ids as SimMIM fine-tunes them: l = 0 patch embedding, blocks counted across stages, patch
+    merging with the block before it, L + 1 the final norm and head; lr scale decay^(L + 1 - l)."""
+    depths = [1, 2, 1, 1]
+    model = FineTune(backbone="swin_tiny_patch4_window7_224", img_size=32, num_classes=5, layer_decay=0.5,
+                     backbone_kwargs={"model_kwargs": {"depths": depths, "embed_dim": 24, "num_heads": [1, 1, 1, 1],
+                                                       "window_size": 1}})
+    swin = model.backbone.model
+    ids = layer_ids(swin)
+    assert any("downsample" in n for n in ids)
+    for name, _ in swin.named_parameters():
+        assert ids[name] == _simmim_swin_layer(name, depths), name
+    scale_of = {id(p): g["lr_scale"] for g in model.param_groups(lr=1.0) for p in g["params"]}
+    top = sum(depths) + 1
+    for name, param in swin.named_parameters():
+        assert scale_of[id(param)] == pytest.approx(0.5 ** (top - _simmim_swin_layer(name, depths))), name
+    assert scale_of[id(model.head.weight)] == 1.0
+
+
 def test_probe_requires_a_backbone_without_checkpoint():
     with pytest.raises(ValueError, match="model.backbone"):
         LinearProbe()
     with pytest.raises(ValueError, match="model.pooling"):
         LinearProbe(backbone="resnet18", pooling="avg")
+
+
+def _three_bands(width: int = 96, height: int = 32):
+    """A wide image: a red band on the left quarter, blue on the right quarter, green between."""
+    from PIL import Image
+
+    pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+    pixels[:, : width // 4, 0] = 255
+    pixels[:, width // 4 : 3 * width // 4, 1] = 255
+    pixels[:, 3 * width // 4 :, 2] = 255
+    return Image.fromarray(pixels.numpy())
+
+
+def _colours(view: torch.Tensor) -> list[int]:
+    """The dominant channel (0 red, 1 green, 2 blue) of each column of a normalised view ``[1, 3, S, S]``."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    image = view[0] * std + mean  # [3, S, S] in [0, 1]
+    return image.mean(dim=1).argmax(dim=0).tolist()  # [S]
+
+
+def test_multilabel_probe_crops():
+    """Squash keeps the whole image (both side bands), the centre crop cuts them away, RandomResizedCrop
+    trains on random parts of the image, squash training only flips the whole image."""
+    from ssl_zoo.eval.linear import MultiLabelLinearProbe
+
+    image = _three_bands()
+    squash = MultiLabelLinearProbe(backbone="resnet18", img_size=32)
+    columns = _colours(squash.val_transform()(image)["views"])
+    assert columns[0] == 0 and columns[-1] == 2 and columns[16] == 1
+
+    cropped = MultiLabelLinearProbe(backbone="resnet18", img_size=32, val_crop="center_crop",
+                                    train_crop="random_resized_crop")
+    view = cropped.val_transform()(image)["views"]
+    assert view.shape == (1, 3, 32, 32)
+    assert set(_colours(view)) == {1}  # 96x32 -> short side 37 (111x37) -> the middle 32 columns: green only
+
+    torch.manual_seed(0)
+    whole = [_colours(squash.train_transform()(image)["views"]) for _ in range(8)]
+    assert all(c in (columns, columns[::-1]) for c in whole)
+    crops = [_colours(cropped.train_transform()(image)["views"]) for _ in range(8)]
+    assert any(c not in (columns, columns[::-1]) for c in crops)
+    with pytest.raises(ValueError, match="model.train_crop"):
+        MultiLabelLinearProbe(backbone="resnet18", train_crop="center_crop")
 
 
 def test_linear_probe_refuses_multilabel_data(demo_root, tmp_path):
@@ -297,7 +373,8 @@ def _cli_args(config_path: Path, demo_root: str, tmp_path: Path, *extra: str) ->
     args = ["--config", str(config_path), "--data.init_args.root", _data_root(config, demo_root),
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+            "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+            "--trainer.precision", "32-true",
             "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
             "--model.init_args.backbone", "vit_tiny_patch16_224" if vit else "resnet18",
             "--model.init_args.img_size", "32"]
@@ -313,7 +390,9 @@ def _subcommand(config_path: Path) -> str:
 def test_eval_configs_exist():
     names = {p.name for p in EVAL_CONFIGS}
     assert {"linear_demo.yaml", "gamp_demo.yaml", "finetune_demo.yaml", "linear_mocov2.yaml",
-            "linear_mae_mvp.yaml", "gamp_coco_224.yaml", "gamp_coco_448.yaml", "finetune_vitb_mvp.yaml"} <= names
+            "linear_mae_mvp.yaml", "gamp_coco_224.yaml", "gamp_coco_448.yaml", "finetune_vitb_mvp.yaml",
+            "finetune_swinb_hvp_simmim.yaml", "finetune_swins_hvp_simmim.yaml", "finetune_swint_hvp_simmim.yaml",
+            "finetune_vitb_hvp_simmim.yaml"} <= names
 
 
 @pytest.mark.slow

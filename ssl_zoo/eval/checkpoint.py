@@ -7,9 +7,9 @@ checkpoint can never run code on the machine that evaluates it:
   under ``backbone.model.<timm key>`` and, for momentum / EMA methods, the teacher under
   ``teacher_backbone.model.<timm key>``; ``hyper_parameters`` names the architecture (``backbone``) and
   its constructor arguments (``backbone_kwargs``);
-* a plain timm state dict (optionally wrapped in ``{"state_dict": ...}`` / ``{"model": ...}`` and with a
-  ``module.`` prefix left by DDP), e.g. one written by ``python -m ssl_zoo.export --to timm``; the
-  architecture must then be named with ``backbone=``.
+* a public checkpoint of another codebase (SimSiam, MoCo v1/v2/v3, DINO, MAE, BEiT) or a plain timm /
+  torchvision state dict (e.g. one written by ``python -m ssl_zoo.export --to timm``), converted to timm keys
+  by :func:`ssl_zoo.eval.convert.convert_checkpoint`; the architecture must then be named with ``backbone=``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
 from ssl_zoo.models.backbones import Backbone
 from ssl_zoo.utils.safe_load import UnsafeCheckpointError, read_checkpoint
 
@@ -31,6 +32,7 @@ __all__ = [
     "STUDENT_PREFIX",
     "TEACHER_PREFIX",
     "BackboneWeights",
+    "UnknownCheckpointLayout",
     "UnsafeCheckpointError",
     "describe_state_dict",
     "load_backbone",
@@ -61,8 +63,10 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
     """Extract the student (default) or teacher backbone's timm state dict from a checkpoint file.
 
     Raises:
-        ValueError: ``teacher=True`` for a checkpoint without a teacher, or a teacher requested from a plain
-            state dict.
+        ValueError: ``teacher=True`` for a checkpoint without a teacher (an ssl_zoo method without one, or a
+            public layout with one model only).
+        UnknownCheckpointLayout: a file in none of the layouts :mod:`ssl_zoo.eval.convert` knows; the message
+            lists its top-level keys and tensor key prefixes.
     """
     path = os.fspath(ckpt)
     obj = read_checkpoint(path)
@@ -79,22 +83,8 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
         hparams = dict(obj.get("hyper_parameters") or {})
         return BackboneWeights(weights, hparams.get("backbone"), dict(hparams.get("backbone_kwargs") or {}),
                                hparams, is_pretraining_checkpoint=True)
-    if teacher:
-        raise ValueError(
-            f"a teacher backbone was requested but '{path}' is not an ssl_zoo pre-training checkpoint "
-            f"(no '{STUDENT_PREFIX}*' keys in its state_dict), so it holds one model only"
-        )
-    # Plain state dict, maybe wrapped (Lightning-less trainers, timm, torchvision-style {"model": ...}).
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    weights = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not weights:
-        raise ValueError(f"checkpoint '{path}' holds no tensors")
-    if all(k.startswith("module.") for k in weights):  # saved from a DistributedDataParallel wrapper
-        weights = _strip_prefix(weights, "module.")
-    return BackboneWeights(weights)
+    # Any other file: a public layout (SimSiam, MoCo, DINO, MAE / BEiT, timm, torchvision) -> timm keys.
+    return BackboneWeights(convert_checkpoint(obj, source=path, teacher=teacher).state_dict)
 
 
 _RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> timm name

@@ -36,14 +36,28 @@ def layer_ids(model: nn.Module) -> dict[str, int]:
     """BEiT / MAE layer ids of a timm model's parameters: 0 embeddings, 1..L blocks, L + 1 the rest.
 
     The blocks come from timm's ``group_matcher(coarse=False)`` (ViT blocks, Swin blocks, ResNet blocks);
-    the final norm (``norm``/``fc_norm``) and any head are put after the last block.
+    the final norm (``norm``/``fc_norm``) and any head are put after the last block; a Swin patch-merging
+    layer goes with the block before it, as SimMIM's fine-tuning numbers it.
     """
     from timm.models import group_parameters
 
     ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     after = ("norm.", "fc_norm.", "head.", "fc.")
     last = max((i for n, i in ids.items() if not n.startswith(after)), default=0) + 1
-    return {n: (last if n.startswith(after) else ids.get(n, last)) for n, _ in model.named_parameters()}
+    out = {n: (last if n.startswith(after) else ids.get(n, last)) for n, _ in model.named_parameters()}
+    return _swin_patch_merging_with_previous_block(model, out)
+
+
+def _swin_patch_merging_with_previous_block(model: nn.Module, ids: dict[str, int]) -> dict[str, int]:
+    """Swin: a patch-merging layer takes the id of the block *before* it, as SimMIM numbers them
+    (``optimizer.get_swin_layer``: ``layers.i.downsample`` -> ``sum(depths[:i + 1])``, the last block of stage i).
+
+    SimMIM's Swin merges patches at the end of a stage; timm's does it at the start of the next one
+    (``layers.{i+1}.downsample``), so ``group_matcher`` numbers it with that stage's first block, one
+    decay step higher. Other models are returned unchanged."""
+    if not type(model).__name__.startswith("SwinTransformer"):
+        return ids
+    return {n: i - 1 if n.startswith("layers.") and n.split(".")[2] == "downsample" else i for n, i in ids.items()}
 
 
 class FineTune(EvalModule):

@@ -8,6 +8,7 @@ both read through :func:`read_checkpoint`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from typing import Any
@@ -38,7 +39,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
         return dict(load_file(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # DINO, MAE and BEiT training scripts save their command line as an ``argparse.Namespace`` next to the
+        # weights; unpickling one only sets attributes, whose values stay restricted like everything else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsafeCheckpointError(
