@@ -11,8 +11,9 @@ from ssl_zoo.cli import main, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
+MANIFEST = "tables.yaml"  # a paper's table manifest (ssl_zoo.tables), checked by tests/test_tables.py
 CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
-                 if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts))
+                 if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts) and p.name != MANIFEST)
 DEMOS = [p for p in CONFIGS if p.name == "demo.yaml" and p.parent.name != "eval"]
 
 
@@ -28,7 +29,7 @@ def _is_overlay(config: Path) -> bool:
 def _base_of(overlay: Path) -> Path:
     """The method's first paper config (``experiments/<m>/ablations/x.yaml`` -> ``experiments/<m>/<paper>.yaml``)."""
     method_dir = overlay.parent.parent
-    return next(p for p in sorted(method_dir.glob("*.yaml")) if not p.name.startswith("demo"))
+    return next(p for p in sorted(method_dir.glob("*.yaml")) if not p.name.startswith("demo") and p.name != MANIFEST)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))

@@ -25,6 +25,7 @@ from ssl_zoo.models import Backbone
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "experiments" / "eval").glob("*.yaml"))
 TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
+TINY_BEIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}  # BEiT model_kwargs of the same size
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -293,15 +294,19 @@ def _data_root(config: dict, demo_root: str) -> str:
 def _cli_args(config_path: Path, demo_root: str, tmp_path: Path, *extra: str) -> list[str]:
     config = yaml.safe_load(config_path.read_text())
     init = config["model"]["init_args"]
-    vit = "vit" in str(init.get("backbone", ""))
+    name = str(init.get("backbone", ""))
+    beit, vit = "beit" in name, "vit" in name
+    tiny = "beit_base_patch16_224" if beit else "vit_tiny_patch16_224" if vit else "resnet18"
     args = ["--config", str(config_path), "--data.init_args.root", _data_root(config, demo_root),
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
             "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
             "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--model.init_args.backbone", "vit_tiny_patch16_224" if vit else "resnet18",
-            "--model.init_args.img_size", "32"]
-    if vit:
+            "--model.init_args.backbone", tiny, "--model.init_args.img_size", "32"]
+    if beit:  # a 2-block, 192-wide BEiT in the config's layout
+        model_kwargs = {**((init.get("backbone_kwargs") or {}).get("model_kwargs") or {}), **TINY_BEIT}
+        args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": model_kwargs})]
+    elif vit:
         args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": TINY_VIT["model_kwargs"]})]
     return [*args, *extra]
 

@@ -250,7 +250,7 @@ def test_train_transform_matches_the_student_grid():
 
 
 # ---------------------------------------------------------------------------------------- configs
-CONFIGS = sorted((ROOT / "experiments" / "mvp").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "experiments" / "mvp").glob("*.yaml") if p.name != "tables.yaml")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
