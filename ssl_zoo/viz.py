@@ -118,7 +118,7 @@ def cls_attention(backbone: Backbone, images: Tensor, block: int = -1) -> Tensor
 
 def colorize(maps: Tensor) -> np.ndarray:
     """``[..., h, w]`` maps -> ``uint8 [..., h, w, 3]`` viridis colours, each map min-max normalised alone."""
-    flat = maps.double().flatten(-2)
+    flat = maps.detach().cpu().double().flatten(-2)
     low, high = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
     unit = ((flat - low) / (high - low).clamp(min=1e-12)).reshape(maps.shape).numpy()
     position = unit * (len(VIRIDIS) - 1)
