@@ -190,6 +190,27 @@ def test_beit_mean_pooling_head_loads_a_pretraining_checkpoint(tmp_path):
         torch.testing.assert_close(model(x), model.head(pooled), rtol=1e-5, atol=1e-5)
 
 
+def test_beit_state_dict_saved_by_beits_own_code_loads(tmp_path):
+    """BEiT's code saves the relative_position_index buffers (timm recomputes them): they are dropped."""
+    ckpt = tmp_path / "mvp" / "last.ckpt"
+    student = make_beit_pretraining_checkpoint(ckpt)
+    state = dict(student.model.state_dict())
+    state["rel_pos_bias.relative_position_index"] = student.model.rel_pos_bias.relative_position_index.clone()
+    plain = tmp_path / "beit.pth"
+    torch.save({"model": state}, plain)
+    kwargs = {"img_size": 32, "model_kwargs": {**BEIT_PRETRAIN, **BEIT_FINETUNE["model_kwargs"]}}
+    model = FineTune(ckpt=str(plain), backbone="beit_base_patch16_224", backbone_kwargs=kwargs, num_classes=3,
+                     img_size=32, use_mean_pooling=True)
+    table = student.model.rel_pos_bias.relative_position_bias_table
+    assert torch.equal(model.backbone.model.blocks[1].attn.relative_position_bias_table, table)
+    state["rel_pos_bias.relative_position_index"] += 1  # a wrong index would be recomputed too, never loaded
+    torch.save({"model": state}, plain)
+    again = FineTune(ckpt=str(plain), backbone="beit_base_patch16_224", backbone_kwargs=kwargs, num_classes=3,
+                     img_size=32, use_mean_pooling=True)
+    assert torch.equal(again.backbone.model.blocks[0].attn.relative_position_index,
+                       model.backbone.model.blocks[0].attn.relative_position_index)
+
+
 def test_mean_pooling_head_on_a_vit_and_its_errors(tmp_path):
     ckpt = tmp_path / "vit.ckpt"
     student, _ = make_pretraining_checkpoint(ckpt, name="vit_tiny_patch16_224", teacher=False,

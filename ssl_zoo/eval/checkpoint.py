@@ -185,9 +185,16 @@ def _adapt_beit_layout(state_dict: dict[str, Tensor], own: Mapping[str, Tensor])
       from BEiT pre-training's shared one (checkpoint: ``rel_pos_bias.relative_position_bias_table``): the
       shared table is copied into every block.
 
+    Also drops the ``relative_position_index`` buffers that BEiT's own code saves (timm recomputes them and
+    does not save them, as timm's BEiT checkpoint filter drops them).
+
     Returns the adapted state dict and a description of each change (empty when none applied).
     """
     changes = []
+    stale = [k for k in state_dict if k.endswith("relative_position_index") and k not in own]
+    if stale:
+        state_dict = {k: v for k, v in state_dict.items() if k not in stale}
+        changes.append(f"{len(stale)} saved relative_position_index buffers dropped (recomputed)")
     if ("fc_norm.weight" in own and "fc_norm.weight" not in state_dict
             and "norm.weight" in state_dict and "norm.weight" not in own):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
