@@ -77,7 +77,8 @@ class MVP(LightningModule):
         warmup_lr: lr of the first warmup step, rising linearly to the peak (BEiT's ``--warmup_lr`` 1e-6;
             BEiT's pre-training script declares it but does not pass it to its scheduler, so its code warms
             up from 0, which ``0`` reproduces).
-        min_lr: lr the cosine decays to (BEiT's ``--min_lr`` 1e-5; absolute, not scaled with the batch).
+        min_lr: lr the cosine decays to (BEiT's ``--min_lr`` 1e-5; absolute, not scaled with the batch; with a
+            tiny batch whose scaled peak lr is below it the cosine rises to it, as BEiT's scheduler does).
         compile: ``torch.compile`` the backbone's blocks (regional compilation, see
             :mod:`ssl_zoo.models.acceleration`); off by default, compiling takes minutes on a CPU.
         channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
