@@ -5,6 +5,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,6 +26,7 @@ from ssl_zoo.models import Backbone
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "experiments" / "eval").glob("*.yaml"))
 TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
+TINY_BEIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}  # BEiT model_kwargs of the same size
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -136,6 +138,146 @@ def test_vit_position_embeddings_resampled_to_a_new_resolution(tmp_path):
     torch.testing.assert_close(loaded.model.pos_embed[:, :1], student.model.pos_embed[:, :1])  # CLS kept
     assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, student.model.blocks[0].attn.qkv.weight)
     assert loaded(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+
+
+# --------------------------------------------------------------------------------------------- BEiT fine-tuning
+BEIT_PRETRAIN = {**TINY_BEIT, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
+                 "use_abs_pos_emb": False, "global_pool": "token"}  # BEiT / MVP pre-training layout
+BEIT_FINETUNE = {"model_kwargs": {"use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}}
+
+
+def make_beit_pretraining_checkpoint(path: Path) -> Backbone:
+    """An MVP-style checkpoint of a tiny BEiT (shared relative position bias with non-zero entries)."""
+    torch.manual_seed(0)
+    student = Backbone("beit_base_patch16_224", img_size=32, model_kwargs=BEIT_PRETRAIN)
+    with torch.no_grad():
+        student.model.rel_pos_bias.relative_position_bias_table.normal_()
+        student.model.norm.weight.uniform_(0.5, 1.5)  # a trained final norm, which fine-tuning must drop
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in student.state_dict().items()},
+                "hyper_parameters": {"backbone": "beit_base_patch16_224",
+                                     "backbone_kwargs": {"img_size": 32, "model_kwargs": BEIT_PRETRAIN}}}, path)
+    return student
+
+
+def test_beit_mean_pooling_head_loads_a_pretraining_checkpoint(tmp_path):
+    ckpt = tmp_path / "mvp" / "last.ckpt"
+    student = make_beit_pretraining_checkpoint(ckpt)
+    model = FineTune(ckpt=str(ckpt), num_classes=5, img_size=32, use_mean_pooling=True,
+                     backbone_kwargs=BEIT_FINETUNE).eval()
+    vit, pre = model.backbone.model, student.model
+    assert isinstance(vit.norm, torch.nn.Identity) and isinstance(vit.fc_norm, torch.nn.LayerNorm)
+    assert torch.equal(vit.fc_norm.weight, torch.ones(192)) and torch.equal(vit.fc_norm.bias, torch.zeros(192))
+    assert vit.rel_pos_bias is None  # BEiT fine-tuning: one table per block, each the pre-trained shared one
+    shared = pre.rel_pos_bias.relative_position_bias_table
+    for block in vit.blocks:
+        assert torch.equal(block.attn.relative_position_bias_table, shared)
+    fresh_or_copied = {"fc_norm.weight", "fc_norm.bias"} | {
+        f"blocks.{i}.attn.relative_position_bias_table" for i in range(len(vit.blocks))}
+    pre_state = pre.state_dict()
+    for key, value in vit.state_dict().items():  # everything else, layer scale included, is the checkpoint's
+        if key not in fresh_or_copied:
+            assert torch.equal(value, pre_state[key]), key
+    # Brute force: the pre-training model's tokens before its final norm, patch tokens averaged, a fresh
+    # LayerNorm (eps 1e-6, BEiT's), then the linear head.
+    x = torch.randn(3, 3, 32, 32)
+    seen = {}
+    handle = pre.norm.register_forward_pre_hook(lambda _m, args: seen.setdefault("tokens", args[0]))
+    with torch.no_grad():
+        pre.eval().forward_features(x)
+        handle.remove()
+        pooled = torch.nn.functional.layer_norm(seen["tokens"][:, 1:].mean(1), (192,), eps=1e-6)
+        torch.testing.assert_close(model(x), model.head(pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_beit_state_dict_saved_by_beits_own_code_loads(tmp_path):
+    """BEiT's code saves the relative_position_index buffers (timm recomputes them): they are dropped."""
+    ckpt = tmp_path / "mvp" / "last.ckpt"
+    student = make_beit_pretraining_checkpoint(ckpt)
+    state = dict(student.model.state_dict())
+    state["rel_pos_bias.relative_position_index"] = student.model.rel_pos_bias.relative_position_index.clone()
+    plain = tmp_path / "beit.pth"
+    torch.save({"model": state}, plain)
+    kwargs = {"img_size": 32, "model_kwargs": {**BEIT_PRETRAIN, **BEIT_FINETUNE["model_kwargs"]}}
+    model = FineTune(ckpt=str(plain), backbone="beit_base_patch16_224", backbone_kwargs=kwargs, num_classes=3,
+                     img_size=32, use_mean_pooling=True)
+    table = student.model.rel_pos_bias.relative_position_bias_table
+    assert torch.equal(model.backbone.model.blocks[1].attn.relative_position_bias_table, table)
+    state["rel_pos_bias.relative_position_index"] += 1  # a wrong index would be recomputed too, never loaded
+    torch.save({"model": state}, plain)
+    again = FineTune(ckpt=str(plain), backbone="beit_base_patch16_224", backbone_kwargs=kwargs, num_classes=3,
+                     img_size=32, use_mean_pooling=True)
+    assert torch.equal(again.backbone.model.blocks[0].attn.relative_position_index,
+                       model.backbone.model.blocks[0].attn.relative_position_index)
+
+
+def test_mean_pooling_head_on_a_vit_and_its_errors(tmp_path):
+    ckpt = tmp_path / "vit.ckpt"
+    student, _ = make_pretraining_checkpoint(ckpt, name="vit_tiny_patch16_224", teacher=False,
+                                             backbone_kwargs={**TINY_VIT, "model_kwargs": {"depth": 2, "init_values": 0.1}})
+    model = FineTune(ckpt=str(ckpt), num_classes=3, img_size=32, use_mean_pooling=True)
+    vit = model.backbone.model
+    assert isinstance(vit.norm, torch.nn.Identity) and vit.global_pool == "avg"
+    # the recorded model_kwargs (layer scale) survive the head option's model_kwargs
+    assert torch.equal(vit.blocks[0].ls1.gamma, student.model.blocks[0].ls1.gamma)
+    with pytest.raises(ValueError, match="use_mean_pooling needs model.pooling 'backbone'"):
+        FineTune(backbone="vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, use_mean_pooling=True, pooling="gap")
+    with pytest.raises(ValueError, match="fc_norm"):
+        FineTune(backbone="resnet18", use_mean_pooling=True)
+
+
+def test_merge_backbone_kwargs_merges_model_kwargs_key_by_key():
+    from ssl_zoo.eval.checkpoint import merge_backbone_kwargs
+
+    recorded = {"img_size": 224, "drop_path_rate": 0.1, "model_kwargs": {"init_values": 0.1, "global_pool": "token"}}
+    merged = merge_backbone_kwargs(recorded, {"img_size": 32, "model_kwargs": {"global_pool": "avg"}})
+    assert merged == {"img_size": 32, "drop_path_rate": 0.1,
+                      "model_kwargs": {"init_values": 0.1, "global_pool": "avg"}}
+    assert merge_backbone_kwargs(recorded, None) == recorded and recorded["model_kwargs"]["global_pool"] == "token"
+
+
+def test_describe_state_dict_recognises_beit():
+    shared = Backbone("beit_base_patch16_224", img_size=32, model_kwargs=BEIT_PRETRAIN).model.state_dict()
+    assert describe_state_dict(shared).startswith("a BEiT (embed dim 192, 2 blocks, patch 16, shared")
+
+
+def test_bicubic_evaluation_resize_is_pils_bicubic_then_centre_crop():
+    from PIL import Image as PILImage
+
+    from ssl_zoo.data.datamodule import eval_transform
+
+    rng = np.random.default_rng(0)
+    image = PILImage.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    out = center_crop_transform(32, interpolation="bicubic")(image)
+    short = int(round(32 / 0.875))  # 37: BEiT's int(224 / (224 / 256)) at 224 px
+    long = int(short * 70 / 50)  # torchvision (and so BEiT) truncates the long side
+    resized = np.asarray(image.resize((long, short), PILImage.Resampling.BICUBIC), dtype=np.float32)
+    top, left = int(round((short - 32) / 2)), int(round((resized.shape[1] - 32) / 2))
+    crop = torch.from_numpy(resized[top : top + 32, left : left + 32] / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(out, (crop - mean) / std, rtol=0, atol=1e-5)
+    bilinear = center_crop_transform(32)(image)
+    torch.testing.assert_close(bilinear, eval_transform(32)(image))  # the default is unchanged
+    assert not torch.allclose(out, bilinear)
+    model = FineTune(backbone="resnet18", num_classes=3, img_size=32, val_interpolation="bicubic")
+    model.hparams.multilabel = False
+    torch.testing.assert_close(model.val_transform()(image)["views"][0], out)
+    with pytest.raises(ValueError, match="val_interpolation"):
+        FineTune(backbone="resnet18", val_interpolation="lanczos")
+
+
+@pytest.mark.slow
+def test_beit_finetune_config_fast_dev_run_from_a_pretraining_checkpoint(demo_root, tmp_path):
+    ckpt = tmp_path / "mvp" / "20260101-000000" / "checkpoints" / "last.ckpt"
+    make_beit_pretraining_checkpoint(ckpt)
+    config = ROOT / "experiments" / "eval" / "finetune_vitb_mvp.yaml"
+    cli = main(["fit", *_cli_args(config, demo_root, tmp_path / "eval", "--model.init_args.ckpt", str(ckpt),
+                                  "--trainer.fast_dev_run", "1")])
+    vit = cli.model.backbone.model
+    assert isinstance(vit.fc_norm, torch.nn.LayerNorm) and isinstance(vit.norm, torch.nn.Identity)
+    assert vit.rel_pos_bias is None and vit.blocks[0].attn.relative_position_bias_table is not None
+    assert cli.trainer.callback_metrics["train/loss"].isfinite()
+    assert "val/top1" in cli.trainer.callback_metrics
 
 
 class _Payload:
@@ -369,16 +511,20 @@ def _data_root(config: dict, demo_root: str) -> str:
 def _cli_args(config_path: Path, demo_root: str, tmp_path: Path, *extra: str) -> list[str]:
     config = yaml.safe_load(config_path.read_text())
     init = config["model"]["init_args"]
-    vit = "vit" in str(init.get("backbone", ""))
+    name = str(init.get("backbone", ""))
+    beit, vit = "beit" in name, "vit" in name
+    tiny = "beit_base_patch16_224" if beit else "vit_tiny_patch16_224" if vit else "resnet18"
     args = ["--config", str(config_path), "--data.init_args.root", _data_root(config, demo_root),
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
             "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
             "--trainer.precision", "32-true",
             "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--model.init_args.backbone", "vit_tiny_patch16_224" if vit else "resnet18",
-            "--model.init_args.img_size", "32"]
-    if vit:
+            "--model.init_args.backbone", tiny, "--model.init_args.img_size", "32"]
+    if beit:  # a 2-block, 192-wide BEiT in the config's layout
+        model_kwargs = {**((init.get("backbone_kwargs") or {}).get("model_kwargs") or {}), **TINY_BEIT}
+        args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": model_kwargs})]
+    elif vit:
         args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": TINY_VIT["model_kwargs"]})]
     return [*args, *extra]
 

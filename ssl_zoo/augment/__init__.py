@@ -5,7 +5,7 @@ Transforms take one decoded PIL image and return ``dict[str, Tensor]`` with at l
 """
 
 from ssl_zoo.augment.blocks import BlockwiseAugmentation, block_boxes, shuffle_pairs
-from ssl_zoo.augment.masking import BlockwiseMaskGenerator, RandomPatchMaskGenerator
+from ssl_zoo.augment.masking import BEiTMaskGenerator, BlockwiseMaskGenerator, RandomPatchMaskGenerator
 from ssl_zoo.augment.views import (
     CLIP_MEAN,
     CLIP_STD,
@@ -31,6 +31,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NORMALIZATIONS",
+    "BEiTMaskGenerator",
     "BlockwiseAugmentation",
     "BlockwiseMaskGenerator",
     "HVPTransform",

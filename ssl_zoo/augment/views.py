@@ -27,7 +27,7 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_zoo.augment.masking import BlockwiseMaskGenerator, RandomPatchMaskGenerator
+from ssl_zoo.augment.masking import BEiTMaskGenerator, BlockwiseMaskGenerator, RandomPatchMaskGenerator
 
 __all__ = [
     "CLIP_MEAN",
@@ -199,6 +199,10 @@ def mocov3_transform(
     )
 
 
+#: MVP's block-wise mask samplers by name (``MVPTransform(mask_sampling=...)``).
+MASK_SAMPLERS = {"exact": BlockwiseMaskGenerator, "beit": BEiTMaskGenerator}
+
+
 class MVPTransform:
     """MVP's input pipeline (MVP §3.2, following BEiT §2.5 / its data pipeline).
 
@@ -218,6 +222,9 @@ class MVPTransform:
         min_scale: lower bound of the crop's area fraction (0.08, BEiT).
         color_jitter: ColorJitter strength for brightness, contrast and saturation applied before the
             crop (BEiT uses 0.4); 0 disables it. Both views see the same jitter.
+        mask_sampling: ``exact`` (:class:`~ssl_zoo.augment.BlockwiseMaskGenerator`: every mask has exactly
+            ``num_masking_patches`` patches) or ``beit`` (:class:`~ssl_zoo.augment.BEiTMaskGenerator`, BEiT's
+            own sampler: at most that many, small last rectangles, gives up after 10 failed draws).
     """
 
     def __init__(
@@ -228,6 +235,7 @@ class MVPTransform:
         min_num_patches: int = 16,
         min_scale: float = 0.08,
         color_jitter: float = 0.0,
+        mask_sampling: Literal["exact", "beit"] = "exact",
     ) -> None:
         _check_size(size)
         _check_size(patch_size, "patch_size")
@@ -236,6 +244,8 @@ class MVPTransform:
             raise ValueError(f"size={size} must be divisible by patch_size={patch_size}")
         if color_jitter < 0:
             raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+        if mask_sampling not in MASK_SAMPLERS:
+            raise ValueError(f"mask_sampling must be one of {sorted(MASK_SAMPLERS)}, got {mask_sampling!r}")
         grid = size // patch_size
         jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
         # BEiT crops with bicubic interpolation for the 224 px input.
@@ -249,7 +259,7 @@ class MVPTransform:
         )
         self.student_normalize = normalize_transform("imagenet")
         self.teacher_normalize = normalize_transform("clip")
-        self.mask_generator = BlockwiseMaskGenerator(
+        self.mask_generator = MASK_SAMPLERS[mask_sampling](
             input_size=(grid, grid), num_masking_patches=num_masking_patches, min_num_patches=min_num_patches
         )
 

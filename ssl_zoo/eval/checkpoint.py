@@ -14,6 +14,7 @@ checkpoint can never run code on the machine that evaluates it:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -36,9 +37,12 @@ __all__ = [
     "UnsafeCheckpointError",
     "describe_state_dict",
     "load_backbone",
+    "merge_backbone_kwargs",
     "read_backbone_weights",
     "read_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
 
 STUDENT_PREFIX = "backbone.model."
 TEACHER_PREFIX = "teacher_backbone.model."
@@ -121,6 +125,10 @@ def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
         depth = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
         pos = state_dict.get("pos_embed")
         size = _VIT_SIZES.get(dim)
+        if any("relative_position_bias_table" in k for k in keys):  # BEiT: relative position biases
+            shared = "shared" if "rel_pos_bias.relative_position_bias_table" in state_dict else "per-block"
+            guess = f"beit_{size}_patch{patch}" if size and depth in (12, 24) else "a BEiT"
+            return f"{guess} (embed dim {dim}, {depth} blocks, patch {patch}, {shared} relative position bias)"
         guess = f"vit_{size}_patch{patch}" if size and depth in (12, 24, 32) else "a ViT"
         grid = f", {pos.shape[1]} positions" if pos is not None else ""
         return f"{guess} (embed dim {dim}, {depth} blocks, patch {patch}{grid})"
@@ -158,6 +166,49 @@ def _resample_pos_embed(state_dict: dict[str, Tensor], backbone: Backbone) -> di
     return {**state_dict, "pos_embed": resampled}
 
 
+def _adapt_beit_layout(state_dict: dict[str, Tensor], own: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Map a pre-training layout onto BEiT's fine-tuning layout, as BEiT's ``run_class_finetuning.py`` does:
+
+    * mean pooling with ``fc_norm`` (model: ``fc_norm.*``, no ``norm.*``; checkpoint: ``norm.*``, no
+      ``fc_norm.*``): the pre-trained final norm is dropped and ``fc_norm`` keeps its fresh initialisation;
+    * one relative position bias table per block (model: ``blocks.i.attn.relative_position_bias_table``)
+      from BEiT pre-training's shared one (checkpoint: ``rel_pos_bias.relative_position_bias_table``): the
+      shared table is copied into every block.
+
+    Also drops the ``relative_position_index`` buffers that BEiT's own code saves (timm recomputes them and
+    does not save them, as timm's BEiT checkpoint filter drops them).
+
+    Returns the adapted state dict and a description of each change (empty when none applied).
+    """
+    changes = []
+    stale = [k for k in state_dict if k.endswith("relative_position_index") and k not in own]
+    if stale:
+        state_dict = {k: v for k, v in state_dict.items() if k not in stale}
+        changes.append(f"{len(stale)} saved relative_position_index buffers dropped (recomputed)")
+    if ("fc_norm.weight" in own and "fc_norm.weight" not in state_dict
+            and "norm.weight" in state_dict and "norm.weight" not in own):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
+        state_dict.update({k: v for k, v in own.items() if k.startswith("fc_norm.")})
+        changes.append("final norm dropped, fresh fc_norm after mean pooling")
+    shared = "rel_pos_bias.relative_position_bias_table"
+    per_block = [k for k in own if re.fullmatch(r"blocks\.\d+\.attn\.relative_position_bias_table", k)]
+    if shared in state_dict and shared not in own and per_block and not any(k in state_dict for k in per_block):
+        table = state_dict[shared]
+        state_dict = {k: v for k, v in state_dict.items() if k != shared}
+        state_dict.update({k: table.clone() for k in per_block})
+        changes.append(f"shared relative position bias copied into {len(per_block)} blocks")
+    return state_dict, changes
+
+
+def merge_backbone_kwargs(recorded: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:class:`Backbone` arguments of the pre-training run with ``overrides`` laid over them; ``model_kwargs``
+    are merged key by key, so that e.g. a fine-tuning head option keeps the recorded layer scale."""
+    merged = {**recorded, **(overrides or {})}
+    if isinstance(recorded.get("model_kwargs"), Mapping) and isinstance((overrides or {}).get("model_kwargs"), Mapping):
+        merged["model_kwargs"] = {**recorded["model_kwargs"], **overrides["model_kwargs"]}
+    return merged
+
+
 def _mismatch_report(state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -186,8 +237,10 @@ def load_backbone(
         backbone: timm model name. Optional for pre-training checkpoints (the recorded name is used; if
             given it must equal it); required for plain state dicts.
         backbone_kwargs: :class:`Backbone` arguments laid over the pre-training run's ones (e.g.
-            ``img_size`` for evaluation at another resolution, ``drop_path_rate`` for fine-tuning). ViT
-            position embeddings are interpolated to a new ``img_size``.
+            ``img_size`` for evaluation at another resolution, ``drop_path_rate`` for fine-tuning;
+            ``model_kwargs`` are merged key by key). ViT position embeddings are interpolated to a new
+            ``img_size``. A BEiT fine-tuning layout (mean pooling with a fresh ``fc_norm``, one relative
+            position bias table per block) is filled from a pre-training checkpoint as BEiT does it.
         teacher: load the momentum/EMA teacher (``teacher_backbone.*``) instead of the student.
 
     Returns:
@@ -213,11 +266,14 @@ def load_backbone(
             f"checkpoint '{path}' is a plain state dict that does not record its architecture (it looks like "
             f"{describe_state_dict(weights.state_dict)}): pass backbone=<timm name>"
         )
-    kwargs = {**weights.kwargs, **(backbone_kwargs or {})}
+    kwargs = merge_backbone_kwargs(weights.kwargs, backbone_kwargs)
     model = Backbone(name, **kwargs)
     state_dict = _drop_classifier(weights.state_dict, model.model)
     state_dict = _resample_pos_embed(state_dict, model)
     own = model.model.state_dict()
+    state_dict, changes = _adapt_beit_layout(state_dict, own)
+    if changes:
+        log.info("loading '%s' into the fine-tuning layout: %s", path, "; ".join(changes))
     report = _mismatch_report(state_dict, own)
     if report:
         found = weights.name if weights.is_pretraining_checkpoint and weights.name else describe_state_dict(state_dict)

@@ -12,6 +12,7 @@ towards 0.5) and reports the multi-label metrics.
 from __future__ import annotations
 
 import inspect
+from typing import Literal
 
 import timm
 import timm.data
@@ -29,7 +30,26 @@ from ssl_zoo.eval.transforms import (
 )
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
 
-__all__ = ["FineTune", "layer_ids"]
+__all__ = ["FineTune", "check_mean_pooling", "layer_ids", "with_mean_pooling"]
+
+
+def with_mean_pooling(backbone_kwargs: dict | None) -> dict:
+    """``backbone_kwargs`` with timm's ``global_pool="avg"`` added to ``model_kwargs``: for timm's ViT and
+    BEiT this means mean of the patch tokens, then ``fc_norm`` (a fresh LayerNorm), no final norm."""
+    kwargs = dict(backbone_kwargs or {})
+    kwargs["model_kwargs"] = {**(kwargs.get("model_kwargs") or {}), "global_pool": "avg"}
+    return kwargs
+
+
+def check_mean_pooling(backbone) -> None:
+    """Fail clearly when a backbone built with ``global_pool="avg"`` does not have BEiT's head layout."""
+    model = backbone.model
+    if not (isinstance(getattr(model, "fc_norm", None), nn.LayerNorm) and isinstance(getattr(model, "norm", None), nn.Identity)):
+        raise ValueError(
+            f"model.use_mean_pooling needs a timm ViT or BEiT whose avg pooling ends in a LayerNorm 'fc_norm' "
+            f"and drops the final 'norm'; backbone '{backbone.name}' ({backbone.family}) has "
+            f"fc_norm={type(getattr(model, 'fc_norm', None)).__name__}, norm={type(getattr(model, 'norm', None)).__name__}"
+        )
 
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
@@ -71,7 +91,15 @@ class FineTune(EvalModule):
         img_size: input side (224).
         pooling: ``backbone`` (its own pooled embedding: ViT CLS token, ResNet/Swin average pool) or
             ``gap`` / ``gmp`` / ``gamp`` of the last map. BEiT averages the patch tokens and then applies a
-            fresh LayerNorm; ``gap`` averages tokens that went through the pre-trained final norm.
+            fresh LayerNorm (``use_mean_pooling``); ``gap`` averages tokens that went through the pre-trained
+            final norm.
+        use_mean_pooling: BEiT's fine-tuning head (``use_mean_pooling`` with ``fc_norm`` in BEiT's
+            ``modeling_finetune.py``): the ViT / BEiT is built with timm's ``global_pool="avg"``, so its final
+            norm is dropped, the patch tokens (CLS excluded) are averaged and a freshly initialised LayerNorm
+            (``fc_norm``) normalises the mean; the pre-trained final norm is not loaded. Needs
+            ``pooling="backbone"``.
+        val_interpolation: resize of the evaluation transform (short side to ``img_size / 0.875``, centre
+            crop): ``bilinear`` or ``bicubic`` (BEiT's ``Resize(size, interpolation=3)``).
         drop_path_rate: stochastic depth of the backbone (0.1).
         base_lr: AdamW lr for 256 images (BEiT's 4e-3 at batch 1024); lr = ``base_lr * batch / 256``.
         lr_batch_size: batch used to scale the lr (``None`` = the global batch).
@@ -100,6 +128,8 @@ class FineTune(EvalModule):
         multilabel: bool | None = None,
         img_size: int = 224,
         pooling: FeaturePoolingName = "backbone",
+        use_mean_pooling: bool = False,
+        val_interpolation: Literal["bilinear", "bicubic"] = "bilinear",
         drop_path_rate: float = 0.1,
         base_lr: float = 1e-3,
         lr_batch_size: int | None = None,
@@ -130,9 +160,17 @@ class FineTune(EvalModule):
             raise ValueError(f"model.re_prob must lie in [0, 1], got {re_prob}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"model.threshold must lie in [0, 1], got {threshold}")
+        if use_mean_pooling and pooling != "backbone":
+            raise ValueError(f"model.use_mean_pooling needs model.pooling 'backbone' (the pooled head), got '{pooling}'")
+        if val_interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"model.val_interpolation must be 'bilinear' or 'bicubic', got '{val_interpolation}'")
         self.save_hyperparameters()
+        if use_mean_pooling:
+            backbone_kwargs = with_mean_pooling(backbone_kwargs)
         self.backbone = build_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size,
                                             drop_path_rate=drop_path_rate)
+        if use_mean_pooling:
+            check_mean_pooling(self.backbone)
         self.head: nn.Module | None = None
         if num_classes is not None:
             self.build_head(num_classes)
@@ -162,8 +200,9 @@ class FineTune(EvalModule):
         return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob))
 
     def val_transform(self):
-        size = self.hparams.img_size
-        return SingleView(resize_transform(size) if self.is_multilabel else center_crop_transform(size))
+        size, interpolation = self.hparams.img_size, self.hparams.get("val_interpolation", "bilinear")
+        return SingleView(resize_transform(size) if self.is_multilabel
+                          else center_crop_transform(size, interpolation=interpolation))
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: Tensor) -> Tensor:

@@ -58,9 +58,18 @@ def random_resized_crop_transform(size: int, scale: tuple[float, float] = (0.08,
                       T.RandomHorizontalFlip(), *_to_normalised_tensor()])
 
 
-def center_crop_transform(size: int) -> T.Compose:
-    """ImageNet evaluation: resize the short side to ``size / 0.875``, centre crop ``size``."""
-    return eval_transform(size)
+def center_crop_transform(size: int, interpolation: str = "bilinear") -> T.Compose:
+    """ImageNet evaluation: resize the short side to ``size / 0.875``, centre crop ``size``.
+
+    ``interpolation="bicubic"`` resizes the PIL image bicubically, as BEiT's and MAE's evaluation
+    (``transforms.Resize(size, interpolation=3)``) does.
+    """
+    if interpolation == "bilinear":
+        return eval_transform(size)
+    if interpolation != "bicubic":
+        raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
+    return T.Compose([T.Resize(int(round(size / 0.875)), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(size), T.PILToTensor(), *_to_normalised_tensor()])
 
 
 def resize_transform(size: int) -> T.Compose:
