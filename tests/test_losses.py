@@ -637,11 +637,11 @@ def test_moco_v3_matches_brute_force(b, d, tau):
     )
     _close(loss, 2 * tau * exp_loss)
     _close(acc, exp_acc)
-    _close(
-        MoCoV3Loss(temperature=tau)(q.bfloat16(), k.bfloat16())[0],
-        float(moco_v3_info_nce(q.bfloat16().float(), k.bfloat16().float(), tau)[0]),
-        rtol=1e-4,
-    )
+    # bfloat16 inputs: the loss is the float64 reference on the bf16-rounded values (computed in float32 inside)
+    qb, kb = q.bfloat16().float().numpy(), k.bfloat16().float().numpy()
+    kb_unit = _unit(kb.astype(np.float64))
+    exp_bf16, _ = _info_nce_reference(qb, kb, lambda i: [kb_unit[j] for j in range(b) if j != i], tau)
+    _close(MoCoV3Loss(temperature=tau)(q.bfloat16(), k.bfloat16())[0], 2 * tau * exp_bf16, rtol=1e-4)
 
 
 def test_moco_closed_forms_and_gradients():
