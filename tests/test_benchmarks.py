@@ -3,7 +3,6 @@ limit mirrors what each method really encodes. Correctness only: no timing is ev
 
 import json
 import math
-import statistics
 import warnings
 
 import pytest

@@ -107,7 +107,7 @@ def _pcr_reference(z):
     num_proj, batch = z.shape[:2]
     out = []
     for m in range(num_proj):
-        per_sample = [sum(_cos(z[m, b], z[l, b]) for l in range(num_proj) if l != m) / (num_proj - 1)
+        per_sample = [sum(_cos(z[m, b], z[other, b]) for other in range(num_proj) if other != m) / (num_proj - 1)
                       for b in range(batch)]
         out.append(torch.stack(per_sample).mean())
     return torch.stack(out)
