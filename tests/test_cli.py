@@ -28,7 +28,7 @@ def _is_overlay(config: Path) -> bool:
 def _base_of(overlay: Path) -> Path:
     """The method's first paper config (``experiments/<m>/ablations/x.yaml`` -> ``experiments/<m>/<paper>.yaml``)."""
     method_dir = overlay.parent.parent
-    return next(p for p in sorted(method_dir.glob("*.yaml")) if not p.name.startswith("demo"))
+    return next(p for p in sorted(method_dir.glob("*.yaml")) if not p.name.startswith(("demo", "cpu")))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
