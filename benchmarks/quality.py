@@ -411,27 +411,60 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
 
 
 # ---------------------------------------------------------------------------------------------- main
+STATE_KEYS = ("scores", "seconds", "runs", "monitor_keys", "monitor_lines", "skipped")
+
+
+def merged_state(work: Path) -> dict:
+    """Every ``state-*.json`` under ``work`` merged (one per benchmark process, e.g. one per seed in parallel)."""
+    state: dict = {key: {} for key in STATE_KEYS}
+    for path in sorted(work.glob("state-*.json")):
+        part = json.loads(path.read_text())
+        for key in STATE_KEYS:
+            for name, value in part.get(key, {}).items():
+                if isinstance(value, dict):
+                    state[key].setdefault(name, {}).update(value)
+                else:
+                    state[key][name] = value
+    return state
+
+
+def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figures: bool) -> dict:
+    """``quality.json`` (and the figures) from every state under ``--work``: the seeds of parallel processes."""
+    work, out = ROOT / args.work, ROOT / args.out
+    state = merged_state(work)
+    rows = build_rows(state, args.methods, args.seeds)
+    report = {"rows": rows, "machine": machine, "root": str(args.root), "views": views.__dict__,
+              "methods": args.methods, "seeds": args.seeds, "verdicts": verdicts(rows),
+              "curves": {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
+                         for m in args.methods},
+              "skipped": state["skipped"],
+              "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
+    if figures and args.figures:
+        report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,
+                                                                             ROOT / args.figures)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out)  # parallel processes never leave a half-written file
+    return report
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     views = find_views(args.root)
     work = ROOT / args.work
-    out = ROOT / args.out
-    state_path = work / "state.json"
+    machine = machine_info()
+    if args.report:
+        return write_report(args, views, machine, figures=True)
+    # One state file per process: several processes (e.g. one per seed) can share --work and --out.
+    state_path = work / f"state-seeds{'_'.join(map(str, args.seeds))}.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    for key in ("scores", "seconds", "runs", "monitor_keys", "monitor_lines", "skipped"):
+    for key in STATE_KEYS:
         state.setdefault(key, {})
-    report = {"rows": [], "machine": machine_info(), "root": str(args.root), "views": views.__dict__,
-              "methods": args.methods, "seeds": args.seeds, "verdicts": [],
-              "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
 
     def save() -> None:  # after every stage, so an interrupted run keeps what it measured
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps(state, indent=1))
-        report["rows"] = build_rows(state, args.methods, args.seeds)
-        report["verdicts"] = verdicts(report["rows"])
-        report["curves"] = {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
-                            for m in args.methods}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(args, views, machine, figures=False)
 
     order = list(args.methods)
     if "mvp" in order and "mocov3" not in order:
@@ -440,53 +473,56 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         order.remove("mocov3")
         order.insert(order.index("mvp"), "mocov3")
 
-    for seed in args.seeds:
-        s = str(seed)
-        archs: dict[str, dict] = {}
-        for method in order:
-            extra = data_overrides(method, views)
-            if extra is None:
-                state["skipped"][method] = "no data view it can read under --root"
-                continue
+    baselines_done: set[str] = set()
+    for method in order:  # method by method, all seeds: an interrupted run has complete rows for the first ones
+        extra_base = data_overrides(method, views)
+        if extra_base is None:
+            state["skipped"][method] = "no data view it can read under --root"
+            save()
+            continue
+        arch = architecture(method)
+        key = architecture_key(arch)
+        for seed in args.seeds:
+            s = str(seed)
+            extra = list(extra_base)
             if method in TEACHER_OF:
                 teacher = work / TEACHER_OF[method] / f"seed{seed}" / "teacher_timm.pth"
                 if not teacher.is_file():
                     from ssl_zoo.export import export_checkpoint
 
-                    export_checkpoint(state["runs"][TEACHER_OF[method]][s] + "/checkpoints/last.ckpt", "timm", teacher)
+                    export_checkpoint(state["runs"][TEACHER_OF[method]][s] + "/checkpoints/last.ckpt", "timm",
+                                      teacher)
                 extra += ["--model.init_args.teacher_pretrained", str(teacher)]
             run_dir = work / method / f"seed{seed}"
             record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
             state["runs"].setdefault(method, {})[s] = str(run_dir)
             state["seconds"].setdefault(method, {})[s] = record["seconds"]
-            if method not in args.methods:
-                save()
-                continue
-            arch = architecture(method)
-            archs[architecture_key(arch)] = arch
-            if s not in state["scores"].get(method, {}):
+            if method in args.methods and s not in state["scores"].get(method, {}):
                 student = load_student(record["ckpt"], arch)
                 state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
                                                                            run_dir / "probes")
                 monitor = monitor_metric(student, method, views)
                 if monitor:
                     state["monitor_keys"][method] = monitor[0]
+                print(f"seed {seed} {method}: {state['scores'][method][s]} ({record['seconds']:.0f} s)", flush=True)
             save()
-            print(f"seed {seed} {method}: {state['scores'][method][s]} ({record['seconds']:.0f} s pre-training)",
-                  flush=True)
-
-        for key, arch in archs.items():
-            for kind in ("random", "supervised"):
-                name = f"{kind}/{key}"
+        if method not in args.methods:
+            continue
+        kinds = ("random", "supervised") if key not in baselines_done else ()
+        baselines_done.add(key)
+        for kind in kinds:
+            name = f"{kind}/{key}"
+            for seed in args.seeds:
+                s = str(seed)
                 if kind == "random":
                     backbone = random_backbone(arch, seed)
                 else:
                     if not views.folder:
                         continue  # the ceiling trains on single-label targets
                     run_dir = work / "supervised" / key / f"seed{seed}"
-                    kwargs = json.dumps(arch["backbone_kwargs"])
                     record = fit(SUPERVISED_CONFIG, run_dir, seed, [
-                        "--model.init_args.backbone", arch["backbone"], "--model.init_args.backbone_kwargs", kwargs,
+                        "--model.init_args.backbone", arch["backbone"],
+                        "--model.init_args.backbone_kwargs", json.dumps(arch["backbone_kwargs"]),
                         "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
                         "--data.init_args.eval_size", str(arch["img_size"])])
                     state["seconds"].setdefault(name, {})[s] = record["seconds"]
@@ -494,20 +530,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 if s not in state["scores"].get(name, {}):
                     state["scores"].setdefault(name, {})[s] = probe_backbone(
                         backbone, arch, views, seed, work / kind / key / f"seed{seed}")
-                for method in args.methods:
-                    if method in state["scores"] and architecture_key(architecture(method)) == key:
-                        lines = state["monitor_lines"].setdefault(f"{name}/{method}", {})
-                        if s not in lines:
-                            monitor = monitor_metric(backbone, method, views)
-                            lines[s] = monitor[1] if monitor else None
+                # The horizontal lines of each figure: what the method's kNN monitor reads on this backbone
+                # (one vote per data view: recipes reading the same view share it).
+                votes: dict[tuple, float | None] = {}
+                for other in args.methods:
+                    if architecture_key(architecture(other)) != key:
+                        continue
+                    lines = state["monitor_lines"].setdefault(f"{name}/{other}", {})
+                    view = tuple(data_overrides(other, views) or ())
+                    if s not in lines:
+                        if view not in votes:
+                            monitor = monitor_metric(backbone, other, views)
+                            votes[view] = monitor[1] if monitor else None
+                        lines[s] = votes[view]
                 save()
                 print(f"seed {seed} {name}: {state['scores'][name][s]}", flush=True)
-    save()
-    if args.figures:
-        report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,
-                                                                             ROOT / args.figures)]
-        out.write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return write_report(args, views, machine, figures=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="rebuild --out and the figures from the states under --work (e.g. after parallel runs)")
     args = parser.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads((ROOT / args.out).read_text())))

@@ -3,9 +3,9 @@
 ``python -m ssl_zoo.data.demo --out data/demo [--num-train 4000 --num-val 1000 --size 32 --seed 0]``
 
 Each image is a crop of a real photograph (one of scikit-image's bundled colour photographs, colour channels
-permuted at random, contrast reduced) with one to four objects from ten classes in front of it: seven filled
+permuted at random, contrast halved) with one to four objects from ten classes in front of it: seven filled
 shapes (circle, square, triangle, star, crescent, ring, cross) and three glyphs drawn as thick strokes (the
-letters E, H, Z), each of a random colour that contrasts with the background beneath it, random size,
+letters E, H, Z), each in one of twelve palette colours that contrasts with the background beneath it, random size,
 position and rotation, without overlap. Half of the images show one large object, the others two to four
 smaller ones; a few (every 25th, from the 4th) show background only. Objects are rasterised at 4x resolution
 and box-filtered down, so edges are anti-aliased like a photograph's.
@@ -225,31 +225,42 @@ def _photograph(name: str) -> Image.Image:
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A crop of a real photograph ``float32[size, size, 3]``, recoloured and at reduced contrast.
 
-    The crop covers half to all of the photograph's short side, so at demo sizes it is the photograph's
-    colour layout rather than its fine texture (eight photographs, channels permuted at random: a weak cue to
-    tell images apart, which leaves the objects as the strong one); its contrast is scaled by 0.35-0.75 around
-    its mean, so that the objects in front stay visible while the background still dominates the colours a
-    random network responds to.
+    The crop covers 80-100% of the photograph's short side, so at demo sizes it is the photograph's colour
+    layout rather than its fine texture: eight photographs, channels permuted at random and flipped, about a
+    hundred looks shared by many images. That makes the background a weak cue to tell images apart (the objects
+    are the strong one) while it still dominates the colours a random network responds to. Its contrast is
+    halved around its mean, so that the objects in front stay visible.
     """
     photo = _photograph(PHOTOGRAPHS[int(rng.integers(len(PHOTOGRAPHS)))])
     width, height = photo.size
-    side = rng.uniform(0.5, 1.0) * min(width, height)
+    side = rng.uniform(0.8, 1.0) * min(width, height)
     x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
     crop = photo.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
     image = np.asarray(crop, dtype=np.float32)[..., rng.permutation(3)]  # [S, S, 3]
     if rng.random() < 0.5:
         image = image[:, ::-1]
     mean = image.mean(axis=(0, 1), keepdims=True)
-    return mean + rng.uniform(0.35, 0.75) * (image - mean)
+    return mean + 0.5 * (image - mean)
+
+
+#: Object colours: six hues at two brightnesses. A small palette makes colour a weak cue to tell images apart
+#: (many images share an object colour), so an encoder trained to tell images apart must use the shapes;
+#: colour still varies independently of the class, which is what a random network's features follow.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 40, 40), (40, 200, 60), (50, 90, 235), (240, 220, 40), (220, 60, 220), (40, 220, 230),
+    (120, 20, 20), (20, 100, 30), (25, 40, 120), (130, 110, 10), (110, 25, 110), (15, 110, 115),
+)
 
 
 def _object_colour(rng: np.random.Generator, local_luminance: float) -> np.ndarray:
-    """A saturated colour whose luminance differs from the background under the object by >= 70."""
-    for _ in range(50):
-        colour = _hsv_to_rgb(rng.random(), rng.uniform(0.45, 1.0), rng.uniform(0.3, 1.0))
-        if abs(float(_luminance(colour)) - local_luminance) >= 70.0:
-            return colour
-    return np.full(3, 0.0 if local_luminance > 127.5 else 255.0, dtype=np.float32)
+    """A palette colour whose luminance differs from the background under the object by >= 60 (else black or
+    white), with a little jitter so that no two objects are exactly alike."""
+    palette = np.asarray(PALETTE, dtype=np.float32)
+    contrasting = [c for c in palette if abs(float(_luminance(c)) - local_luminance) >= 60.0]
+    if not contrasting:
+        return np.full(3, 0.0 if local_luminance > 127.5 else 255.0, dtype=np.float32)
+    colour = contrasting[int(rng.integers(len(contrasting)))]
+    return np.clip(colour + rng.normal(0.0, 6.0, 3), 0, 255).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ images
