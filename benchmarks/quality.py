@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -131,19 +132,26 @@ def _coco_classes(root: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run_command(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository root with its output in ``log``; return its wall time in seconds."""
+def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` from the repository root with its output in ``log``.
+
+    Returns its wall time and the CPU time (user + system) of the command and its loader workers, in seconds:
+    on a machine shared with other jobs the wall time grows with their load, the CPU time much less.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     print("+", " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")})
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"command failed ({done.returncode}), log {log}:\n{tail}")
-    return seconds
+    return seconds, cpu
 
 
 def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
@@ -153,8 +161,10 @@ def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
         return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "ssl_zoo", "fit", "--config", config, "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run_dir), *extra]
-    seconds = run_command(cmd, run_dir.parent / f"{run_dir.name}.log")
+    seconds, cpu = run_command(cmd, run_dir.parent / f"{run_dir.name}.log")
+    load = os.getloadavg()[0]
     record = {"config": config, "seed": seed, "overrides": extra, "seconds": round(seconds, 1),
+              "cpu_seconds": round(cpu, 1), "load_average_at_end": round(load, 2),
               "ckpt": str(run_dir / "checkpoints" / "last.ckpt"), "date": time.strftime("%Y-%m-%d %H:%M")}
     done.write_text(json.dumps(record, indent=1))
     return record
@@ -227,6 +237,7 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
             cache[f"{split}_targets"] = targets
         knn = knn_predict(cache["val"], cache["train"], cache["train_targets"], datamodule.num_classes, KNN_K, KNN_T)
         scores["knn_top1"] = single_label_metrics(knn, cache["val_targets"])["top1"]
+        datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))  # a full batch even on tiny data
         torch.manual_seed(seed)
         probe = LinearProbe(**backbone_args, batch_norm=True, cache_features=True)
         probe.backbone = backbone
@@ -238,6 +249,7 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
         for split in ("train", "val"):
             loader = datamodule.labelled_dataloader(split, batch_size=256, transform=resize_transform(size))
             cache[split], _ = extract_features(backbone, loader, "gamp")
+        datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))
         torch.manual_seed(seed)
         probe = MultiLabelLinearProbe(**backbone_args, batch_norm=True, cache_features=True)
         probe.backbone = backbone
@@ -411,7 +423,7 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
 
 
 # ---------------------------------------------------------------------------------------------- main
-STATE_KEYS = ("scores", "seconds", "runs", "monitor_keys", "monitor_lines", "skipped")
+STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped")
 
 
 def merged_state(work: Path) -> dict:
@@ -438,6 +450,8 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
               "curves": {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
                          for m in args.methods},
               "skipped": state["skipped"],
+              # Per run: [CPU seconds of the command and its loader workers, 1-min load average at its end].
+              "pretrain_cpu_s_and_load": state["cpu_seconds"],
               "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
     if figures and args.figures:
         report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,
@@ -497,6 +511,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
             state["runs"].setdefault(method, {})[s] = str(run_dir)
             state["seconds"].setdefault(method, {})[s] = record["seconds"]
+            state["cpu_seconds"].setdefault(method, {})[s] = [record.get("cpu_seconds"),
+                                                              record.get("load_average_at_end")]
             if method in args.methods and s not in state["scores"].get(method, {}):
                 student = load_student(record["ckpt"], arch)
                 state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
@@ -526,6 +542,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
                         "--data.init_args.eval_size", str(arch["img_size"])])
                     state["seconds"].setdefault(name, {})[s] = record["seconds"]
+                    state["cpu_seconds"].setdefault(name, {})[s] = [record.get("cpu_seconds"),
+                                                                    record.get("load_average_at_end")]
                     backbone = load_student(record["ckpt"], arch)
                 if s not in state["scores"].get(name, {}):
                     state["scores"].setdefault(name, {})[s] = probe_backbone(

@@ -36,7 +36,8 @@ METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
 _STEP_SUFFIX, _EPOCH_SUFFIX = "_step", "_epoch"
 #: Columns that describe the run's speed or schedule rather than what it learns.
-_BOOKKEEPING = ("epoch", "step", "train/images_per_s", "data/skipped_epoch", "train/nonfinite_skips")
+_BOOKKEEPING = ("epoch", "step", "train/images_per_s", "data/skipped_epoch", "data/skipped_total",
+                "train/nonfinite_skips")
 
 
 @dataclass

@@ -19,7 +19,8 @@ from PIL import Image
 
 from benchmarks import quality
 from ssl_zoo.cli import main as cli_main
-from ssl_zoo.plot import CurvesPlot, default_keys, main as plot_main, plot_runs, read_run, resolve_key
+from ssl_zoo.plot import CurvesPlot, default_keys, plot_runs, read_run, resolve_key
+from ssl_zoo.plot import main as plot_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_RECIPES = sorted((ROOT / "experiments").glob("*/cpu.yaml"))
