@@ -24,12 +24,12 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data pretrain linear gamp finetune knn sweep bench lint test test-fast test-ddp clean
+.PHONY: help install demo-data pretrain linear gamp finetune knn sweep bench bench-quality lint test test-fast test-ddp clean
 
 help:
 	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
 	@echo "             [GPUS=8] [NODES=2 (prints the sbatch command; SUBMIT=1 submits)] [RESUME=1]"
-	@echo "make test | test-fast | test-ddp | lint | bench | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
+	@echo "make test | test-fast | test-ddp | lint | bench | bench-quality | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
 
 # torch/torchvision are pinned and installed first (they come from local wheels where the machine has them);
 # constraints.txt pins the rest of the resolved environment for reproducible installs.
@@ -85,6 +85,12 @@ sweep: $(STAMP) $(DEMO)/.complete
 
 bench: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.run_all
+
+# Does every method learn? Each CPU recipe (experiments/<m>/cpu.yaml) x 3 seeds against random init and a
+# supervised ceiling: kNN / linear / GAMP probes -> benchmarks/results/quality.json and figures (hours on 2 cores).
+# ARGS='--methods mocov2 --seeds 0' narrows it; an interrupted run continues where it stopped.
+bench-quality: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m benchmarks.quality --root $(DEMO) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ssl_zoo tests benchmarks

@@ -30,7 +30,7 @@ def _base_of(overlay: Path) -> Path:
     """The method's first paper config (``experiments/<m>/ablations/x.yaml`` -> ``experiments/<m>/<paper>.yaml``)."""
     method_dir = overlay.parent.parent
     return next(p for p in sorted(method_dir.glob("*.yaml"))
-                if not p.name.startswith("demo") and p.name not in NON_CLI_FILES)
+                if not p.name.startswith(("demo", "cpu")) and p.name not in NON_CLI_FILES)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))

@@ -643,5 +643,5 @@ def test_knn_monitor_logs_knn_accuracy(demo_root, tmp_path):
                       enable_progress_bar=False, default_root_dir=tmp_path, accelerator="cpu",
                       callbacks=[KNNMonitor(img_size=32, k=5)])
     trainer.fit(_TinyPretraining(), datamodule=datamodule)
-    top1 = trainer.callback_metrics["knn/top1"]
-    assert 0.0 <= top1 <= 100.0 and "knn/top5" in trainer.callback_metrics
+    top1 = trainer.callback_metrics["val/knn_top1"]
+    assert 0.0 <= top1 <= 100.0 and "val/knn_top5" in trainer.callback_metrics
