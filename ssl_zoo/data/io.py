@@ -36,7 +36,6 @@ __all__ = [
     "ImageListDataset",
     "PathArray",
     "Sample",
-    "largest_reduction",
     "load_image",
     "set_max_image_pixels",
     "to_rgb",
@@ -293,20 +292,6 @@ class EncodedImage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.format}, {self.size[0]}x{self.size[1]}, {len(self.data)} bytes)"
-
-
-def largest_reduction(image_size: tuple[int, int], smallest_crop_side: float, output_side: int) -> int:
-    """The largest JPEG reduction (1, 2, 4 or 8) under which a crop of ``smallest_crop_side`` pixels (of the
-    full-size image) is still at least ``output_side`` pixels, i.e. is only ever downsampled.
-
-    ``image_size`` bounds it too: libjpeg rounds the reduced size up, and an image is never reduced below
-    one output side.
-    """
-    best = 1
-    for reduce in JPEG_REDUCTIONS[1:]:
-        if smallest_crop_side / reduce >= output_side and min(image_size) // reduce >= 1:
-            best = reduce
-    return best
 
 
 def transform_encoded(transform: Callable[[EncodedImage], T], image: EncodedImage) -> T:
