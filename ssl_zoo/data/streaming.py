@@ -23,8 +23,9 @@ What changes is how the training set is read:
   installed), each process copies the chunks it is about to read into ``cache_dir`` (``prefetch_chunks`` ahead,
   in a background thread) and deletes them when it is done; the labelled splits keep the chunks they read.
 
-The chunks are read with litdata (``StreamingDataset`` on the local copy, one chunk at a time, in order: its
-random access across chunks is slow). Lightning calls ``set_epoch`` only on a DataLoader's sampler, which an
+The chunks are read with litdata's own record decoding (``StreamingDataset`` on the local copy), a worker's
+records of a chunk with one ``read()`` (litdata's random access across chunks, and copying images out of its
+memory map, are slow). Lightning calls ``set_epoch`` only on a DataLoader's sampler, which an
 iterable dataset may not have, so :class:`StreamingDataLoader` exposes one that forwards the epoch to the
 dataset through shared memory (DataLoader workers are forked once and kept between epochs).
 """
@@ -132,6 +133,7 @@ class ShardSplit:
     def _reset_process_state(self) -> None:
         self._pid = os.getpid()
         self._reader = None
+        self._loader = None  # litdata's item decoder for the one-read path (False: chunks not plain)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
@@ -139,7 +141,7 @@ class ShardSplit:
     def __getstate__(self) -> dict[str, Any]:
         # Readers, threads and locks are per process (DataLoader workers); rebuilt on first use.
         state = dict(self.__dict__)
-        for key in ("_reader", "_pool", "_pending", "_lock"):
+        for key in ("_reader", "_loader", "_pool", "_pending", "_lock"):
             state.pop(key)
         return state
 
@@ -219,7 +221,8 @@ class ShardSplit:
 
     def read(self, index: int) -> dict[str, Any]:
         """Record ``index``: ``image`` (bytes), ``labels``, ``confidences``, ``source_index``, ``path``."""
-        return self.read_range(index, index + 1)[0]
+        self._ensure(self.chunk_of(index))
+        return _owned(self._dataset()[index])
 
     def read_range(self, start: int, stop: int) -> list[dict[str, Any]]:
         """Records ``start..stop-1``, which must lie in one chunk, read in order (litdata's fast path)."""
@@ -228,8 +231,36 @@ class ShardSplit:
             raise IndexError(f"records {start}..{stop - 1} are not inside one chunk of {self.location}")
         self._ensure(chunk)
         dataset = self._dataset()
-        # bytes(): litdata hands out views of its memory map, which it unmaps when it moves to another chunk.
-        return [_owned(dataset[i]) for i in range(start, stop)]
+        if self._loader is None:
+            self._loader = self._plain_loader(dataset, start) or False
+        loader = self._loader
+        if not loader:
+            # bytes(): litdata hands out views of its memory map, which it unmaps when it moves to another chunk.
+            return [_owned(dataset[i]) for i in range(start, stop)]
+        # Uncompressed chunk: one read() of the records' byte range, then litdata's own item decoding of each
+        # record. Copying images out of litdata's memory map instead costs a page fault per 4 KB, which made
+        # reading from shards slower than reading files (benchmarks/RESULTS.md).
+        first = start - int(self.chunk_starts[chunk])
+        count = stop - start
+        with open(self._chunk_path(chunk), "rb") as f:
+            # layout: uint32 num_items, uint32[num_items + 1] absolute offsets of the items, the items
+            f.seek(4 * (1 + first))
+            offsets = np.frombuffer(f.read(4 * (count + 1)), dtype="<u4").astype(np.int64)
+            f.seek(int(offsets[0]))
+            data = memoryview(f.read(int(offsets[-1] - offsets[0])))
+        ends = offsets - offsets[0]
+        return [_owned(loader.deserialize(data[ends[k]:ends[k + 1]])) for k in range(count)]
+
+    @staticmethod
+    def _plain_loader(dataset, index: int):
+        """litdata's item decoder when the chunks are plain (uncompressed, unencrypted PyTree items), else None."""
+        dataset[index]  # loads the index and sets the decoder up
+        reader = getattr(getattr(dataset, "cache", None), "_reader", None)
+        config = getattr(getattr(reader, "_config", None), "_config", None) or {}
+        loader = getattr(reader, "_item_loader", None)
+        plain = (config.get("item_loader") == "PyTreeLoader" and not config.get("compression")
+                 and not config.get("encryption") and callable(getattr(loader, "deserialize", None)))
+        return loader if plain else None
 
 
 def _owned(record: dict[str, Any]) -> dict[str, Any]:
