@@ -24,7 +24,7 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data pretrain linear gamp finetune knn sweep bench bench-quality lint test test-fast test-ddp clean
+.PHONY: help install demo-data demo-shards pretrain linear gamp finetune knn sweep bench bench-quality lint test test-fast test-ddp clean
 
 help:
 	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
@@ -45,6 +45,16 @@ $(DEMO)/.complete: | $(STAMP)
 	$(PYTHON) -m ssl_zoo.data.demo --out $(DEMO)
 
 demo-data: $(DEMO)/.complete
+
+# The demo set as streaming shards (README "Streaming shards"): data/demo-shards/{folder,coco,tencent}/{train,val}.
+DEMO_SHARDS ?= data/demo-shards
+$(DEMO_SHARDS)/.complete: $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo.data.shard folder $(DEMO)/folder $(DEMO_SHARDS)/folder --overwrite
+	$(PYTHON) -m ssl_zoo.data.shard coco $(DEMO) $(DEMO_SHARDS)/coco --overwrite
+	$(PYTHON) -m ssl_zoo.data.shard tencent $(DEMO) $(DEMO_SHARDS)/tencent --num-classes 12 --overwrite
+	@touch $@
+
+demo-shards: $(DEMO_SHARDS)/.complete
 
 # One node: Lightning starts one process per GPU itself. Several nodes: SLURM, one task per GPU.
 RESUME_FLAG = $(if $(filter-out 0,$(RESUME)),--resume true,)
