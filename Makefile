@@ -24,12 +24,12 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data pretrain linear gamp finetune knn sweep bench lint test test-fast test-ddp clean
+.PHONY: help install demo-data demo-shards pretrain linear gamp finetune knn sweep bench bench-quality lint test test-fast test-ddp clean
 
 help:
 	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
 	@echo "             [GPUS=8] [NODES=2 (prints the sbatch command; SUBMIT=1 submits)] [RESUME=1]"
-	@echo "make test | test-fast | test-ddp | lint | bench | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
+	@echo "make test | test-fast | test-ddp | lint | bench | bench-quality | demo-data | linear/gamp/finetune CKPT=... | sweep SWEEP=... [LOCAL=1] [COUNT=N]"
 
 # torch/torchvision are pinned and installed first (they come from local wheels where the machine has them);
 # constraints.txt pins the rest of the resolved environment for reproducible installs.
@@ -45,6 +45,16 @@ $(DEMO)/.complete: | $(STAMP)
 	$(PYTHON) -m ssl_zoo.data.demo --out $(DEMO)
 
 demo-data: $(DEMO)/.complete
+
+# The demo set as streaming shards (README "Streaming shards"): data/demo-shards/{folder,coco,tencent}/{train,val}.
+DEMO_SHARDS ?= data/demo-shards
+$(DEMO_SHARDS)/.complete: $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo.data.shard folder $(DEMO)/folder $(DEMO_SHARDS)/folder --overwrite
+	$(PYTHON) -m ssl_zoo.data.shard coco $(DEMO) $(DEMO_SHARDS)/coco --overwrite
+	$(PYTHON) -m ssl_zoo.data.shard tencent $(DEMO) $(DEMO_SHARDS)/tencent --num-classes 12 --overwrite
+	@touch $@
+
+demo-shards: $(DEMO_SHARDS)/.complete
 
 # One node: Lightning starts one process per GPU itself. Several nodes: SLURM, one task per GPU.
 RESUME_FLAG = $(if $(filter-out 0,$(RESUME)),--resume true,)
@@ -85,6 +95,12 @@ sweep: $(STAMP) $(DEMO)/.complete
 
 bench: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.run_all
+
+# Does every method learn? Each CPU recipe (experiments/<m>/cpu.yaml) x 3 seeds against random init and a
+# supervised ceiling: kNN / linear / GAMP probes -> benchmarks/results/quality.json and figures (hours on 2 cores).
+# ARGS='--methods mocov2 --seeds 0' narrows it; an interrupted run continues where it stopped.
+bench-quality: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m benchmarks.quality --root $(DEMO) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ssl_zoo tests benchmarks

@@ -30,6 +30,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ssl_zoo.plot import CurvesPlot
 from ssl_zoo.utils.bad_samples import BadSampleMonitor
 from ssl_zoo.utils.callbacks import NonFiniteGuard, ThroughputMonitor
 from ssl_zoo.utils.checkpointing import (
@@ -176,6 +177,8 @@ class SSLZooCLI(LightningCLI):
             callbacks.append(ThroughputMonitor())
         if not any(isinstance(c, BadSampleMonitor) for c in callbacks):
             callbacks.append(BadSampleMonitor())  # data/skipped_epoch and <run_dir>/bad_samples.txt
+        if not any(isinstance(c, CurvesPlot) for c in callbacks):
+            callbacks.append(CurvesPlot())  # <run_dir>/curves.png: every logged loss and monitor metric vs step
         trainer_cfg["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -127,18 +127,25 @@ def test_peak_memory_runs_each_method_in_a_fresh_process(demo_root):
     assert memory["peak_rss_while_building_mib"] >= memory["rss_after_import_mib"]
 
 
+@pytest.mark.slow
 def test_data_pipeline_counts_views_on_the_photographs(tmp_path):
     out = tmp_path / "data.json"
-    data_pipeline.main(["--size", "32", "--rounds", "1", "--passes", "1", "--json", str(out)])
+    data_pipeline.main(["--size", "32", "--rounds", "1", "--passes", "1", "--shard-copies", "2", "--json", str(out)])
     report = json.loads(out.read_text())
     assert {im["file"] for im in report["images"]} >= {"china.jpg", "flower.jpg"}
-    views = {r["transform"]: r["views_per_call"] for r in report["results"]}
-    assert views == {"bam": 8, "simsiam": 2, "lightly_simsiam": 2, "mocov2": 2, "mvp": 1, "hvp_mtl": 2}
+    expected = {"bam": 8, "simsiam": 2, "lightly_simsiam": 2, "mocov2": 2, "lightly_mocov2": 2, "mvp": 1, "hvp_mtl": 2}
+    for kind in ("bytes", "decoded"):
+        rows = [r for r in report["results"] if r["input"] == kind]
+        assert {r["transform"]: r["views_per_call"] for r in rows} == expected
+        peers = {r["transform"]: r["lightly_peer"] for r in rows if r["speedup_vs_lightly"] is not None}
+        assert peers == {"simsiam": "lightly_simsiam", "mocov2": "lightly_mocov2"}
     for r in report["results"]:
         assert r["views_per_s_per_core"] == pytest.approx(r["images_per_s_per_core"] * r["views_per_call"])
-    reference = next(r for r in report["results"] if r["transform"] == "lightly_simsiam")
-    assert reference["views_per_s_vs_lightly_simsiam"] == pytest.approx(1.0)
-    assert len(data_pipeline.markdown_table(report).splitlines()) == 2 + 6
+    assert len(data_pipeline.markdown_table(report).splitlines()) == 2 + 2 * 7
+    shards = report["shards"]
+    assert shards["images"] == 2 * len(report["images"])  # every copy converted and read back
+    assert set(shards["read_images_per_s"]) == {"files", "shards", "files+decode", "shards+decode"}
+    assert shards["conversion"][0]["num_workers"] == 1
 
 
 def test_median_time_runs_warmup_then_repeats():

@@ -415,13 +415,12 @@ def _demo_views(demo: Path, split: str):
     data = json.loads((demo / "annotations" / f"instances_{split}2017.json").read_text())
     cat_name = {c["id"]: c["name"] for c in data["categories"]}
     coco: dict[str, set[str]] = {}
-    largest: dict[str, str] = {}
+    single: dict[str, str] = {}  # images showing exactly one object -> its class
     for image in data["images"]:
         anns = [a for a in data["annotations"] if a["image_id"] == image["id"]]
         coco[image["file_name"]] = {cat_name[a["category_id"]] for a in anns}
-        if anns:
-            best = max(anns, key=lambda a: a["bbox"][2] * a["bbox"][3])  # first on ties
-            largest[image["file_name"]] = cat_name[best["category_id"]]
+        if len(anns) == 1:
+            single[image["file_name"]] = cat_name[anns[0]["category_id"]]
     dictionary = [
         line.split("\t")
         for line in (demo / "tencent" / "dictionary_and_semantic_hierarchy.txt").read_text().splitlines()
@@ -434,12 +433,12 @@ def _demo_views(demo: Path, split: str):
             dictionary[int(p.split(":")[0])][2]: float(p.split(":")[1]) for p in pairs
         }
     folder = {p.name: p.parent.name for p in (demo / "folder" / split).glob("*/*.jpg")}
-    return coco, largest, tencent, folder, dictionary
+    return coco, single, tencent, folder, dictionary
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_demo_views_agree(demo, split):
-    coco, largest, tencent, folder, dictionary = _demo_views(demo, split)
+    coco, single, tencent, folder, dictionary = _demo_views(demo, split)
     parent_of = {name: dictionary[int(parent)][2] for _, parent, name in dictionary if int(parent) >= 0}
     assert [row[2] for row in dictionary] == list(SUPERCLASSES) + [c.name for c in DEMO_CLASSES]
     assert coco.keys() == tencent.keys()
@@ -449,7 +448,7 @@ def test_demo_views_agree(demo, split):
         assert leaves == classes, name
         assert parents == {parent_of[c] for c in classes}, name
         assert set(tencent[name]) == leaves | parents
-    assert folder == largest  # background-only images have no folder entry
+    assert folder == single  # the single-label view: the images with one object, labelled by it
     assert set(folder.values()) == {c.name for c in DEMO_CLASSES}  # every class present in both splits
     for name, cls in folder.items():
         assert (demo / "folder" / split / cls / name).read_bytes() == (

@@ -645,7 +645,7 @@ def test_knn_monitor_logs_knn_accuracy(demo_root, tmp_path):
                       callbacks=[KNNMonitor(img_size=32, k=5)])
     module = _TinyPretraining()
     trainer.fit(module, datamodule=datamodule)
-    assert "knn/top5" in trainer.callback_metrics
+    assert "val/knn_top5" in trainer.callback_metrics
 
     # Brute force on the backbone as the monitor saw it (lr 0: only BN statistics moved, before the vote):
     # centre-cropped 32 px features, each query's 5 most cosine-similar bank images vote with exp(s / 0.07).
@@ -664,4 +664,4 @@ def test_knn_monitor_logs_knn_accuracy(demo_root, tmp_path):
             votes[label] = votes.get(label, 0.0) + math.exp(sim / 0.07)
         hits += max(votes, key=votes.get) == target
     expected = 100.0 * hits / len(features["val"])
-    assert float(trainer.callback_metrics["knn/top1"]) == pytest.approx(expected, abs=1e-3)
+    assert float(trainer.callback_metrics["val/knn_top1"]) == pytest.approx(expected, abs=1e-3)

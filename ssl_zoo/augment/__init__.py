@@ -1,6 +1,7 @@
 """View transforms and mask generators.
 
-Transforms take one decoded PIL image and return ``dict[str, Tensor]`` with at least
+Transforms take one decoded PIL image (the SimSiam / MoCo / BAM ones also an undecoded
+:class:`~ssl_zoo.data.io.EncodedImage`, see :mod:`ssl_zoo.augment.views`) and return ``dict[str, Tensor]`` with at least
 ``"views": Tensor[V, 3, S, S]``; they are pure, picklable and draw from torch's RNG.
 """
 
@@ -15,10 +16,13 @@ from ssl_zoo.augment.views import (
     HVPTransform,
     MultiViewTransform,
     MVPTransform,
+    SeparableGaussianBlur,
     TorchSeeded,
     TwoViewTransform,
+    ViewPipeline,
     blur_kernel_size,
     byol_view,
+    gaussian_blur_separable,
     mocov2_transform,
     mocov3_transform,
     normalize_transform,
@@ -38,11 +42,14 @@ __all__ = [
     "MVPTransform",
     "MultiViewTransform",
     "RandomPatchMaskGenerator",
+    "SeparableGaussianBlur",
+    "ViewPipeline",
     "TorchSeeded",
     "TwoViewTransform",
     "block_boxes",
     "blur_kernel_size",
     "byol_view",
+    "gaussian_blur_separable",
     "mocov2_transform",
     "mocov3_transform",
     "normalize_transform",
