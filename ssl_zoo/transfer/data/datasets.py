@@ -311,7 +311,10 @@ class ADE20K(_JointDataset):
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
-                raise FileNotFoundError(f"ADE20K folder '{folder}' does not exist (root '{self.root}', split '{split}')")
+                hint = (" (a demo dataset written before the demo had ADE20K-layout annotations: regenerate it with "
+                        "`rm -rf data/demo && make demo-data`)" if "demo" in str(self.root) else "")
+                raise FileNotFoundError(f"ADE20K folder '{folder}' does not exist (root '{self.root}', split "
+                                        f"'{split}'){hint}")
         stems = sorted(p.stem for p in image_dir.glob("*.jpg"))
         if not stems:
             raise FileNotFoundError(f"no .jpg images in '{image_dir}'")
