@@ -132,12 +132,13 @@ class SwinLevels(nn.Module):
 
 
 def default_vit_out_indices(depth: int) -> list[int]:
-    """BEiT's blocks for the 4 levels: [3, 5, 7, 11] of 12 blocks, [7, 11, 15, 23] of 24; else evenly spaced."""
+    """BEiT's blocks for the 4 levels: [3, 5, 7, 11] of 12 blocks, [7, 11, 15, 23] of 24; else evenly spaced
+    (a block may serve two levels in a ViT of fewer than 4 blocks)."""
     if depth == 12:
         return [3, 5, 7, 11]
     if depth == 24:
         return [7, 11, 15, 23]
-    return [depth * (i + 1) // 4 - 1 for i in range(4)]
+    return [max(depth * (i + 1) // 4 - 1, 0) for i in range(4)]
 
 
 class ViTLevels(nn.Module):
@@ -157,7 +158,9 @@ class ViTLevels(nn.Module):
         self.strides = [backbone.patch_size] * len(self.out_indices)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return self.backbone.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+        blocks = sorted(set(self.out_indices))
+        maps = self.backbone.model.forward_intermediates(x, indices=blocks, intermediates_only=True)
+        return [maps[blocks.index(i)] for i in self.out_indices]
 
 
 class BEiTNeck(nn.Module):
