@@ -234,8 +234,12 @@ class ObjectDetection(DenseTransferModule):
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_masks = getattr(datamodule, "with_masks", None)
         if self.hparams.with_masks is None:
-            self.hparams.with_masks = bool(getattr(datamodule, "with_masks", False))
+            self.hparams.with_masks = bool(data_masks)
+        elif self.hparams.with_masks and data_masks is False:
+            raise ValueError(f"model.with_masks is true (Mask R-CNN) but {type(datamodule).__name__} gives no instance "
+                             "masks: set model.with_masks false (Faster R-CNN) or data.with_masks true")
         super().setup(stage)
         if self.metric is None:
             evaluation = getattr(datamodule, "evaluation", "coco")
