@@ -4,7 +4,7 @@ step schedules, and the ``eval.json`` record (:class:`~ssl_zoo.eval.module.EvalM
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -45,7 +45,8 @@ def build_dense_backbone(ckpt: str | None, backbone: str | None, backbone_kwargs
 class DenseTransferModule(EvalModule):
     """Shared plumbing of :class:`~ssl_zoo.transfer.detection.ObjectDetection` and
     :class:`~ssl_zoo.transfer.segmentation.SemanticSegmentation` (optimiser hyperparameters are documented
-    there). Subclasses build ``self.model`` around ``self.dense_backbone`` in :meth:`build_head`."""
+    there). Subclasses hold the backbone (:meth:`hold_backbone`) and build ``self.model`` around it in
+    :meth:`build_head`."""
 
     def setup(self, stage: str) -> None:
         """The class count comes from the data module unless ``model.num_classes`` is set; then the heads."""
@@ -109,7 +110,3 @@ class DenseTransferModule(EvalModule):
             raise ValueError(f"model.layer_decay must lie in (0, 1], got {hp.layer_decay}")
         if any(not 0.0 < m < 1.0 for m in hp.lr_milestones):
             raise ValueError(f"model.lr_milestones are fractions of the run in (0, 1), got {hp.lr_milestones}")
-
-
-OptimizerName = Literal["sgd", "adamw"]
-ScheduleName = Literal["multistep", "poly"]
