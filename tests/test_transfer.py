@@ -406,3 +406,13 @@ def test_slide_windows_cover_the_image_like_mmseg():
     assert cover.min() >= 1
     assert slide_windows(100, 200, 512, 341) == [(0, 100, 0, 200)]
     assert math.isclose(len(slide_windows(512, 512, 512, 341)), 1)
+
+
+def test_the_recipes_the_paper_manifests_name_exist():
+    """The papers' table manifests point at these paths; tests/test_cli.py parses every one of them."""
+    names = ["detect_demo", "segment_demo", "coco_maskrcnn_r50_c4_1x", "coco_maskrcnn_r50_fpn_1x",
+             "coco_maskrcnn_swint_fpn_1x", "coco_maskrcnn_swins_fpn_1x", "coco_maskrcnn_swinb_fpn_1x",
+             "coco_maskrcnn_vitb_simplefpn_1x", "voc_fasterrcnn_r50_c4_24k", "ade20k_upernet_vitb_160k",
+             "ade20k_upernet_vitl_160k", "ade20k_upernet_swinb_160k"]
+    found = {p.stem for p in (ROOT / "experiments" / "transfer").glob("*.yaml")}
+    assert found == set(names)
