@@ -109,3 +109,36 @@ def test_segment_demo_writes_eval_json_next_to_the_checkpoint(demo_root, tmp_pat
     assert record["protocol"] == "segmentation" and record["ckpt"] == str(ckpt.resolve())
     assert set(record["metrics"]) == {"mIoU", "mAcc", "aAcc"} and record["backbone"] == "vit_tiny_patch16_224"
     assert record["settings"]["max_steps"] == 2 and record["settings"]["data"] == "ADE20KDataModule"
+
+
+TINY = {"resnet": ("resnet18", {}),
+        "swin": ("swin_tiny_patch4_window7_224", TINY_SWIN["backbone_kwargs"]),
+        "vit": ("vit_tiny_patch16_224", SHALLOW_VIT)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "task"), [("resnet", "c4"), ("swin", "fpn"), ("vit", "simple_fpn"),
+                                              ("swin", "seg"), ("vit", "seg")])
+def test_every_trainable_parameter_gets_a_gradient(family, task):
+    """One training step reaches every trainable parameter (what DDP needs without find_unused_parameters): the
+    shared res5 of C4, and ViT / Swin whose classification final norm the pyramids do not read (frozen)."""
+    name, kwargs = TINY[family]
+    torch.manual_seed(0)
+    if task == "seg":
+        module = SemanticSegmentation(backbone=name, backbone_kwargs=kwargs, num_classes=3, channels=16,
+                                      aux_channels=8)
+        batch = {"images": torch.randn(2, 3, 64, 64), "targets": torch.randint(0, 3, (2, 64, 64))}
+    else:
+        module = ObjectDetection(backbone=name, backbone_kwargs=kwargs, num_classes=3, with_masks=True, pyramid=task,
+                                 **SMALL_DETECTOR)
+        masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+        masks[0, 10:40, 12:44] = 1
+        target = {"boxes": torch.tensor([[12.0, 10, 44, 40]]), "labels": torch.tensor([2]), "masks": masks,
+                  "iscrowd": torch.zeros(1, dtype=torch.uint8)}
+        batch = {"images": [torch.rand(3, 64, 64), torch.rand(3, 64, 64)], "targets": [target, dict(target)]}
+    module.train()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert loss.isfinite()
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]

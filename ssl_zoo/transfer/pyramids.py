@@ -53,6 +53,7 @@ __all__ = [
     "default_vit_out_indices",
     "dense_model_kwargs",
     "freeze_resnet_stages",
+    "freeze_unused_final_norm",
     "measured_strides",
     "resolve_pyramid",
 ]
@@ -92,6 +93,16 @@ def freeze_resnet_stages(backbone: Backbone, freeze_at: int) -> None:
             p.requires_grad_(False)
 
 
+def freeze_unused_final_norm(backbone: Backbone) -> None:
+    """The pyramids read ViT blocks and Swin stages before the classification model's final norm (BEiT, ViTDet
+    and Swin's dense backbones have none there): that norm gets no gradient, so it is frozen, which also keeps
+    DDP from waiting for its gradients."""
+    for name in ("norm", "fc_norm"):
+        module = getattr(backbone.model, name, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------- levels
 class ResNetLevels(nn.Module):
     """ResNet C2..C5 ``[B, C_i, H/s, W/s]`` for s = 4, 8, 16, 32."""
@@ -121,6 +132,7 @@ class SwinLevels(nn.Module):
         if backbone.family != "swin":
             raise ValueError(f"SwinLevels needs a Swin, got '{backbone.name}' ({backbone.family})")
         self.backbone = backbone
+        freeze_unused_final_norm(backbone)
         info = backbone.model.feature_info
         self.channels = [int(f["num_chs"]) for f in info]
         self.strides = [int(f["reduction"]) for f in info]
@@ -154,6 +166,7 @@ class ViTLevels(nn.Module):
         if bad:
             raise ValueError(f"ViT out_indices {bad} outside the {depth} blocks of '{backbone.name}'")
         self.backbone = backbone
+        freeze_unused_final_norm(backbone)
         self.channels = [backbone.num_features] * len(self.out_indices)
         self.strides = [backbone.patch_size] * len(self.out_indices)
 
@@ -250,6 +263,7 @@ class SimpleFeaturePyramid(nn.Module):
         if backbone.family != "vit":
             raise ValueError(f"the simple feature pyramid needs a ViT, got '{backbone.name}' ({backbone.family})")
         self.backbone = backbone
+        freeze_unused_final_norm(backbone)
         d, p = backbone.num_features, backbone.patch_size
         stages: list[tuple[nn.Module, int]] = [
             (nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
