@@ -97,12 +97,13 @@ def test_demo_recipe_fast_dev_run(kind, demo_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_segment_demo_writes_eval_json_next_to_the_checkpoint(demo_root, tmp_path):
+def test_segment_demo_writes_eval_json_and_keeps_the_best_checkpoint(demo_root, tmp_path):
     ckpt = tmp_path / "pre" / "20260101-000000" / "checkpoints" / "last.ckpt"
     save_pretraining_checkpoint("mocov3", ckpt)  # a ViT: BEiT's neck on the 4x4 patch grid of 64 px crops
     main([*_demo_args("segment", demo_root, ckpt, tmp_path / "run"), "--trainer.max_steps", "2",
-          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", "--trainer.logger", "false",
-          "--trainer.enable_checkpointing", "false"])
+          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", "--trainer.logger", "false"])
+    # validated mid-epoch (an iteration-based run): the best checkpoint is picked by mIoU, not an epoch loss
+    assert list((tmp_path / "run" / "checkpoints").glob("best-step*.ckpt"))
     records = read_eval_records(ckpt.parent.parent / "eval.json")
     assert len(records) == 1
     record = records[0]

@@ -259,6 +259,10 @@ class ObjectDetection(DenseTransferModule):
         ``labels`` (1..C), ``scores`` and, for Mask R-CNN, ``masks`` ``[N, 1, H_i, W_i]`` probabilities."""
         return self.model(images)
 
+    def best_checkpoint_metric(self) -> str:
+        voc = getattr(getattr(self.trainer, "datamodule", None), "evaluation", "coco") == "voc"
+        return "val/AP50" if voc else "val/bbox_AP"
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["images"]  # list of [3, H_i, W_i]

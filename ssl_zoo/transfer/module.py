@@ -4,6 +4,7 @@ step schedules, and the ``eval.json`` record (:class:`~ssl_zoo.eval.module.EvalM
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -74,6 +75,23 @@ class DenseTransferModule(EvalModule):
         """Keep the backbone until :meth:`build_head` puts it into the model, without registering it here (a
         registered copy would be saved twice in every checkpoint)."""
         self.__dict__["_unbuilt_backbone"] = backbone
+
+    def best_checkpoint_metric(self) -> str:
+        """The validation metric (higher is better) that picks the best checkpoint."""
+        raise NotImplementedError
+
+    def configure_callbacks(self) -> list:
+        """Replace the CLI's best-checkpoint rule (lowest ``train/loss_epoch``, logged at epoch ends) by the best
+        validation metric: iteration-based recipes validate in the middle of an epoch, where no epoch loss exists."""
+        trainer = self.trainer
+        if not trainer.checkpoint_callbacks:  # checkpointing off
+            return []
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        metric = self.best_checkpoint_metric()
+        return [ModelCheckpoint(dirpath=os.path.join(trainer.default_root_dir, "checkpoints"), monitor=metric,
+                                mode="max", save_top_k=1, save_last=False, auto_insert_metric_name=False,
+                                filename="best-step{step:06d}")]
 
     # ------------------------------------------------------------------ optimisation
     def peak_lr(self) -> float:

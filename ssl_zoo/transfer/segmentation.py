@@ -193,6 +193,9 @@ class SemanticSegmentation(DenseTransferModule):
             logits = logits / count
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)[0]
 
+    def best_checkpoint_metric(self) -> str:
+        return "val/mIoU"
+
     # ------------------------------------------------------------------ steps
     def loss_on(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy of logits resized to the labels, summed over valid pixels / all pixels (mmseg 0.x)."""
