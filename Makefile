@@ -85,6 +85,16 @@ finetune: $(STAMP) $(DEMO)/.complete
 knn: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo validate --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/knn_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
 
+# Transfer to dense prediction (README "Transfer"): the demo recipes on data/demo unless CONFIG= names a paper
+# recipe in experiments/transfer/. CKPT=path/to/last.ckpt; without it, a randomly initialised backbone (the demo
+# recipes: ResNet-18; a paper recipe: its own).
+.PHONY: detect segment
+DENSE_CKPT_ARG = $(if $(CKPT),--model.init_args.ckpt $(CKPT),$(if $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),,--model.init_args.backbone resnet18))
+detect: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo fit --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/transfer/detect_demo.yaml) $(DENSE_CKPT_ARG) $(ARGS)
+segment: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo fit --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/transfer/segment_demo.yaml) $(DENSE_CKPT_ARG) $(ARGS)
+
 # wandb sweep + wandb agent when wandb is online; offline or LOCAL=1: the same file runs here, one trial after
 # another, each an offline wandb run (summary in runs/sweeps/<name>/<stamp>/). COUNT=N caps the trials,
 # ARGS='...' is appended to every trial's command (e.g. a shorter schedule).

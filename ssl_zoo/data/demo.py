@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ssl_zoo.data.demo_dense import write_dense_split
+
 __all__ = ["DEMO_CLASSES", "SUPERCLASSES", "DemoClass", "make_demo_dataset", "render_image", "main"]
 
 
@@ -525,6 +527,8 @@ def make_demo_dataset(
         (staging / "annotations" / f"instances_{split}2017.json").write_text(
             json.dumps(coco, separators=(",", ":")), encoding="utf-8"
         )
+        # Dense-transfer annotations (ADE20K-layout class maps), kept in their own module.
+        write_dense_split(staging, split, records, size)
         (staging / "tencent" / f"{split}.txt").write_text(
             "".join(_tencent_line(f"{split}2017/{name}", objects) + "\n" for _, name, objects in records),
             encoding="utf-8",
