@@ -18,6 +18,7 @@ from torchvision.transforms import functional as F
 
 from ssl_zoo.augment import (
     BlockwiseAugmentation,
+    SeparableGaussianBlur,
     ViewPipeline,
     byol_view,
     gaussian_blur_separable,
@@ -66,8 +67,9 @@ def test_hue_lookup_table_equals_torchvision(photo):
         assert np.array_equal(np.asarray(_adjust_hue(img, factor)), np.asarray(F.adjust_hue(img, factor)))
 
 
-@pytest.mark.parametrize("make", [lambda: simsiam_view(64), lambda: byol_view(64, blur_p=1.0, solarize_p=0.5),
-                                  lambda: byol_view(32, blur_p=0.1, solarize_p=0.2, normalize="clip")])
+@pytest.mark.parametrize("make", [lambda: simsiam_view(64), lambda: simsiam_view(64, blur="kernel"),
+                                  lambda: byol_view(64, blur_p=1.0, solarize_p=0.5),
+                                  lambda: byol_view(32, blur_p=0.1, solarize_p=0.2, normalize="clip", blur="kernel")])
 def test_view_pipeline_draws_and_computes_what_the_compose_does(make, photo):
     view = make()
     reference = T.Compose(view.transforms)  # torchvision's own forward for every step
@@ -193,3 +195,25 @@ def test_encoded_image_follows_exif_orientation_and_reports_bad_bodies(tmp_path,
         EncodedImage(b"", "empty.jpg")
     with pytest.raises(BadImageError, match="not a recognised image"):
         EncodedImage(b"<html></html>", "page.jpg")
+
+
+def test_pil_blur_is_the_reference_codes_filter_with_torchvision_s_sigma_draw(photo):
+    """SimSiam / MoCo's ``GaussianBlur``: ``ImageFilter.GaussianBlur(radius=sigma)``, sigma uniform in [0.1, 2]."""
+    from PIL import ImageFilter
+
+    from ssl_zoo.augment import PILGaussianBlur, blur_step
+
+    img = photo.resize((48, 40))
+    blur = blur_step(48)
+    assert isinstance(blur, PILGaussianBlur) and blur.sigma == (0.1, 2.0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        sigma = torch.empty(1).uniform_(0.1, 2.0).item()  # T.GaussianBlur.get_params
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        out = blur(img)
+        assert torch.equal(torch.rand(1), after)  # one draw, as torchvision's GaussianBlur
+        assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    assert isinstance(blur_step(48, "kernel"), SeparableGaussianBlur)
+    with pytest.raises(ValueError, match="blur must be 'pil' or 'kernel'"):
+        blur_step(48, "box")

@@ -15,8 +15,9 @@ differently, draws different views.
 Speed. The SimSiam / MoCo / BYOL views are :class:`ViewPipeline` s: the torchvision ``Compose`` of the recipe,
 run in two phases. :meth:`ViewPipeline.sample` draws every random parameter exactly as the ``Compose`` would, in
 the same order, so a seed gives the same view; :meth:`ViewPipeline.render` then draws the pixels, with the
-Gaussian blur as two 1-D passes (:func:`gaussian_blur_separable`: the same kernel, 23 x 23 at 224 px, at a
-twentieth of the cost of torchvision's 2-D convolution) and the hue shift through a lookup table. Because the
+Gaussian blur of the reference code (PIL's filter, :class:`PILGaussianBlur`; ``blur="kernel"`` gives SimCLR's
+23 x 23 kernel at 224 px as two 1-D passes, :func:`gaussian_blur_separable`, a twentieth of the cost of
+torchvision's 2-D convolution), ``ToTensor`` + ``Normalize`` and the hue shift through lookup tables. Because the
 parameters exist before the pixels, :class:`MultiViewTransform` and
 :class:`~ssl_zoo.augment.blocks.BlockwiseAugmentation` accept an undecoded image (``accepts_encoded``; an
 :class:`~ssl_zoo.data.io.EncodedImage`): they sample all views' crops from its header size, decode the JPEG once
@@ -33,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
 from torchvision import transforms as T
@@ -44,6 +45,7 @@ from ssl_zoo.augment.masking import BEiTMaskGenerator, BlockwiseMaskGenerator, R
 
 __all__ = [
     "JPEG_REDUCTIONS",
+    "PILGaussianBlur",
     "SeparableGaussianBlur",
     "ViewPipeline",
     "gaussian_blur_separable",
@@ -59,6 +61,7 @@ __all__ = [
     "TorchSeeded",
     "TwoViewTransform",
     "blur_kernel_size",
+    "blur_step",
     "byol_view",
     "mocov2_transform",
     "mocov3_transform",
@@ -191,6 +194,37 @@ class SeparableGaussianBlur(T.GaussianBlur):
             return super().forward(img)
         sigma = self.get_params(self.sigma[0], self.sigma[1])
         return gaussian_blur_separable(img, self.kernel_size, sigma)
+
+
+class PILGaussianBlur(T.GaussianBlur):
+    """The blur of SimSiam's, MoCo v2's and MoCo v3's reference code: PIL's ``ImageFilter.GaussianBlur`` with
+    ``radius = sigma``, sigma uniform in ``sigma`` (drawn from torch's RNG as ``T.GaussianBlur`` draws it).
+
+    Their ``loader.py`` (``GaussianBlur``: ``x.filter(ImageFilter.GaussianBlur(radius=sigma))``, sigma in
+    [0.1, 2.0]) has no kernel size: PIL approximates the Gaussian by three box filters of matching variance, an
+    O(1)-per-pixel filter. lightly's transforms use the same filter. The 23 px kernel of SimCLR / BYOL
+    (``blur="kernel"``, :class:`SeparableGaussianBlur`) is the other reading; ``kernel_size`` is kept for it
+    and for tensor inputs, which take torchvision's path.
+    """
+
+    def forward(self, img):
+        if not isinstance(img, Image.Image):
+            return super().forward(img)
+        sigma = self.get_params(self.sigma[0], self.sigma[1])
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+BlurKind = Literal["pil", "kernel"]
+
+
+def blur_step(size: int, blur: BlurKind = "pil", sigma: tuple[float, float] = (0.1, 2.0)) -> T.GaussianBlur:
+    """The Gaussian blur of a view of ``size`` px: PIL's (``pil``, the reference code of SimSiam / MoCo) or the
+    ~10 % kernel of SimCLR / BYOL computed separably (``kernel``)."""
+    if blur == "pil":
+        return PILGaussianBlur(blur_kernel_size(size), sigma=sigma)
+    if blur == "kernel":
+        return SeparableGaussianBlur(blur_kernel_size(size), sigma=sigma)
+    raise ValueError(f"blur must be 'pil' or 'kernel', got {blur!r}")
 
 
 def _adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
@@ -333,6 +367,8 @@ class ViewPipeline(T.Compose):
                 if factors[fn_id] is not None:
                     img = _COLOR_OPS[fn_id](img, factors[fn_id])
             return img
+        if isinstance(step, PILGaussianBlur):
+            return img.filter(ImageFilter.GaussianBlur(radius=p))
         if isinstance(step, T.GaussianBlur):
             return gaussian_blur_separable(img, step.kernel_size, p)
         if isinstance(step, T.RandomGrayscale):
@@ -348,12 +384,14 @@ class ViewPipeline(T.Compose):
         return self.render(img, self.sample(img.width, img.height))
 
 
-def simsiam_view(size: int, min_scale: float = 0.2, normalize: Normalization = "imagenet") -> ViewPipeline:
+def simsiam_view(size: int, min_scale: float = 0.2, normalize: Normalization = "imagenet",
+                 blur: BlurKind = "pil") -> ViewPipeline:
     """One SimSiam / MoCo v2 view (SimSiam §A, "the same as MoCo v2").
 
     RandomResizedCrop(scale=(min_scale, 1)), colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale
-    p=0.2, Gaussian blur (sigma in [0.1, 2.0], kernel ~10% of ``size``) p=0.5, horizontal flip,
-    then to a normalised float tensor ``[3, size, size]``. A :class:`ViewPipeline` (see the module docstring).
+    p=0.2, Gaussian blur (sigma in [0.1, 2.0]; PIL's filter as the reference code, or ``blur="kernel"``: a
+    kernel of ~10% of ``size``, see :func:`blur_step`) p=0.5, horizontal flip, then to a normalised float
+    tensor ``[3, size, size]``. A :class:`ViewPipeline` (see the module docstring).
     """
     _check_size(size)
     _check_scale(min_scale)
@@ -362,7 +400,7 @@ def simsiam_view(size: int, min_scale: float = 0.2, normalize: Normalization = "
             T.RandomResizedCrop(size, scale=(min_scale, 1.0)),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([SeparableGaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+            T.RandomApply([blur_step(size, blur)], p=0.5),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             normalize_transform(normalize),
@@ -376,11 +414,13 @@ def byol_view(
     blur_p: float = 1.0,
     solarize_p: float = 0.0,
     normalize: Normalization = "imagenet",
+    blur: BlurKind = "pil",
 ) -> ViewPipeline:
     """One view of the BYOL / MoCo v3 family (MoCo v3 §A: BYOL's augmentation).
 
     RandomResizedCrop(scale=(min_scale, 1)), colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale
-    p=0.2, Gaussian blur with probability ``blur_p``, solarisation (threshold 128) with probability
+    p=0.2, Gaussian blur with probability ``blur_p`` (PIL's filter as MoCo v3's code, or ``blur="kernel"``,
+    see :func:`blur_step`), solarisation (threshold 128) with probability
     ``solarize_p``, horizontal flip, normalised tensor ``[3, size, size]``. A :class:`ViewPipeline`.
     """
     _check_size(size)
@@ -393,7 +433,7 @@ def byol_view(
             T.RandomResizedCrop(size, scale=(min_scale, 1.0)),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([SeparableGaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p),
+            T.RandomApply([blur_step(size, blur)], p=blur_p),
             T.RandomSolarize(threshold=128, p=solarize_p),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
