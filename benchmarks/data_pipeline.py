@@ -187,7 +187,7 @@ def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
     """Convert ``copies`` copies of the photographs and time reading them from files and from the shards."""
     from ssl_zoo.data.io import EncodedImage
     from ssl_zoo.data.shard import convert_split, read_source
-    from ssl_zoo.data.streaming import ShardSplit
+    from ssl_zoo.data.streaming import ShardSplit, keep_freed_buffers, record_image
 
     paths = photograph_paths()
     tree = workdir / "photos" / "train"
@@ -216,10 +216,11 @@ def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
         for chunk in range(split.num_chunks):
             start, stop = int(split.chunk_starts[chunk]), int(split.chunk_starts[chunk + 1])
             for record in split.read_range(start, stop):
-                image = EncodedImage(record["image"], record["path"])
+                image = record_image(record, "benchmark")
                 if full:
                     image.decode()
 
+    keep_freed_buffers()  # what a streaming DataLoader worker does; the file path runs in the same allocator
     reads: dict[str, list[float]] = {"files": [], "shards": [], "files+decode": [], "shards+decode": []}
     from_files(False), from_shards(False)  # warm the page cache for both
     for _ in range(rounds):

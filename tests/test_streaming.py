@@ -23,6 +23,7 @@ from torch.utils.data import default_collate
 
 from ssl_zoo.data import CocoMultiLabel, ImageFolderDataset, TencentML, load_image
 from ssl_zoo.data.datamodule import ViewDataset
+from ssl_zoo.data.io import BadImageError, EncodedImage
 from ssl_zoo.data.shard import BAD_SAMPLES_FILE, META_FILE, convert_split, main, read_source
 from ssl_zoo.data.streaming import (
     ShardDataset,
@@ -31,6 +32,7 @@ from ssl_zoo.data.streaming import (
     StreamingDataModule,
     StreamingViewDataset,
     rank_segments,
+    record_image,
     worker_pieces,
 )
 
@@ -79,6 +81,8 @@ def test_round_trip_same_images_labels_and_order(kind, demo_root, shard_root):
         for position, record in enumerate(records):
             i = record["source_index"]
             assert record["image"] == Path(source.paths[i]).read_bytes()  # the file's bytes, not re-encoded
+            header = EncodedImage.read(source.paths[i])  # the stored header is the file's
+            assert (record["width"], record["height"], record["format"]) == (*header.size, header.format)
             image, target = shards[position]
             assert np.array_equal(np.asarray(image), np.asarray(load_image(source.paths[i])))
             if kind == "folder":
@@ -337,3 +341,21 @@ def test_batches_collate(shard_root):
                           transform=lambda img: {"views": torch.zeros(2, 3, 4, 4)})
     batch = default_collate([ViewDataset(shards)[i] for i in range(3)])
     assert batch["target"].shape == (3, shards.num_classes) and batch["index"].tolist() == [0, 1, 2]
+
+
+def test_records_of_a_range_are_read_in_place_and_decode_as_the_files(demo_root, shard_root):
+    """read_range hands out memoryviews into its reads (no second copy) with the stored header; they decode
+    exactly as the file does, at full and reduced scale. A record without a stored header is parsed."""
+    split = ShardSplit(str(shard_root / "folder" / "train"))
+    stop = int(split.chunk_starts[1])
+    source = ImageFolderDataset(f"{demo_root}/folder/train")
+    for record in split.read_range(0, min(stop, 5)):
+        image = record_image(record, "test")
+        from_file = EncodedImage.read(source.paths[record["source_index"]])
+        assert image.size == from_file.size and image.format == from_file.format
+        for reduce in (1, 2):
+            assert np.array_equal(np.asarray(image.decode(reduce)), np.asarray(from_file.decode(reduce)))
+        old = {k: v for k, v in record.items() if k not in ("width", "height", "format")}
+        assert record_image(old, "test").size == from_file.size
+    with pytest.raises(BadImageError, match="exceeds the limit"):
+        EncodedImage.with_header(b"...", "big.jpg", (100_000, 100_000), "JPEG")

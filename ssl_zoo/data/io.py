@@ -165,7 +165,10 @@ def _bad_image_errors(path: str) -> Iterator[None]:
 
 
 def _check_pixels(image: Image.Image, path: str, limit: int) -> None:
-    width, height = image.size
+    _check_pixel_count(*image.size, path, limit)
+
+
+def _check_pixel_count(width: int, height: int, path: str, limit: int) -> None:
     if width * height > limit:
         raise BadImageError(
             path,
@@ -235,6 +238,42 @@ _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 JPEG_REDUCTIONS = (1, 2, 4, 8)
 
 
+class _ViewReader(io.RawIOBase):
+    """A read-only, seekable file object over a ``memoryview``, without copying it (``io.BytesIO`` copies any
+    buffer that is not ``bytes``): shard records are views into one read of a chunk."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), len(self._view) - self._pos)
+        buffer[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _byte_stream(data: bytes | memoryview) -> io.IOBase:
+    if isinstance(data, bytes):
+        return io.BytesIO(data)  # shares the bytes object, no copy
+    return io.BufferedReader(_ViewReader(memoryview(data)))  # Pillow's many small header reads stay in C
+
+
 class EncodedImage:
     """An image file's bytes with its header read and its pixels decoded on demand.
 
@@ -246,7 +285,8 @@ class EncodedImage:
     limit raises :class:`BadImageError` here; a truncated or corrupt body raises it from :meth:`decode`.
 
     Args:
-        data: the encoded file (JPEG, PNG, ...).
+        data: the encoded file (JPEG, PNG, ...): ``bytes``, or a ``memoryview`` into a larger buffer (a shard
+            record), which is read in place, never copied whole.
         name: where it came from (file path, or ``shard#index``), for error messages.
         max_pixels: largest accepted ``width * height`` (default :data:`MAX_IMAGE_PIXELS`).
 
@@ -257,19 +297,31 @@ class EncodedImage:
 
     __slots__ = ("data", "name", "size", "format", "max_pixels")
 
-    def __init__(self, data: bytes, name: str, max_pixels: int | None = None) -> None:
+    def __init__(self, data: bytes | memoryview, name: str, max_pixels: int | None = None) -> None:
         self.data = data
         self.name = name
         self.max_pixels = _pixel_limit(max_pixels)
         with _bad_image_errors(name):
             if not data:
                 raise BadImageError(name, "empty file (0 bytes)")
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(_byte_stream(data)) as image:
                 _check_pixels(image, name, self.max_pixels)
                 self.format = image.format
                 width, height = image.size
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         self.size = (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+    @classmethod
+    def with_header(cls, data: bytes | memoryview, name: str, size: tuple[int, int], format: str,
+                    max_pixels: int | None = None) -> EncodedImage:
+        """An image whose header was read before (a shard record stores it at conversion): nothing is parsed
+        here; ``size`` is the displayed ``(width, height)``. The pixel limit still applies."""
+        image = cls.__new__(cls)
+        image.data, image.name, image.format = data, name, format
+        image.max_pixels = _pixel_limit(max_pixels)
+        image.size = (int(size[0]), int(size[1]))
+        _check_pixel_count(*image.size, name, image.max_pixels)
+        return image
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], max_pixels: int | None = None) -> EncodedImage:
@@ -287,7 +339,7 @@ class EncodedImage:
         """
         if reduce not in JPEG_REDUCTIONS:
             raise ValueError(f"reduce must be one of {JPEG_REDUCTIONS}, got {reduce}")
-        with _bad_image_errors(self.name), Image.open(io.BytesIO(self.data)) as image:
+        with _bad_image_errors(self.name), Image.open(_byte_stream(self.data)) as image:
             return _decode_opened(image, reduce)
 
     def __repr__(self) -> str:

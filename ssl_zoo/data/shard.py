@@ -199,8 +199,10 @@ class _ConvertSample:
                 f.write(f"{index}\t{error.path}\t{reason}\n")
             return None
         labels, confidences = self.source.label_arrays(index)
-        return {"image": image.data, "labels": labels, "confidences": confidences,
-                "source_index": int(index), "path": self.source.relative_path(index)}
+        # The header travels with the bytes, so a reader knows the size before decoding without parsing it again.
+        return {"image": image.data, "width": image.size[0], "height": image.size[1], "format": image.format,
+                "labels": labels, "confidences": confidences, "source_index": int(index),
+                "path": self.source.relative_path(index)}
 
 
 @dataclass

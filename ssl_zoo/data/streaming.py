@@ -242,14 +242,18 @@ class ShardSplit:
         # reading from shards slower than reading files (benchmarks/RESULTS.md).
         first = start - int(self.chunk_starts[chunk])
         count = stop - start
+        records = []
         with open(self._chunk_path(chunk), "rb") as f:
             # layout: uint32 num_items, uint32[num_items + 1] absolute offsets of the items, the items
             f.seek(4 * (1 + first))
             offsets = np.frombuffer(f.read(4 * (count + 1)), dtype="<u4").astype(np.int64)
             f.seek(int(offsets[0]))
-            data = memoryview(f.read(int(offsets[-1] - offsets[0])))
-        ends = offsets - offsets[0]
-        return [_owned(loader.deserialize(data[ends[k]:ends[k + 1]])) for k in range(count)]
+            for size in np.diff(offsets).tolist():
+                # One read per record, as a file per image would be (a buffer of a whole range costs a page fault
+                # per 4 KB of fresh memory); its image stays a memoryview into that read, which EncodedImage
+                # reads in place: one copy per image, as from a file.
+                records.append(loader.deserialize(memoryview(f.read(size))))
+        return records
 
     @staticmethod
     def _plain_loader(dataset, index: int):
@@ -261,6 +265,42 @@ class ShardSplit:
         plain = (config.get("item_loader") == "PyTreeLoader" and not config.get("compression")
                  and not config.get("encryption") and callable(getattr(loader, "deserialize", None)))
         return loader if plain else None
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_buffers() -> bool:
+    """Let glibc serve large allocations from the heap and keep freed memory for reuse (``mallopt``:
+    ``M_MMAP_THRESHOLD`` 64 MiB, ``M_TRIM_THRESHOLD`` 256 MiB); once per process, a no-op elsewhere.
+
+    A shard reader holds a window of records (one image each, often above glibc's 128 KiB mmap threshold):
+    by default each is a fresh ``mmap``, faulted in page by page and unmapped when freed, which made reading
+    records slower than reading files (whose one buffer at a time the allocator reuses). With the heap kept,
+    the next window reuses the previous one's pages (``benchmarks/data_pipeline.py``: shards against files).
+    Called in the streaming DataLoader workers only, not in the training process.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): the default allocator stays
+        _ALLOCATOR_TUNED = False
+    return _ALLOCATOR_TUNED
+
+
+def record_image(record: dict[str, Any], where: str) -> EncodedImage:
+    """A shard record's image, with the header the converter stored (shards written before it was stored:
+    parsed here)."""
+    name = f"{record['path']} ({where})"
+    if "width" in record:
+        return EncodedImage.with_header(record["image"], name, (record["width"], record["height"]), record["format"])
+    return EncodedImage(record["image"], name)
 
 
 def _owned(record: dict[str, Any]) -> dict[str, Any]:
@@ -320,8 +360,7 @@ class ShardDataset(Dataset):
         return target
 
     def encoded(self, index: int) -> EncodedImage:
-        record = self.record(index)
-        return EncodedImage(record["image"], f"{record['path']} (sample {index} of {self.split.location})")
+        return record_image(self.record(index), f"sample {index} of {self.split.location}")
 
     def load_sample(self, index: int) -> Sample:
         """Sample ``index`` (or under ``"skip"`` the next readable one) with its target and the files passed over."""
@@ -496,6 +535,8 @@ class StreamingViewDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            keep_freed_buffers()
         if workers != self.num_roles:
             raise RuntimeError(f"the streaming dataset was planned for {self.num_roles} DataLoader workers but runs "
                                f"in {workers}: build the DataLoader with num_workers={self.num_roles}")
