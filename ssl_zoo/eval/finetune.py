@@ -12,6 +12,7 @@ towards 0.5) and reports the multi-label metrics.
 from __future__ import annotations
 
 import inspect
+from typing import Literal
 
 import timm
 import timm.data
@@ -72,6 +73,11 @@ class FineTune(EvalModule):
         re_prob: random-erasing probability (0.25).
         head_init_std: std of the head's truncated-normal initialisation (BEiT: 0.02 x init_scale 0.001).
         threshold: decision threshold of the multi-label metrics.
+        optimizer: ``adamw`` (BEiT) or ``sgd`` (SimCLR's semi-supervised fine-tuning: SGD with Nesterov
+            momentum; ``betas`` then unused).
+        momentum, nesterov: SGD momentum (0.9) and Nesterov (on); ``optimizer: sgd`` only.
+        color_jitter: timm's colour jitter strength, applied when ``auto_augment`` is ``None`` (0.4, timm's
+            default); ``None``: crop and flip only.
     """
 
     protocol = "finetune"
@@ -101,6 +107,10 @@ class FineTune(EvalModule):
         re_prob: float = 0.25,
         head_init_std: float = 2e-5,
         threshold: float = 0.5,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        color_jitter: float | None = 0.4,
     ) -> None:
         super().__init__()
         check_pooling(pooling, "model.pooling")
@@ -116,6 +126,8 @@ class FineTune(EvalModule):
             raise ValueError(f"model.re_prob must lie in [0, 1], got {re_prob}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"model.threshold must lie in [0, 1], got {threshold}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
         self.save_hyperparameters()
         self.backbone = build_eval_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size,
                                             drop_path_rate=drop_path_rate)
@@ -145,7 +157,8 @@ class FineTune(EvalModule):
     # ------------------------------------------------------------------ data hooks
     def train_transform(self):
         hp = self.hparams
-        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob))
+        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob,
+                                                   hp.get("color_jitter", 0.4)))
 
     def val_transform(self):
         size = self.hparams.img_size
@@ -219,7 +232,10 @@ class FineTune(EvalModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
-        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
+        if hp.get("optimizer", "adamw") == "sgd":  # SimCLR semi-supervised: SGD, Nesterov momentum 0.9
+            optimizer = torch.optim.SGD(self.param_groups(lr), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
         scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.min_lr_ratio)
