@@ -416,6 +416,19 @@ def test_orthogonality_term_equals_brute_force():
     torch.testing.assert_close(projector_orthogonality(torch.ones(3, 2, 4)), torch.ones(3))
 
 
+def test_table_i_alignment_is_wang_and_isola_with_alpha_2():
+    from benchmarks.mpcl_ablation import alignment, uniformity
+
+    g = torch.Generator().manual_seed(0)
+    za = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=1)
+    zb = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=1)
+    brute = np.mean([np.sum((_np(za[i]) - _np(zb[i])) ** 2) for i in range(6)])  # E ||f(x) - f(x+)||^2
+    assert alignment(za, zb).item() == pytest.approx(brute, rel=1e-6)
+    assert alignment(za, -za).item() == pytest.approx(4.0)  # antipodal positives: 4, not half of it
+    pairs = [np.exp(-2 * np.sum((_np(za[i]) - _np(za[j])) ** 2)) for i in range(6) for j in range(6) if i != j]
+    assert uniformity(za).item() == pytest.approx(np.log(np.mean(pairs)), rel=1e-5)
+
+
 # ---------------------------------------------------------------------- MoCo v3's ViT (vits.py)
 def _ref_sincos(h: int, w: int, dim: int) -> np.ndarray:
     """MoCo v3's table, element by element: token n = i * h + j of meshgrid(grid_w, grid_h) has coords (i, j)."""
