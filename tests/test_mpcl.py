@@ -9,6 +9,8 @@ on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in test
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 import io
 import math
@@ -612,10 +614,15 @@ def test_other_demo_configs_parse(config):
 
 
 def _parse(*configs: Path) -> dict:
-    """Parse with the CLI exactly as `fit` would (no run), returning the resolved config."""
+    """Parse with the CLI exactly as `fit` would (no run), returning the resolved config (a fresh copy)."""
+    return copy.deepcopy(_parse_cached(tuple(str(c) for c in configs)))
+
+
+@functools.cache
+def _parse_cached(configs: tuple[str, ...]) -> dict:
     from ssl_zoo.cli import main
 
-    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
+    args = ["fit"] + [a for c in configs for a in ("--config", c)] + ["--print_config"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
         main(args)
