@@ -82,11 +82,12 @@ class ImageFolderDataset(ImageListDataset):
         if subset is not None:
             wanted = read_subset_list(subset)
             samples = [s for s in samples if os.path.basename(s[0]) in wanted]
-            if len(samples) != len(wanted):
-                found = {os.path.basename(p) for p, _ in samples}
-                name, line_no = next((n, i) for n, i in wanted.items() if n not in found)
+            found = {os.path.basename(p) for p, _ in samples}
+            missing = [(name, line_no) for name, line_no in wanted.items() if name not in found]
+            if missing:
+                name, line_no = missing[0]
                 raise ValueError(f"{os.fspath(subset)}:{line_no}: '{name}' is not an image under '{self.root}' "
-                                 f"({len(wanted) - len(found)} of the {len(wanted)} listed images are missing)")
+                                 f"({len(missing)} of the {len(wanted)} listed images are missing)")
         super().__init__([path for path, _ in samples], transform, on_bad_sample)
         self._labels = np.asarray([label for _, label in samples], dtype=np.int64)  # [N]
 
