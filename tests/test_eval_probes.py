@@ -527,6 +527,8 @@ def _cli_args(config_path: Path, demo_root: str, tmp_path: Path, *extra: str) ->
         args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": model_kwargs})]
     elif vit:
         args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": TINY_VIT["model_kwargs"]})]
+    if config["data"]["init_args"].get("train_subset"):  # ImageNet's subset lists; tests/test_subset_list.py
+        args += ["--data.init_args.train_subset", "null"]
     return [*args, *extra]
 
 

@@ -430,16 +430,21 @@ class ImageFolderDataModule(PretrainDataModule):
     """ImageNet-1K / ImageNet-100 / any class-per-folder tree with ``train/`` and ``val/`` folders."""
 
     def __init__(self, root: str = "data/demo/folder", train_dir: str = "train", val_dir: str = "val",
-                 **kwargs: Any) -> None:
+                 train_subset: str | None = None, **kwargs: Any) -> None:
+        """``train_subset``: a subset list (SimCLR's ``1percent.txt`` / ``10percent.txt``: one image file name per
+        line, relative to ``root`` unless absolute) restricting the training split to the images it names, for
+        semi-supervised fine-tuning; the classes stay those of the whole training tree."""
         super().__init__(root=root, **kwargs)
         self.dirs = {"train": train_dir, "val": val_dir}
+        self.train_subset = train_subset
         self._num_classes: int | None = None
 
     def build_dataset(self, split, transform):
         from ssl_zoo.data.folder import ImageFolderDataset
 
+        subset = self._path(self.train_subset) if split == "train" and self.train_subset else None
         ds = ImageFolderDataset(self._path(self.dirs[split]), transform=transform,
-                                on_bad_sample=self.on_bad_sample)
+                                on_bad_sample=self.on_bad_sample, subset=subset)
         self._num_classes = len(ds.classes)
         return ds
 

@@ -114,6 +114,11 @@ class FineTune(EvalModule):
         re_prob: random-erasing probability (0.25).
         head_init_std: std of the head's truncated-normal initialisation (BEiT: 0.02 x init_scale 0.001).
         threshold: decision threshold of the multi-label metrics.
+        optimizer: ``adamw`` (BEiT) or ``sgd`` (SimCLR's semi-supervised fine-tuning: SGD with Nesterov
+            momentum; ``betas`` then unused).
+        momentum, nesterov: SGD momentum (0.9) and Nesterov (on); ``optimizer: sgd`` only.
+        color_jitter: timm's colour jitter strength, applied when ``auto_augment`` is ``None`` (0.4, timm's
+            default); ``None``: crop and flip only.
     """
 
     protocol = "finetune"
@@ -145,6 +150,10 @@ class FineTune(EvalModule):
         re_prob: float = 0.25,
         head_init_std: float = 2e-5,
         threshold: float = 0.5,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        color_jitter: float | None = 0.4,
     ) -> None:
         super().__init__()
         check_pooling(pooling, "model.pooling")
@@ -164,6 +173,8 @@ class FineTune(EvalModule):
             raise ValueError(f"model.use_mean_pooling needs model.pooling 'backbone' (the pooled head), got '{pooling}'")
         if val_interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"model.val_interpolation must be 'bilinear' or 'bicubic', got '{val_interpolation}'")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
         self.save_hyperparameters()
         if use_mean_pooling:
             backbone_kwargs = with_mean_pooling(backbone_kwargs)
@@ -197,7 +208,8 @@ class FineTune(EvalModule):
     # ------------------------------------------------------------------ data hooks
     def train_transform(self):
         hp = self.hparams
-        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob))
+        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob,
+                                                   hp.get("color_jitter", 0.4)))
 
     def val_transform(self):
         size, interpolation = self.hparams.img_size, self.hparams.get("val_interpolation", "bilinear")
@@ -272,7 +284,10 @@ class FineTune(EvalModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
-        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
+        if hp.get("optimizer", "adamw") == "sgd":  # SimCLR semi-supervised: SGD, Nesterov momentum 0.9
+            optimizer = torch.optim.SGD(self.param_groups(lr), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
         scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.min_lr_ratio)
