@@ -30,18 +30,24 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data check-method pretrain linear gamp finetune knn sweep bench lint test test-fast test-ddp clean
+.PHONY: help install demo-data demo-shards check-method pretrain linear gamp finetune knn detect segment sweep bench bench-quality lint test test-fast test-ddp clean
 
 help:
 	@echo "Pre-training:  make pretrain METHOD=<method> [CONFIG=experiments/<method>/<config>.yaml] [ARGS='--trainer.max_epochs 5']"
 	@echo "               [GPUS=8] [NODES=2 (prints the sbatch command; SUBMIT=1 submits it)] [RESUME=1]"
-	@echo "Methods and their configs (METHOD runs demo.yaml, CPU-sized; the others are paper configs for GPUs):"
-	@$(foreach m,$(METHODS),echo "  $(m): $(notdir $(wildcard experiments/$(m)/*.yaml))$(if $(wildcard experiments/$(m)/ablations/*.yaml), + ablations/*.yaml overlays)";)
+	@echo "Methods and their configs (METHOD runs demo.yaml, minutes on a CPU; cpu.yaml: a CPU recipe that learns visibly in ~10 minutes;"
+	@echo "the others are paper configs for GPUs; subfolders hold overlays given after their base config):"
+	@$(foreach m,$(METHODS),echo "  $(m): $(filter-out tables.yaml,$(notdir $(wildcard experiments/$(m)/*.yaml)))$(if $(wildcard experiments/$(m)/*/*.yaml), + overlays $(patsubst experiments/$(m)/%,%*.yaml,$(sort $(dir $(wildcard experiments/$(m)/*/*.yaml)))))";)
+	@echo "  streaming-shard overlays (make demo-shards first): experiments/shards/<method>.yaml"
+	@echo "  paper tables and the commands of their rows: $(PYTHON) -m ssl_zoo.tables experiments/<method>/tables.yaml"
 	@echo "Evaluation of a checkpoint of any method (backbone, settings and input size from the checkpoint):"
 	@echo "  make linear|gamp|finetune|knn CKPT=runs/<method>/<stamp>/checkpoints/last.ckpt [CONFIG=experiments/eval/<config>.yaml] [ARGS=...]"
-	@echo "  without CKPT: a randomly initialised BACKBONE=resnet18 at IMG_SIZE=64 (the baseline)"
 	@echo "  configs: $(notdir $(wildcard experiments/eval/*.yaml))"
-	@echo "Other jobs:    make sweep SWEEP=experiments/sweeps/<file>.yaml [LOCAL=1] [COUNT=N] | demo-data | bench"
+	@echo "Transfer to detection / segmentation of a checkpoint of any method:"
+	@echo "  make detect|segment CKPT=runs/<method>/<stamp>/checkpoints/last.ckpt [CONFIG=experiments/transfer/<config>.yaml] [ARGS=...]"
+	@echo "  configs: $(notdir $(wildcard experiments/transfer/*.yaml))"
+	@echo "  without CKPT (evaluation and transfer): a randomly initialised BACKBONE=resnet18 (at IMG_SIZE=64 for evaluation), the baseline"
+	@echo "Other jobs:    make sweep SWEEP=experiments/sweeps/<file>.yaml [LOCAL=1] [COUNT=N] | demo-data | demo-shards | bench | bench-quality"
 	@echo "Development:   make test | test-fast | test-ddp | lint"
 	@echo "More:          $(PYTHON) -m ssl_zoo --help (methods, configs, jobs); $(PYTHON) -m ssl_zoo fit --help (every option)"
 	@echo "Errors print one line and exit with status 2; SSL_ZOO_DEBUG=1 shows the traceback."
@@ -66,6 +72,16 @@ $(DEMO)/.complete: | $(STAMP)
 	$(PYTHON) -m ssl_zoo.data.demo --out $(DEMO)
 
 demo-data: $(DEMO)/.complete
+
+# The demo set as streaming shards (README "Streaming shards"): data/demo-shards/{folder,coco,tencent}/{train,val}.
+DEMO_SHARDS ?= data/demo-shards
+$(DEMO_SHARDS)/.complete: $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo.data.shard folder $(DEMO)/folder $(DEMO_SHARDS)/folder --overwrite
+	$(PYTHON) -m ssl_zoo.data.shard coco $(DEMO) $(DEMO_SHARDS)/coco --overwrite
+	$(PYTHON) -m ssl_zoo.data.shard tencent $(DEMO) $(DEMO_SHARDS)/tencent --num-classes 12 --overwrite
+	@touch $@
+
+demo-shards: $(DEMO_SHARDS)/.complete
 
 # One node: Lightning starts one process per GPU itself. Several nodes: SLURM, one task per GPU.
 RESUME_FLAG = $(if $(filter-out 0,$(RESUME)),--resume true,)
@@ -97,6 +113,17 @@ finetune: $(STAMP) $(DEMO)/.complete
 knn: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo validate --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/knn_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
 
+# Transfer to dense prediction (README "Transfer"): the demo recipes on data/demo unless CONFIG= names a paper
+# recipe in experiments/transfer/. CKPT=path/to/last.ckpt; without it, a randomly initialised backbone (the demo
+# recipes: ResNet-18; a paper recipe: its own).
+DENSE_CKPT_ARG = $(if $(CKPT),--model.init_args.ckpt $(CKPT) $(if $(BACKBONE),--model.init_args.backbone $(BACKBONE),),\
+	$(if $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),$(if $(BACKBONE),--model.init_args.backbone $(BACKBONE),),\
+	--model.init_args.backbone $(or $(BACKBONE),resnet18)))
+detect: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo fit --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/transfer/detect_demo.yaml) $(DENSE_CKPT_ARG) $(ARGS)
+segment: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m ssl_zoo fit --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/transfer/segment_demo.yaml) $(DENSE_CKPT_ARG) $(ARGS)
+
 # wandb sweep + wandb agent when wandb is online; offline or LOCAL=1: the same file runs here, one trial after
 # another, each an offline wandb run (summary in runs/sweeps/<name>/<stamp>/). COUNT=N caps the trials,
 # ARGS='...' is appended to every trial's command (e.g. a shorter schedule).
@@ -107,6 +134,12 @@ sweep: $(STAMP) $(DEMO)/.complete
 
 bench: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.run_all
+
+# Does every method learn? Each CPU recipe (experiments/<m>/cpu.yaml) x 3 seeds against random init and a
+# supervised ceiling: kNN / linear / GAMP probes -> benchmarks/results/quality.json and figures (hours on 2 cores).
+# ARGS='--methods mocov2 --seeds 0' narrows it; an interrupted run continues where it stopped.
+bench-quality: $(STAMP) $(DEMO)/.complete
+	$(PYTHON) -m benchmarks.quality --root $(DEMO) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ssl_zoo tests benchmarks

@@ -1,31 +1,44 @@
-"""View-generation throughput per CPU core on real JPEG photographs, against lightly's SimSiamTransform.
+"""Input pipeline throughput per CPU core on real JPEG photographs, against lightly's matching transforms, and
+reading from streaming shards against reading the same images from files.
 
     python -m benchmarks.data_pipeline --json benchmarks/results/data_pipeline.json
 
 The photographs are the JPEGs that scikit-learn ships (``china.jpg``, ``flower.jpg``) and, when scikit-image is
-installed, its JPEG samples (``hubble_deep_field.jpg``, ``retina.jpg``, ``rocket.jpg``). Each is decoded once
-(PIL open + RGB conversion; the decode time is reported on its own), then every transform is applied to the
-decoded images in one process with one torch thread: views/s per core.
+installed, its JPEG samples (``hubble_deep_field.jpg``, ``retina.jpg``, ``rocket.jpg``). One process, one torch
+thread (a DataLoader worker is single-threaded; ``--processes N`` runs N such processes at once, one per core).
 
-Transforms, with the methods' paper defaults at ``--size`` (224):
+**Views.** Every transform, with the methods' paper defaults at ``--size`` (224), on two kinds of input:
 
-* ``bam``: BAM's block-wise augmentation, 4 blocks x 2 SimSiam views = 8 views per image (``BAMIA``);
-* ``simsiam``: ssl_zoo's SimSiam views (the same module with ``bam=False``, 2 views);
-* ``lightly_simsiam``: ``lightly.transforms.SimSiamTransform`` (2 views), the reference;
-* ``mocov2``: MoCo v2's two views (``MPCL``);
-* ``mvp``: one crop normalised for the student and for the CLIP teacher, plus a BEiT block-wise mask (``MVP``);
-* ``hvp_mtl``: two RandAugment views plus a SimMIM mask (``HVPMTL``, Swin patch 4).
+* ``bytes``: the file's bytes in memory, what a DataLoader worker holds after reading a file or a shard record.
+  ssl_zoo's SimSiam / MoCo / BAM transforms take them undecoded (they decode once, at the JPEG scale their
+  crops allow); everything else gets ``PIL.Image.open(...).convert("RGB")`` first, as lightly's datasets do;
+* ``decoded``: the decoded RGB image, so the transform alone is timed.
 
-Rounds interleave the transforms (each round times all of them in turn); figures are medians over rounds.
+Transforms: ``bam`` (BAM's 4 blocks x 2 SimSiam views, 8 views per image), ``simsiam`` (2 views) against
+``lightly_simsiam`` (``lightly.transforms.SimSiamTransform``), ``mocov2`` against ``lightly_mocov2``
+(``MoCoV2Transform``), ``mvp`` (one crop for student and CLIP teacher plus a block mask), ``hvp_mtl`` (two
+RandAugment views plus a SimMIM mask). Each round times every transform in turn, each ssl_zoo transform right
+next to its lightly counterpart; a ratio is the median over rounds of the per-round ratio, so a change of the
+machine's load hits both sides of it.
+
+**Shards.** ``--shard-copies`` copies of the photographs as a class-per-folder tree (one class per photograph),
+converted with ``python -m ssl_zoo.data.shard`` (conversion images/s with 1 worker and with all cores), then
+read in interleaved rounds from the files (open + read + header, and + full decode) and from the shards
+(chunk reads + header, and + full decode). The page cache holds both after the first round: this is the
+CPU cost of each path, not a network file system's latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +51,9 @@ from benchmarks.timing import ROOT, environment, median_time, write_json
 
 SKLEARN_IMAGES = ("china.jpg", "flower.jpg")
 SKIMAGE_IMAGES = ("hubble_deep_field.jpg", "retina.jpg", "rocket.jpg")
+#: ssl_zoo transform -> lightly's transform with the same recipe
+LIGHTLY_PEERS = {"simsiam": "lightly_simsiam", "mocov2": "lightly_mocov2"}
+INPUTS = ("bytes", "decoded")
 
 
 def photograph_paths() -> list[Path]:
@@ -65,18 +81,24 @@ def decode(path: Path) -> Image.Image:
         return img.convert("RGB")  # convert() loads the pixels: the image is decoded here, once
 
 
-def transforms(size: int) -> dict[str, Callable[[Image.Image], Any]]:
-    """The methods' view transforms with their paper defaults, and lightly's SimSiam reference."""
-    from lightly.transforms import SimSiamTransform
+def decode_bytes(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def transforms(size: int) -> dict[str, Callable[[Any], Any]]:
+    """The methods' view transforms with their paper defaults, and lightly's SimSiam and MoCo v2 references."""
+    from lightly.transforms import MoCoV2Transform, SimSiamTransform
 
     from ssl_zoo.augment import BlockwiseAugmentation, HVPTransform, MVPTransform, mocov2_transform
 
     grid = size // 16  # ViT/16 patch grid of MVP's student
     return {
-        "bam": BlockwiseAugmentation(size=size, overlap=0.2, min_scale=0.2, bam=True),
         "simsiam": BlockwiseAugmentation(size=size, min_scale=0.2, bam=False),
         "lightly_simsiam": SimSiamTransform(input_size=size, min_scale=0.2),
         "mocov2": mocov2_transform(size),
+        "lightly_mocov2": MoCoV2Transform(input_size=size, min_scale=0.2),
+        "bam": BlockwiseAugmentation(size=size, overlap=0.2, min_scale=0.2, bam=True),
         # BEiT's 75 of 196 masked patches and 16-patch rectangles at 224 px, in proportion at other sizes
         "mvp": MVPTransform(size=size, patch_size=16, num_masking_patches=75 * grid**2 // 196,
                             min_num_patches=max(1, 16 * grid**2 // 196)),
@@ -93,15 +115,158 @@ def count_views(output: Any) -> int:
     raise TypeError(f"unexpected transform output {type(output).__name__}")
 
 
+def _caller(transform: Callable, kind: str) -> Callable[[bytes, Image.Image], Any]:
+    """How a worker calls ``transform`` on input ``kind``: bytes go undecoded only to transforms that take them."""
+    if kind == "decoded":
+        return lambda data, image: transform(image)
+    if getattr(transform, "accepts_encoded", False):
+        from ssl_zoo.data.io import EncodedImage
+
+        return lambda data, image: transform(EncodedImage(data, "photo"))
+    return lambda data, image: transform(decode_bytes(data))
+
+
+def time_transforms(size: int, rounds: int, passes: int, chosen: list[str], kinds: list[str]) -> dict[str, Any]:
+    """Seconds per round for every (input kind, transform), rounds interleaved (runs in one process)."""
+    torch.set_num_threads(1)  # per core: one process, one thread
+    paths = photograph_paths()
+    datas = [p.read_bytes() for p in paths]
+    images = [decode(p) for p in paths]
+    candidates = transforms(size)
+    views = {name: count_views(candidates[name](images[0])) for name in chosen}  # also a warm-up
+    calls = {(kind, name): _caller(candidates[name], kind) for kind in kinds for name in chosen}
+    seconds: dict[str, list[float]] = {f"{kind}/{name}": [] for kind in kinds for name in chosen}
+    for r in range(rounds):
+        for kind in kinds:
+            for name in chosen:
+                torch.manual_seed(r)
+                call = calls[kind, name]
+                start = time.perf_counter()
+                for _ in range(passes):
+                    for data, image in zip(datas, images, strict=True):
+                        call(data, image)
+                seconds[f"{kind}/{name}"].append(time.perf_counter() - start)
+    return {"seconds": seconds, "views": views, "calls_per_round": passes * len(images)}
+
+
+def _time_in_process(args: tuple) -> dict[str, Any]:
+    return time_transforms(*args)
+
+
+def summarise(timings: list[dict[str, Any]], chosen: list[str], kinds: list[str]) -> list[dict[str, Any]]:
+    """Per (input, transform): median rates over rounds (and processes) and the paired ratio to lightly's peer."""
+    views, calls = timings[0]["views"], timings[0]["calls_per_round"]
+    results = []
+    for kind in kinds:
+        for name in chosen:
+            per_round = [s for t in timings for s in t["seconds"][f"{kind}/{name}"]]
+            median_s = statistics.median(per_round)
+            peer = LIGHTLY_PEERS.get(name)
+            ratio = None
+            if peer in chosen:
+                # views/s ratio per round (same views per image on both sides), paired within a process
+                ratios = [lightly / ours for t in timings for ours, lightly in
+                          zip(t["seconds"][f"{kind}/{name}"], t["seconds"][f"{kind}/{peer}"], strict=True)]
+                ratio = statistics.median(ratios)
+            results.append({
+                "input": kind,
+                "transform": name,
+                "views_per_call": views[name],
+                "views_per_s_per_core": calls * views[name] / median_s,
+                "images_per_s_per_core": calls / median_s,
+                "ms_per_image": 1e3 * median_s / calls,
+                "lightly_peer": peer if peer in chosen else None,
+                "speedup_vs_lightly": ratio,
+                "rounds_s": per_round,
+            })
+    return results
+
+
+# ----------------------------------------------------------------------------------------- shards vs files
+def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Convert ``copies`` copies of the photographs and time reading them from files and from the shards."""
+    from ssl_zoo.data.io import EncodedImage
+    from ssl_zoo.data.shard import convert_split, read_source
+    from ssl_zoo.data.streaming import ShardSplit, keep_freed_buffers, record_image
+
+    paths = photograph_paths()
+    tree = workdir / "photos" / "train"
+    for path in paths:
+        folder = tree / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            shutil.copyfile(path, folder / f"{k:05d}_{path.name}")
+    source = read_source("folder", str(workdir / "photos"), "train")
+    conversion = []
+    for workers in sorted({1, os.cpu_count() or 1}):
+        out = workdir / f"shards-{workers}"
+        report = convert_split(source, str(out), num_workers=workers, chunk_bytes="64MB")
+        conversion.append({"num_workers": workers, "images": report.num_source, "seconds": report.seconds,
+                           "images_per_s": report.images_per_s})
+    split = ShardSplit(str(workdir / f"shards-{conversion[0]['num_workers']}"))
+    file_paths = list(source.paths)
+
+    def from_files(full: bool) -> None:
+        for p in file_paths:
+            image = EncodedImage.read(p)
+            if full:
+                image.decode()
+
+    def from_shards(full: bool) -> None:
+        for chunk in range(split.num_chunks):
+            start, stop = int(split.chunk_starts[chunk]), int(split.chunk_starts[chunk + 1])
+            for record in split.read_range(start, stop):
+                image = record_image(record, "benchmark")
+                if full:
+                    image.decode()
+
+    keep_freed_buffers()  # what a streaming DataLoader worker does; the file path runs in the same allocator
+    reads: dict[str, list[float]] = {"files": [], "shards": [], "files+decode": [], "shards+decode": []}
+    from_files(False), from_shards(False)  # warm the page cache for both
+    for _ in range(rounds):
+        for name, fn, full in (("files", from_files, False), ("shards", from_shards, False),
+                               ("files+decode", from_files, True), ("shards+decode", from_shards, True)):
+            start = time.perf_counter()
+            fn(full)
+            reads[name].append(time.perf_counter() - start)
+    n = len(file_paths)
+    ratio = statistics.median(f / s for f, s in zip(reads["files"], reads["shards"], strict=True))
+    ratio_decode = statistics.median(f / s for f, s in zip(reads["files+decode"], reads["shards+decode"], strict=True))
+    return {
+        "images": n,
+        "bytes": sum(p.stat().st_size for p in paths) * copies,
+        "chunks": split.num_chunks,
+        "conversion": conversion,
+        "read_images_per_s": {name: n / statistics.median(s) for name, s in reads.items()},
+        "shards_vs_files": ratio,
+        "shards_vs_files_with_decode": ratio_decode,
+        "rounds_s": reads,
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
 def markdown_table(report: dict[str, Any]) -> str:
-    """The results of a report as a Markdown table."""
-    lines = ["| transform | views per image | views/s per core | ms per image | views/s vs lightly SimSiam |",
-             "| --- | --- | --- | --- | --- |"]
+    """The view results of a report as a Markdown table (one row per input and transform)."""
+    lines = ["| input | transform | views per image | views/s per core | images/s per core | ms per image "
+             "| speed-up vs lightly's peer |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
-        versus = r["views_per_s_vs_lightly_simsiam"]
-        lines.append(f"| {r['transform']} | {r['views_per_call']} | {r['views_per_s_per_core']:.1f} "
-                     f"| {r['ms_per_image']:.1f} | {'' if versus is None else f'{versus:.2f}'} |")
+        versus = r["speedup_vs_lightly"]
+        peer = f"{versus:.2f} (vs {r['lightly_peer']})" if versus is not None else ""
+        lines.append(f"| {r['input']} | {r['transform']} | {r['views_per_call']} | {r['views_per_s_per_core']:.1f} "
+                     f"| {r['images_per_s_per_core']:.1f} | {r['ms_per_image']:.1f} | {peer} |")
     return "\n".join(lines)
+
+
+def shards_table(shards: dict[str, Any]) -> str:
+    rates = shards["read_images_per_s"]
+    lines = ["| read path | images/s (files) | images/s (shards) | shards / files |", "| --- | --- | --- | --- |",
+             f"| read + header | {rates['files']:.0f} | {rates['shards']:.0f} | {shards['shards_vs_files']:.2f} |",
+             f"| read + full decode | {rates['files+decode']:.0f} | {rates['shards+decode']:.0f} | "
+             f"{shards['shards_vs_files_with_decode']:.2f} |"]
+    conv = "; ".join(f"{c['num_workers']} worker{'s' if c['num_workers'] > 1 else ''}: {c['images_per_s']:.0f} images/s"
+                     for c in shards["conversion"])
+    return "\n".join(lines) + f"\n\nConversion of {shards['images']} images: {conv}."
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -110,70 +275,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--passes", type=int, default=4, help="passes over the photographs per round and transform")
     parser.add_argument("--transforms", nargs="+", default=None, help="subset of the transforms to time")
+    parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS), help="input kinds to time")
+    parser.add_argument("--processes", type=int, default=1, help="processes timing at once (one per core)")
+    parser.add_argument("--shard-copies", type=int, default=100,
+                        help="copies of each photograph for the shards-vs-files read test (0 skips it)")
     parser.add_argument("--json", default="benchmarks/results/data_pipeline.json")
-    parser.add_argument("--table", action="store_true", help="print the Markdown table of --json and exit")
+    parser.add_argument("--table", action="store_true", help="print the Markdown tables of --json and exit")
     args = parser.parse_args(argv)
     if args.table:
         report = json.loads((ROOT / args.json).read_text())
         print(markdown_table(report))
+        if report.get("shards"):
+            print()
+            print(shards_table(report["shards"]))
         return report
     if args.size % 32:
         parser.error("--size must be a multiple of 32 (HVP-MTL's 32 px mask patches)")
-
-    torch.set_num_threads(1)  # per core: one process, one thread
-    paths = photograph_paths()
-    images = [decode(p) for p in paths]
-    decode_s = [median_time(lambda p=p: decode(p), 3) for p in paths]
-    candidates = transforms(args.size)
-    chosen = args.transforms or list(candidates)
-    unknown = sorted(set(chosen) - set(candidates))
+    names = list(transforms(args.size))
+    chosen = args.transforms or names
+    unknown = sorted(set(chosen) - set(names))
     if unknown:
-        parser.error(f"unknown transforms {unknown}; choose from {', '.join(candidates)}")
+        parser.error(f"unknown transforms {unknown}; choose from {', '.join(names)}")
+    chosen = [n for n in names if n in chosen]  # each ssl_zoo transform next to its lightly peer
 
-    views_per_call = {name: count_views(candidates[name](images[0])) for name in chosen}  # also a warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in chosen}
-    for r in range(args.rounds):
-        for name in chosen:
-            torch.manual_seed(r)
-            transform = candidates[name]
-            start = time.perf_counter()
-            for _ in range(args.passes):
-                for img in images:
-                    transform(img)
-            seconds[name].append(time.perf_counter() - start)
-
-    calls = args.passes * len(images)
-    results = []
-    for name in chosen:
-        per_round = seconds[name]
-        median_s = statistics.median(per_round)
-        results.append({
-            "transform": name,
-            "views_per_call": views_per_call[name],
-            "views_per_s_per_core": calls * views_per_call[name] / median_s,
-            "images_per_s_per_core": calls / median_s,
-            "ms_per_image": 1e3 * median_s / calls,
-            "rounds_s": per_round,
-        })
-    reference = next((r for r in results if r["transform"] == "lightly_simsiam"), None)
-    for r in results:
-        r["views_per_s_vs_lightly_simsiam"] = (r["views_per_s_per_core"] / reference["views_per_s_per_core"]
-                                              if reference else None)
+    work = (args.size, args.rounds, args.passes, chosen, args.inputs)
+    if args.processes > 1:
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            timings = pool.map(_time_in_process, [work] * args.processes)
+    else:
+        timings = [time_transforms(*work)]
+    torch.set_num_threads(1)
+    paths = photograph_paths()
+    decode_s = [median_time(lambda p=p: decode(p), 3) for p in paths]
+    shards = None
+    if args.shard_copies > 0:
+        with tempfile.TemporaryDirectory(prefix="ssl_zoo-bench-shards-") as workdir:
+            shards = shard_benchmark(args.shard_copies, max(3, args.rounds), Path(workdir))
     report = {
         "command": "python -m benchmarks.data_pipeline " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "images": [{"file": p.name, "width": im.width, "height": im.height, "decode_ms": 1e3 * s}
-                   for p, im, s in zip(paths, images, decode_s, strict=True)],
+                   for p, im, s in zip(paths, (decode(p) for p in paths), decode_s, strict=True)],
         "decode_ms_per_image": 1e3 * statistics.mean(decode_s),
-        "results": results,
+        "results": summarise(timings, chosen, args.inputs),
+        "shards": shards,
     }
     write_json(args.json, report)
-    print(f"decode (open + RGB) {report['decode_ms_per_image']:.1f} ms per image, {len(images)} photographs, "
-          f"cpu count {os.cpu_count()}")
-    for r in results:
-        print(f"{r['transform']:16s} {r['views_per_call']} views  {r['views_per_s_per_core']:8.1f} views/s/core  "
-              f"{r['ms_per_image']:7.2f} ms/image", flush=True)
+    print(f"decode (open + RGB) {report['decode_ms_per_image']:.1f} ms per image, {len(paths)} photographs, "
+          f"{args.processes} process(es), cpu count {os.cpu_count()}")
+    print(markdown_table(report))
+    if shards:
+        print()
+        print(shards_table(shards))
     return report
 
 

@@ -50,7 +50,8 @@ def read_step_curve(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
 
 
 def probe(ckpt: str | None, out_dir: Path, probe_config: str, extra: list[str], subcommand: str = "fit") -> dict:
-    """Run the probe config on ``ckpt`` (None = random init); return the last record it wrote.
+    """Run the probe config on ``ckpt`` (None = random init: a ResNet-18 at 64 px unless ``extra`` names
+    another backbone or size); return the last record it wrote.
 
     ``subcommand`` is ``fit`` for trained probes (linear, GAMP) and ``validate`` for the kNN probe.
     """
@@ -58,6 +59,13 @@ def probe(ckpt: str | None, out_dir: Path, probe_config: str, extra: list[str], 
            "--trainer.default_root_dir", str(out_dir), *extra]
     if ckpt:
         cmd += ["--model.init_args.ckpt", ckpt]
+    else:
+        # The demo probe configs take the backbone and input size from the checkpoint; the baseline names them
+        # (as `make linear` without CKPT does): the demo pre-training configs' ResNet-18 at 64 px by default.
+        given = " ".join(extra)
+        for key, default in (("backbone", "resnet18"), ("img_size", "64")):
+            if f"--model.init_args.{key}" not in given:
+                cmd += [f"--model.init_args.{key}", default]
     seconds = run(cmd)
     results = Path(ckpt).resolve().parents[1] / "eval.json" if ckpt else out_dir / "eval.json"
     record = json.loads(results.read_text())[-1]

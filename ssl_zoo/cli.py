@@ -45,6 +45,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ssl_zoo.plot import CurvesPlot
 from ssl_zoo.utils.bad_samples import BadSampleMonitor
 from ssl_zoo.utils.callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputMonitor
 from ssl_zoo.utils.checkpointing import (
@@ -256,9 +257,10 @@ def _device_count(devices: Any) -> int | None:
 
 
 def cpu_sized_configs(config: str) -> list[str]:
-    """The demo / CPU configs next to ``config`` (``experiments/<method>/ablations/x.yaml`` -> the method's)."""
+    """The demo / CPU configs next to ``config``; for an overlay in a subfolder of a method
+    (``experiments/<method>/ablations/x.yaml``, ``variants/``, ``baselines/``) the method's."""
     folder = Path(config).parent
-    if folder.name == "ablations":
+    if not (folder / "demo.yaml").is_file() and (folder.parent / "demo.yaml").is_file():
         folder = folder.parent
     return [str(p) for p in sorted(folder.glob("*.yaml")) if "demo" in p.stem or "cpu" in p.stem]
 
@@ -294,9 +296,9 @@ def check_accelerator(trainer_cfg: Mapping[str, Any], configs: Sequence[str]) ->
     if (trainer_cfg.get("num_nodes") or 1) > 1:
         fixes.append("--trainer.num_nodes 1")
     small = cpu_sized_configs(configs[0]) if configs else []
-    method = Path(small[0]).parent.name if small and Path(small[0]).name == "demo.yaml" else None
+    method = next((Path(c).parent.name for c in small if Path(c).name == "demo.yaml"), None)
     hint = (f"; CPU-sized configs: {', '.join(small)}" + (f" (make pretrain METHOD={method})" if method else "")
-            if small else "; the demo configs experiments/<method>/demo.yaml are CPU-sized")
+            if small else "; the demo and CPU recipes experiments/<method>/demo.yaml, cpu.yaml are CPU-sized")
     raise ConfigError(
         f"{source} asks for GPUs ({asked}) but this machine has none (torch.cuda.is_available() is False). "
         f"To run it here anyway, on the CPU (slowly, at paper scale): add {' '.join(fixes)} "
@@ -481,6 +483,8 @@ class SSLZooCLI(LightningCLI):
             callbacks.append(ThroughputMonitor())
         if not any(isinstance(c, BadSampleMonitor) for c in callbacks):
             callbacks.append(BadSampleMonitor())  # data/skipped_epoch and <run_dir>/bad_samples.txt
+        if not any(isinstance(c, CurvesPlot) for c in callbacks):
+            callbacks.append(CurvesPlot())  # <run_dir>/curves.png: every logged loss and monitor metric vs step
         trainer_cfg["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -24,6 +24,7 @@ from ssl_zoo.augment import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BEiTMaskGenerator,
     BlockwiseAugmentation,
     BlockwiseMaskGenerator,
     HVPTransform,
@@ -373,6 +374,143 @@ def test_blockwise_mask_errors(kwargs, match):
         BlockwiseMaskGenerator(**kwargs)
 
 
+# --------------------------------------------------------------------------------------------- BEiT's own sampler
+def beit_reference_mask(height, width, target, min_patches, rng: random.Random, min_aspect=0.3):
+    """BEiT's ``MaskingGenerator`` (unilm/beit ``masking_generator.py``) written out with Python's ``random``:
+    returns the masked-patch count and the areas of the accepted rectangles with the budget each was drawn in."""
+    mask = np.zeros((height, width), dtype=np.int64)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    count, rectangles = 0, []
+    while count < target:
+        budget = target - count
+        delta = 0
+        for _ in range(10):
+            area = rng.uniform(min_patches, budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                new = h * w - mask[top : top + h, left : left + w].sum()
+                if 0 < new <= budget:
+                    mask[top : top + h, left : left + w] = 1
+                    delta = int(new)
+                    rectangles.append((h * w, budget))
+            if delta > 0:
+                break
+        if delta == 0:
+            break
+        count += delta
+    return count, rectangles
+
+
+def _beit_masks(gen: BEiTMaskGenerator, seeds):
+    """(mask, rectangles, budget of each rectangle) per seed, checking the invariants on the way."""
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        rectangles = gen.sample_rectangles()
+        covered = torch.zeros(gen.height, gen.width, dtype=torch.bool)
+        budgets = []
+        for top, left, h, w in rectangles:
+            assert h < gen.height and w < gen.width  # BEiT: sides strictly shorter than the grid's
+            assert 0 <= top <= gen.height - h and 0 <= left <= gen.width - w
+            budget = gen.num_masking_patches - int(covered.sum())
+            before = int(covered.sum())
+            covered[top : top + h, left : left + w] = True
+            assert 1 <= int(covered.sum()) - before <= budget  # adds something, never past the target
+            budgets.append(budget)
+        torch.manual_seed(seed)
+        mask = gen()
+        assert torch.equal(mask, covered) and mask.dtype == torch.bool
+        out.append((mask, rectangles, budgets))
+    return out
+
+
+def test_beit_sampler_masks_at_most_the_target_and_sometimes_fewer():
+    gen = BEiTMaskGenerator()  # 75 of 14 x 14, rectangles drawn from >= 16 patches
+    masks = _beit_masks(gen, range(300))
+    counts = np.array([int(m.sum()) for m, _, _ in masks])
+    assert counts.max() == 75 and (counts <= 75).all()
+    assert (counts < 75).any()  # BEiT gives up after ten failed draws and keeps the smaller mask
+    # The last rectangles may be smaller than min_num_patches: their area is drawn from U(16, budget) with
+    # budget < 16. Rounding alone never goes below 12 patches for an area >= 16 (2 x 6 at aspect ~0.39), so
+    # every rectangle under 12 patches must come from such a draw, and there are some.
+    drawn = [(h * w, b) for _, rects, budgets in masks for (_, _, h, w), b in zip(rects, budgets, strict=True)]
+    tiny = [(area, budget) for area, budget in drawn if area < 12]
+    assert tiny and all(budget < 16 for _, budget in tiny)
+    # The exact generator never stops short.
+    torch.manual_seed(0)
+    assert int(BlockwiseMaskGenerator()().sum()) == 75
+
+
+def test_beit_sampler_gives_up_after_ten_failed_draws(monkeypatch):
+    # 4 patches of a 2 x 2 grid: BEiT's sides must be < 2, i.e. 1 x 1, which an area of 4 never rounds to.
+    gen = BEiTMaskGenerator(input_size=2, num_masking_patches=4, min_num_patches=4)
+    calls = []
+    original = BEiTMaskGenerator.propose
+    monkeypatch.setattr(BEiTMaskGenerator, "propose",
+                        lambda self, budget, generator=None: calls.append(budget) or original(self, budget, generator))
+    assert not gen().any() and len(calls) == 10
+    # A proposal that fits but adds nothing new is a failed draw too: one accepted 1 x 1, then ten rejections.
+    calls.clear()
+    monkeypatch.setattr(BEiTMaskGenerator, "propose", lambda self, budget, generator=None: calls.append(1) or (0, 0, 1, 1))
+    mask = BEiTMaskGenerator(input_size=3, num_masking_patches=4, min_num_patches=1)()
+    assert int(mask.sum()) == 1 and bool(mask[0, 0]) and len(calls) == 11
+
+
+def test_beit_sampler_matches_beits_reference_code_in_distribution():
+    """Same algorithm as BEiT's code (different random streams): compare the statistics of 1000 masks."""
+    gen = BEiTMaskGenerator()
+    ours = _beit_masks(gen, range(1000))
+    rng = random.Random(0)
+    reference = [beit_reference_mask(14, 14, 75, 16, rng) for _ in range(1000)]
+    ours_counts = np.array([int(m.sum()) for m, _, _ in ours])
+    ref_counts = np.array([c for c, _ in reference])
+    assert abs(ours_counts.mean() - ref_counts.mean()) < 0.3  # both ~74.5, standard error ~0.03
+    assert abs((ours_counts < 75).mean() - (ref_counts < 75).mean()) < 0.07
+    ours_small = np.mean([h * w < 16 for _, rects, _ in ours for _, _, h, w in rects])
+    ref_small = np.mean([area < 16 for _, rects in reference for area, _ in rects])
+    assert abs(ours_small - ref_small) < 0.04
+    ours_rects = np.mean([len(rects) for _, rects, _ in ours])
+    ref_rects = np.mean([len(rects) for _, rects in reference])
+    assert abs(ours_rects - ref_rects) < 0.2
+
+
+def test_beit_sampler_is_seeded_by_torch_and_by_a_generator():
+    gen = BEiTMaskGenerator(input_size=(8, 10), num_masking_patches=30, min_num_patches=4)
+    torch.manual_seed(5)
+    a = gen()
+    torch.manual_seed(5)
+    assert torch.equal(a, gen())
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(gen(generator=g1), gen(generator=g2))
+    assert len({gen().numpy().tobytes() for _ in range(20)}) > 15
+    assert not BEiTMaskGenerator(num_masking_patches=0)().any()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_masking_patches": 197}, r"num_masking_patches must lie in \[0, 196\]"),
+    ({"min_aspect": 0.0}, "min_aspect"),
+    ({"min_aspect": 0.5, "max_aspect": 0.4}, "min_aspect <= max_aspect"),
+    ({"input_size": (14, 0)}, "input_size"),
+])
+def test_beit_sampler_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BEiTMaskGenerator(**kwargs)
+
+
+def test_mvp_transform_beit_sampling(photo):
+    transform = MVPTransform(size=224, mask_sampling="beit")
+    assert isinstance(transform.mask_generator, BEiTMaskGenerator)
+    counts = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        counts.append(int(transform(photo)["mask"].sum()))
+    assert max(counts) <= 75 and min(counts) > 50
+    with pytest.raises(ValueError, match="mask_sampling"):
+        MVPTransform(size=224, mask_sampling="random")
+
+
 # --------------------------------------------------------------------------------------------- random patch masks
 @pytest.mark.parametrize(
     ("input_size", "mask_patch_size", "model_patch_size", "mask_ratio"),
@@ -593,6 +731,8 @@ def test_multi_view_transform_stacks_in_order(photo):
         lambda: mocov2_transform(16),
         lambda: mocov3_transform(16),
         lambda: MVPTransform(size=32, patch_size=16, num_masking_patches=2, min_num_patches=1),
+        lambda: MVPTransform(size=64, patch_size=16, num_masking_patches=6, min_num_patches=2, mask_sampling="beit",
+                             color_jitter=0.4),
         lambda: HVPTransform(size=32, model_patch_size=4),
     ],
 )

@@ -6,9 +6,14 @@ import torch
 
 from ssl_zoo.models import Backbone, MLPHead
 
+# BEiT as BEiT (and MVP) pre-train it: one relative position bias shared by the blocks, no absolute position
+# embedding, CLS token after the final norm; 2 blocks of width 192 keep it small.
+BEIT_PRETRAIN = {"depth": 2, "embed_dim": 192, "num_heads": 3, "use_shared_rel_pos_bias": True,
+                 "use_rel_pos_bias": False, "use_abs_pos_emb": False, "global_pool": "token"}
 SMALL = {
     "resnet18": {},
     "vit_tiny_patch16_224": {"img_size": 64},
+    "beit_base_patch16_224": {"img_size": 64, "model_kwargs": BEIT_PRETRAIN},
     "swin_tiny_patch4_window7_224": {"img_size": 64, "model_kwargs": {"window_size": 2}},
 }
 
@@ -16,7 +21,10 @@ SMALL = {
 @pytest.fixture(scope="module")
 def backbones():
     torch.manual_seed(0)
-    return {name: Backbone(name, **kw).eval() for name, kw in SMALL.items()}
+    models = {name: Backbone(name, **kw).eval() for name, kw in SMALL.items()}
+    with torch.no_grad():  # timm starts relative position biases at zero; random ones make them matter
+        models["beit_base_patch16_224"].model.rel_pos_bias.relative_position_bias_table.normal_(std=0.5)
+    return models
 
 
 @pytest.mark.parametrize("name", list(SMALL))
@@ -49,7 +57,7 @@ def test_vit_tokens_and_map_agree(backbones):
     torch.testing.assert_close(b(x), b.model.forward_head(tokens, pre_logits=True))
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "beit_base_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_masked_patches_carry_the_mask_token(backbones, name):
     b = backbones[name]
     x = torch.randn(1, 3, 64, 64)
@@ -67,6 +75,65 @@ def test_masked_patches_carry_the_mask_token(backbones, name):
     assert not torch.allclose(b.forward_map(x), b.forward_map(x2))
     # And the mask token itself matters.
     assert not torch.allclose(out1, b.forward_map(x, mask, token + 1.0))
+
+
+def test_beit_pretraining_layout_and_public_attributes(backbones):
+    b = backbones["beit_base_patch16_224"]
+    m = b.model
+    assert (b.name, b.family) == ("beit_base_patch16_224", "beit")
+    assert b.num_features == b.embed_dim == 192 and b.patch_size == 16 and b.output_stride == 16
+    assert b.patch_grid(64) == (4, 4) and b.num_prefix_tokens == 1
+    assert m.pos_embed is None  # no absolute position embedding
+    assert m.rel_pos_bias is not None  # one shared table ...
+    assert all(block.attn.relative_position_bias_table is None for block in m.blocks)  # ... and none per block
+    x = torch.randn(2, 3, 64, 64)
+    tokens = b.forward_tokens(x)
+    assert tokens.shape == (2, 1 + 16, 192)
+    torch.testing.assert_close(b(x), tokens[:, 0])  # pooled = CLS token after the final norm
+    torch.testing.assert_close(b.forward_map(x)[:, :, 2, 3], tokens[:, 1 + 2 * 4 + 3])
+
+
+def test_beit_masked_forward_with_no_patch_masked_equals_the_plain_forward(backbones):
+    b = backbones["beit_base_patch16_224"]
+    x = torch.randn(2, 3, 64, 64)
+    plain = b.model.forward_features(x)  # timm's own forward
+    torch.testing.assert_close(b.forward_tokens(x), plain)
+    nothing = torch.zeros(2, 4, 4, dtype=torch.bool)
+    torch.testing.assert_close(b.forward_tokens(x, nothing, torch.randn(192)), plain)
+
+
+def test_beit_masked_forward_replaces_exactly_the_masked_patch_embeddings(backbones):
+    """Brute force: timm's own forward with the masked patch embeddings overwritten by the token."""
+    b = backbones["beit_base_patch16_224"]
+    x = torch.randn(2, 3, 64, 64)
+    token = torch.randn(192)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[0, 0, :3] = True
+    mask[1, 2:, 1:3] = True
+
+    def overwrite(_module, _inputs, embeddings):  # [B, N, D] patch embeddings
+        out = embeddings.clone()
+        out[mask.flatten(1)] = token
+        return out
+
+    handle = b.model.patch_embed.register_forward_hook(overwrite)
+    try:
+        expected = b.model.forward_features(x)
+    finally:
+        handle.remove()
+    masked = b.forward_tokens(x, mask, token)
+    torch.testing.assert_close(masked, expected)
+    # Every token position changes (attention mixes all), but only through the masked embeddings:
+    # new pixels under masked patches change nothing, new pixels under a visible patch change the output.
+    assert not torch.allclose(masked, b.forward_tokens(x))
+    x_masked_patch, x_visible_patch = x.clone(), x.clone()
+    x_masked_patch[0, :, :16, :16] = torch.randn(3, 16, 16)  # patch (0, 0) of image 0 is masked
+    x_visible_patch[0, :, 48:, 48:] = torch.randn(3, 16, 16)  # patch (3, 3) of image 0 is visible
+    torch.testing.assert_close(b.forward_tokens(x_masked_patch, mask, token), masked)
+    assert not torch.allclose(b.forward_tokens(x_visible_patch, mask, token)[0], masked[0])
+    # Without absolute position embeddings a masked token still knows where it is (relative position bias):
+    # its output differs between two masked positions.
+    assert not torch.allclose(masked[0, 1], masked[0, 2])
 
 
 def test_mask_shape_mismatch_is_clear(backbones):

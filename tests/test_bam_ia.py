@@ -47,8 +47,13 @@ def test_simsiam_switch_uses_two_views_and_no_contrastive_term():
     m = _model(bam=False, ia_loss="none")
     assert m.contrastive_loss is None
     assert m.train_transform().bam is False
+    logged = {}
+    m.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
     loss = m.training_step(_batch(4, views=2), 0)
-    assert torch.isfinite(loss) and -1.0 <= loss.item() <= 1.0  # negative cosine in [-1, 1]
+    # The total is L_sim alone: no contrastive term is computed or logged.
+    assert "train/loss_ia" not in logged
+    torch.testing.assert_close(loss, logged["train/loss_sim"])
+    torch.testing.assert_close(logged["train/loss"], logged["train/loss_sim"])
 
 
 def test_supcon_switch():

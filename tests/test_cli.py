@@ -11,8 +11,9 @@ from ssl_zoo.cli import main, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
+NON_CLI_FILES = {"tables.yaml"}  # paper table manifests, checked by tests/test_tables.py
 CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
-                 if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts))
+                 if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts) and p.name not in NON_CLI_FILES)
 DEMOS = [p for p in CONFIGS if p.name == "demo.yaml" and p.parent.name != "eval"]
 
 
@@ -21,14 +22,17 @@ def test_there_are_configs():
 
 
 def _is_overlay(config: Path) -> bool:
-    """An ablation overlay states only what it changes and is applied on top of a full config."""
-    return "data" not in (yaml.safe_load(config.read_text()) or {})
+    """An overlay states only what it changes and is applied on top of a full config: an ablation (no ``data``)
+    or a data-source overlay in ``experiments/shards/`` (no ``model``)."""
+    return not {"model", "data"} <= set(yaml.safe_load(config.read_text()) or {})
 
 
 def _base_of(overlay: Path) -> Path:
-    """The method's first paper config (``experiments/<m>/ablations/x.yaml`` -> ``experiments/<m>/<paper>.yaml``)."""
-    method_dir = overlay.parent.parent
-    return next(p for p in sorted(method_dir.glob("*.yaml")) if not p.name.startswith("demo"))
+    """The method's first paper config: ``experiments/<m>/ablations/x.yaml`` and ``experiments/shards/<m>.yaml``
+    -> ``experiments/<m>/<paper>.yaml``."""
+    method_dir = ROOT / "experiments" / overlay.stem if overlay.parent.name == "shards" else overlay.parent.parent
+    return next(p for p in sorted(method_dir.glob("*.yaml"))
+                if not p.name.startswith(("demo", "cpu")) and p.name not in NON_CLI_FILES)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))

@@ -117,6 +117,18 @@ def test_coco_targets_follow_ascending_category_ids(tmp_path):
     assert dataset[0][1].max() <= 1  # items are copies of the table
 
 
+def test_coco_annotated_only_drops_background_only_images(tmp_path):
+    root, ann, data = _coco_fixture(tmp_path)
+    _, _, targets = _coco_reference(data)
+    dataset = CocoMultiLabel(root, ann, annotated_only=True)
+    annotated = sorted({a["image_id"] for a in data["annotations"]})
+    assert dataset.image_ids == annotated == [7, 42]
+    for index, image_id in enumerate(dataset.image_ids):  # targets and pixels stay with their image
+        image, target = dataset[index]
+        assert target.tolist() == targets[image_id]
+        assert pixels(image)[0, 0].tolist() == list(colour_of(image_id))
+
+
 # ============================================================================ Tencent ML-Images
 def test_parse_tencent_line_forms():
     assert parse_tencent_line("17382017900_f7152f6e1c_o.jpg\t940:0.8\t860:0.8\t17:1\t1:1\n") == (
@@ -194,6 +206,71 @@ def test_tencent_empty_list_and_path_array(tmp_path):
     assert list(paths) == ["a", "dossier/é.jpg", "", "z"] and paths[-3] == "dossier/é.jpg"
     with pytest.raises(IndexError):
         paths[4]
+
+
+def test_parse_tencent_url_file_names():
+    """A URL stands for its basename, or for <last directory>_<basename> as the release's
+    download_urls_multithreading.py names the file (url.split('/')[-2] + '_' + url.split('/')[-1])."""
+    url = "https://c4.staticflickr.com/8/7239/6997334729_e5fb3938b1_o.jpg  3:1  5193:0.9"
+    assert parse_tencent_line(url)[0] == "6997334729_e5fb3938b1_o.jpg"
+    parts = url.split()[0].split("/")
+    assert parse_tencent_line(url, url_file_name="parent_basename") == (
+        f"{parts[-2]}_{parts[-1]}", [(3, 1.0), (5193, 0.9)])
+    assert parse_tencent_line("n04310904/n04310904_8388.JPEG 1", url_file_name="parent_basename")[0] == (
+        "n04310904/n04310904_8388.JPEG")  # not a URL: kept as it is
+
+
+# The two parts of the release, each listed relative to its own image folder.
+IMAGENET_PART = "n01/n01_1.JPEG\t3:1\t1:1\n\nn02/n02_7.JPEG 2:1 1:0.9\n"
+OPENIMAGES_PART = ("https://c1.staticflickr.com/4/3593/5715926508_bb4fe6d4bc_o.jpg  5:0.9  4:1\n"
+                   "https://c2.staticflickr.com/4/3035/3033882900_a9a4263c55_o.jpg\t0:1\n")
+
+
+def _two_part_fixture(tmp_path: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    roots = [tmp_path / "imagenet", tmp_path / "openimages"]
+    files = [roots[0] / "n01/n01_1.JPEG", roots[0] / "n02/n02_7.JPEG",
+             roots[1] / "3593_5715926508_bb4fe6d4bc_o.jpg", roots[1] / "3035_3033882900_a9a4263c55_o.jpg"]
+    for i, path in enumerate(files):
+        save_solid(path, colour_of(i), size=(5, 5))
+    lists = [tmp_path / "train_image_id_from_imagenet.txt", tmp_path / "train_urls_from_openimages.txt"]
+    lists[0].write_text(IMAGENET_PART)
+    lists[1].write_text(OPENIMAGES_PART)
+    return roots, lists, files
+
+
+def test_tencent_several_lists_each_with_its_image_root(tmp_path):
+    roots, lists, files = _two_part_fixture(tmp_path)
+    dataset = TencentML(roots, lists, num_classes=6, url_file_name="parent_basename", soft_targets=True)
+    reference = _tencent_reference(IMAGENET_PART + OPENIMAGES_PART, 6, soft=True)
+    assert len(dataset) == 4 and list(dataset.list_offsets) == [0, 2, 4]
+    assert [dataset.paths[i] for i in range(4)] == [str(f) for f in files]
+    for index in range(4):
+        image, target = dataset[index]
+        assert pixels(image)[0, 0].tolist() == list(colour_of(index))
+        assert torch.allclose(target, torch.tensor(reference[index])), index
+    # One folder for every list is also accepted; a count of folders that fits neither form is not.
+    assert len(TencentML(tmp_path, lists[:1], num_classes=6)) == 2
+    with pytest.raises(ValueError, match="one folder for all lists or one per list"):
+        TencentML([tmp_path, tmp_path, tmp_path], lists, num_classes=6)
+    with pytest.raises(ValueError, match="url_file_name"):
+        TencentML(roots, lists, num_classes=6, url_file_name="stem")
+
+
+def test_tencent_several_lists_name_the_list_and_line_at_fault(tmp_path):
+    roots, lists, files = _two_part_fixture(tmp_path)
+    files[1].unlink()  # the ImageNet list's line 3 (line 2 is blank)
+    files[3].unlink()  # the Open Images list's line 2
+    with pytest.raises(FileNotFoundError) as info:
+        TencentML(roots, lists, num_classes=6, url_file_name="parent_basename", validate_files=True)
+    message = str(info.value)
+    assert "2 of 4 images" in message
+    assert f"{lists[0]}:3: '{files[1]}'" in message and f"{lists[1]}:2: '{files[3]}'" in message
+    # With the basename reading the Open Images files are not found under their download names.
+    with pytest.raises(FileNotFoundError, match=f"{lists[1]}:1: "):
+        TencentML(roots, lists, num_classes=6, validate_files=True)
+    lists[1].write_text(OPENIMAGES_PART + "a.jpg\t9:1\n")
+    with pytest.raises(ValueError, match=rf"{lists[1]}:3: label index 9 is outside \[0, 6\)"):
+        TencentML(roots, lists, num_classes=6)
 
 
 DICTIONARY_CLASSES = [
@@ -338,13 +415,12 @@ def _demo_views(demo: Path, split: str):
     data = json.loads((demo / "annotations" / f"instances_{split}2017.json").read_text())
     cat_name = {c["id"]: c["name"] for c in data["categories"]}
     coco: dict[str, set[str]] = {}
-    largest: dict[str, str] = {}
+    single: dict[str, str] = {}  # images showing exactly one object -> its class
     for image in data["images"]:
         anns = [a for a in data["annotations"] if a["image_id"] == image["id"]]
         coco[image["file_name"]] = {cat_name[a["category_id"]] for a in anns}
-        if anns:
-            best = max(anns, key=lambda a: a["bbox"][2] * a["bbox"][3])  # first on ties
-            largest[image["file_name"]] = cat_name[best["category_id"]]
+        if len(anns) == 1:
+            single[image["file_name"]] = cat_name[anns[0]["category_id"]]
     dictionary = [
         line.split("\t")
         for line in (demo / "tencent" / "dictionary_and_semantic_hierarchy.txt").read_text().splitlines()
@@ -357,12 +433,12 @@ def _demo_views(demo: Path, split: str):
             dictionary[int(p.split(":")[0])][2]: float(p.split(":")[1]) for p in pairs
         }
     folder = {p.name: p.parent.name for p in (demo / "folder" / split).glob("*/*.jpg")}
-    return coco, largest, tencent, folder, dictionary
+    return coco, single, tencent, folder, dictionary
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_demo_views_agree(demo, split):
-    coco, largest, tencent, folder, dictionary = _demo_views(demo, split)
+    coco, single, tencent, folder, dictionary = _demo_views(demo, split)
     parent_of = {name: dictionary[int(parent)][2] for _, parent, name in dictionary if int(parent) >= 0}
     assert [row[2] for row in dictionary] == list(SUPERCLASSES) + [c.name for c in DEMO_CLASSES]
     assert coco.keys() == tencent.keys()
@@ -372,7 +448,7 @@ def test_demo_views_agree(demo, split):
         assert leaves == classes, name
         assert parents == {parent_of[c] for c in classes}, name
         assert set(tencent[name]) == leaves | parents
-    assert folder == largest  # background-only images have no folder entry
+    assert folder == single  # the single-label view: the images with one object, labelled by it
     assert set(folder.values()) == {c.name for c in DEMO_CLASSES}  # every class present in both splits
     for name, cls in folder.items():
         assert (demo / "folder" / split / cls / name).read_bytes() == (

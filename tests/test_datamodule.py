@@ -1,5 +1,8 @@
 """Data modules: every format of the demo data through the same loaders, the view-transform hook, errors."""
 
+import json
+import os
+
 import pytest
 import torch
 from torchvision.transforms import v2 as T
@@ -61,3 +64,60 @@ def test_transform_must_return_views(demo_root):
     dm.setup("fit")
     with pytest.raises(TypeError, match="'views'"):
         dm.train_set[0]
+
+
+def test_coco_annotated_only_on_the_demo_data(demo_root):
+    """The demo's background-only images are dropped from both splits; labels stay with their images."""
+    for split in ("train", "val"):
+        with open(os.path.join(demo_root, "annotations", f"instances_{split}2017.json")) as f:
+            data = json.load(f)
+        annotated = {a["image_id"] for a in data["annotations"]}
+        file_of = {im["id"]: im["file_name"] for im in data["images"]}
+        kept_files = sorted(file_of[i] for i in annotated)
+        everything = CocoDataModule(root=demo_root, num_workers=0).labelled_dataset(split)
+        only = CocoDataModule(root=demo_root, num_workers=0, annotated_only=True).labelled_dataset(split)
+        assert len(everything) == len(data["images"])
+        assert sorted(os.path.basename(p) for p in only.paths) == kept_files
+        if split == "train":
+            assert len(only) < len(everything)  # the demo data does hold background-only images
+        assert bool(only.targets.any(dim=1).all())
+        rows = {i: r for i, r in zip(everything.image_ids, everything.targets, strict=True)}
+        for image_id, target in zip(only.image_ids, only.targets, strict=True):
+            assert torch.equal(target, rows[image_id])
+
+
+def test_tencent_several_lists_each_with_its_image_root(demo_root, tmp_path):
+    """train_lists / val_lists read several lists into one dataset, each relative to its own image folder (the
+    release's ImageNet-id and Open Images lists); the result is the single-list dataset, re-rooted."""
+    from pathlib import Path
+
+    demo = Path(demo_root)
+    lines = [line for line in (demo / "tencent" / "train.txt").read_text().splitlines() if line.strip()]
+    half = len(lines) // 2
+    # Part 1 relative to the demo root; part 2 relative to train2017/ (its paths lose that prefix).
+    (tmp_path / "part1.txt").write_text("\n".join(lines[:half]) + "\n")
+    (tmp_path / "part2.txt").write_text("\n".join(line.removeprefix("train2017/") for line in lines[half:]) + "\n")
+    common = dict(batch_size=4, num_workers=0, train_transform=TwoViews(), eval_size=32, num_classes=32)
+    single = TencentMLDataModule(root=demo_root, **common)
+    several = TencentMLDataModule(root=demo_root, **common, train_lists=[
+        {"list_file": str(tmp_path / "part1.txt")},  # absolute list path, images under root
+        {"list_file": str(tmp_path / "part2.txt"), "image_root": "train2017"},
+    ])
+    reference, dataset = single.build_dataset("train", None), several.build_dataset("train", None)
+    assert len(dataset) == len(reference) == len(lines)
+    assert list(dataset.list_offsets) == [0, half, len(lines)]
+    for i in range(len(reference)):
+        assert Path(dataset.paths[i]) == Path(reference.paths[i])
+        assert torch.equal(dataset.target(i), reference.target(i))
+    several.setup("fit")
+    assert next(iter(several.train_dataloader()))["views"].shape == (4, 2, 3, 32, 32)
+    assert len(several.build_dataset("val", None)) == len(single.build_dataset("val", None))  # val: the default
+
+
+def test_tencent_list_arguments_errors(demo_root):
+    with pytest.raises(ValueError, match="data.train_list and data.train_lists are both set"):
+        TencentMLDataModule(root=demo_root, train_list="a.txt", train_lists=[{"list_file": "b.txt"}])
+    with pytest.raises(ValueError, match=r"data.val_lists\[1\] = .*'root'.*needs 'list_file'"):
+        TencentMLDataModule(root=demo_root, val_lists=[{"list_file": "a.txt"}, {"list_file": "b.txt", "root": "x"}])
+    with pytest.raises(ValueError, match="data.train_lists is empty"):
+        TencentMLDataModule(root=demo_root, train_lists=[])

@@ -4,7 +4,8 @@ Each method runs one training step in 2 gloo processes on CPU, each holding half
 ``DistributedDataParallel`` (per-rank batch b), and must reproduce the loss (mean over ranks, what a
 synced log shows) and the parameter gradients (DDP's average) of one process on the concatenated
 batch 2b, from the same seed and the same views. Covered: BAM+IA-CLoss, SimSiam, MPCL on MoCo v2
-(per-projector queues, shuffled BN) and on MoCo v3 (global in-batch negatives), MVP, HVP-MTL
+(per-projector queues, shuffled BN), on MoCo v3 (global in-batch negatives) and on Barlow Twins (global-batch
+standardisation and cross-correlation, gathered with gradients; in-batch retrieval accuracy), MVP, HVP-MTL
 (global Sinkhorn). All models are tiny (2-block ViT-Tiny at 32 px) and all ranks run in a single spawn.
 
 BatchNorm computes per-process statistics, so a split batch cannot match one process unless it is
@@ -73,8 +74,12 @@ def _simsiam() -> nn.Module:
 
 def _mpcl(flavour: str) -> nn.Module:
     return _seeded(MPCL, **TINY_VIT, flavour=flavour, num_projectors=3, projector_hidden_dims=[16, 24, 32],
-                   proj_dim=8, pred_hidden_dim=16, queue_size=20,
-                   head_norm="layer" if flavour == "mocov3" else "none")  # mocov2: MoCo v2's BN-free MLP
+                   shared_hidden=False, proj_dim=8, pred_hidden_dim=16, queue_size=20,
+                   head_norm="none" if flavour == "mocov2" else "layer",  # mocov2: MoCo v2's BN-free MLP
+                   # MoCo v3's ViT init starts the class token at ~1e-6 with a zero position: the first LayerNorm
+                   # then sees a ~0 vector and scales float round-off by 1/sqrt(eps) = 1000 in that token's
+                   # gradient. The init has its own test (test_mpcl.py); here it would only blur the comparison.
+                   moco_vit_init=False)
 
 
 def _mvp() -> nn.Module:
@@ -124,6 +129,7 @@ METHODS: dict[str, Callable[[], nn.Module]] = {
     "simsiam": _simsiam,
     "mpcl_mocov2": lambda: _mpcl("mocov2"),
     "mpcl_mocov3": lambda: _mpcl("mocov3"),
+    "mpcl_barlowtwins": lambda: _mpcl("barlowtwins"),
     "mvp": _mvp,
     "hvp_mtl": _hvp_mtl,
 }
@@ -191,7 +197,11 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(results, meth
                                    msg=lambda m, r=rank: f"rank {r} loss: {m}")
         assert got[method]["grads"].keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
-            torch.testing.assert_close(got[method]["grads"][name], g, rtol=1e-4, atol=1e-6,
+            # atol grows with the tensor's largest gradient once that passes 0.2: float32 round-off is relative to
+            # it (Barlow Twins' gradients reach ~40 here, through a standardisation over 4 samples), and single
+            # elements near zero are compared against that scale. A missing gather changes gradients by O(1).
+            atol = max(1e-6, 5e-6 * g.abs().max().item())
+            torch.testing.assert_close(got[method]["grads"][name], g, rtol=1e-4, atol=atol,
                                        msg=lambda m, n=name, r=rank: f"rank {r} grad of {n}: {m}")
 
 
@@ -211,7 +221,7 @@ def test_mocov2_queues_hold_the_keys_of_both_ranks_in_rank_order(results):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["mpcl_mocov2", "mpcl_mocov3"])
+@pytest.mark.parametrize("method", ["mpcl_mocov2", "mpcl_mocov3", "mpcl_barlowtwins"])
 def test_ptb_statistics_are_all_reduced_and_weights_agree_across_ranks(results, method):
     per_rank, single = results
     ref = single[method]
@@ -237,9 +247,10 @@ def test_shuffled_bn_permutes_the_global_batch_and_unshuffles(results):
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 PRETRAINING_DIRS = ("bam_ia", "simsiam", "mocov2", "mocov3", "mpcl", "mvp", "hvp_mtl")
-# Full paper configs, ablations with their own trainer section included (pure model overlays inherit one).
+# Full paper configs (a trainer and a data section); overlays inherit them from the config they are laid on.
 PAPER_CONFIGS = sorted(p for d in PRETRAINING_DIRS for p in (EXPERIMENTS / d).rglob("*.yaml")
-                       if not p.name.startswith("demo") and "trainer" in yaml.safe_load(p.read_text()))
+                       if not p.name.startswith(("demo", "cpu")) and p.name != "tables.yaml"
+                       and {"trainer", "data"} <= set(yaml.safe_load(p.read_text()) or {}))
 
 
 def test_paper_configs_are_found():

@@ -1,10 +1,12 @@
 """Checkpoint loading, LARS, eval.json records and the evaluation protocols run through the CLI."""
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from ssl_zoo.cli import main
 from ssl_zoo.data import ImageFolderDataModule
 from ssl_zoo.eval.checkpoint import UnsafeCheckpointError, describe_state_dict, load_backbone
-from ssl_zoo.eval.finetune import FineTune
+from ssl_zoo.eval.finetune import FineTune, layer_ids
 from ssl_zoo.eval.knn import KNNMonitor
 from ssl_zoo.eval.linear import LinearProbe
 from ssl_zoo.eval.module import first_occurrences
@@ -25,6 +27,7 @@ from ssl_zoo.models import Backbone
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "experiments" / "eval").glob("*.yaml"))
 TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
+TINY_BEIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}  # BEiT model_kwargs of the same size
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -136,6 +139,146 @@ def test_vit_position_embeddings_resampled_to_a_new_resolution(tmp_path):
     torch.testing.assert_close(loaded.model.pos_embed[:, :1], student.model.pos_embed[:, :1])  # CLS kept
     assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, student.model.blocks[0].attn.qkv.weight)
     assert loaded(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+
+
+# --------------------------------------------------------------------------------------------- BEiT fine-tuning
+BEIT_PRETRAIN = {**TINY_BEIT, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
+                 "use_abs_pos_emb": False, "global_pool": "token"}  # BEiT / MVP pre-training layout
+BEIT_FINETUNE = {"model_kwargs": {"use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}}
+
+
+def make_beit_pretraining_checkpoint(path: Path) -> Backbone:
+    """An MVP-style checkpoint of a tiny BEiT (shared relative position bias with non-zero entries)."""
+    torch.manual_seed(0)
+    student = Backbone("beit_base_patch16_224", img_size=32, model_kwargs=BEIT_PRETRAIN)
+    with torch.no_grad():
+        student.model.rel_pos_bias.relative_position_bias_table.normal_()
+        student.model.norm.weight.uniform_(0.5, 1.5)  # a trained final norm, which fine-tuning must drop
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in student.state_dict().items()},
+                "hyper_parameters": {"backbone": "beit_base_patch16_224",
+                                     "backbone_kwargs": {"img_size": 32, "model_kwargs": BEIT_PRETRAIN}}}, path)
+    return student
+
+
+def test_beit_mean_pooling_head_loads_a_pretraining_checkpoint(tmp_path):
+    ckpt = tmp_path / "mvp" / "last.ckpt"
+    student = make_beit_pretraining_checkpoint(ckpt)
+    model = FineTune(ckpt=str(ckpt), num_classes=5, img_size=32, use_mean_pooling=True,
+                     backbone_kwargs=BEIT_FINETUNE).eval()
+    vit, pre = model.backbone.model, student.model
+    assert isinstance(vit.norm, torch.nn.Identity) and isinstance(vit.fc_norm, torch.nn.LayerNorm)
+    assert torch.equal(vit.fc_norm.weight, torch.ones(192)) and torch.equal(vit.fc_norm.bias, torch.zeros(192))
+    assert vit.rel_pos_bias is None  # BEiT fine-tuning: one table per block, each the pre-trained shared one
+    shared = pre.rel_pos_bias.relative_position_bias_table
+    for block in vit.blocks:
+        assert torch.equal(block.attn.relative_position_bias_table, shared)
+    fresh_or_copied = {"fc_norm.weight", "fc_norm.bias"} | {
+        f"blocks.{i}.attn.relative_position_bias_table" for i in range(len(vit.blocks))}
+    pre_state = pre.state_dict()
+    for key, value in vit.state_dict().items():  # everything else, layer scale included, is the checkpoint's
+        if key not in fresh_or_copied:
+            assert torch.equal(value, pre_state[key]), key
+    # Brute force: the pre-training model's tokens before its final norm, patch tokens averaged, a fresh
+    # LayerNorm (eps 1e-6, BEiT's), then the linear head.
+    x = torch.randn(3, 3, 32, 32)
+    seen = {}
+    handle = pre.norm.register_forward_pre_hook(lambda _m, args: seen.setdefault("tokens", args[0]))
+    with torch.no_grad():
+        pre.eval().forward_features(x)
+        handle.remove()
+        pooled = torch.nn.functional.layer_norm(seen["tokens"][:, 1:].mean(1), (192,), eps=1e-6)
+        torch.testing.assert_close(model(x), model.head(pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_beit_state_dict_saved_by_beits_own_code_loads(tmp_path):
+    """BEiT's code saves the relative_position_index buffers (timm recomputes them): they are dropped."""
+    ckpt = tmp_path / "mvp" / "last.ckpt"
+    student = make_beit_pretraining_checkpoint(ckpt)
+    state = dict(student.model.state_dict())
+    state["rel_pos_bias.relative_position_index"] = student.model.rel_pos_bias.relative_position_index.clone()
+    plain = tmp_path / "beit.pth"
+    torch.save({"model": state}, plain)
+    kwargs = {"img_size": 32, "model_kwargs": {**BEIT_PRETRAIN, **BEIT_FINETUNE["model_kwargs"]}}
+    model = FineTune(ckpt=str(plain), backbone="beit_base_patch16_224", backbone_kwargs=kwargs, num_classes=3,
+                     img_size=32, use_mean_pooling=True)
+    table = student.model.rel_pos_bias.relative_position_bias_table
+    assert torch.equal(model.backbone.model.blocks[1].attn.relative_position_bias_table, table)
+    state["rel_pos_bias.relative_position_index"] += 1  # a wrong index would be recomputed too, never loaded
+    torch.save({"model": state}, plain)
+    again = FineTune(ckpt=str(plain), backbone="beit_base_patch16_224", backbone_kwargs=kwargs, num_classes=3,
+                     img_size=32, use_mean_pooling=True)
+    assert torch.equal(again.backbone.model.blocks[0].attn.relative_position_index,
+                       model.backbone.model.blocks[0].attn.relative_position_index)
+
+
+def test_mean_pooling_head_on_a_vit_and_its_errors(tmp_path):
+    ckpt = tmp_path / "vit.ckpt"
+    student, _ = make_pretraining_checkpoint(ckpt, name="vit_tiny_patch16_224", teacher=False,
+                                             backbone_kwargs={**TINY_VIT, "model_kwargs": {"depth": 2, "init_values": 0.1}})
+    model = FineTune(ckpt=str(ckpt), num_classes=3, img_size=32, use_mean_pooling=True)
+    vit = model.backbone.model
+    assert isinstance(vit.norm, torch.nn.Identity) and vit.global_pool == "avg"
+    # the recorded model_kwargs (layer scale) survive the head option's model_kwargs
+    assert torch.equal(vit.blocks[0].ls1.gamma, student.model.blocks[0].ls1.gamma)
+    with pytest.raises(ValueError, match="use_mean_pooling needs model.pooling 'backbone'"):
+        FineTune(backbone="vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, use_mean_pooling=True, pooling="gap")
+    with pytest.raises(ValueError, match="fc_norm"):
+        FineTune(backbone="resnet18", use_mean_pooling=True)
+
+
+def test_merge_backbone_kwargs_merges_model_kwargs_key_by_key():
+    from ssl_zoo.eval.checkpoint import merge_backbone_kwargs
+
+    recorded = {"img_size": 224, "drop_path_rate": 0.1, "model_kwargs": {"init_values": 0.1, "global_pool": "token"}}
+    merged = merge_backbone_kwargs(recorded, {"img_size": 32, "model_kwargs": {"global_pool": "avg"}})
+    assert merged == {"img_size": 32, "drop_path_rate": 0.1,
+                      "model_kwargs": {"init_values": 0.1, "global_pool": "avg"}}
+    assert merge_backbone_kwargs(recorded, None) == recorded and recorded["model_kwargs"]["global_pool"] == "token"
+
+
+def test_describe_state_dict_recognises_beit():
+    shared = Backbone("beit_base_patch16_224", img_size=32, model_kwargs=BEIT_PRETRAIN).model.state_dict()
+    assert describe_state_dict(shared).startswith("a BEiT (embed dim 192, 2 blocks, patch 16, shared")
+
+
+def test_bicubic_evaluation_resize_is_pils_bicubic_then_centre_crop():
+    from PIL import Image as PILImage
+
+    from ssl_zoo.data.datamodule import eval_transform
+
+    rng = np.random.default_rng(0)
+    image = PILImage.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    out = center_crop_transform(32, interpolation="bicubic")(image)
+    short = int(round(32 / 0.875))  # 37: BEiT's int(224 / (224 / 256)) at 224 px
+    long = int(short * 70 / 50)  # torchvision (and so BEiT) truncates the long side
+    resized = np.asarray(image.resize((long, short), PILImage.Resampling.BICUBIC), dtype=np.float32)
+    top, left = int(round((short - 32) / 2)), int(round((resized.shape[1] - 32) / 2))
+    crop = torch.from_numpy(resized[top : top + 32, left : left + 32] / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(out, (crop - mean) / std, rtol=0, atol=1e-5)
+    bilinear = center_crop_transform(32)(image)
+    torch.testing.assert_close(bilinear, eval_transform(32)(image))  # the default is unchanged
+    assert not torch.allclose(out, bilinear)
+    model = FineTune(backbone="resnet18", num_classes=3, img_size=32, val_interpolation="bicubic")
+    model.hparams.multilabel = False
+    torch.testing.assert_close(model.val_transform()(image)["views"][0], out)
+    with pytest.raises(ValueError, match="val_interpolation"):
+        FineTune(backbone="resnet18", val_interpolation="lanczos")
+
+
+@pytest.mark.slow
+def test_beit_finetune_config_fast_dev_run_from_a_pretraining_checkpoint(demo_root, tmp_path):
+    ckpt = tmp_path / "mvp" / "20260101-000000" / "checkpoints" / "last.ckpt"
+    make_beit_pretraining_checkpoint(ckpt)
+    config = ROOT / "experiments" / "eval" / "finetune_vitb_mvp.yaml"
+    cli = main(["fit", *_cli_args(config, demo_root, tmp_path / "eval", "--model.init_args.ckpt", str(ckpt),
+                                  "--trainer.fast_dev_run", "1")])
+    vit = cli.model.backbone.model
+    assert isinstance(vit.fc_norm, torch.nn.LayerNorm) and isinstance(vit.norm, torch.nn.Identity)
+    assert vit.rel_pos_bias is None and vit.blocks[0].attn.relative_position_bias_table is not None
+    assert cli.trainer.callback_metrics["train/loss"].isfinite()
+    assert "val/top1" in cli.trainer.callback_metrics
 
 
 class _Payload:
@@ -270,11 +413,87 @@ def test_finetune_layer_decay_follows_beit():
     assert len(scale_of) == sum(1 for _ in model.parameters())  # every parameter is optimised once
 
 
+def _simmim_swin_layer(name: str, depths: list[int]) -> int:
+    """SimMIM's optimizer.get_swin_layer on timm parameter names (timm's layers.{i}.downsample is SimMIM's
+    layers.{i-1}.downsample: the patch merging that ends stage i - 1)."""
+    parts = name.split(".")
+    if name.startswith("patch_embed"):
+        return 0
+    if parts[0] == "layers" and parts[2] == "downsample":
+        return sum(depths[: int(parts[1])])
+    if parts[0] == "layers" and parts[2] == "blocks":
+        return sum(depths[: int(parts[1])]) + int(parts[3]) + 1
+    return sum(depths) + 1  # final norm and head
+
+
+def test_finetune_layer_decay_follows_simmim_for_swin():
+    """Swin layer ids as SimMIM fine-tunes them: l = 0 patch embedding, blocks counted across stages, patch
+    merging with the block before it, L + 1 the final norm and head; lr scale decay^(L + 1 - l)."""
+    depths = [1, 2, 1, 1]
+    model = FineTune(backbone="swin_tiny_patch4_window7_224", img_size=32, num_classes=5, layer_decay=0.5,
+                     backbone_kwargs={"model_kwargs": {"depths": depths, "embed_dim": 24, "num_heads": [1, 1, 1, 1],
+                                                       "window_size": 1}})
+    swin = model.backbone.model
+    ids = layer_ids(swin)
+    assert any("downsample" in n for n in ids)
+    for name, _ in swin.named_parameters():
+        assert ids[name] == _simmim_swin_layer(name, depths), name
+    scale_of = {id(p): g["lr_scale"] for g in model.param_groups(lr=1.0) for p in g["params"]}
+    top = sum(depths) + 1
+    for name, param in swin.named_parameters():
+        assert scale_of[id(param)] == pytest.approx(0.5 ** (top - _simmim_swin_layer(name, depths))), name
+    assert scale_of[id(model.head.weight)] == 1.0
+
+
 def test_probe_requires_a_backbone_without_checkpoint():
     with pytest.raises(ValueError, match="model.backbone"):
         LinearProbe()
     with pytest.raises(ValueError, match="model.pooling"):
         LinearProbe(backbone="resnet18", pooling="avg")
+
+
+def _three_bands(width: int = 96, height: int = 32):
+    """A wide image: a red band on the left quarter, blue on the right quarter, green between."""
+    from PIL import Image
+
+    pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+    pixels[:, : width // 4, 0] = 255
+    pixels[:, width // 4 : 3 * width // 4, 1] = 255
+    pixels[:, 3 * width // 4 :, 2] = 255
+    return Image.fromarray(pixels.numpy())
+
+
+def _colours(view: torch.Tensor) -> list[int]:
+    """The dominant channel (0 red, 1 green, 2 blue) of each column of a normalised view ``[1, 3, S, S]``."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    image = view[0] * std + mean  # [3, S, S] in [0, 1]
+    return image.mean(dim=1).argmax(dim=0).tolist()  # [S]
+
+
+def test_multilabel_probe_crops():
+    """Squash keeps the whole image (both side bands), the centre crop cuts them away, RandomResizedCrop
+    trains on random parts of the image, squash training only flips the whole image."""
+    from ssl_zoo.eval.linear import MultiLabelLinearProbe
+
+    image = _three_bands()
+    squash = MultiLabelLinearProbe(backbone="resnet18", img_size=32)
+    columns = _colours(squash.val_transform()(image)["views"])
+    assert columns[0] == 0 and columns[-1] == 2 and columns[16] == 1
+
+    cropped = MultiLabelLinearProbe(backbone="resnet18", img_size=32, val_crop="center_crop",
+                                    train_crop="random_resized_crop")
+    view = cropped.val_transform()(image)["views"]
+    assert view.shape == (1, 3, 32, 32)
+    assert set(_colours(view)) == {1}  # 96x32 -> short side 37 (111x37) -> the middle 32 columns: green only
+
+    torch.manual_seed(0)
+    whole = [_colours(squash.train_transform()(image)["views"]) for _ in range(8)]
+    assert all(c in (columns, columns[::-1]) for c in whole)
+    crops = [_colours(cropped.train_transform()(image)["views"]) for _ in range(8)]
+    assert any(c not in (columns, columns[::-1]) for c in crops)
+    with pytest.raises(ValueError, match="model.train_crop"):
+        MultiLabelLinearProbe(backbone="resnet18", train_crop="center_crop")
 
 
 def test_linear_probe_refuses_multilabel_data(demo_root, tmp_path):
@@ -294,16 +513,23 @@ def _data_root(config: dict, demo_root: str) -> str:
 def _cli_args(config_path: Path, demo_root: str, tmp_path: Path, *extra: str) -> list[str]:
     config = yaml.safe_load(config_path.read_text())
     init = config["model"]["init_args"]
-    vit = "vit" in str(init.get("backbone", ""))
+    name = str(init.get("backbone", ""))
+    beit, vit = "beit" in name, "vit" in name
+    tiny = "beit_base_patch16_224" if beit else "vit_tiny_patch16_224" if vit else "resnet18"
     args = ["--config", str(config_path), "--data.init_args.root", _data_root(config, demo_root),
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+            "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+            "--trainer.precision", "32-true",
             "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--model.init_args.backbone", "vit_tiny_patch16_224" if vit else "resnet18",
-            "--model.init_args.img_size", "32"]
-    if vit:
+            "--model.init_args.backbone", tiny, "--model.init_args.img_size", "32"]
+    if beit:  # a 2-block, 192-wide BEiT in the config's layout
+        model_kwargs = {**((init.get("backbone_kwargs") or {}).get("model_kwargs") or {}), **TINY_BEIT}
+        args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": model_kwargs})]
+    elif vit:
         args += ["--model.init_args.backbone_kwargs", json.dumps({"model_kwargs": TINY_VIT["model_kwargs"]})]
+    if config["data"]["init_args"].get("train_subset"):  # ImageNet's subset lists; tests/test_subset_list.py
+        args += ["--data.init_args.train_subset", "null"]
     return [*args, *extra]
 
 
@@ -314,7 +540,9 @@ def _subcommand(config_path: Path) -> str:
 def test_eval_configs_exist():
     names = {p.name for p in EVAL_CONFIGS}
     assert {"linear_demo.yaml", "gamp_demo.yaml", "finetune_demo.yaml", "linear_mocov2.yaml",
-            "linear_mae_mvp.yaml", "gamp_coco_224.yaml", "gamp_coco_448.yaml", "finetune_vitb_mvp.yaml"} <= names
+            "linear_mae_mvp.yaml", "gamp_coco_224.yaml", "gamp_coco_448.yaml", "finetune_vitb_mvp.yaml",
+            "finetune_swinb_hvp_simmim.yaml", "finetune_swins_hvp_simmim.yaml", "finetune_swint_hvp_simmim.yaml",
+            "finetune_vitb_hvp_simmim.yaml"} <= names
 
 
 @pytest.mark.slow
@@ -418,6 +646,25 @@ def test_knn_monitor_logs_knn_accuracy(demo_root, tmp_path):
     trainer = Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, default_root_dir=tmp_path, accelerator="cpu",
                       callbacks=[KNNMonitor(img_size=32, k=5)])
-    trainer.fit(_TinyPretraining(), datamodule=datamodule)
-    top1 = trainer.callback_metrics["knn/top1"]
-    assert 0.0 <= top1 <= 100.0 and "knn/top5" in trainer.callback_metrics
+    module = _TinyPretraining()
+    trainer.fit(module, datamodule=datamodule)
+    assert "val/knn_top5" in trainer.callback_metrics
+
+    # Brute force on the backbone as the monitor saw it (lr 0: only BN statistics moved, before the vote):
+    # centre-cropped 32 px features, each query's 5 most cosine-similar bank images vote with exp(s / 0.07).
+    module.backbone.eval()
+    features = {}
+    for split in ("train", "val"):
+        dataset = datamodule.labelled_dataset(split, transform=center_crop_transform(32))
+        with torch.no_grad():
+            features[split] = [(module.backbone(image[None])[0], int(target)) for image, target in dataset]
+    hits = 0
+    for query, target in features["val"]:
+        sims = sorted(((float(torch.cosine_similarity(query, f, dim=0)), label) for f, label in features["train"]),
+                      reverse=True)[:5]
+        votes = {}
+        for sim, label in sims:
+            votes[label] = votes.get(label, 0.0) + math.exp(sim / 0.07)
+        hits += max(votes, key=votes.get) == target
+    expected = 100.0 * hits / len(features["val"])
+    assert float(trainer.callback_metrics["val/knn_top1"]) == pytest.approx(expected, abs=1e-3)

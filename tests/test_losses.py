@@ -28,7 +28,9 @@ from ssl_zoo.losses import (
     mvp_alignment_loss,
     projector_contrastive_regularization,
     ptb_weights,
+    sinkhorn_clamped_fraction,
     sinkhorn_knopp,
+    swapped_prediction_loss,
     symmetric_kl_divergence,
 )
 from ssl_zoo.utils import distributed as D
@@ -350,21 +352,25 @@ def test_sinkhorn_rejects_bad_arguments():
         sinkhorn_knopp(torch.randn(3, 2), iterations=0)
 
 
-def _swapped_reference(sa, sb, ca, cb, tau) -> float:
-    def log_softmax(row):
-        m = max(row)
-        lse = m + math.log(sum(math.exp(v - m) for v in row))
-        return [v - lse for v in row]
+def _log_softmax_loop(row: list[torch.Tensor], tau: float) -> list[torch.Tensor]:
+    """log softmax(row / tau) written out: x_k / tau - log(sum_j exp(x_j / tau)) (float64 scalars, autograd)."""
+    log_z = torch.log(sum(torch.exp(v / tau) for v in row))
+    return [v / tau - log_z for v in row]
 
-    total = 0.0
-    for i in range(len(sa)):
-        la = log_softmax([v / tau for v in sa[i]])
-        lb = log_softmax([v / tau for v in sb[i]])
-        total += -0.5 * (
-            sum(c * v for c, v in zip(cb[i], la, strict=True))
-            + sum(c * v for c, v in zip(ca[i], lb, strict=True))
-        )
-    return total / len(sa)
+
+def _swapped_reference(sa, sb, ca, cb, tau) -> torch.Tensor:
+    """HVP-MTL Eq. 2 in float64, one sample and one prototype at a time:
+    l(f_a, q_b) + l(f_b, q_a) with l(s, q) = -sum_k q_k log softmax(s / tau)_k, each term a batch mean.
+
+    Takes float64 tensors (the scores may require grad: the brute-force gradient comes from autograd)."""
+    b, k = sa.shape
+    term_ab = term_ba = 0.0
+    for i in range(b):
+        la = _log_softmax_loop([sa[i, j] for j in range(k)], tau)
+        lb = _log_softmax_loop([sb[i, j] for j in range(k)], tau)
+        term_ab = term_ab - sum(cb[i, j] * la[j] for j in range(k))
+        term_ba = term_ba - sum(ca[i, j] * lb[j] for j in range(k))
+    return term_ab / b + term_ba / b
 
 
 @pytest.mark.parametrize("tau", [0.1, 1.0])
@@ -373,25 +379,57 @@ def test_swapped_prediction_matches_brute_force_and_is_symmetric(tau):
     ca, cb = sinkhorn_knopp(sa), sinkhorn_knopp(sb)
     loss_fn = SwappedPredictionLoss(temperature=tau)
     loss = loss_fn(sa, sb, ca, cb)
-    _close(loss, _swapped_reference(sa.tolist(), sb.tolist(), ca.tolist(), cb.tolist(), tau))
+    _close(loss, _swapped_reference(sa.double(), sb.double(), ca.double(), cb.double(), tau).item())
     _close(loss_fn(sb, sa, cb, ca), float(loss))  # swapping the views
     bf16 = loss_fn(sa.bfloat16(), sb.bfloat16(), ca, cb)
     assert bf16.dtype == torch.float32
-    ref = _swapped_reference(
-        sa.bfloat16().float().tolist(), sb.bfloat16().float().tolist(), ca.tolist(), cb.tolist(), tau
-    )
-    _close(bf16, ref, rtol=1e-4)
+    ref = _swapped_reference(sa.bfloat16().double(), sb.bfloat16().double(), ca.double(), cb.double(), tau)
+    _close(bf16, ref.item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_swapped_prediction_gradient_matches_brute_force(tau):
+    """d loss / d scores of both views equals autograd through the float64 loop over Eq. 2."""
+    sa, sb = torch.randn(2, 5, 4, generator=_rng(23)).unbind(0)
+    ca, cb = sinkhorn_knopp(sa), sinkhorn_knopp(sb)
+    sa32, sb32 = sa.clone().requires_grad_(True), sb.clone().requires_grad_(True)
+    swapped_prediction_loss(sa32, sb32, ca, cb, temperature=tau).backward()
+    sa64, sb64 = sa.double().requires_grad_(True), sb.double().requires_grad_(True)
+    _swapped_reference(sa64, sb64, ca.double(), cb.double(), tau).backward()
+    _close(sa32.grad, sa64.grad.numpy(), rtol=1e-4, atol=1e-6)
+    _close(sb32.grad, sb64.grad.numpy(), rtol=1e-4, atol=1e-6)
+    # Closed form of the gradient for one term: (softmax(s / tau) - q) / (tau * B); Eq. 2 adds no factor 1/2.
+    expected_a = (torch.softmax(sa.double() / tau, dim=1) - cb.double()) / (tau * sa.shape[0])
+    _close(sa32.grad, expected_a.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_swapped_prediction_closed_form_and_gradients():
     k = 7
     uniform = torch.full((3, k), 1.0 / k)
-    _close(SwappedPredictionLoss()(torch.zeros(3, k), torch.zeros(3, k), uniform, uniform), math.log(k))
+    # Uniform scores and codes: each swapped term is log K, and Eq. 2 sums the two.
+    _close(SwappedPredictionLoss()(torch.zeros(3, k), torch.zeros(3, k), uniform, uniform), 2 * math.log(k))
     sa = torch.randn(3, k, generator=_rng(21), requires_grad=True)
     codes = torch.rand(3, k, generator=_rng(22)).requires_grad_(True)
     SwappedPredictionLoss()(sa, sa.detach(), codes, codes).backward()
     assert torch.isfinite(sa.grad).all() and sa.grad.abs().sum() > 0
     assert codes.grad is None  # codes are targets
+
+
+def test_sinkhorn_clamped_fraction_counts_the_clamped_entries():
+    scores = torch.tensor([[0.49, 0.51, -1.0], [0.6, 0.5, 0.2]])
+    # scores / 0.05 > 10 exactly where score > 0.5: 0.51 and 0.6 (0.5 itself is not clamped).
+    _close(sinkhorn_clamped_fraction(scores), 2 / 6)
+    _close(sinkhorn_clamped_fraction(scores, epsilon=0.1, clamp_max=4.0), 4 / 6)  # score > 0.4
+    _close(sinkhorn_clamped_fraction(scores, clamp_max=None), 0.0)
+    wild = torch.randn(16, 9, generator=_rng(24))
+    brute = sum(float(v) / 0.05 > 10.0 for v in wild.flatten()) / wild.numel()
+    _close(sinkhorn_clamped_fraction(wild), brute)
+    # What the fraction reports is what Sinkhorn does: clamped entries of a row get equal codes.
+    row = torch.tensor([[0.9, 0.7, 0.1, -0.3]])
+    codes = sinkhorn_knopp(row.repeat(4, 1), iterations=1)
+    _close(codes[0, 0], float(codes[0, 1]))
+    with pytest.raises(ValueError, match="epsilon"):
+        sinkhorn_clamped_fraction(scores, epsilon=0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,11 +637,11 @@ def test_moco_v3_matches_brute_force(b, d, tau):
     )
     _close(loss, 2 * tau * exp_loss)
     _close(acc, exp_acc)
-    _close(
-        MoCoV3Loss(temperature=tau)(q.bfloat16(), k.bfloat16())[0],
-        float(moco_v3_info_nce(q.bfloat16().float(), k.bfloat16().float(), tau)[0]),
-        rtol=1e-4,
-    )
+    # bfloat16 inputs: the loss is the float64 reference on the bf16-rounded values (computed in float32 inside)
+    qb, kb = q.bfloat16().float().numpy(), k.bfloat16().float().numpy()
+    kb_unit = _unit(kb.astype(np.float64))
+    exp_bf16, _ = _info_nce_reference(qb, kb, lambda i: [kb_unit[j] for j in range(b) if j != i], tau)
+    _close(MoCoV3Loss(temperature=tau)(q.bfloat16(), k.bfloat16())[0], 2 * tau * exp_bf16, rtol=1e-4)
 
 
 def test_moco_closed_forms_and_gradients():
@@ -670,18 +708,24 @@ def test_moco_rejects_bad_arguments():
 # Symmetric KL distillation
 
 
-def _sym_kl_reference(s, t, temp) -> float:
+def _sym_kl_reference(s, t, temp) -> torch.Tensor:
+    """HVP-MTL Eq. 6 in float64, one class at a time: (KL(p_s||p_t) + KL(p_t||p_s)) / 2, batch mean.
+
+    Takes tensors (converted to float64); ``s`` may require grad: the brute-force gradient comes from autograd."""
+    s, t = s.double(), t.double()
+
     def softmax(row):
-        m = max(row)
-        e = [math.exp((v - m) / temp) for v in row]
-        return [v / sum(e) for v in e]
+        e = [torch.exp(v / temp) for v in row]
+        z = sum(e)
+        return [v / z for v in e]
 
     total = 0.0
-    for rs, rt in zip(s.tolist(), t.tolist(), strict=True):
-        ps, pt = softmax(rs), softmax(rt)
-        total += sum(a * math.log(a / b) for a, b in zip(ps, pt, strict=True))
-        total += sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True))
-    return total / len(s)
+    for i in range(s.shape[0]):
+        ps, pt = softmax(list(s[i])), softmax(list(t[i]))
+        kl_st = sum(a * torch.log(a / b) for a, b in zip(ps, pt, strict=True))
+        kl_ts = sum(b * torch.log(b / a) for a, b in zip(ps, pt, strict=True))
+        total = total + (kl_st + kl_ts) / 2
+    return total / s.shape[0]
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (4, 10)])
@@ -690,19 +734,38 @@ def test_symmetric_kl_matches_brute_force(shape, temp):
     s = 2 * torch.randn(shape, generator=_rng(52))
     t = 2 * torch.randn(shape, generator=_rng(53))
     loss = symmetric_kl_divergence(s, t, temperature=temp)
-    _close(loss, _sym_kl_reference(s, t, temp))
+    _close(loss, _sym_kl_reference(s, t, temp).item())
     _close(symmetric_kl_divergence(t, s, temperature=temp), float(loss))  # symmetric in value
     _close(
         SymmetricKLDivergence(temp)(s.bfloat16(), t.bfloat16()),
-        _sym_kl_reference(s.bfloat16().float(), t.bfloat16().float(), temp),
+        _sym_kl_reference(s.bfloat16().float(), t.bfloat16().float(), temp).item(),
         rtol=1e-4,
     )
-    # Independent check with torch's KL: KL(p||q) = kl_div(log q, p).
+    # Independent check with torch's KL: KL(p||q) = kl_div(log q, p); Eq. 6 is the mean of both directions.
     ls, lt = F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1)
-    expected = F.kl_div(lt, ls, log_target=True, reduction="batchmean") + F.kl_div(
+    expected = 0.5 * (F.kl_div(lt, ls, log_target=True, reduction="batchmean") + F.kl_div(
         ls, lt, log_target=True, reduction="batchmean"
-    )
+    ))
     _close(loss, float(expected))
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.3])
+def test_symmetric_kl_gradient_matches_brute_force(temp):
+    """The student's gradient equals autograd through the float64 loop over Eq. 6 (teacher held fixed)."""
+    s = 2 * torch.randn(3, 5, generator=_rng(56))
+    t = 2 * torch.randn(3, 5, generator=_rng(57))
+    s32 = s.clone().requires_grad_(True)
+    symmetric_kl_divergence(s32, t, temperature=temp).backward()
+    s64 = s.double().requires_grad_(True)
+    _sym_kl_reference(s64, t, temp).backward()
+    _close(s32.grad, s64.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_symmetric_kl_default_temperature_is_one():
+    """Eq. 6 has no temperature: the default is T = 1, for the function and the module."""
+    s, t = torch.randn(2, 4, generator=_rng(58)), torch.randn(2, 4, generator=_rng(59))
+    _close(symmetric_kl_divergence(s, t), _sym_kl_reference(s, t, 1.0).item())
+    _close(SymmetricKLDivergence()(s, t), _sym_kl_reference(s, t, 1.0).item())
 
 
 def test_symmetric_kl_zero_when_equal_and_student_only_gradient():

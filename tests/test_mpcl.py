@@ -1,13 +1,17 @@
-"""MPCL / MoCo v2 / MoCo v3: loss wiring against brute force, per-projector queues, PTB state, momentum
-encoder, and every config under experiments/{mpcl,mocov2,mocov3}.
+"""MPCL / MoCo v2 / MoCo v3 / Barlow Twins flavour: loss wiring against brute force, per-projector queues, the
+shared-hidden projector layout and the paper's parameter counts, PTB's loss scale and its epoch boundary, the
+Table II alternatives, MoCo v3's ViT construction, and every config under experiments/{mpcl,mocov2,mocov3}.
 
-Models are tiny (2-block ViT-Tiny at 32 px = 4 patches, small heads) so the whole file runs in well under a
-minute on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in tests/test_distributed.py.
+Models are tiny (2-block ViT-Tiny at 32 px = 4 patches, small heads) so the whole file runs in about a minute
+on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in tests/test_distributed.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import inspect
 import io
 import math
 from pathlib import Path
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback, Trainer
 
 from ssl_zoo.methods import MPCL
 from ssl_zoo.methods.mpcl import batch_shuffle, batch_unshuffle
@@ -35,10 +40,11 @@ def _tiny(flavour: str = "mocov2", seed: int = 0, **kwargs) -> MPCL:
         img_size=32,
         num_projectors=3,
         projector_hidden_dims=[16, 24, 32],
+        shared_hidden=False,
         proj_dim=8,
         pred_hidden_dim=16,
         queue_size=20,
-        head_norm="layer" if flavour == "mocov3" else "none",
+        head_norm="none" if flavour == "mocov2" else "layer",
     )
     args.update(kwargs)
     torch.manual_seed(seed)
@@ -96,17 +102,60 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().double().numpy()
 
 
+def _ref_orthogonality(z: np.ndarray) -> np.ndarray:
+    """Table II alternative: mean over samples of the mean squared cosine to the other projectors' outputs."""
+    mp, b, _ = z.shape
+    out = np.zeros(mp)
+    for m in range(mp):
+        for i in range(b):
+            out[m] += sum((_unit(z[m, i]) @ _unit(z[o, i])) ** 2 for o in range(mp) if o != m) / (mp - 1) / b
+    return out
+
+
+def _ref_barlow_twins(za: np.ndarray, zb: np.ndarray, lam: float = 0.0051) -> float:
+    """Barlow Twins Eq. 1, element by element: C_ij = sum_b a_bi b_bj / N on batch-standardised embeddings."""
+    n, d = za.shape
+
+    def standardise(z):
+        return (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)  # biased variance, BatchNorm's eps
+
+    a, b = standardise(za), standardise(zb)
+    loss = 0.0
+    for i in range(d):
+        for j in range(d):
+            c_ij = sum(a[k, i] * b[k, j] for k in range(n)) / n
+            loss += (1 - c_ij) ** 2 if i == j else lam * c_ij**2
+    return loss
+
+
+def _ref_retrieval(za: np.ndarray, zb: np.ndarray) -> float:
+    a, b = _unit(za), _unit(zb)
+    return float(np.mean([np.argmax([a[i] @ b[j] for j in range(len(b))]) == i for i in range(len(a))]))
+
+
 # ---------------------------------------------------------------------- loss wiring
-@pytest.mark.parametrize("flavour", ["mocov2", "mocov3"])
-def test_training_step_equals_brute_force_eq4(flavour):
-    model = _tiny(flavour)
+CASES = {
+    "mocov2_separate": ("mocov2", {}),
+    "mocov2_shared_pcr_orthogonality": ("mocov2", {"shared_hidden": True, "projector_hidden_dims": 16,
+                                                   "orthogonality": True}),
+    "mocov3_separate": ("mocov3", {}),
+    "mocov3_shared": ("mocov3", {"shared_hidden": True, "projector_hidden_dims": 16}),
+    "barlowtwins_shared": ("barlowtwins", {"shared_hidden": True, "projector_hidden_dims": 16}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_equals_brute_force_eq4(case):
+    flavour, kwargs = CASES[case]
+    model = _tiny(flavour, **kwargs)
     batch = _batch(4)
     x1, x2 = batch["views"][:, 0], batch["views"][:, 1]
     queues = [q.keys.clone() for q in model.queues] if flavour == "mocov2" else None
     with torch.no_grad():
         z1, z2 = model.project(x1), model.project(x2)
         p1, p2 = model.predict(z1), model.predict(z2)
-        k1, k2 = model.keys(x1), model.keys(x2)
+        if flavour != "barlowtwins":
+            k1, k2 = model.keys(x1), model.keys(x2)
     loss = model.training_step(batch, 0)
 
     mp = z1.shape[0]
@@ -115,12 +164,17 @@ def test_training_step_equals_brute_force_eq4(flavour):
     for m in range(mp):
         if flavour == "mocov2":  # asymmetric, queue negatives
             losses[m], accs[m] = _ref_queue_infonce(_np(z1[m]), _np(k2[m]), _np(queues[m]))
-        else:  # symmetric, the two directions summed
+        elif flavour == "mocov3":  # symmetric, the two directions summed
             l12, a12 = _ref_batch_infonce(_np(p1[m]), _np(k2[m]))
             l21, a21 = _ref_batch_infonce(_np(p2[m]), _np(k1[m]))
             losses[m], accs[m] = l12 + l21, (a12 + a21) / 2
-    pcr = _ref_pcr(_np(z1)) if flavour == "mocov2" else (_ref_pcr(_np(z1)) + _ref_pcr(_np(z2))) / 2
-    expected = np.mean(losses / mp + LAM * pcr)  # Eq. 4 with the first epoch's uniform weights 1/Mp
+        else:  # Barlow Twins per projector, accuracy = in-batch retrieval z1 -> z2
+            losses[m], accs[m] = _ref_barlow_twins(_np(z1[m]), _np(z2[m])), _ref_retrieval(_np(z1[m]), _np(z2[m]))
+    views = [z1] if flavour == "mocov2" else [z1, z2]
+    reg = np.mean([_ref_pcr(_np(z)) for z in views], axis=0)
+    if kwargs.get("orthogonality"):
+        reg = reg + np.mean([_ref_orthogonality(_np(z)) for z in views], axis=0)
+    expected = np.mean(1.0 * losses + LAM * reg)  # Eq. 4; before any completed epoch w_m = 1 (PTB on)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(_np(model.ptb_correct), accs * 4, atol=1e-5)
     assert model.ptb_count.item() == 4
@@ -146,8 +200,7 @@ def test_each_projector_queue_receives_only_its_own_keys():
     for batch in steps:
         with torch.no_grad():  # g^m_xi(f_xi(x2)) for every projector, normalised
             h = model.teacher_backbone(batch["views"][:, 1])
-            expected.append(torch.stack([torch.nn.functional.normalize(g(h), dim=1)
-                                         for g in model.teacher_projectors]))  # [Mp, 4, D]
+            expected.append(torch.nn.functional.normalize(model.teacher_projectors(h), dim=2))  # [Mp, 4, D]
         model.training_step(batch, 0)
     for m, queue in enumerate(model.queues):
         # Rows written in order 0..11 modulo 10: batch 1 -> 0-3, batch 2 -> 4-7, batch 3 -> 8, 9, 0, 1.
@@ -163,7 +216,44 @@ def test_each_projector_queue_receives_only_its_own_keys():
         assert not torch.equal(queue.keys, before[m])
 
 
-# ---------------------------------------------------------------------- PTB (Eq. 3)
+# ---------------------------------------------------------------------- projector layout (paper Table III)
+# ResNet-50 + projectors as printed, for 1 / 2 / 4 / 8 projectors (millions of parameters).
+PAPER_PARAMS_M = {1: 27.97, 2: 28.23, 4: 28.75, 8: 29.80}
+
+
+@pytest.mark.parametrize("num_projectors", list(PAPER_PARAMS_M))
+def test_shared_hidden_layout_reproduces_the_papers_parameter_counts(num_projectors):
+    """Trainable query side (ResNet-50 without classifier + projectors), built on the meta device."""
+    with torch.device("meta"):
+        shared = MPCL("resnet50", num_projectors=num_projectors, shared_hidden=True)
+        separate = MPCL("resnet50", num_projectors=num_projectors, shared_hidden=False)
+    millions = shared.num_query_parameters() / 1e6
+    assert abs(millions - PAPER_PARAMS_M[num_projectors]) <= 0.01, millions
+    # the counting, term by term: trunk + shared Linear(2048, 2048) + Mp x Linear(2048, 128), biases included
+    assert shared.num_query_parameters() == 23_508_032 + 2048 * 2048 + 2048 + num_projectors * (2048 * 128 + 128)
+    # the teacher, the queues and the predictors-free MoCo v2 heads add nothing to the count
+    assert shared.num_query_parameters() == sum(p.numel() for n, p in shared.named_parameters()
+                                                if not n.startswith("teacher_"))
+    if num_projectors > 1:  # separate MLPs cannot be the paper's layout
+        assert abs(separate.num_query_parameters() / 1e6 - PAPER_PARAMS_M[num_projectors]) > 1.0
+
+
+def test_shared_hidden_projectors_share_the_hidden_layer_and_own_the_output_layer():
+    model = _tiny("mocov2", shared_hidden=True, projector_hidden_dims=16)
+    assert len(model.projectors.hidden) == 1 and len(model.projectors.outputs) == 3
+    h = torch.randn(5, model.backbone.num_features)
+    z = model.projectors(h)  # [3, 5, 8]
+    hidden = model.projectors.hidden[0](h)
+    for m, out in enumerate(model.projectors.outputs):  # g^m = W_m ReLU(W h + b) + b_m
+        torch.testing.assert_close(z[m], out(hidden))
+    z.sum().backward()
+    shared_w = model.projectors.hidden[0][0].weight
+    assert shared_w.grad is not None and shared_w.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shared_hidden: false"):
+        _tiny("mocov2", shared_hidden=True, projector_hidden_dims=[16, 24, 32])
+
+
+# ---------------------------------------------------------------------- PTB (Eq. 3) and the loss scale (Eq. 4)
 def _softmax(v: np.ndarray) -> np.ndarray:
     e = np.exp(v - v.max())
     return e / e.sum()
@@ -171,16 +261,17 @@ def _softmax(v: np.ndarray) -> np.ndarray:
 
 def test_ptb_weights_follow_previous_epoch_accuracy_and_survive_resume():
     model = _tiny("mocov2")
-    np.testing.assert_allclose(_np(model.loss_weights()), np.full(3, 1 / 3))  # uniform in epoch 0
+    np.testing.assert_allclose(_np(model.loss_weights()), np.ones(3))  # w_m = 1 before a completed epoch
 
     # Epoch 0: two steps of 8 queries with unequal accuracies.
     model.record_accuracy(torch.tensor([8.0, 4.0, 2.0]), 8)
     model.record_accuracy(torch.tensor([6.0, 4.0, 0.0]), 8)
-    np.testing.assert_allclose(_np(model.loss_weights()), np.full(3, 1 / 3))  # unchanged mid-epoch
+    np.testing.assert_allclose(_np(model.loss_weights()), np.ones(3))  # unchanged mid-epoch
     model.on_train_epoch_end()
     acc0 = np.array([14, 8, 2]) / 16
-    w1 = _softmax((1 - acc0) / EPS)
+    w1 = 3 * _softmax((1 - acc0) / EPS)  # Mp * softmax: re-weighting at the PTB-off scale
     np.testing.assert_allclose(_np(model.loss_weights()), w1, rtol=1e-6)
+    np.testing.assert_allclose(_np(model.ptb_weight), w1 / 3, rtol=1e-6)  # the buffer is Eq. 3's softmax
     assert model.loss_weights()[2] > model.loss_weights()[1] > model.loss_weights()[0]  # worst gets most
     np.testing.assert_allclose(_np(model.ptb_last_acc), acc0, rtol=1e-6)
     assert model.ptb_count.item() == 0 and model.ptb_correct.abs().sum().item() == 0
@@ -201,14 +292,35 @@ def test_ptb_weights_follow_previous_epoch_accuracy_and_survive_resume():
     extra_correct = resumed.ptb_correct - torch.tensor([1.0, 3.0, 4.0])
     resumed.on_train_epoch_end()
     acc1 = (np.array([1.0, 3.0, 4.0]) + _np(extra_correct)) / 8
-    np.testing.assert_allclose(_np(resumed.loss_weights()), _softmax((1 - acc1) / EPS), rtol=1e-6)
+    np.testing.assert_allclose(_np(resumed.loss_weights()), 3 * _softmax((1 - acc1) / EPS), rtol=1e-6)
 
 
-def test_ptb_off_keeps_uniform_weights_and_epoch_without_batches_keeps_weights():
+@pytest.mark.parametrize("num_projectors", [2, 3, 4])
+def test_equal_accuracies_with_ptb_give_exactly_the_ptb_off_loss(num_projectors):
+    batch = _batch(4)
+
+    def loss_after_an_epoch(**kwargs) -> tuple[torch.Tensor, MPCL]:
+        model = _tiny("mocov2", num_projectors=num_projectors, projector_hidden_dims=16, shared_hidden=True,
+                      backbone="test_resnet", backbone_kwargs={}, **kwargs)  # the backbone does not matter here
+        model.record_accuracy(torch.full((num_projectors,), 3.0), 7)  # every projector 3/7 right
+        model.on_train_epoch_end()
+        return model.training_step(batch, 0), model
+
+    off, _ = loss_after_an_epoch(ptb=False)
+    on, _ = loss_after_an_epoch(ptb=True)
+    assert torch.equal(on, off)  # bitwise: w_m = Mp * softmax(equal accuracies) = 1
+    # Eq. 3 taken literally (bare softmax, 1/Mp each) divides the contrastive part by Mp (seen with lam = 0)
+    literal, model = loss_after_an_epoch(ptb=True, ptb_scale="literal", lam=0.0)
+    np.testing.assert_allclose(_np(model.loss_weights()), np.full(num_projectors, 1 / num_projectors), rtol=1e-6)
+    off_no_pcr, _ = loss_after_an_epoch(ptb=False, lam=0.0)
+    assert literal.item() == pytest.approx(off_no_pcr.item() / num_projectors, rel=1e-6)
+
+
+def test_ptb_off_keeps_unit_weights_and_epoch_without_batches_keeps_weights():
     model = _tiny("mocov2", ptb=False)
     model.record_accuracy(torch.tensor([4.0, 0.0, 2.0]), 4)
     model.on_train_epoch_end()
-    np.testing.assert_allclose(_np(model.loss_weights()), np.full(3, 1 / 3))
+    np.testing.assert_allclose(_np(model.loss_weights()), np.ones(3))
     np.testing.assert_allclose(_np(model.ptb_last_acc), [1.0, 0.0, 0.5])  # still tracked for the logs
     on = _tiny("mocov2")
     on.record_accuracy(torch.tensor([4.0, 0.0, 2.0]), 4)
@@ -216,6 +328,153 @@ def test_ptb_off_keeps_uniform_weights_and_epoch_without_batches_keeps_weights()
     w = on.loss_weights().clone()
     on.on_train_epoch_end()  # nothing recorded: keep the weights
     torch.testing.assert_close(on.loss_weights(), w)
+
+
+class _EpochEndSpy(Callback):
+    """Records the PTB counters as each epoch ends, before the module's hook consumes them."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # callbacks run before the module's hook
+        self.seen.append({"correct": pl_module.ptb_correct.clone(), "count": pl_module.ptb_count.clone(),
+                          "processed": trainer.fit_loop.epoch_loop.batch_progress.current.processed})
+
+
+@pytest.mark.slow
+def test_ptb_updates_only_after_a_completed_epoch(demo_root, tmp_path):
+    """max_steps cuts epoch 1 short: the weights keep epoch 0's accuracies; the partial counts stay for a run
+    that continues that epoch, and a fresh epoch drops them instead of mixing them in."""
+    from ssl_zoo.data import ImageFolderDataModule
+
+    torch.manual_seed(0)
+    model = MPCL(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=16, proj_dim=8,
+                 queue_size=16)
+    spy = _EpochEndSpy()
+    data = ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=8, num_workers=0)
+    steps = sum(1 for p in (Path(demo_root) / "folder" / "train").rglob("*") if p.is_file()) // 8  # per epoch
+    Trainer(max_steps=steps + 2, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[spy]).fit(model, datamodule=data)
+    assert [s["processed"] for s in spy.seen] == [steps, 2]  # epoch 0 complete, epoch 1 cut after 2 batches
+    acc0 = _np(spy.seen[0]["correct"] / spy.seen[0]["count"])
+    np.testing.assert_allclose(_np(model.ptb_last_acc), acc0, rtol=1e-6)
+    np.testing.assert_allclose(_np(model.loss_weights()), 2 * _softmax((1 - acc0) / EPS), rtol=1e-5)
+    partial = _np(spy.seen[1]["correct"] / spy.seen[1]["count"])
+    assert not np.allclose(partial, acc0)  # the partial epoch's accuracies would have given other weights
+    # the cut epoch's counts (2 batches of 8) are kept, not turned into weights ...
+    assert model.ptb_count.item() == 16
+    torch.testing.assert_close(model.ptb_correct, spy.seen[1]["correct"])
+    # ... and a new epoch starts from zero rather than mixing them into its own accuracy
+    weights = model.loss_weights().clone()
+    model.on_train_epoch_start()
+    assert model.ptb_count.item() == 0 and not model.ptb_correct.any()
+    torch.testing.assert_close(model.loss_weights(), weights)
+
+
+# ---------------------------------------------------------------------- Table II alternatives
+def test_projector_dropout_draws_one_mask_per_projector_on_the_query_side_only():
+    model = _tiny("mocov2", shared_hidden=True, projector_hidden_dims=64, projector_dropout=0.5)
+    with torch.no_grad():  # identical output layers: only the dropout masks can make the projectors differ
+        for out in model.projectors.outputs[1:]:
+            out.load_state_dict(model.projectors.outputs[0].state_dict())
+        model.teacher_projectors.load_state_dict(model.projectors.state_dict())
+    h = torch.randn(6, model.backbone.num_features)
+    z = model.projectors(h)  # training mode
+    assert not torch.allclose(z[0], z[1]) and not torch.allclose(z[1], z[2])
+    model.projectors.eval()
+    z_eval = model.projectors(h)
+    torch.testing.assert_close(z_eval[0], z_eval[1])
+    model.projectors.train()
+    keys = model.teacher_projectors(h)  # momentum copy: no dropout, even in training mode
+    assert model.teacher_projectors.training
+    torch.testing.assert_close(keys, z_eval)
+
+
+def test_mixed_initialisation_gives_each_projector_its_scheme():
+    from ssl_zoo.models.multi_projector import MIXED_INITS, MultiProjector
+
+    torch.manual_seed(0)
+    heads = MultiProjector(64, [256] * 4, depth=1, output_dim=128, init="mixed")
+    w = [out[0].weight.detach() for out in heads.outputs]  # [128, 256] each
+    assert MIXED_INITS == ("default", "xavier_uniform", "kaiming_normal", "orthogonal")
+    assert w[0].abs().max() <= 1 / math.sqrt(256)  # PyTorch's default: U(+-1/sqrt(fan_in))
+    bound = math.sqrt(6 / (256 + 128))
+    assert w[1].abs().max() <= bound and w[1].abs().max() > 0.95 * bound  # xavier-uniform
+    assert w[2].std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.05)  # kaiming-normal (ReLU gain)
+    torch.testing.assert_close(w[3] @ w[3].T, torch.eye(128), atol=1e-5, rtol=0)  # orthogonal rows
+    assert all(torch.equal(out[0].bias, torch.zeros(128)) for out in heads.outputs[1:])
+    default = MultiProjector(64, [256] * 4, depth=1, output_dim=128)
+    assert default.outputs[3][0].weight.abs().max() <= 1 / math.sqrt(256)
+
+
+def test_orthogonality_term_equals_brute_force():
+    from ssl_zoo.losses.mpcl import projector_orthogonality
+
+    z = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(_np(projector_orthogonality(z)), _ref_orthogonality(_np(z)), rtol=1e-5)
+    # orthogonal outputs score 0, identical ones 1
+    eye = torch.eye(3)[:, None, :].expand(3, 2, 3)
+    torch.testing.assert_close(projector_orthogonality(eye), torch.zeros(3))
+    torch.testing.assert_close(projector_orthogonality(torch.ones(3, 2, 4)), torch.ones(3))
+
+
+def test_table_i_alignment_is_wang_and_isola_with_alpha_2():
+    from benchmarks.mpcl_ablation import alignment, uniformity
+
+    g = torch.Generator().manual_seed(0)
+    za = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=1)
+    zb = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=1)
+    brute = np.mean([np.sum((_np(za[i]) - _np(zb[i])) ** 2) for i in range(6)])  # E ||f(x) - f(x+)||^2
+    assert alignment(za, zb).item() == pytest.approx(brute, rel=1e-6)
+    assert alignment(za, -za).item() == pytest.approx(4.0)  # antipodal positives: 4, not half of it
+    pairs = [np.exp(-2 * np.sum((_np(za[i]) - _np(za[j])) ** 2)) for i in range(6) for j in range(6) if i != j]
+    assert uniformity(za).item() == pytest.approx(np.log(np.mean(pairs)), rel=1e-5)
+
+
+# ---------------------------------------------------------------------- MoCo v3's ViT (vits.py)
+def _ref_sincos(h: int, w: int, dim: int) -> np.ndarray:
+    """MoCo v3's table, element by element: token n = i * h + j of meshgrid(grid_w, grid_h) has coords (i, j)."""
+    quarter = dim // 4
+    out = np.zeros((h * w, dim))
+    for n in range(h * w):
+        a, b = n // h, n % h
+        for k in range(quarter):
+            omega = 1.0 / 10000 ** (k / quarter)
+            out[n, k], out[n, quarter + k] = math.sin(a * omega), math.cos(a * omega)
+            out[n, 2 * quarter + k], out[n, 3 * quarter + k] = math.sin(b * omega), math.cos(b * omega)
+    return out
+
+
+def test_mocov3_vit_is_built_as_moco_v3_builds_it():
+    model = _tiny("mocov3", backbone_kwargs={"img_size": 48, "model_kwargs": {"depth": 2}}, img_size=48)
+    vit = model.backbone.model
+    d = vit.embed_dim
+    pos = vit.pos_embed.detach()[0]  # [1 + 9, D]: class token, then the 3 x 3 grid
+    assert torch.equal(pos[0], torch.zeros(d))
+    np.testing.assert_allclose(_np(pos[1:]), _ref_sincos(3, 3, d), atol=1e-6)
+    assert not vit.pos_embed.requires_grad
+    for name, module in vit.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            fan_out, fan_in = module.weight.shape
+            fan_out = fan_out // 3 if "qkv" in name else fan_out  # q, k, v initialised as three matrices
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert 0.9 * bound < module.weight.abs().max() <= bound, name
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+    proj = vit.patch_embed.proj
+    bound = math.sqrt(6 / (3 * 16 * 16 + d))
+    assert 0.9 * bound < proj.weight.abs().max() <= bound and not proj.bias.any()
+    assert not proj.weight.requires_grad and not proj.bias.requires_grad  # frozen random patch projection
+    assert vit.cls_token.abs().max() < 1e-4
+    # the teacher starts identical; neither the fixed table nor the frozen projection is optimised
+    assert torch.equal(model.teacher_backbone.model.pos_embed, vit.pos_embed)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert id(vit.pos_embed) not in trainable and id(proj.weight) not in trainable
+    model.training_step({"views": torch.randn(4, 2, 3, 48, 48), "index": torch.arange(4)}, 0).backward()
+    assert vit.pos_embed.grad is None and proj.weight.grad is None
+    assert vit.blocks[0].attn.qkv.weight.grad is not None
+    # MoCo v2 / Barlow Twins flavours leave a ViT as timm builds it
+    v2 = _tiny("mocov2")
+    assert v2.backbone.model.pos_embed.requires_grad and v2.backbone.model.patch_embed.proj.weight.requires_grad
 
 
 # ---------------------------------------------------------------------- momentum encoder
@@ -243,6 +502,19 @@ def test_teacher_gets_no_gradient_and_follows_ema(flavour):
     assert not torch.equal(teacher_before[0], next(model.teacher_projectors.parameters()))
 
 
+def test_barlow_twins_flavour_has_no_momentum_encoder_and_trains_every_projector():
+    model = _tiny("barlowtwins", shared_hidden=True, projector_hidden_dims=16)
+    assert model.teacher_backbone is None and model.queues is None and model.predictors is None
+    assert all(out[0].bias is None for out in model.projectors.outputs)  # Barlow Twins' bias-free last layer
+    loss = model.training_step(_batch(4), 0)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.on_train_batch_end(None, None, 0)  # no EMA to update: a no-op
+    hp = model.hparams
+    assert (hp.optimizer, hp.base_lr, hp.weight_decay, hp.warmup_epochs) == ("lars", 0.2, 1.5e-6, 10)
+    assert hp.bias_lr_scale == pytest.approx(0.0048 / 0.2) and hp.final_lr_ratio == 0.001
+
+
 def test_mocov3_momentum_is_cosine_from_099_to_1():
     model = _tiny("mocov3")
     assert model.ema_momentum_at(0, 100) == pytest.approx(0.99)
@@ -258,11 +530,14 @@ def test_flavour_defaults_and_argument_errors():
     assert (v2.hparams.optimizer, v2.hparams.base_lr, v2.hparams.weight_decay) == ("sgd", 0.03, 1e-4)
     assert (v3.hparams.optimizer, v3.hparams.base_lr, v3.hparams.weight_decay) == ("adamw", 1.5e-4, 0.1)
     assert v2.hparams.shuffle_bn and not v3.hparams.shuffle_bn and v3.hparams.warmup_epochs == 40
+    assert v3.hparams.moco_vit_init and not v2.hparams.moco_vit_init
     assert v2.predictors is None and len(v3.predictors) == 3 and v3.queues is None
     # "different hidden dims": projector m really has width projector_hidden_dims[m]
-    assert [p[0].out_features for p in v2.projectors] == [16, 24, 32]
-    assert [p[0].out_features for p in v3.projectors] == [16, 24, 32]  # 3-layer: two hidden layers
-    assert [type(layer).__name__ for layer in v3.projectors[0]].count("Linear") == 3
+    assert [stack[0].out_features for stack in v2.projectors.hidden] == [16, 24, 32]
+    assert [stack[0].out_features for stack in v3.projectors.hidden] == [16, 24, 32]
+    # 3-layer: two hidden linears, then the output linear
+    assert [type(layer).__name__ for layer in v3.projectors.hidden[0]].count("Linear") == 2
+    assert inspect.signature(MPCL).parameters["shared_hidden"].default is True  # the paper's layout
     with pytest.raises(ValueError, match="projector_hidden_dims"):
         _tiny(projector_hidden_dims=[16, 16])
     with pytest.raises(ValueError, match="num_projectors"):
@@ -271,6 +546,8 @@ def test_flavour_defaults_and_argument_errors():
         _tiny(epsilon=0.0)
     with pytest.raises(ValueError, match="flavour"):
         _tiny(flavour="simclr")
+    with pytest.raises(ValueError, match="ptb_scale"):
+        _tiny(ptb_scale="sum")
 
 
 def test_batch_shuffle_is_identity_on_one_process():
@@ -283,16 +560,24 @@ def test_batch_shuffle_is_identity_on_one_process():
 # One fast_dev_run per config family (MPCL, MoCo v2, MoCo v3); every other config is parsed.
 DEMO_CONFIGS = ["mpcl/demo.yaml", "mocov2/demo.yaml", "mocov3/demo.yaml"]
 OTHER_DEMO_CONFIGS = ["mpcl/demo_mocov3.yaml"]
-PAPER_CONFIGS = ["mpcl/r50_in100_mocov2.yaml", "mpcl/r50_in1k_mocov2.yaml", "mpcl/vitb_in100_mocov3.yaml",
-                 "mocov2/r50_in100.yaml", "mocov3/vitb_in100.yaml"]
+# paper config -> (global batch, epochs, peak lr) as the paper ran it
+PAPER_CONFIGS = {
+    "mpcl/r50_in100_mocov2.yaml": (128, 200, 0.03 * 128 / 256),
+    "mocov2/r50_in100.yaml": (128, 200, 0.03 * 128 / 256),
+    "mpcl/r50_in1k_mocov2.yaml": (256, 200, 0.03),
+    "mocov2/r50_in1k.yaml": (256, 200, 0.03),
+    "mpcl/vitb_in100_mocov3.yaml": (4096, 300, 1.5e-4 * 4096 / 256),
+    "mocov3/vitb_in100.yaml": (4096, 300, 1.5e-4 * 4096 / 256),
+    "mpcl/r50_in100_mpcl_barlowtwins.yaml": (256, 200, 0.2),
+}
 ABLATIONS = sorted(p.name for p in (EXPERIMENTS / "mpcl" / "ablations").glob("*.yaml"))
 
 
 def test_every_config_is_listed():
     found = {str(p.relative_to(EXPERIMENTS)) for d in ("mpcl", "mocov2", "mocov3")
-             for p in (EXPERIMENTS / d).glob("*.yaml")}
-    assert found == set(DEMO_CONFIGS + OTHER_DEMO_CONFIGS + PAPER_CONFIGS)
-    assert len(ABLATIONS) >= 7
+             for p in (EXPERIMENTS / d).glob("*.yaml") if p.name not in ("tables.yaml", "cpu.yaml")}
+    assert found == set(DEMO_CONFIGS + OTHER_DEMO_CONFIGS + list(PAPER_CONFIGS))
+    assert len(ABLATIONS) >= 18
 
 
 @pytest.mark.parametrize("config", DEMO_CONFIGS)
@@ -318,7 +603,7 @@ def test_demo_config_fast_dev_run(config, demo_root, tmp_path, monkeypatch):
     # The epoch-end hook closed the (one-batch) epoch: its accuracies now set the PTB weights.
     assert model.ptb_count.item() == 0
     np.testing.assert_allclose(_np(model.ptb_last_acc), acc, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_np(model.loss_weights()), _softmax((1 - acc) / EPS), rtol=1e-5)
+    np.testing.assert_allclose(_np(model.loss_weights()), mp * _softmax((1 - acc) / EPS), rtol=1e-5)
 
 
 @pytest.mark.parametrize("config", OTHER_DEMO_CONFIGS)
@@ -329,10 +614,15 @@ def test_other_demo_configs_parse(config):
 
 
 def _parse(*configs: Path) -> dict:
-    """Parse with the CLI exactly as `fit` would (no run), returning the resolved config."""
+    """Parse with the CLI exactly as `fit` would (no run), returning the resolved config (a fresh copy)."""
+    return copy.deepcopy(_parse_cached(tuple(str(c) for c in configs)))
+
+
+@functools.cache
+def _parse_cached(configs: tuple[str, ...]) -> dict:
     from ssl_zoo.cli import main
 
-    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
+    args = ["fit"] + [a for c in configs for a in ("--config", c)] + ["--print_config"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -347,29 +637,47 @@ def _build_on_meta(cfg: dict) -> MPCL:
         return MPCL(**cfg["model"]["init_args"])
 
 
-@pytest.mark.parametrize("config", PAPER_CONFIGS)
+@pytest.mark.parametrize("config", list(PAPER_CONFIGS))
 def test_paper_configs_parse(config):
     cfg = _parse(EXPERIMENTS / config)
     model = _build_on_meta(cfg)
-    assert cfg["trainer"]["strategy"] == "ddp" and cfg["trainer"]["precision"] == "bf16-mixed"
-    global_batch = cfg["data"]["init_args"]["batch_size"] * cfg["trainer"]["devices"]
+    trainer = cfg["trainer"]
+    assert trainer["strategy"] == "ddp" and trainer["precision"] == "bf16-mixed"
+    global_batch = cfg["data"]["init_args"]["batch_size"] * trainer["devices"] * trainer["num_nodes"]
+    batch, epochs, lr = PAPER_CONFIGS[config]
+    assert (global_batch, trainer["max_epochs"]) == (batch, epochs)
+    assert model.hparams.base_lr * global_batch / 256 == pytest.approx(lr)
     if model.hparams.flavour == "mocov2":
-        assert global_batch == 256 and cfg["trainer"]["max_epochs"] == 200
         assert model.hparams.shuffle_bn and len(model.queues[0].keys) == 65536
     else:
-        assert global_batch == 1024 and cfg["trainer"]["max_epochs"] == 300
-        assert cfg["trainer"]["sync_batchnorm"] and model.hparams.warmup_epochs == 40
+        assert trainer["sync_batchnorm"]
+    if model.hparams.flavour == "mocov3":
+        assert model.hparams.warmup_epochs == 40 and model.hparams.moco_vit_init
     assert model.hparams.num_projectors == (1 if config.startswith("moco") else 4)
+    assert model.hparams.shared_hidden
 
 
-@pytest.mark.parametrize("base", ["mpcl/r50_in100_mocov2.yaml"])  # the overlays are flavour-independent
-def test_ablation_overlays_parse(base):
-    base_backbone = _parse(EXPERIMENTS / base)["model"]["init_args"]["backbone"]
-    for name in ABLATIONS:
-        cfg = _parse(EXPERIMENTS / base, EXPERIMENTS / "mpcl" / "ablations" / name)
-        model = _build_on_meta(cfg)
-        ablation = yaml.safe_load((EXPERIMENTS / "mpcl" / "ablations" / name).read_text())
-        for key, value in ablation["model"]["init_args"].items():
-            assert model.hparams[key] == value, (name, key)
-        assert cfg["name"] == ablation["name"]
-        assert cfg["model"]["init_args"]["backbone"] == base_backbone
+def _overlay_base(overlay: Path) -> Path:
+    """The paper config an overlay names in its usage line (``--config experiments/mpcl/<base>.yaml``)."""
+    line = next(line for line in overlay.read_text().splitlines() if "python -m ssl_zoo fit --config" in line)
+    return ROOT / line.split("--config ")[1].split()[0]
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_overlays_parse_on_their_base(name):
+    overlay = EXPERIMENTS / "mpcl" / "ablations" / name
+    base = _overlay_base(overlay)
+    cfg = _parse(base, overlay)
+    model = _build_on_meta(cfg)
+    ablation = yaml.safe_load(overlay.read_text())
+    for key, value in ablation["model"]["init_args"].items():
+        assert model.hparams[key] == value, (name, key)
+    assert cfg["name"] == ablation["name"]
+    assert cfg["model"]["init_args"]["backbone"] == _parse(base)["model"]["init_args"]["backbone"]
+    if name.startswith("hidden_"):  # Tables I / VII: separate MLPs, no PCR, no PTB
+        assert not model.hparams.shared_hidden and not model.hparams.pcr and not model.hparams.ptb
+        assert model.hparams.flavour in name
+        if name == "hidden_same_mocov3.yaml":
+            assert model.hparams.projector_hidden_dims == 4096
+    if name.startswith("projectors_"):  # Table III: Top-1 column without PTB, '+PTB' column with
+        assert model.hparams.shared_hidden and model.hparams.ptb == name.endswith("_ptb.yaml")

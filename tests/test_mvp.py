@@ -250,7 +250,7 @@ def test_train_transform_matches_the_student_grid():
 
 
 # ---------------------------------------------------------------------------------------- configs
-CONFIGS = sorted((ROOT / "experiments" / "mvp").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "experiments" / "mvp").glob("*.yaml") if p.name != "tables.yaml")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -279,5 +279,80 @@ def test_demo_config_fast_dev_run(demo_root, tmp_path):
                 "--data.init_args.root", f"{demo_root}/folder", "--data.init_args.num_workers", "0",
                 "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path)])
     metrics = cli.trainer.callback_metrics
-    assert torch.isfinite(metrics["train/loss"]) and -1.0 <= metrics["train/loss"].item() <= 1.0
+    # Eq. 9 itself is checked against brute force above; here the demo config must train and log its terms.
+    assert torch.isfinite(metrics["train/loss"])
     assert "train/z_std" in metrics and "train/cos_masked" in metrics
+
+
+# ---------------------------------------------------------------------------------------- BEiT details
+TINY_BEIT = dict(backbone="beit_base_patch16_224",
+                 backbone_kwargs={"img_size": S, "model_kwargs": {
+                     "depth": 2, "embed_dim": 96, "num_heads": 3, "use_shared_rel_pos_bias": True,
+                     "use_rel_pos_bias": False, "use_abs_pos_emb": False, "global_pool": "token"}})
+
+
+def test_beit_student_trains_with_the_shared_relative_position_bias():
+    model = _model(**TINY_BEIT)
+    assert model.backbone.family == "beit" and model.backbone.model.pos_embed is None
+    loss = model.training_step(_batch(2), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    shared = model.backbone.model.rel_pos_bias.relative_position_bias_table
+    assert shared.grad is not None and shared.grad.abs().sum() > 0
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+    # no weight decay on the relative position bias table (BEiT's no_weight_decay list)
+    from ssl_zoo.utils.optim import split_weight_decay
+
+    decay, no_decay = split_weight_decay(model.named_parameters(), 0.05)
+    assert any(p is shared for p in no_decay["params"]) and not any(p is shared for p in decay["params"])
+
+
+def test_paper_defaults_follow_beits_pretraining():
+    from ssl_zoo.augment import BEiTMaskGenerator
+
+    transform = _model().train_transform()
+    assert isinstance(transform.mask_generator, BEiTMaskGenerator)
+    jitter = transform.geometric.transforms[0]
+    assert type(jitter).__name__ == "ColorJitter" and jitter.brightness == (0.6, 1.4)  # strength 0.4
+    assert jitter.contrast == (0.6, 1.4) and jitter.saturation == (0.6, 1.4) and jitter.hue is None
+    hp = _model().hparams
+    assert (hp.warmup_lr, hp.min_lr, hp.mask_sampling, hp.color_jitter) == (1e-6, 1e-5, "beit", 0.4)
+
+
+def beit_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs, start_warmup_value):
+    """BEiT's ``utils.cosine_scheduler`` (unilm/beit), written out with numpy."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate([warmup, cosine])
+
+
+def test_lr_schedule_is_beits_cosine_from_warmup_lr_to_min_lr():
+    from types import SimpleNamespace
+
+    model = _model(warmup_epochs=2, lr_batch_size=None)
+    steps_per_epoch, epochs = 7, 5
+    model._trainer = SimpleNamespace(  # what configure_optimizers reads from the Trainer
+        estimated_stepping_batches=steps_per_epoch * epochs, max_epochs=epochs, world_size=8,
+        accumulate_grad_batches=1, datamodule=SimpleNamespace(batch_size=256))
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(steps_per_epoch * epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = beit_cosine_scheduler(1.5e-3, 1e-5, epochs, steps_per_epoch, 2, 1e-6)  # batch 8 x 256 = 2048
+    np.testing.assert_allclose(lrs, expected, rtol=1e-9, atol=1e-12)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] > 1e-5
+
+
+def test_default_warmup_of_the_other_methods_is_unchanged():
+    from ssl_zoo.utils.optim import warmup_cosine
+
+    # (step + 1) / warmup: the ramp from 0 that every other method has always used
+    assert [warmup_cosine(s, 100, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(4, 100, 4) == pytest.approx(1.0)
+    assert warmup_cosine(4, 100, 4, start_ratio=0.1) == pytest.approx(1.0)
+    assert [warmup_cosine(s, 100, 4, start_ratio=0.1) for s in range(4)] == pytest.approx([0.1, 0.4, 0.7, 1.0])

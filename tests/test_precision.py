@@ -203,9 +203,12 @@ def test_channels_last_gives_the_same_loss_and_gradients_on_a_conv_backbone():
     ref_loss, ref_grads = _loss_and_grads(reference, batch)
     assert seen == [True, True]  # both views, converted once each
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    # NHWC convolutions sum in another order: equal up to float32 round-off, relative to each gradient's size.
+    # NHWC convolutions sum in another order: equal up to float32 round-off. The round-off of a gradient is
+    # relative to the magnitudes summed into it, not to its own size (a nearly cancelling one can be tiny), so
+    # the floor is scaled by the largest gradient of the model.
+    scale = max(g.norm() for g in ref_grads.values())
     for name, g in ref_grads.items():
-        assert (grads[name] - g).norm() <= 1e-3 * g.norm() + 1e-8, name
+        assert (grads[name] - g).norm() <= 1e-3 * g.norm() + 1e-5 * scale, name
 
 
 def test_channels_last_reaches_the_ema_teacher():

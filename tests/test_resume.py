@@ -53,6 +53,17 @@ class StallAfterStep(Callback):
             time.sleep(600)
 
 
+class RecordSteps(Callback):
+    """Test hook: append (epoch, global_step) of every training batch this process runs to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.current_epoch} {trainer.global_step}\n")
+
+
 class StopAfterFirstEpoch(Callback):
     """Test hook: end training after epoch 0, as a job whose time ran out at the epoch boundary would."""
 
@@ -438,11 +449,16 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path, demo_root):
         ptb = first_epoch["state_dict"]
         # saved after MPCL's on_train_epoch_end: last epoch's accuracies in, the epoch's counters reset
         assert first_epoch["epoch"] == 0 and ptb["ptb_last_acc"].gt(0).all() and ptb["ptb_count"] == 0
-        fit(tmp_path / "split", "--resume", "true")
+        record = tmp_path / "resumed_steps.txt"
+        steps = json.dumps({"class_path": "test_resume.RecordSteps", "init_args": {"path": str(record)}})
+        fit(tmp_path / "split", "--resume", "true", f"--trainer.callbacks+={steps}")
     finally:
         os.chdir(cwd)
     full, split = _load(tmp_path / "full" / "checkpoints" / "last.ckpt"), _load(tmp_path / "split" / "checkpoints" /
                                                                               "last.ckpt")
     assert full["global_step"] == split["global_step"] > first_epoch["global_step"]
+    # The resumed process ran epoch 1 only, from the step the checkpoint held (not a re-run from scratch).
+    ran = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
+    assert ran == [(1, step) for step in range(first_epoch["global_step"], full["global_step"])]
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops"):
         _assert_same_state(full[key], split[key], key)

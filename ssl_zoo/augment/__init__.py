@@ -1,11 +1,12 @@
 """View transforms and mask generators.
 
-Transforms take one decoded PIL image and return ``dict[str, Tensor]`` with at least
+Transforms take one decoded PIL image (the SimSiam / MoCo / BAM ones also an undecoded
+:class:`~ssl_zoo.data.io.EncodedImage`, see :mod:`ssl_zoo.augment.views`) and return ``dict[str, Tensor]`` with at least
 ``"views": Tensor[V, 3, S, S]``; they are pure, picklable and draw from torch's RNG.
 """
 
 from ssl_zoo.augment.blocks import BlockwiseAugmentation, block_boxes, shuffle_pairs
-from ssl_zoo.augment.masking import BlockwiseMaskGenerator, RandomPatchMaskGenerator
+from ssl_zoo.augment.masking import BEiTMaskGenerator, BlockwiseMaskGenerator, RandomPatchMaskGenerator
 from ssl_zoo.augment.views import (
     CLIP_MEAN,
     CLIP_STD,
@@ -15,10 +16,15 @@ from ssl_zoo.augment.views import (
     HVPTransform,
     MultiViewTransform,
     MVPTransform,
+    PILGaussianBlur,
+    SeparableGaussianBlur,
     TorchSeeded,
     TwoViewTransform,
+    ViewPipeline,
     blur_kernel_size,
+    blur_step,
     byol_view,
+    gaussian_blur_separable,
     mocov2_transform,
     mocov3_transform,
     normalize_transform,
@@ -31,17 +37,23 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NORMALIZATIONS",
+    "BEiTMaskGenerator",
     "BlockwiseAugmentation",
     "BlockwiseMaskGenerator",
     "HVPTransform",
     "MVPTransform",
     "MultiViewTransform",
+    "PILGaussianBlur",
     "RandomPatchMaskGenerator",
+    "SeparableGaussianBlur",
+    "ViewPipeline",
     "TorchSeeded",
     "TwoViewTransform",
     "block_boxes",
     "blur_kernel_size",
+    "blur_step",
     "byol_view",
+    "gaussian_blur_separable",
     "mocov2_transform",
     "mocov3_transform",
     "normalize_transform",

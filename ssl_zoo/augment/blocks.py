@@ -17,7 +17,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ssl_zoo.augment.views import Normalization, _as_rgb, _check_scale, _check_size, simsiam_view
+from ssl_zoo.augment.views import (
+    Normalization,
+    ViewPipeline,
+    _as_rgb,
+    _check_scale,
+    _check_size,
+    _is_encoded,
+    render_views,
+    simsiam_view,
+)
 
 __all__ = ["BlockwiseAugmentation", "block_boxes", "shuffle_pairs"]
 
@@ -101,8 +110,24 @@ class BlockwiseAugmentation:
     def num_views(self) -> int:
         return 8 if self.bam else 2
 
-    def __call__(self, img: Image.Image) -> dict[str, Tensor]:
-        img = _as_rgb(img)
+    #: takes an undecoded image too: all 8 crops are drawn first, then the JPEG is decoded once at the scale they
+    #: allow (see :mod:`ssl_zoo.augment.views`)
+    accepts_encoded = True
+
+    def __call__(self, img) -> dict[str, Tensor]:
+        if isinstance(self.view_transform, ViewPipeline) and min(img.size) >= 2:
+            # Each view's crop is drawn inside its block and taken from the whole image at the block's offset:
+            # the same pixels as cropping the block first, without copying it.
+            width, height = img.size
+            boxes = block_boxes(width, height, overlap=self.overlap) if self.bam else [(0, 0, width, height)]
+            plan = [(self.view_transform, (left, top, right - left, bottom - top))
+                    for left, top, right, bottom in boxes for _ in range(2)]
+            views = render_views(img, plan)
+            return {
+                "views": torch.stack(views),  # [8, 3, S, S] (or [2, ...]): block k's pair at rows 2k, 2k+1
+                "block_ids": torch.arange(len(boxes)).repeat_interleave(2),  # [8]: 0 0 1 1 2 2 3 3
+            }
+        img = _as_rgb(img.decode() if _is_encoded(img) else img)
         if self.bam and min(img.size) < 2:
             # A 1-pixel side has blocks of round(0.5 + gamma) pixels: 0 at gamma = 0. Such images exist in
             # crawled data (tracking pixels, thumbnails); repeating the pixel keeps every block non-empty.

@@ -1,7 +1,10 @@
 """Mask generators for masked image modelling.
 
 * :class:`BlockwiseMaskGenerator` -- BEiT's block-wise masking (Bao et al. 2022, Algorithm 1), used by
-  MVP (Wei et al. 2022, §3.2) on the ViT patch grid.
+  MVP (Wei et al. 2022, §3.2) on the ViT patch grid, completed so that every mask has exactly the asked
+  number of patches.
+* :class:`BEiTMaskGenerator` -- the same algorithm exactly as BEiT's code samples it (``MaskingGenerator``
+  of unilm/beit): masks may end a little short of the target and the last rectangles may be small.
 * :class:`RandomPatchMaskGenerator` -- SimMIM's random masking of large mask patches (Xie et al. 2022,
   §3.1), used by HVP-MTL (§3.1) on the Swin/ViT patch-embedding grid.
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BlockwiseMaskGenerator", "RandomPatchMaskGenerator"]
+__all__ = ["BEiTMaskGenerator", "BlockwiseMaskGenerator", "RandomPatchMaskGenerator"]
 
 # (top, left, height, width) of one masked rectangle on the patch grid.
 Rectangle = tuple[int, int, int, int]
@@ -245,6 +248,123 @@ class BlockwiseMaskGenerator:
 
     def __call__(self, generator: torch.Generator | None = None) -> Tensor:
         """One mask: ``BoolTensor[h, w]`` with exactly ``num_masking_patches`` True entries."""
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        for top, left, h, w in self.sample_rectangles(generator):
+            mask[top : top + h, left : left + w] = True
+        return mask
+
+
+class BEiTMaskGenerator:
+    """BEiT block-wise masking exactly as BEiT's reference code samples it (``masking_generator.py`` of
+    unilm/beit, the generator MVP's pre-training inherits), drawing from torch's RNG.
+
+    While fewer than ``num_masking_patches`` patches are masked, with ``budget = min(remaining,
+    max_num_patches)``, up to ``attempts_per_rectangle`` (10) rectangles are proposed:
+
+    * area ``s ~ U(min_num_patches, budget)`` -- when ``budget < min_num_patches`` the interval is reversed
+      (``random.uniform`` allows it), so the **last rectangles may be smaller than** ``min_num_patches``;
+    * aspect ratio ``r`` log-uniform in ``[min_aspect, max_aspect]``, shape ``round(sqrt(s r))`` rows by
+      ``round(sqrt(s / r))`` columns, kept only when both sides are **strictly** smaller than the grid's;
+    * top-left corner uniform over the positions where the rectangle fits;
+    * the proposal is accepted when it adds between 1 and ``budget`` new patches (overlap allowed).
+
+    When ten proposals in a row are rejected, sampling **gives up**: the mask is returned with fewer
+    patches than asked for (never more). Rounding may also leave a rectangle's shape slightly outside
+    the area / aspect bounds, as in BEiT. Use :class:`BlockwiseMaskGenerator` for masks of exactly
+    ``num_masking_patches`` patches.
+
+    Args:
+        input_size: patch grid ``(h, w)``, or one int for a square grid (224 px / 16 px -> 14).
+        num_masking_patches: patches to mask per call at most (75 of 196 in BEiT and MVP).
+        min_num_patches: lower end of the rectangle-area draw (16; BEiT's ``min_mask_patches_per_block``).
+        max_num_patches: most new patches one rectangle may add; ``None`` = the target.
+        min_aspect: smallest rows / columns ratio (0.3).
+        max_aspect: largest ratio; ``None`` = ``1 / min_aspect``.
+    """
+
+    attempts_per_rectangle: int = 10
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = (14, 14),
+        num_masking_patches: int = 75,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> None:
+        if isinstance(input_size, int) and not isinstance(input_size, bool):
+            input_size = (input_size, input_size)
+        if not isinstance(input_size, tuple | list) or len(input_size) != 2:
+            raise ValueError(f"input_size must be an int or a pair (h, w) of ints, got {input_size!r}")
+        self.height = _positive_int(input_size[0], "input_size[0]")
+        self.width = _positive_int(input_size[1], "input_size[1]")
+        num_patches = self.height * self.width
+        if isinstance(num_masking_patches, bool) or not hasattr(num_masking_patches, "__index__"):
+            raise ValueError(f"num_masking_patches must be an integer, got {num_masking_patches!r}")
+        self.num_masking_patches = operator.index(num_masking_patches)
+        if not 0 <= self.num_masking_patches <= num_patches:
+            raise ValueError(
+                f"num_masking_patches must lie in [0, {num_patches}] (the {self.height}x{self.width} grid), "
+                f"got {num_masking_patches}"
+            )
+        self.min_num_patches = _positive_int(min_num_patches, "min_num_patches")
+        if max_num_patches is not None:
+            _positive_int(max_num_patches, "max_num_patches")
+        self.max_num_patches = self.num_masking_patches if max_num_patches is None else max_num_patches
+        max_aspect = 1.0 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect
+        if not (min_aspect > 0 and max_aspect is not None and max_aspect >= min_aspect):
+            raise ValueError(f"need 0 < min_aspect <= max_aspect, got min_aspect={min_aspect}, max_aspect={max_aspect}")
+        self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
+        self.log_aspect_range = (math.log(self.min_aspect), math.log(self.max_aspect))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(input_size=({self.height}, {self.width}), "
+            f"num_masking_patches={self.num_masking_patches}, min_num_patches={self.min_num_patches}, "
+            f"max_num_patches={self.max_num_patches}, min_aspect={self.min_aspect}, max_aspect={self.max_aspect})"
+        )
+
+    def propose(self, budget: int, generator: torch.Generator | None = None) -> Rectangle | None:
+        """One proposal ``(top, left, height, width)``, or None when its shape does not fit strictly inside
+        the grid (BEiT's ``w < width and h < height``)."""
+        u = torch.rand(2, generator=generator).tolist()
+        area = self.min_num_patches + u[0] * (budget - self.min_num_patches)  # U(min, budget), either order
+        log_lo, log_hi = self.log_aspect_range
+        aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
+        h = int(round(math.sqrt(area * aspect)))
+        w = int(round(math.sqrt(area / aspect)))
+        if not (w < self.width and h < self.height):
+            return None
+        # randint(0, H - h) of BEiT is inclusive at both ends: H - h + 1 positions.
+        top = int(torch.randint(self.height - h + 1, (1,), generator=generator))
+        left = int(torch.randint(self.width - w + 1, (1,), generator=generator))
+        return top, left, h, w
+
+    def sample_rectangles(self, generator: torch.Generator | None = None) -> list[Rectangle]:
+        """The accepted rectangles ``(top, left, height, width)`` of one mask, in the order they were added."""
+        mask = np.zeros((self.height, self.width), dtype=np.int64)
+        rectangles: list[Rectangle] = []
+        count = 0
+        while count < self.num_masking_patches:
+            budget = min(self.num_masking_patches - count, self.max_num_patches)
+            for _ in range(self.attempts_per_rectangle):
+                rect = self.propose(budget, generator)
+                if rect is None:
+                    continue
+                top, left, h, w = rect
+                new = h * w - int(mask[top : top + h, left : left + w].sum())
+                if 0 < new <= budget:
+                    mask[top : top + h, left : left + w] = 1
+                    rectangles.append(rect)
+                    count += new
+                    break
+            else:
+                break  # ten rejected proposals in a row: BEiT gives up with a smaller mask
+        return rectangles
+
+    def __call__(self, generator: torch.Generator | None = None) -> Tensor:
+        """One mask: ``BoolTensor[h, w]`` with at most ``num_masking_patches`` True entries."""
         mask = torch.zeros(self.height, self.width, dtype=torch.bool)
         for top, left, h, w in self.sample_rectangles(generator):
             mask[top : top + h, left : left + w] = True

@@ -1,4 +1,5 @@
-"""Dataset readers for the real formats (COCO, Tencent ML-Images, class-per-folder) and the demo data."""
+"""Dataset readers for the real formats (COCO, Tencent ML-Images, class-per-folder), streaming shards of them
+(:mod:`ssl_zoo.data.shard`, :class:`StreamingDataModule`) and the demo data."""
 
 from ssl_zoo.data.coco import CocoMultiLabel, read_coco_multilabel
 from ssl_zoo.data.datamodule import (
@@ -17,6 +18,7 @@ from ssl_zoo.data.io import (
     load_image,
     set_max_image_pixels,
 )
+from ssl_zoo.data.streaming import ShardDataset, StreamingDataModule
 from ssl_zoo.data.tencent import TencentClass, TencentML, parse_tencent_line, read_tencent_dictionary
 
 # ImageNet-100 is a class-per-folder tree of 100 ImageNet classes: the same reader.
@@ -43,6 +45,8 @@ __all__ = [
     "CocoMultiLabel",
     "ImageFolderDataModule",
     "PretrainDataModule",
+    "ShardDataset",
+    "StreamingDataModule",
     "TencentMLDataModule",
     "ViewDataset",
     "eval_transform",

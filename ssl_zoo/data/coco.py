@@ -120,6 +120,10 @@ class CocoMultiLabel(ImageListDataset):
             naming the file; ``"skip"``: it is replaced by the next readable image (with that image's
             target) and counted in :attr:`num_skipped`.
         validate_files: check at construction that every listed image exists (a ``stat`` each).
+        annotated_only: keep only the images with at least one annotation (``iscrowd`` ones count), as the
+            multi-label COCO protocol of ML-GCN / ASL and the BAM+IA-CLoss reference code read the split
+            (train2017: 117,266 of 118,287 images; val2017: 4,952 of 5,000). ``False`` keeps the
+            background-only images with an all-zero target.
 
     Attributes:
         categories: category names in class order (ascending category id).
@@ -135,10 +139,20 @@ class CocoMultiLabel(ImageListDataset):
         transform: Callable | None = None,
         on_bad_sample: Literal["raise", "skip"] = "raise",
         validate_files: bool = False,
+        annotated_only: bool = False,
     ) -> None:
         self.root = os.fspath(root)
         self.ann_file = os.fspath(ann_file)
+        self.annotated_only = annotated_only
         image_ids, file_names, category_ids, names, targets = read_coco_multilabel(self.ann_file)
+        if annotated_only:
+            # An image has an annotation iff its target has a positive: every annotation sets its class.
+            keep = targets.any(dim=1).tolist()
+            image_ids = [i for i, k in zip(image_ids, keep, strict=True) if k]
+            file_names = [f for f, k in zip(file_names, keep, strict=True) if k]
+            targets = targets[torch.tensor(keep, dtype=torch.bool)]
+            if not image_ids:
+                raise ValueError(f"{self.ann_file}: annotated_only=True but no image has an annotation")
         super().__init__([os.path.join(self.root, f) for f in file_names], transform, on_bad_sample)
         self.image_ids = image_ids
         self.category_ids = category_ids
@@ -160,5 +174,6 @@ class CocoMultiLabel(ImageListDataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(root={self.root!r}, ann_file={self.ann_file!r}, images={len(self)}, "
-            f"classes={self.num_classes}, on_bad_sample={self.on_bad_sample!r})"
+            f"classes={self.num_classes}, annotated_only={self.annotated_only}, "
+            f"on_bad_sample={self.on_bad_sample!r})"
         )

@@ -297,7 +297,12 @@ def run_seed() -> int:
 
 
 class CocoDataModule(PretrainDataModule):
-    """COCO 2017 multi-label (``instances_{train,val}2017.json``), or the demo data in COCO format."""
+    """COCO 2017 multi-label (``instances_{train,val}2017.json``), or the demo data in COCO format.
+
+    ``annotated_only`` keeps only the images with at least one annotation, in both splits (train2017:
+    117,266 images, val2017: 4,952), as the BAM+IA-CLoss paper pre-trains and its reference code and ML-GCN /
+    ASL evaluate; the default keeps every listed image (background-only ones with an all-zero target).
+    """
 
     def __init__(
         self,
@@ -306,10 +311,12 @@ class CocoDataModule(PretrainDataModule):
         train_ann: str = "annotations/instances_train2017.json",
         val_images: str = "val2017",
         val_ann: str = "annotations/instances_val2017.json",
+        annotated_only: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(root=root, **kwargs)
         self.splits = {"train": (train_images, train_ann), "val": (val_images, val_ann)}
+        self.annotated_only = annotated_only
         self._num_classes: int | None = None
 
     def build_dataset(self, split, transform):
@@ -317,7 +324,8 @@ class CocoDataModule(PretrainDataModule):
 
         images, ann = self.splits[split]
         ds = CocoMultiLabel(self._path(images), self._path(ann), transform=transform,
-                            on_bad_sample=self.on_bad_sample, validate_files=self.validate_files)
+                            on_bad_sample=self.on_bad_sample, validate_files=self.validate_files,
+                            annotated_only=self.annotated_only)
         self._num_classes = ds.num_classes
         return ds
 
@@ -329,31 +337,89 @@ class CocoDataModule(PretrainDataModule):
 
 
 class TencentMLDataModule(PretrainDataModule):
-    """Tencent ML-Images list files (paths relative to ``root``), or the demo data in that format."""
+    """Tencent ML-Images list files (paths relative to ``root``), or the demo data in that format.
+
+    The release comes as two lists per split, each with its own images (:mod:`ssl_zoo.data.tencent`): ImageNet
+    image ids (``train_image_id_from_imagenet.txt``, relative to a copy of the full ImageNet) and Open Images
+    URLs (``train_urls_from_openimages.txt``, relative to the download folder). ``train_lists`` /
+    ``val_lists`` read several lists into one dataset, each entry ``{list_file: ..., image_root: ...}``
+    (both relative to ``root`` unless absolute; ``image_root`` defaults to ``root`` itself)::
+
+        train_lists:
+          - {list_file: train_image_id_from_imagenet.txt, image_root: imagenet}
+          - {list_file: train_urls_from_openimages.txt, image_root: openimages/train}
+
+    ``train_list`` / ``val_list`` name one list whose images lie under ``root`` (the demo data, or a single
+    list of one's own). Give one form per split; with neither, the demo data's ``tencent/train.txt`` and
+    ``tencent/val.txt`` are read.
+
+    Args:
+        root: dataset root.
+        train_list, val_list: one list file per split (relative to ``root``).
+        train_lists, val_lists: several lists per split, each with its own image folder.
+        num_classes: label indices (11,166).
+        min_confidence, soft_targets: see :class:`~ssl_zoo.data.tencent.TencentML`.
+        url_file_name: the file a URL in a list stands for: ``basename`` (the first download script) or
+            ``parent_basename`` (``<last directory>_<basename>``, what the release's
+            ``download_urls_multithreading.py`` saves).
+    """
+
+    DEFAULT_LISTS = {"train": "tencent/train.txt", "val": "tencent/val.txt"}
+    LIST_KEYS = ("list_file", "image_root")
 
     def __init__(
         self,
         root: str = "data/demo",
-        train_list: str = "tencent/train.txt",
-        val_list: str = "tencent/val.txt",
+        train_list: str | None = None,
+        val_list: str | None = None,
+        train_lists: list[dict[str, str]] | None = None,
+        val_lists: list[dict[str, str]] | None = None,
         num_classes: int = 11166,
         min_confidence: float | None = None,
         soft_targets: bool = False,
+        url_file_name: Literal["basename", "parent_basename"] = "basename",
         **kwargs: Any,
     ) -> None:
         super().__init__(root=root, **kwargs)
-        self.lists = {"train": train_list, "val": val_list}
+        self.lists = {"train": self._list_specs("train", train_list, train_lists),
+                      "val": self._list_specs("val", val_list, val_lists)}
         self._num_classes = num_classes
         self.min_confidence = min_confidence
         self.soft_targets = soft_targets
+        self.url_file_name = url_file_name
+
+    def _list_specs(self, split: str, single: str | None, several: list[dict[str, str]] | None
+                    ) -> str | list[tuple[str, str]]:
+        """One list file (a string), or ``[(list_file, image_root), ...]``; errors name the key at fault."""
+        if single is not None and several is not None:
+            raise ValueError(f"data.{split}_list and data.{split}_lists are both set: give one list file or "
+                             "several, not both")
+        if several is None:
+            return single if single is not None else self.DEFAULT_LISTS[split]
+        if not several:
+            raise ValueError(f"data.{split}_lists is empty: give at least one {{list_file: ..., image_root: ...}}")
+        specs = []
+        for i, entry in enumerate(several):
+            unknown = sorted(set(entry) - set(self.LIST_KEYS))
+            if unknown or not entry.get("list_file"):
+                raise ValueError(f"data.{split}_lists[{i}] = {dict(entry)}: each entry needs 'list_file' and may "
+                                 f"give 'image_root' (unknown keys: {unknown})")
+            specs.append((entry["list_file"], entry.get("image_root") or ""))
+        return specs
 
     def build_dataset(self, split, transform):
         from ssl_zoo.data.tencent import TencentML
 
-        return TencentML(self.root, self._path(self.lists[split]), num_classes=self._num_classes,
+        spec = self.lists[split]
+        if isinstance(spec, str):
+            roots, list_files = self.root, self._path(spec)
+        else:  # several lists, each with its own image folder
+            roots = [self._path(image_root) if image_root else self.root for _, image_root in spec]
+            list_files = [self._path(list_file) for list_file, _ in spec]
+        return TencentML(roots, list_files, num_classes=self._num_classes,
                          transform=transform, on_bad_sample=self.on_bad_sample,
                          min_confidence=self.min_confidence, soft_targets=self.soft_targets,
-                         validate_files=self.validate_files)
+                         validate_files=self.validate_files, url_file_name=self.url_file_name)
 
     @property
     def num_classes(self) -> int:
@@ -364,16 +430,21 @@ class ImageFolderDataModule(PretrainDataModule):
     """ImageNet-1K / ImageNet-100 / any class-per-folder tree with ``train/`` and ``val/`` folders."""
 
     def __init__(self, root: str = "data/demo/folder", train_dir: str = "train", val_dir: str = "val",
-                 **kwargs: Any) -> None:
+                 train_subset: str | None = None, **kwargs: Any) -> None:
+        """``train_subset``: a subset list (SimCLR's ``1percent.txt`` / ``10percent.txt``: one image file name per
+        line, relative to ``root`` unless absolute) restricting the training split to the images it names, for
+        semi-supervised fine-tuning; the classes stay those of the whole training tree."""
         super().__init__(root=root, **kwargs)
         self.dirs = {"train": train_dir, "val": val_dir}
+        self.train_subset = train_subset
         self._num_classes: int | None = None
 
     def build_dataset(self, split, transform):
         from ssl_zoo.data.folder import ImageFolderDataset
 
+        subset = self._path(self.train_subset) if split == "train" and self.train_subset else None
         ds = ImageFolderDataset(self._path(self.dirs[split]), transform=transform,
-                                on_bad_sample=self.on_bad_sample)
+                                on_bad_sample=self.on_bad_sample, subset=subset)
         self._num_classes = len(ds.classes)
         return ds
 

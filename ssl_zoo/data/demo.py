@@ -1,14 +1,20 @@
 """The built-in demo dataset: procedurally drawn multi-label images written in the real dataset formats.
 
-``python -m ssl_zoo.data.demo --out data/demo [--num-train 2000 --num-val 500 --size 96 --seed 0]``
+``python -m ssl_zoo.data.demo --out data/demo [--num-train 4000 --num-val 1000 --size 32 --seed 0]``
 
-Each image is a textured background (smooth noise, stripes or a gradient) with 1-4 objects from ten
-classes: seven filled shapes (circle, square, triangle, star, crescent, ring, cross) and three glyphs drawn
-as thick strokes (the letters E, H, Z), each of a random colour that contrasts with the background
-beneath it, random size, position and rotation, without overlap. A few images (every 25th, from the
-4th) show background only. Objects are rasterised at 4x resolution and box-filtered down, so edges are
-anti-aliased like a photograph's. Colour, size and position are independent of the class, so only the
-shape identifies it: a small CNN separates the classes, a colour histogram cannot.
+Each image is a crop of a real photograph (one of scikit-image's bundled colour photographs, colour channels
+permuted at random, contrast halved) with one to four objects from ten classes in front of it: seven filled
+shapes (circle, square, triangle, star, crescent, ring, cross) and three glyphs drawn as thick strokes (the
+letters E, H, Z), each in one of twelve palette colours that contrasts with the background beneath it, random size,
+position and rotation, without overlap. Half of the images show one large object, the others two to four
+smaller ones; a few (every 25th, from the 4th) show background only. Objects are rasterised at 4x resolution
+and box-filtered down, so edges are anti-aliased like a photograph's.
+
+The set is made so that learning shows: colour, size, position and background are independent of the class,
+so only the shape identifies it. A randomly initialised network's features are dominated by the photograph
+and the colours (its kNN accuracy is at chance), while features invariant to the augmentations the methods
+train with (crops, colour jitter, grey scale, blur) separate the shapes; 32 px images keep a CPU pre-training
+run within minutes (``experiments/<method>/cpu.yaml``, ``make bench-quality``).
 
 The same images are described three ways, in the formats the real readers parse:
 
@@ -17,8 +23,8 @@ The same images are described three ways, in the formats the real readers parse:
 - Tencent ML-Images: ``tencent/{train,val}.txt`` (paths relative to the output folder), each object's
   class at confidence 1 and its superclass (``shape`` / ``glyph``) at 0.9, and the 3-column
   ``tencent/dictionary_and_semantic_hierarchy.txt``;
-- class-per-folder: ``folder/{train,val}/<class>/<file>.jpg``, hard links to the same JPEGs, labelled with
-  the largest object's class (background-only images left out).
+- class-per-folder: ``folder/{train,val}/<class>/<file>.jpg``, hard links to the JPEGs that show exactly one
+  object, labelled with its class (the single-label view).
 
 Generation is deterministic: each image draws from its own generator seeded by (seed, split, index), so
 the output is byte-identical for a given seed whatever the number of worker processes.
@@ -40,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ssl_zoo.data.demo_dense import write_dense_split
 
 __all__ = ["DEMO_CLASSES", "SUPERCLASSES", "DemoClass", "make_demo_dataset", "render_image", "main"]
 
@@ -182,7 +190,7 @@ def _segmentation(name: str, cx: float, cy: float, radius: float, angle: float) 
     return [[round(float(v), 2) for point in _outline(name, cx, cy, radius, angle) for v in point]]
 
 
-# ------------------------------------------------------------------------------------------ textures
+# ------------------------------------------------------------------------------------------ backgrounds
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
@@ -196,45 +204,75 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) * 255.0
 
 
-def _muted(rng: np.random.Generator) -> np.ndarray:
-    return _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.25, 0.85))
+#: The photographs behind the objects: scikit-image's bundled colour photographs (no download). Their
+#: content (a face, a cat, coffee, a rocket, stained tissue, a retina, deep space) has nothing to do with
+#: the classes, and a random network sees mostly them.
+PHOTOGRAPHS: tuple[str, ...] = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat",
+)
+_PHOTO_CACHE: dict[str, Image.Image] = {}
+
+
+def _photograph(name: str) -> Image.Image:
+    """A bundled scikit-image photograph as an RGB PIL image, decoded once per process."""
+    photo = _PHOTO_CACHE.get(name)
+    if photo is None:
+        from skimage import data as skimage_data
+
+        photo = Image.fromarray(np.ascontiguousarray(getattr(skimage_data, name)()[..., :3]), mode="RGB")
+        _PHOTO_CACHE[name] = photo
+    return photo
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured background ``float32[size, size, 3]``: smooth noise, stripes or a gradient."""
-    kind = rng.integers(3)
-    a, b = _muted(rng), _muted(rng)
-    # Keep the two tones within 45 grey levels so the texture never competes with the objects.
-    b = a + (b - a) * min(1.0, 45.0 / max(1e-6, float(np.abs(_luminance(b) - _luminance(a)))))
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] each, in [0, 1)
-    if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
-        cells = int(rng.integers(3, 9))
-        coarse = Image.fromarray(rng.random((cells, cells)).astype(np.float32), mode="F")
-        weight = np.asarray(coarse.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    elif kind == 1:  # stripes of random angle and period
-        theta = rng.uniform(0, math.pi)
-        period = rng.uniform(0.08, 0.25)
-        phase = (xx * math.cos(theta) + yy * math.sin(theta)) / period
-        weight = 0.5 + 0.5 * np.sin(2 * math.pi * phase + rng.uniform(0, 2 * math.pi))
-    else:  # linear gradient in a random direction
-        theta = rng.uniform(0, 2 * math.pi)
-        ramp = xx * math.cos(theta) + yy * math.sin(theta)
-        weight = (ramp - ramp.min()) / max(1e-6, float(ramp.max() - ramp.min()))
-    image = a + weight[..., None] * (b - a)  # [S, S, 3]
-    return image + rng.normal(0.0, 4.0, image.shape).astype(np.float32)
+    """A crop of a real photograph ``float32[size, size, 3]``, recoloured and at reduced contrast.
+
+    The crop covers 80-100% of the photograph's short side, so at demo sizes it is the photograph's colour
+    layout rather than its fine texture: eight photographs, channels permuted at random and flipped, about a
+    hundred looks shared by many images. That makes the background a weak cue to tell images apart (the objects
+    are the strong one) while it still dominates the colours a random network responds to. Its contrast is
+    halved around its mean, so that the objects in front stay visible.
+    """
+    photo = _photograph(PHOTOGRAPHS[int(rng.integers(len(PHOTOGRAPHS)))])
+    width, height = photo.size
+    side = rng.uniform(0.8, 1.0) * min(width, height)
+    x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    crop = photo.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    image = np.asarray(crop, dtype=np.float32)[..., rng.permutation(3)]  # [S, S, 3]
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    mean = image.mean(axis=(0, 1), keepdims=True)
+    return mean + 0.5 * (image - mean)
+
+
+#: Object colours: six hues at two brightnesses. A small palette makes colour a weak cue to tell images apart
+#: (many images share an object colour), so an encoder trained to tell images apart must use the shapes;
+#: colour still varies independently of the class, which is what a random network's features follow.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 40, 40), (40, 200, 60), (50, 90, 235), (240, 220, 40), (220, 60, 220), (40, 220, 230),
+    (120, 20, 20), (20, 100, 30), (25, 40, 120), (130, 110, 10), (110, 25, 110), (15, 110, 115),
+)
 
 
 def _object_colour(rng: np.random.Generator, local_luminance: float) -> np.ndarray:
-    """A saturated colour whose luminance differs from the background under the object by >= 70."""
-    for _ in range(50):
-        colour = _hsv_to_rgb(rng.random(), rng.uniform(0.45, 1.0), rng.uniform(0.3, 1.0))
-        if abs(float(_luminance(colour)) - local_luminance) >= 70.0:
-            return colour
-    return np.full(3, 0.0 if local_luminance > 127.5 else 255.0, dtype=np.float32)
+    """A palette colour whose luminance differs from the background under the object by >= 60 (else black or
+    white), with a little jitter so that no two objects are exactly alike."""
+    palette = np.asarray(PALETTE, dtype=np.float32)
+    contrasting = [c for c in palette if abs(float(_luminance(c)) - local_luminance) >= 60.0]
+    if not contrasting:
+        return np.full(3, 0.0 if local_luminance > 127.5 else 255.0, dtype=np.float32)
+    colour = contrasting[int(rng.integers(len(contrasting)))]
+    return np.clip(colour + rng.normal(0.0, 6.0, 3), 0, 255).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ images
-def render_image(seed: int, split: str, index: int, size: int = 96) -> tuple[Image.Image, list[dict]]:
+#: Objects per image: one (the single-label images of the class-per-folder view) or two to four.
+_OBJECT_COUNTS, _OBJECT_COUNT_P = (1, 2, 3, 4), (0.5, 0.25, 0.17, 0.08)
+#: Object radius as a fraction of the image side: large when alone, smaller when sharing the image.
+_RADIUS_SINGLE, _RADIUS_SEVERAL = (0.2, 0.36), (0.13, 0.2)
+
+
+def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Image.Image, list[dict]]:
     """Draw demo image ``index`` of ``split``; deterministic in ``(seed, split, index, size)``.
 
     Returns:
@@ -249,7 +287,7 @@ def render_image(seed: int, split: str, index: int, size: int = 96) -> tuple[Ima
     if index % _EMPTY_EVERY == _EMPTY_OFFSET:
         num_objects = 0
     else:
-        num_objects = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15]))
+        num_objects = int(rng.choice(_OBJECT_COUNTS, p=_OBJECT_COUNT_P))
     # The first images of each split show one object of each class in turn, so that every class has a
     # folder in both splits of the class-per-folder view (ImageFolder numbers classes by the folders present).
     first_of_class = index - (index > _EMPTY_OFFSET)  # images 0, 1, 2, 4, ... -> classes 0, 1, 2, 3, ...
@@ -257,13 +295,14 @@ def render_image(seed: int, split: str, index: int, size: int = 96) -> tuple[Ima
         classes = [first_of_class]
     else:
         classes = [int(c) for c in rng.integers(len(DEMO_CLASSES), size=num_objects)]
+    low, high = _RADIUS_SINGLE if len(classes) == 1 else _RADIUS_SEVERAL
 
     occupied = np.zeros((size, size), dtype=bool)
     objects: list[dict] = []
     for class_index in classes:
         name = DEMO_CLASSES[class_index].name
         for _ in range(40):  # rejection sampling: the object lies inside the image and overlaps nothing
-            radius = rng.uniform(0.11, 0.21) * size
+            radius = rng.uniform(low, high) * size
             cx, cy = rng.uniform(radius, size - radius, size=2)
             tilt = _GLYPH_MAX_TILT if name.startswith("letter") else math.pi
             angle = rng.uniform(-tilt, tilt)
@@ -404,7 +443,7 @@ Layout
   annotations/instances_{{train,val}}2017.json COCO instances (boxes, areas, polygons where exact)
   tencent/{{train,val}}.txt                    Tencent ML-Images lists: class:1 and superclass:{PARENT_CONFIDENCE}
   tencent/dictionary_and_semantic_hierarchy.txt  3-column class dictionary (synthetic wnids)
-  folder/{{train,val}}/<class>/*.jpg            single-label view (largest object), hard links
+  folder/{{train,val}}/<class>/*.jpg            single-label view (one-object images), hard links
   .complete                                  written when everything else is in place
 
 Classes (index in COCO order = ascending category id)
@@ -422,9 +461,9 @@ def _is_previous_demo(path: Path) -> bool:
 
 def make_demo_dataset(
     out: str | os.PathLike[str] = "data/demo",
-    num_train: int = 2000,
-    num_val: int = 500,
-    size: int = 96,
+    num_train: int = 4000,
+    num_val: int = 1000,
+    size: int = 32,
     seed: int = 0,
     workers: int = 0,
 ) -> Path:
@@ -488,16 +527,16 @@ def make_demo_dataset(
         (staging / "annotations" / f"instances_{split}2017.json").write_text(
             json.dumps(coco, separators=(",", ":")), encoding="utf-8"
         )
+        # Dense-transfer annotations (ADE20K-layout class maps), kept in their own module.
+        write_dense_split(staging, split, records, size)
         (staging / "tencent" / f"{split}.txt").write_text(
             "".join(_tencent_line(f"{split}2017/{name}", objects) + "\n" for _, name, objects in records),
             encoding="utf-8",
         )
         for _, name, objects in records:
-            if not objects:
-                continue  # a background-only image has no class in a single-label view
-            # Largest by box area (first on ties): mask area would favour filled shapes over thin glyphs.
-            largest = max(objects, key=lambda obj: obj["bbox"][2] * obj["bbox"][3])
-            folder = staging / "folder" / split / DEMO_CLASSES[largest["class_index"]].name
+            if len(objects) != 1:
+                continue  # the single-label view holds the images that show exactly one object
+            folder = staging / "folder" / split / DEMO_CLASSES[objects[0]["class_index"]].name
             folder.mkdir(parents=True, exist_ok=True)
             _link_or_copy(staging / f"{split}2017" / name, folder / name)
     (staging / "tencent" / "dictionary_and_semantic_hierarchy.txt").write_text(
@@ -518,9 +557,9 @@ def make_demo_dataset(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssl_zoo.data.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
-    parser.add_argument("--num-train", type=int, default=2000, help="training images (default: 2000)")
-    parser.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
+    parser.add_argument("--num-train", type=int, default=4000, help="training images (default: 4000)")
+    parser.add_argument("--num-val", type=int, default=1000, help="validation images (default: 1000)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--workers", type=int, default=0, help="drawing processes; 0 = min(8, CPUs)")
     args = parser.parse_args(argv)

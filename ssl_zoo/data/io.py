@@ -10,16 +10,19 @@ deterministically and keeps count (``on_bad_sample="skip"``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import operator
 import os
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -27,13 +30,16 @@ __all__ = [
     "BAD_SAMPLE_POLICIES",
     "BadImageError",
     "BadSamplePolicy",
+    "EncodedImage",
     "Fetched",
+    "JPEG_REDUCTIONS",
     "ImageListDataset",
     "PathArray",
     "Sample",
     "load_image",
     "set_max_image_pixels",
     "to_rgb",
+    "transform_encoded",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +142,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def _bad_image_errors(path: str) -> Iterator[None]:
+    """Turn every exception that means "this file cannot be used" into a :class:`BadImageError` naming ``path``."""
+    try:
+        yield
+    except BadImageError:
+        raise
+    except FileNotFoundError as error:
+        raise BadImageError(path, "file not found") from error
+    except UnidentifiedImageError as error:
+        raise BadImageError(path, "not a recognised image format") from error
+    except Image.DecompressionBombError as error:
+        raise BadImageError(path, f"decompression bomb: {error}") from error
+    except MemoryError:
+        raise  # the machine is out of memory: not a property of this file
+    except Exception as error:
+        # Pillow reports truncated / corrupt data as OSError ("image file is truncated"), SyntaxError
+        # (malformed headers), ValueError, EOFError, and malformed EXIF / TIFF tags as struct.error,
+        # KeyError or IndexError depending on the plugin: all of them mean "this file cannot be used".
+        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _check_pixels(image: Image.Image, path: str, limit: int) -> None:
+    _check_pixel_count(*image.size, path, limit)
+
+
+def _check_pixel_count(width: int, height: int, path: str, limit: int) -> None:
+    if width * height > limit:
+        raise BadImageError(
+            path,
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+            "(possible decompression bomb; see ssl_zoo.data.io.set_max_image_pixels)",
+        )
+
+
+def _pixel_limit(max_pixels: int | None) -> int:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {limit}")
+    return limit
+
+
+def _decode_opened(image: Image.Image, reduce: int = 1) -> Image.Image:
+    """Decode an opened image into an upright RGB image that owns its pixels.
+
+    ``reduce`` > 1 asks a JPEG decoder for 1/2, 1/4 or 1/8 scale (DCT scaling: the inverse DCT runs on the
+    low-frequency coefficients only, so the decoder does a fraction of the work); other formats ignore it.
+    """
+    if reduce > 1 and image.format == "JPEG":
+        width, height = image.size
+        image.draft(None, (max(1, width // reduce), max(1, height // reduce)))
+    image.load()  # decode everything now: truncation surfaces here, inside the loader
+    # exif_transpose returns a new image (rotated, or a plain copy), detached from the file that the
+    # caller's `with` block closes.
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
 def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
     """Decode ``path`` fully into an upright 8-bit RGB image, or raise :class:`BadImageError`.
 
@@ -159,40 +222,140 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         BadImageError: the file is missing, empty, not an image, truncated, corrupt or too large.
     """
     path = os.fspath(path)
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if limit < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {limit}")
-    try:
+    limit = _pixel_limit(max_pixels)
+    with _bad_image_errors(path):
         if os.path.getsize(path) == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with Image.open(path) as image:  # reads the header only
-            width, height = image.size
-            if width * height > limit:
-                raise BadImageError(
-                    path,
-                    f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
-                    "(possible decompression bomb; see ssl_zoo.data.io.set_max_image_pixels)",
-                )
-            image.load()  # decode everything now: truncation surfaces here, inside the loader
-            # exif_transpose returns a new image (rotated, or a plain copy), detached from the file that
-            # the `with` block closes.
-            rgb = to_rgb(ImageOps.exif_transpose(image))
+            _check_pixels(image, path, limit)
+            return _decode_opened(image)
+
+
+#: EXIF orientations that swap width and height (transpose, rotate 90 / 270, transverse).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+#: JPEG DCT scaling factors (libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 of the stored size).
+JPEG_REDUCTIONS = (1, 2, 4, 8)
+
+
+class _ViewReader(io.RawIOBase):
+    """A read-only, seekable file object over a ``memoryview``, without copying it (``io.BytesIO`` copies any
+    buffer that is not ``bytes``): shard records are views into one read of a chunk."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), len(self._view) - self._pos)
+        buffer[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _byte_stream(data: bytes | memoryview) -> io.IOBase:
+    if isinstance(data, bytes):
+        return io.BytesIO(data)  # shares the bytes object, no copy
+    return io.BufferedReader(_ViewReader(memoryview(data)))  # Pillow's many small header reads stay in C
+
+
+class EncodedImage:
+    """An image file's bytes with its header read and its pixels decoded on demand.
+
+    The view transforms take one (``accepts_encoded``): they draw every view's crop from :attr:`size` first,
+    then :meth:`decode` once at the largest JPEG reduction that still leaves every crop at least as large as
+    its output, so no view is upsampled and the views differ from a full decode only by resampling.
+
+    The header is parsed at construction: an empty file, a file that is not an image or one above the pixel
+    limit raises :class:`BadImageError` here; a truncated or corrupt body raises it from :meth:`decode`.
+
+    Args:
+        data: the encoded file (JPEG, PNG, ...): ``bytes``, or a ``memoryview`` into a larger buffer (a shard
+            record), which is read in place, never copied whole.
+        name: where it came from (file path, or ``shard#index``), for error messages.
+        max_pixels: largest accepted ``width * height`` (default :data:`MAX_IMAGE_PIXELS`).
+
+    Attributes:
+        size: ``(width, height)`` as displayed, i.e. after the EXIF orientation.
+        format: Pillow's format name (``"JPEG"``, ``"PNG"``...).
+    """
+
+    __slots__ = ("data", "name", "size", "format", "max_pixels")
+
+    def __init__(self, data: bytes | memoryview, name: str, max_pixels: int | None = None) -> None:
+        self.data = data
+        self.name = name
+        self.max_pixels = _pixel_limit(max_pixels)
+        with _bad_image_errors(name):
+            if not data:
+                raise BadImageError(name, "empty file (0 bytes)")
+            with Image.open(_byte_stream(data)) as image:
+                _check_pixels(image, name, self.max_pixels)
+                self.format = image.format
+                width, height = image.size
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        self.size = (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+    @classmethod
+    def with_header(cls, data: bytes | memoryview, name: str, size: tuple[int, int], format: str,
+                    max_pixels: int | None = None) -> EncodedImage:
+        """An image whose header was read before (a shard record stores it at conversion): nothing is parsed
+        here; ``size`` is the displayed ``(width, height)``. The pixel limit still applies."""
+        image = cls.__new__(cls)
+        image.data, image.name, image.format = data, name, format
+        image.max_pixels = _pixel_limit(max_pixels)
+        image.size = (int(size[0]), int(size[1]))
+        _check_pixel_count(*image.size, name, image.max_pixels)
+        return image
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], max_pixels: int | None = None) -> EncodedImage:
+        """The file at ``path`` (missing or unreadable: :class:`BadImageError`)."""
+        path = os.fspath(path)
+        with _bad_image_errors(path):
+            with open(path, "rb") as f:
+                data = f.read()
+        return cls(data, path, max_pixels)
+
+    def decode(self, reduce: int = 1) -> Image.Image:
+        """The upright RGB image, decoded at ``1/reduce`` scale when the file is a JPEG (``reduce`` in 1, 2, 4, 8).
+
+        The result may be slightly larger than ``size / reduce`` (libjpeg rounds up); use its own size.
+        """
+        if reduce not in JPEG_REDUCTIONS:
+            raise ValueError(f"reduce must be one of {JPEG_REDUCTIONS}, got {reduce}")
+        with _bad_image_errors(self.name), Image.open(_byte_stream(self.data)) as image:
+            return _decode_opened(image, reduce)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.format}, {self.size[0]}x{self.size[1]}, {len(self.data)} bytes)"
+
+
+def transform_encoded(transform: Callable[[EncodedImage], T], image: EncodedImage) -> T:
+    """``transform(image)`` for a transform that decodes ``image`` itself; on :class:`BadImageError` (a corrupt
+    body found by the decode) the torch RNG is put back, so a substitute sample draws what it would have drawn
+    had the bad file been rejected before any view was sampled (as a full decode up front rejects it)."""
+    state = torch.random.get_rng_state()
+    try:
+        return transform(image)
     except BadImageError:
+        torch.random.set_rng_state(state)
         raise
-    except FileNotFoundError as error:
-        raise BadImageError(path, "file not found") from error
-    except UnidentifiedImageError as error:
-        raise BadImageError(path, "not a recognised image format") from error
-    except Image.DecompressionBombError as error:
-        raise BadImageError(path, f"decompression bomb: {error}") from error
-    except MemoryError:
-        raise  # the machine is out of memory: not a property of this file
-    except Exception as error:
-        # Pillow reports truncated / corrupt data as OSError ("image file is truncated"), SyntaxError
-        # (malformed headers), ValueError, EOFError, and malformed EXIF / TIFF tags as struct.error,
-        # KeyError or IndexError depending on the plugin: all of them mean "this file cannot be used".
-        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
-    return rgb
 
 
 def check_bad_sample_policy(on_bad_sample: str) -> str:
@@ -366,6 +529,12 @@ class ImageListDataset(Dataset):
         if not -length <= index < length:
             raise IndexError(f"index {index} out of range for a dataset of {length} images")
         index %= length
+        if getattr(self.transform, "accepts_encoded", False):
+            # The view transform decodes the file itself (once, at the reduced JPEG scale its crops allow), so
+            # a corrupt body surfaces inside it: read and transform together under the bad-sample guard.
+            used, image, skipped = self.bad_sample_policy.fetch(
+                index, length, lambda i: transform_encoded(self.transform, EncodedImage.read(self.paths[i])))
+            return Sample(image, self.target(used), used, skipped)
         used, image, skipped = self.bad_sample_policy.fetch(index, length, self.load)
         target = self.target(used)  # the label of the image actually returned
         if self.transform is not None:

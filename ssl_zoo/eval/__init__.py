@@ -8,6 +8,7 @@ and append their final metrics to ``eval.json`` in the pre-training run director
 """
 
 from ssl_zoo.eval.checkpoint import UnsafeCheckpointError, describe_state_dict, load_backbone, read_checkpoint
+from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
 from ssl_zoo.eval.features import embed, extract_features
 from ssl_zoo.eval.final_probe import FinalKNNProbe
 from ssl_zoo.eval.finetune import FineTune
@@ -27,9 +28,11 @@ __all__ = [
     "KNNProbe",
     "LinearProbe",
     "MultiLabelLinearProbe",
+    "UnknownCheckpointLayout",
     "UnsafeCheckpointError",
     "append_eval_record",
     "average_precision",
+    "convert_checkpoint",
     "describe_state_dict",
     "embed",
     "extract_features",

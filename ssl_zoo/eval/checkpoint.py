@@ -7,19 +7,20 @@ checkpoint can never run code on the machine that evaluates it:
   under ``backbone.model.<timm key>`` and, for momentum / EMA methods, the teacher under
   ``teacher_backbone.model.<timm key>``; ``hyper_parameters`` names the architecture (``backbone``) and
   its constructor arguments (``backbone_kwargs``);
-* a plain timm state dict (optionally wrapped in ``{"state_dict": ...}`` / ``{"model": ...}`` and with a
-  ``module.`` prefix left by DDP), e.g. one written by ``python -m ssl_zoo.export --to timm``; the
-  architecture must then be named with ``backbone=``.
+* a public checkpoint of another codebase (SimSiam, MoCo v1/v2/v3, DINO, MAE, BEiT) or a plain timm /
+  torchvision state dict (e.g. one written by ``python -m ssl_zoo.export --to timm``), converted to timm keys
+  by :func:`ssl_zoo.eval.convert.convert_checkpoint`; the architecture must then be named with ``backbone=``.
 
 Loading is two steps, :func:`read_backbone_weights` (file -> :class:`BackboneWeights`: a timm state dict plus
-what the checkpoint records about it) and :func:`backbone_from_weights` (-> a strictly loaded
-:class:`~ssl_zoo.models.Backbone`); :func:`load_backbone` runs both. A layout converter for other
-projects' checkpoints produces a :class:`BackboneWeights` and hands it to the second step.
+what the checkpoint records about it, through the converter for other projects' layouts) and
+:func:`backbone_from_weights` (-> a strictly loaded :class:`~ssl_zoo.models.Backbone`); :func:`load_backbone`
+runs both.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import re
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
 from ssl_zoo.models.backbones import Backbone
 from ssl_zoo.utils.safe_load import NotACheckpointError, UnsafeCheckpointError, read_checkpoint
 
@@ -40,13 +42,17 @@ __all__ = [
     "TEACHER_PREFIX",
     "BackboneWeights",
     "NotACheckpointError",
+    "UnknownCheckpointLayout",
     "UnsafeCheckpointError",
     "backbone_from_weights",
     "describe_state_dict",
     "load_backbone",
+    "merge_backbone_kwargs",
     "read_backbone_weights",
     "read_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
 
 STUDENT_PREFIX = "backbone.model."
 TEACHER_PREFIX = "teacher_backbone.model."
@@ -117,8 +123,10 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
         FileNotFoundError: no such file (the message lists the newest checkpoints under ``runs/``).
         IsADirectoryError: a directory, e.g. a run directory (the message names its ``last.ckpt``).
         NotACheckpointError: a file that is not a checkpoint (a config, an image, an empty file).
-        ValueError: ``teacher=True`` for a checkpoint without a teacher, or a teacher requested from a plain
-            state dict.
+        ValueError: ``teacher=True`` for a checkpoint without a teacher (an ssl_zoo method without one, or a
+            public layout with one model only).
+        UnknownCheckpointLayout: a file in none of the layouts :mod:`ssl_zoo.eval.convert` knows; the message
+            lists its top-level keys and tensor key prefixes.
     """
     path = os.fspath(ckpt)
     if not os.path.isfile(path):
@@ -137,22 +145,9 @@ def read_backbone_weights(ckpt: str | os.PathLike, teacher: bool = False) -> Bac
         hparams = dict(obj.get("hyper_parameters") or {})
         return BackboneWeights(weights, hparams.get("backbone"), dict(hparams.get("backbone_kwargs") or {}),
                                hparams, is_pretraining_checkpoint=True, source=path, teacher=teacher)
-    if teacher:
-        raise ValueError(
-            f"a teacher backbone was requested but '{path}' is not an ssl_zoo pre-training checkpoint "
-            f"(no '{STUDENT_PREFIX}*' keys in its state_dict), so it holds one model only"
-        )
-    # Plain state dict, maybe wrapped (Lightning-less trainers, timm, torchvision-style {"model": ...}).
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    weights = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not weights:
-        raise ValueError(f"checkpoint '{path}' holds no tensors")
-    if all(k.startswith("module.") for k in weights):  # saved from a DistributedDataParallel wrapper
-        weights = _strip_prefix(weights, "module.")
-    return BackboneWeights(weights, source=path)
+    # Any other file: a public layout (SimSiam, MoCo, DINO, MAE / BEiT, timm, torchvision) -> timm keys.
+    return BackboneWeights(convert_checkpoint(obj, source=path, teacher=teacher).state_dict, source=path,
+                           teacher=teacher)
 
 
 _RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> timm name
@@ -189,6 +184,10 @@ def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
         depth = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
         pos = state_dict.get("pos_embed")
         size = _VIT_SIZES.get(dim)
+        if any("relative_position_bias_table" in k for k in keys):  # BEiT: relative position biases
+            shared = "shared" if "rel_pos_bias.relative_position_bias_table" in state_dict else "per-block"
+            guess = f"beit_{size}_patch{patch}" if size and depth in (12, 24) else "a BEiT"
+            return f"{guess} (embed dim {dim}, {depth} blocks, patch {patch}, {shared} relative position bias)"
         guess = f"vit_{size}_patch{patch}" if size and depth in (12, 24, 32) else "a ViT"
         grid = f", {pos.shape[1]} positions" if pos is not None else ""
         return f"{guess} (embed dim {dim}, {depth} blocks, patch {patch}{grid})"
@@ -226,6 +225,49 @@ def _resample_pos_embed(state_dict: dict[str, Tensor], backbone: Backbone) -> di
     return {**state_dict, "pos_embed": resampled}
 
 
+def _adapt_beit_layout(state_dict: dict[str, Tensor], own: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Map a pre-training layout onto BEiT's fine-tuning layout, as BEiT's ``run_class_finetuning.py`` does:
+
+    * mean pooling with ``fc_norm`` (model: ``fc_norm.*``, no ``norm.*``; checkpoint: ``norm.*``, no
+      ``fc_norm.*``): the pre-trained final norm is dropped and ``fc_norm`` keeps its fresh initialisation;
+    * one relative position bias table per block (model: ``blocks.i.attn.relative_position_bias_table``)
+      from BEiT pre-training's shared one (checkpoint: ``rel_pos_bias.relative_position_bias_table``): the
+      shared table is copied into every block.
+
+    Also drops the ``relative_position_index`` buffers that BEiT's own code saves (timm recomputes them and
+    does not save them, as timm's BEiT checkpoint filter drops them).
+
+    Returns the adapted state dict and a description of each change (empty when none applied).
+    """
+    changes = []
+    stale = [k for k in state_dict if k.endswith("relative_position_index") and k not in own]
+    if stale:
+        state_dict = {k: v for k, v in state_dict.items() if k not in stale}
+        changes.append(f"{len(stale)} saved relative_position_index buffers dropped (recomputed)")
+    if ("fc_norm.weight" in own and "fc_norm.weight" not in state_dict
+            and "norm.weight" in state_dict and "norm.weight" not in own):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
+        state_dict.update({k: v for k, v in own.items() if k.startswith("fc_norm.")})
+        changes.append("final norm dropped, fresh fc_norm after mean pooling")
+    shared = "rel_pos_bias.relative_position_bias_table"
+    per_block = [k for k in own if re.fullmatch(r"blocks\.\d+\.attn\.relative_position_bias_table", k)]
+    if shared in state_dict and shared not in own and per_block and not any(k in state_dict for k in per_block):
+        table = state_dict[shared]
+        state_dict = {k: v for k, v in state_dict.items() if k != shared}
+        state_dict.update({k: table.clone() for k in per_block})
+        changes.append(f"shared relative position bias copied into {len(per_block)} blocks")
+    return state_dict, changes
+
+
+def merge_backbone_kwargs(recorded: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:class:`Backbone` arguments of the pre-training run with ``overrides`` laid over them; ``model_kwargs``
+    are merged key by key, so that e.g. a fine-tuning head option keeps the recorded layer scale."""
+    merged = {**recorded, **(overrides or {})}
+    if isinstance(recorded.get("model_kwargs"), Mapping) and isinstance((overrides or {}).get("model_kwargs"), Mapping):
+        merged["model_kwargs"] = {**recorded["model_kwargs"], **overrides["model_kwargs"]}
+    return merged
+
+
 def _mismatch_report(state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -254,8 +296,10 @@ def load_backbone(
         backbone: timm model name. Optional for pre-training checkpoints (the recorded name is used; if
             given it must equal it); required for plain state dicts.
         backbone_kwargs: :class:`Backbone` arguments laid over the pre-training run's ones (e.g.
-            ``img_size`` for evaluation at another resolution, ``drop_path_rate`` for fine-tuning). ViT
-            position embeddings are interpolated to a new ``img_size``.
+            ``img_size`` for evaluation at another resolution, ``drop_path_rate`` for fine-tuning;
+            ``model_kwargs`` are merged key by key). ViT position embeddings are interpolated to a new
+            ``img_size``. A BEiT fine-tuning layout (mean pooling with a fresh ``fc_norm``, one relative
+            position bias table per block) is filled from a pre-training checkpoint as BEiT does it.
         teacher: load the momentum/EMA teacher (``teacher_backbone.*``) instead of the student.
 
     Returns:
@@ -273,15 +317,11 @@ def load_backbone(
 
 def backbone_kwargs_of(weights: BackboneWeights, backbone_kwargs: dict | None = None) -> dict[str, Any]:
     """The :class:`Backbone` arguments to rebuild ``weights``' architecture: the pre-training run's, with
-    ``backbone_kwargs`` laid over them (``model_kwargs`` key by key, so that a new ``drop_rate`` keeps the
-    recorded ``window_size``). The ``pretrained`` initialisation file is dropped: the checkpoint replaces
-    those weights, and the file need not exist where the checkpoint is evaluated."""
-    merged = {k: v for k, v in weights.kwargs.items() if k != "pretrained"}
-    for key, value in (backbone_kwargs or {}).items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            value = {**merged[key], **value}
-        merged[key] = value
-    return merged
+    ``backbone_kwargs`` laid over them (:func:`merge_backbone_kwargs`). The ``pretrained`` initialisation file
+    is dropped: the checkpoint replaces those weights, and the file need not exist where the checkpoint is
+    evaluated."""
+    recorded = {k: v for k, v in weights.kwargs.items() if k != "pretrained"}
+    return merge_backbone_kwargs(recorded, backbone_kwargs)
 
 
 def backbone_from_weights(
@@ -312,6 +352,9 @@ def backbone_from_weights(
     state_dict = _drop_classifier(weights.state_dict, model.model)
     state_dict = _resample_pos_embed(state_dict, model)
     own = model.model.state_dict()
+    state_dict, changes = _adapt_beit_layout(state_dict, own)
+    if changes:
+        log.info("loading '%s' into the fine-tuning layout: %s", path, "; ".join(changes))
     report = _mismatch_report(state_dict, own)
     if report:
         which = "teacher" if weights.teacher else "student"

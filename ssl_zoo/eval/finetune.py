@@ -12,6 +12,7 @@ towards 0.5) and reports the multi-label metrics.
 from __future__ import annotations
 
 import inspect
+from typing import Literal
 
 import timm
 import timm.data
@@ -29,21 +30,54 @@ from ssl_zoo.eval.transforms import (
 )
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
 
-__all__ = ["FineTune", "layer_ids"]
+__all__ = ["FineTune", "check_mean_pooling", "layer_ids", "with_mean_pooling"]
+
+
+def with_mean_pooling(backbone_kwargs: dict | None) -> dict:
+    """``backbone_kwargs`` with timm's ``global_pool="avg"`` added to ``model_kwargs``: for timm's ViT and
+    BEiT this means mean of the patch tokens, then ``fc_norm`` (a fresh LayerNorm), no final norm."""
+    kwargs = dict(backbone_kwargs or {})
+    kwargs["model_kwargs"] = {**(kwargs.get("model_kwargs") or {}), "global_pool": "avg"}
+    return kwargs
+
+
+def check_mean_pooling(backbone) -> None:
+    """Fail clearly when a backbone built with ``global_pool="avg"`` does not have BEiT's head layout."""
+    model = backbone.model
+    if not (isinstance(getattr(model, "fc_norm", None), nn.LayerNorm) and isinstance(getattr(model, "norm", None), nn.Identity)):
+        raise ValueError(
+            f"model.use_mean_pooling needs a timm ViT or BEiT whose avg pooling ends in a LayerNorm 'fc_norm' "
+            f"and drops the final 'norm'; backbone '{backbone.name}' ({backbone.family}) has "
+            f"fc_norm={type(getattr(model, 'fc_norm', None)).__name__}, norm={type(getattr(model, 'norm', None)).__name__}"
+        )
 
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
     """BEiT / MAE layer ids of a timm model's parameters: 0 embeddings, 1..L blocks, L + 1 the rest.
 
     The blocks come from timm's ``group_matcher(coarse=False)`` (ViT blocks, Swin blocks, ResNet blocks);
-    the final norm (``norm``/``fc_norm``) and any head are put after the last block.
+    the final norm (``norm``/``fc_norm``) and any head are put after the last block; a Swin patch-merging
+    layer goes with the block before it, as SimMIM's fine-tuning numbers it.
     """
     from timm.models import group_parameters
 
     ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     after = ("norm.", "fc_norm.", "head.", "fc.")
     last = max((i for n, i in ids.items() if not n.startswith(after)), default=0) + 1
-    return {n: (last if n.startswith(after) else ids.get(n, last)) for n, _ in model.named_parameters()}
+    out = {n: (last if n.startswith(after) else ids.get(n, last)) for n, _ in model.named_parameters()}
+    return _swin_patch_merging_with_previous_block(model, out)
+
+
+def _swin_patch_merging_with_previous_block(model: nn.Module, ids: dict[str, int]) -> dict[str, int]:
+    """Swin: a patch-merging layer takes the id of the block *before* it, as SimMIM numbers them
+    (``optimizer.get_swin_layer``: ``layers.i.downsample`` -> ``sum(depths[:i + 1])``, the last block of stage i).
+
+    SimMIM's Swin merges patches at the end of a stage; timm's does it at the start of the next one
+    (``layers.{i+1}.downsample``), so ``group_matcher`` numbers it with that stage's first block, one
+    decay step higher. Other models are returned unchanged."""
+    if not type(model).__name__.startswith("SwinTransformer"):
+        return ids
+    return {n: i - 1 if n.startswith("layers.") and n.split(".")[2] == "downsample" else i for n, i in ids.items()}
 
 
 class FineTune(EvalModule):
@@ -57,7 +91,15 @@ class FineTune(EvalModule):
         img_size: input side; ``None`` = the checkpoint's pre-training resolution (224 without one).
         pooling: ``backbone`` (its own pooled embedding: ViT CLS token, ResNet/Swin average pool) or
             ``gap`` / ``gmp`` / ``gamp`` of the last map. BEiT averages the patch tokens and then applies a
-            fresh LayerNorm; ``gap`` averages tokens that went through the pre-trained final norm.
+            fresh LayerNorm (``use_mean_pooling``); ``gap`` averages tokens that went through the pre-trained
+            final norm.
+        use_mean_pooling: BEiT's fine-tuning head (``use_mean_pooling`` with ``fc_norm`` in BEiT's
+            ``modeling_finetune.py``): the ViT / BEiT is built with timm's ``global_pool="avg"``, so its final
+            norm is dropped, the patch tokens (CLS excluded) are averaged and a freshly initialised LayerNorm
+            (``fc_norm``) normalises the mean; the pre-trained final norm is not loaded. Needs
+            ``pooling="backbone"``.
+        val_interpolation: resize of the evaluation transform (short side to ``img_size / 0.875``, centre
+            crop): ``bilinear`` or ``bicubic`` (BEiT's ``Resize(size, interpolation=3)``).
         drop_path_rate: stochastic depth of the backbone (0.1).
         base_lr: AdamW lr for 256 images (BEiT's 4e-3 at batch 1024); lr = ``base_lr * batch / 256``.
         lr_batch_size: batch used to scale the lr (``None`` = the global batch).
@@ -72,6 +114,11 @@ class FineTune(EvalModule):
         re_prob: random-erasing probability (0.25).
         head_init_std: std of the head's truncated-normal initialisation (BEiT: 0.02 x init_scale 0.001).
         threshold: decision threshold of the multi-label metrics.
+        optimizer: ``adamw`` (BEiT) or ``sgd`` (SimCLR's semi-supervised fine-tuning: SGD with Nesterov
+            momentum; ``betas`` then unused).
+        momentum, nesterov: SGD momentum (0.9) and Nesterov (on); ``optimizer: sgd`` only.
+        color_jitter: timm's colour jitter strength, applied when ``auto_augment`` is ``None`` (0.4, timm's
+            default); ``None``: crop and flip only.
     """
 
     protocol = "finetune"
@@ -86,6 +133,8 @@ class FineTune(EvalModule):
         multilabel: bool | None = None,
         img_size: int | None = None,
         pooling: FeaturePoolingName = "backbone",
+        use_mean_pooling: bool = False,
+        val_interpolation: Literal["bilinear", "bicubic"] = "bilinear",
         drop_path_rate: float = 0.1,
         base_lr: float = 1e-3,
         lr_batch_size: int | None = None,
@@ -101,6 +150,10 @@ class FineTune(EvalModule):
         re_prob: float = 0.25,
         head_init_std: float = 2e-5,
         threshold: float = 0.5,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        color_jitter: float | None = 0.4,
     ) -> None:
         super().__init__()
         check_pooling(pooling, "model.pooling")
@@ -116,8 +169,18 @@ class FineTune(EvalModule):
             raise ValueError(f"model.re_prob must lie in [0, 1], got {re_prob}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"model.threshold must lie in [0, 1], got {threshold}")
+        if use_mean_pooling and pooling != "backbone":
+            raise ValueError(f"model.use_mean_pooling needs model.pooling 'backbone' (the pooled head), got '{pooling}'")
+        if val_interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"model.val_interpolation must be 'bilinear' or 'bicubic', got '{val_interpolation}'")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
         self.save_hyperparameters()
+        if use_mean_pooling:  # recorded in hparams, so that the fine-tuned checkpoint rebuilds the same head
+            self.hparams.backbone_kwargs = with_mean_pooling(backbone_kwargs)
         self.backbone = self.build_backbone(drop_path_rate=drop_path_rate)
+        if use_mean_pooling:
+            check_mean_pooling(self.backbone)
         self.head: nn.Module | None = None
         if num_classes is not None:
             self.build_head(num_classes)
@@ -144,11 +207,13 @@ class FineTune(EvalModule):
     # ------------------------------------------------------------------ data hooks
     def train_transform(self):
         hp = self.hparams
-        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob))
+        return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob,
+                                                   hp.get("color_jitter", 0.4)))
 
     def val_transform(self):
-        size = self.hparams.img_size
-        return SingleView(resize_transform(size) if self.is_multilabel else center_crop_transform(size))
+        size, interpolation = self.hparams.img_size, self.hparams.get("val_interpolation", "bilinear")
+        return SingleView(resize_transform(size) if self.is_multilabel
+                          else center_crop_transform(size, interpolation=interpolation))
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: Tensor) -> Tensor:
@@ -218,7 +283,10 @@ class FineTune(EvalModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
-        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
+        if hp.get("optimizer", "adamw") == "sgd":  # SimCLR semi-supervised: SGD, Nesterov momentum 0.9
+            optimizer = torch.optim.SGD(self.param_groups(lr), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
         scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.min_lr_ratio)

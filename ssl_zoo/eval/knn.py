@@ -31,6 +31,9 @@ from ssl_zoo.models.backbones import Backbone
 
 __all__ = ["KNNMonitor", "KNNProbe", "knn_evaluate", "knn_predict"]
 
+#: Names of the monitor's metrics: ``val/knn_top1`` (single-label) or ``val/knn_mAP`` (multi-label) ...
+MONITOR_PREFIX = "val/knn_"
+
 
 def _check_knn_args(k: int, temperature: float) -> None:
     if k < 1:
@@ -277,15 +280,17 @@ class KNNMonitor(Callback):
     """kNN accuracy of a pre-training run's backbone, every ``every_n_epochs`` training epochs.
 
     Uses the data module's labelled splits (``labelled_dataloader``) and ``pl_module.backbone`` on detached
-    features under ``torch.no_grad``; logs ``knn/top1`` (and ``knn/top5``) or ``knn/mAP`` on multi-label
-    data. Runs on global rank 0 only (a monitor, not a result). Turns itself off, with one warning, when the
-    data module has no labelled splits or the training split has no labels.
+    features under ``torch.no_grad``; logs ``val/knn_top1`` (and ``val/knn_top5``) or ``val/knn_mAP`` (and
+    ``val/knn_OF1``, ``val/knn_CF1``) on multi-label data, the first of them in the progress bar. Runs on global
+    rank 0 only (a monitor, not a result). Turns itself off, with one warning, when the data module has no
+    labelled splits or the training split has no labels.
 
     Args:
         every_n_epochs: evaluation period in training epochs.
         k, temperature: vote parameters (DINO's 20, 0.07).
         pooling: feature pooling (see :func:`~ssl_zoo.eval.features.embed`).
-        img_size: evaluation resolution (``None`` = the data module's ``eval_size``).
+        img_size: evaluation resolution; ``None`` = the method's ``img_size`` hyperparameter (a ViT built for
+            one size cannot take another), else the data module's ``eval_size``.
         max_train_samples, max_val_samples: caps on the bank and the queries (evenly spaced subsets), so the
             monitor costs a fraction of an epoch.
     """
@@ -328,7 +333,7 @@ class KNNMonitor(Callback):
         if datamodule is None or not hasattr(datamodule, "labelled_dataset") or backbone is None:
             self._disable("needs an ssl_zoo data module (labelled_dataset) and a module with a .backbone")
             return
-        size = self.img_size or getattr(datamodule, "eval_size", 224)
+        size = self.img_size or int(pl_module.hparams.get("img_size") or getattr(datamodule, "eval_size", 224))
         vote = knn_vote_on_splits(backbone, datamodule, size, self.k, self.temperature, self.pooling,
                                   self.max_train_samples, self.max_val_samples,
                                   num_classes=getattr(datamodule, "num_classes", None))
@@ -337,4 +342,6 @@ class KNNMonitor(Callback):
             return
         metrics = vote[0]
         keep = ("top1", "top5") if "top1" in metrics else ("mAP", "OF1", "CF1")
-        pl_module.log_dict({f"knn/{k}": v for k, v in metrics.items() if k in keep}, rank_zero_only=True)
+        pl_module.log(f"{MONITOR_PREFIX}{keep[0]}", metrics[keep[0]], prog_bar=True, rank_zero_only=True)
+        pl_module.log_dict({f"{MONITOR_PREFIX}{k}": metrics[k] for k in keep[1:] if k in metrics},
+                           rank_zero_only=True)

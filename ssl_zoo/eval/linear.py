@@ -219,12 +219,18 @@ class MultiLabelLinearProbe(LinearProbe):
     logits = W * GAMP(F) + b with F the last feature map ``[B, D, H, W]`` (ViT: patch tokens on their grid)
     and GAMP(F) = (GAP(F) + GMP(F)) / 2; loss: BCE with logits. Defaults are the paper's: SGD, lr =
     10 x batch / 256, momentum 0.9, weight decay 1e-4, cosine over 100 epochs, 224 px (448 in the
-    high-resolution setting, ``experiments/eval/gamp_coco_448.yaml``). Images are resized to a square
-    without cropping (so no labelled object is cut away) and flipped for training.
+    high-resolution setting, ``experiments/eval/gamp_coco_448.yaml``).
+
+    Crops: by default images are squashed to a square without cropping (so no labelled object is cut away)
+    and flipped for training (``train_crop="squash"``, ``val_crop="squash"``). ``train_crop=
+    "random_resized_crop"`` trains on RandomResizedCrop (scale 0.08-1, torchvision's default) + flip, and
+    ``val_crop="center_crop"`` evaluates on the short side resized to ``img_size / 0.875`` and a centre crop
+    (the ImageNet protocol). The paper configs train on random resized crops and evaluate on squashed
+    images, as the BAM+IA-CLoss reference linear-evaluation script does (``ssl_zoo/eval/README.md``).
 
     Validation reports mAP, CP, CR, CF1, OP, OR, OF1 (:func:`~ssl_zoo.eval.metrics.multilabel_metrics`,
     a label is predicted when its probability is ``>= threshold``). Arguments as :class:`LinearProbe`, plus
-    ``threshold``.
+    ``threshold``, ``train_crop`` and ``val_crop``.
     """
 
     protocol = "multilabel_linear"
@@ -248,9 +254,15 @@ class MultiLabelLinearProbe(LinearProbe):
         cache_features: bool = False,
         cache_batch_size: int | None = None,
         threshold: float = 0.5,
+        train_crop: Literal["squash", "random_resized_crop"] = "squash",
+        val_crop: Literal["squash", "center_crop"] = "squash",
     ) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"model.threshold must lie in [0, 1], got {threshold}")
+        if train_crop not in ("squash", "random_resized_crop"):
+            raise ValueError(f"model.train_crop must be 'squash' or 'random_resized_crop', got '{train_crop}'")
+        if val_crop not in ("squash", "center_crop"):
+            raise ValueError(f"model.val_crop must be 'squash' or 'center_crop', got '{val_crop}'")
         super().__init__(ckpt, backbone, backbone_kwargs, teacher, num_classes, img_size, pooling, batch_norm,
                          optimizer, base_lr, lr_batch_size, momentum, weight_decay, warmup_epochs,
                          cache_features, cache_batch_size)
@@ -259,7 +271,11 @@ class MultiLabelLinearProbe(LinearProbe):
     def train_transform(self):
         if self.hparams.cache_features:
             return NoImage()
+        if self.hparams.train_crop == "random_resized_crop":
+            return SingleView(random_resized_crop_transform(self.hparams.img_size))
         return SingleView(resize_flip_transform(self.hparams.img_size))
 
     def eval_image_transform(self):
+        if self.hparams.val_crop == "center_crop":
+            return center_crop_transform(self.hparams.img_size)
         return resize_transform(self.hparams.img_size)

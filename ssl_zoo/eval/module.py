@@ -287,13 +287,17 @@ class EvalModule(LightningModule):
     def write_eval_record(self) -> None:
         """Append this run's final validation metrics to the owning pre-training run's ``eval.json``."""
         trainer = self.trainer
-        if trainer.fast_dev_run or not trainer.is_global_zero:
-            return  # debug runs are not results; one process writes
+        if trainer.fast_dev_run:
+            return  # debug runs are not results
+        # trainer.log_dir broadcasts rank 0's directory under DDP: a collective, so every process asks for it
+        # before all but one return.
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
+            return  # one process writes
         if not self.last_val_metrics:
             warnings.warn("no validation epoch ran, so no evaluation record was written to eval.json", stacklevel=2)
             return
         ckpt = self.hparams.get("ckpt")
-        run_dir = trainer.log_dir or trainer.default_root_dir
         path = results_file_for(ckpt, run_dir)
         record = make_eval_record(
             ckpt, self.protocol, self.last_val_metrics, self.eval_settings(),

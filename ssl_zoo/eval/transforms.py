@@ -58,9 +58,18 @@ def random_resized_crop_transform(size: int, scale: tuple[float, float] = (0.08,
                       T.RandomHorizontalFlip(), *_to_normalised_tensor()])
 
 
-def center_crop_transform(size: int) -> T.Compose:
-    """ImageNet evaluation: resize the short side to ``size / 0.875``, centre crop ``size``."""
-    return eval_transform(size)
+def center_crop_transform(size: int, interpolation: str = "bilinear") -> T.Compose:
+    """ImageNet evaluation: resize the short side to ``size / 0.875``, centre crop ``size``.
+
+    ``interpolation="bicubic"`` resizes the PIL image bicubically, as BEiT's and MAE's evaluation
+    (``transforms.Resize(size, interpolation=3)``) does.
+    """
+    if interpolation == "bilinear":
+        return eval_transform(size)
+    if interpolation != "bicubic":
+        raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
+    return T.Compose([T.Resize(int(round(size / 0.875)), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(size), T.PILToTensor(), *_to_normalised_tensor()])
 
 
 def resize_transform(size: int) -> T.Compose:
@@ -75,14 +84,18 @@ def resize_flip_transform(size: int) -> T.Compose:
                       *_to_normalised_tensor()])
 
 
-def finetune_train_transform(size: int, auto_augment: str | None, re_prob: float) -> Callable:
+def finetune_train_transform(size: int, auto_augment: str | None, re_prob: float,
+                             color_jitter: float | None = 0.4) -> Callable:
     """BEiT / DeiT fine-tuning augmentation (timm ``create_transform``): RandomResizedCrop (bicubic), flip,
-    RandAugment ``auto_augment``, normalisation and random erasing with probability ``re_prob``."""
+    RandAugment ``auto_augment``, normalisation and random erasing with probability ``re_prob``. Without
+    ``auto_augment`` timm applies ``ColorJitter(color_jitter)`` instead; ``color_jitter=None`` leaves only the
+    crop and flip (SimCLR's semi-supervised fine-tuning)."""
     import timm.data
     from timm.data.auto_augment import RandAugment
 
     transform = timm.data.create_transform(size, is_training=True, auto_augment=auto_augment, re_prob=re_prob,
-                                           re_mode="pixel", re_count=1, interpolation="bicubic")
+                                           re_mode="pixel", re_count=1, interpolation="bicubic",
+                                           color_jitter=color_jitter)
     for step in getattr(transform, "transforms", []):
         if isinstance(step, RandAugment):
             safe_posterize(step)  # Pillow >= 11 refuses the 0-bit posterize that ``inc1`` asks for

@@ -19,7 +19,12 @@ from ssl_zoo.losses.mim import masked_l1_loss
 from ssl_zoo.losses.moco import KeyQueue, MoCoV2Loss, MoCoV3Loss, moco_v2_info_nce, moco_v3_info_nce
 from ssl_zoo.losses.mpcl import mpcl_total_loss, projector_contrastive_regularization, ptb_weights
 from ssl_zoo.losses.mvp import mvp_alignment_loss
-from ssl_zoo.losses.sinkhorn import SwappedPredictionLoss, sinkhorn_knopp, swapped_prediction_loss
+from ssl_zoo.losses.sinkhorn import (
+    SwappedPredictionLoss,
+    sinkhorn_clamped_fraction,
+    sinkhorn_knopp,
+    swapped_prediction_loss,
+)
 
 __all__ = [
     "ImageAwareContrastiveLoss",
@@ -38,6 +43,7 @@ __all__ = [
     "mvp_alignment_loss",
     "projector_contrastive_regularization",
     "ptb_weights",
+    "sinkhorn_clamped_fraction",
     "sinkhorn_knopp",
     "supervised_contrastive_loss",
     "swapped_prediction_loss",

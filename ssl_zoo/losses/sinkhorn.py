@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.utils.distributed import all_reduce_max, all_reduce_sum, world_size
 
-__all__ = ["SwappedPredictionLoss", "sinkhorn_knopp", "swapped_prediction_loss"]
+__all__ = ["SwappedPredictionLoss", "sinkhorn_clamped_fraction", "sinkhorn_knopp", "swapped_prediction_loss"]
 
 
 def _global_logsumexp_rows(log_q: Tensor) -> Tensor:
@@ -79,9 +79,11 @@ def sinkhorn_knopp(
 def swapped_prediction_loss(
     scores_a: Tensor, scores_b: Tensor, codes_a: Tensor, codes_b: Tensor, temperature: float = 0.1
 ) -> Tensor:
-    """SwAV swapped prediction (HVP-MTL Eq. 2-3): predict each view's codes from the other view.
+    """Swapped prediction (HVP-MTL Eq. 2-3): predict each view's codes from the other view.
 
-    ``mean_b -0.5 * ( sum_k codes_b * log_softmax(scores_a / tau) + sum_k codes_a * log_softmax(scores_b / tau) )``
+    ``l(s, q) = -sum_k q_k * log_softmax(s / tau)_k``; the loss is ``mean_b l(scores_a, codes_b) +
+    mean_b l(scores_b, codes_a)``, the **sum** of the two swapped terms as Eq. 2 writes it
+    (``L_cl = l(f_t, q_s) + l(f_s, q_t)``). SwAV's code averages the two terms instead (half this value).
 
     Args:
         scores_a, scores_b: ``[B, K]`` prototype scores of two views (computed in float32).
@@ -100,11 +102,11 @@ def swapped_prediction_loss(
     log_p_b = F.log_softmax(scores_b.float() / temperature, dim=1)  # [B, K]
     codes_a, codes_b = codes_a.detach().float(), codes_b.detach().float()
     cross_entropy = (codes_b * log_p_a).sum(dim=1) + (codes_a * log_p_b).sum(dim=1)  # [B]
-    return -0.5 * cross_entropy.mean()
+    return -cross_entropy.mean()  # Eq. 2: the sum of both swapped terms, each averaged over the batch
 
 
 class SwappedPredictionLoss(nn.Module):
-    """SwAV swapped prediction loss (HVP-MTL Eq. 2-3); see :func:`swapped_prediction_loss`.
+    """Swapped prediction loss (HVP-MTL Eq. 2-3, the sum of both terms); see :func:`swapped_prediction_loss`.
 
     Args:
         temperature: ``tau > 0`` of the prototype softmax.
@@ -122,3 +124,29 @@ class SwappedPredictionLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
+
+
+@float32_math
+@torch.no_grad()
+def sinkhorn_clamped_fraction(scores: Tensor, epsilon: float = 0.05, clamp_max: float | None = 10.0) -> Tensor:
+    """Fraction of the entries of ``scores / epsilon`` above ``clamp_max``: those :func:`sinkhorn_knopp` clamps.
+
+    A clamped entry loses its ordering against the other clamped entries of its row (they all become
+    ``exp(clamp_max)``), so a large fraction means the codes ignore part of the similarity structure;
+    logged during training to show whether ``T_max`` binds (with unit-norm cosines and ``epsilon = 0.05``,
+    every cosine above ``0.05 * 10 = 0.5`` is clamped).
+
+    Args:
+        scores: ``[B, K]`` sample-prototype similarities (any float dtype; compared in float32).
+        epsilon: the Sinkhorn ``epsilon``, ``> 0``.
+        clamp_max: the clamp on ``scores / epsilon``; ``None`` (no clamp) gives 0.
+
+    Returns:
+        Scalar float32 fraction in ``[0, 1]`` over this rank's entries (equal-size ranks: the mean over ranks
+        is the global fraction).
+    """
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if clamp_max is None or scores.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=scores.device)
+    return (scores.float() / epsilon > clamp_max).float().mean()

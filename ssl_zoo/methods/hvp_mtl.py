@@ -7,12 +7,13 @@ One encoder (Swin-B or ViT-B) is trained on Tencent ML-Images by four heads at o
   encoder's last feature map F0 (projected to ``d``), a group-wise linear classifier, and the weighted
   asymmetric loss;
 * online clustering (L_cl, Eq. 2-3): SwAV's projection MLP + K L2-normalised prototypes, equipartitioned
-  codes from Sinkhorn-Knopp over the global batch, and the swapped prediction loss between the two views;
+  codes from Sinkhorn-Knopp over the global batch, and the swapped prediction loss between the two views,
+  ``l(f_t, q_s) + l(f_s, q_t)``: the sum of both terms as Eq. 2 writes it (SwAV's code takes their mean);
 * masked image modelling (L_mim, Eq. 4): SimMIM, a learnable mask token in place of masked patch embeddings,
   a 1x1 convolution + PixelShuffle decoder and the L1 loss on the masked pixels;
 * momentum distillation (L_mom, Eq. 6): an EMA teacher of encoder + projection + decoder; the cosine
   similarities S(g, Q0) between an image embedding g and the label embeddings are softmax-normalised and
-  matched between student and teacher with a symmetric KL divergence.
+  matched between student and teacher with a symmetric KL divergence, ``(KL(S, S') + KL(S', S)) / 2``.
 
     L = a1 * L_mcls + a2 * L_cl + a3 * L_mim + a4 * L_mom,   a = (0.001, 0.02, 1.0, 10.0)     (Eq. 7)
 
@@ -31,11 +32,17 @@ Choices the paper leaves open (options of the constructor):
 
 * g, the image embedding of S(g, Q0): the mean of the decoder's C output tokens (``distill_embedding=
   "decoder_mean"``), or the mean of the projected encoder tokens fed to the decoder (``"memory_mean"``);
-* the softmax temperature of S: 0.1 (``distill_temperature``); S is a cosine in [-1, 1], so 0.1 spreads it
-  over a logit range of 20;
+* the softmax temperature of S (``distill_temperature``): Eq. 6 writes none, so 1.0 (S is a cosine in
+  [-1, 1], so the softmax is soft; 0.1 would spread it over a logit range of 20, an option for other
+  readings);
 * the pooling of F0 before the clustering MLP: the spatial mean (Swin's own head pools the same way; for
   ViT the mean of the patch tokens);
 * the teacher runs in eval mode (no dropout / stochastic depth in its targets).
+
+SwAV details the paper inherits with its clustering task (§3.2): the prototypes are frozen for the first
+``freeze_prototypes_niters`` optimiser steps (SwAV's default 313: their gradient is dropped before the
+optimiser step, the forward pass is unchanged), and ``train/sinkhorn_clamped`` logs the fraction of
+``scores / epsilon`` entries that the ``T_max`` clamp (``sinkhorn_clamp_max``) cuts.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from ssl_zoo.losses import (
     SwappedPredictionLoss,
     WeightedAsymmetricLoss,
     masked_l1_loss,
+    sinkhorn_clamped_fraction,
     sinkhorn_knopp,
     symmetric_kl_divergence,
 )
@@ -60,7 +68,7 @@ from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.query2label import Query2LabelDecoder
-from ssl_zoo.utils.ema import init_teacher, update_ema
+from ssl_zoo.utils.ema import OncePerOptimizerStep, init_teacher, update_ema
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
 
 __all__ = ["HVPMTL", "label_similarity"]
@@ -103,9 +111,12 @@ class HVPMTL(LightningModule):
         head_norm: normalisation in the projection MLP: ``batch`` (SwAV), ``layer`` or ``none``.
         cluster_temperature: tau of the swapped prediction (Eq. 2-3, 0.1).
         sinkhorn_epsilon, sinkhorn_iterations, sinkhorn_clamp_max: Sinkhorn-Knopp settings (0.05, 3, 10).
+        freeze_prototypes_niters: optimiser steps during which the prototypes receive no update (SwAV's
+            default 313, its first epoch at batch 4096; SwAV's batch-256 and batch-2048 scripts use 5005);
+            0 trains them from the first step.
         mask_patch_size, mask_ratio: SimMIM masking (32 px patches, 60%).
         ema_momentum: m of the teacher update ``theta_t <- m * theta_t + (1 - m) * theta_s`` (0.995).
-        distill_temperature: softmax temperature of S(g, Q0) in Eq. 6 (not given in the paper: 0.1).
+        distill_temperature: softmax temperature of S(g, Q0) in Eq. 6 (the equation has none: 1.0).
         distill_embedding: g of Eq. 6, ``decoder_mean`` or ``memory_mean`` (see the module docstring).
         randaugment, color_jitter, rotation, min_scale: view augmentation (§3.1), see
             :class:`~ssl_zoo.augment.HVPTransform`.
@@ -148,10 +159,11 @@ class HVPMTL(LightningModule):
         sinkhorn_epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
         sinkhorn_clamp_max: float | None = 10.0,
+        freeze_prototypes_niters: int = 313,
         mask_patch_size: int = 32,
         mask_ratio: float = 0.6,
         ema_momentum: float = 0.995,
-        distill_temperature: float = 0.1,
+        distill_temperature: float = 1.0,
         distill_embedding: Literal["decoder_mean", "memory_mean"] = "decoder_mean",
         randaugment: str | None = "rand-m9-mstd0.5-inc1",
         color_jitter: float = 0.4,
@@ -178,6 +190,8 @@ class HVPMTL(LightningModule):
             raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
         if num_prototypes < 1:
             raise ValueError(f"model.num_prototypes must be >= 1, got {num_prototypes}")
+        if freeze_prototypes_niters < 0:
+            raise ValueError(f"model.freeze_prototypes_niters must be >= 0, got {freeze_prototypes_niters}")
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"model.ema_momentum must lie in [0, 1], got {ema_momentum}")
         if distill_temperature <= 0:
@@ -232,7 +246,7 @@ class HVPMTL(LightningModule):
         if alpha_mom > 0:
             self.teacher_backbone = init_teacher(self.backbone).eval()
             self.teacher_decoder = init_teacher(self.decoder).eval()
-        self._ema_step: int | None = None
+        self._ema_due = OncePerOptimizerStep()
 
     def _check_img_size(self, img_size: int) -> None:
         if self.backbone.family == "resnet":
@@ -335,8 +349,12 @@ class HVPMTL(LightningModule):
             hp = self.hparams
             q0, q1 = (sinkhorn_knopp(s.detach(), hp.sinkhorn_epsilon, hp.sinkhorn_iterations, hp.sinkhorn_clamp_max)
                       for s in (s0, s1))  # [B, K] each, no gradient
-            losses["cl"] = self.swapped_prediction(s0, s1, q0, q1)
+            losses["cl"] = self.swapped_prediction(s0, s1, q0, q1)  # Eq. 2: l(f_0, q_1) + l(f_1, q_0)
             self.log("train/cluster_z_std", std_of_l2_normalized(z.detach()), on_epoch=True, batch_size=batch_size)
+            # Share of the [2B, K] entries that the T_max clamp cut before exp (equal batches on every rank,
+            # so the mean over ranks is the global share).
+            clamped = sinkhorn_clamped_fraction(scores.detach(), hp.sinkhorn_epsilon, hp.sinkhorn_clamp_max)
+            self.log("train/sinkhorn_clamped", clamped, on_epoch=True, sync_dist=True, batch_size=batch_size)
 
         # L_mcls (Eq. 1) and L_mom (Eq. 6) on view 1.
         if self.decoder is not None:
@@ -351,7 +369,7 @@ class HVPMTL(LightningModule):
                 g = self.image_embedding(self.decoder, f1, tokens)  # [B, d]
                 s_student = label_similarity(g, self.decoder.query_embed)  # [B, C]
                 s_teacher = self.teacher_similarity(x1)  # [B, C]
-                # Eq. 6: KL(p_s || p_t) + KL(p_t || p_s) of p = softmax(S / T).
+                # Eq. 6: (KL(p_s || p_t) + KL(p_t || p_s)) / 2 of p = softmax(S / T), T = 1 unless set.
                 losses["mom"] = symmetric_kl_divergence(s_student, s_teacher, self.hparams.distill_temperature)
             if pooled is None:
                 pooled = f1.mean(dim=(2, 3))  # [B, d0]
@@ -367,6 +385,13 @@ class HVPMTL(LightningModule):
         self.log("train/z_std", std_of_l2_normalized(pooled.detach().float()), on_epoch=True,
                  batch_size=batch_size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """SwAV's prototype freezing: for the first ``freeze_prototypes_niters`` optimiser steps the prototypes'
+        gradient is dropped (``grad = None``, as SwAV's training loop does), so the optimiser leaves them
+        untouched (no update, no weight decay, no moment estimates); the forward pass is unchanged."""
+        if self.prototypes is not None and self.global_step < self.hparams.freeze_prototypes_niters:
+            self.prototypes.weight.grad = None
 
     # ------------------------------------------------------------------ momentum teacher
     def train(self, mode: bool = True) -> HVPMTL:
@@ -386,15 +411,11 @@ class HVPMTL(LightningModule):
         update_ema(self.teacher_decoder, self.decoder, m)
 
     def on_train_start(self) -> None:
-        self._ema_step = self.global_step
+        self._ema_due.start(self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimiser step: with gradient accumulation, batches that did not step leave the student
-        # unchanged and must not move the teacher towards it again.
-        if self._ema_step is not None and self.global_step == self._ema_step:
-            return
-        self._ema_step = self.global_step
-        self.update_teacher()
+        if self._ema_due(self.global_step):  # once per optimiser step, also under gradient accumulation
+            self.update_teacher()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

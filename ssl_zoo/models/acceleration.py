@@ -53,7 +53,7 @@ def trunk_blocks(backbone: Backbone) -> list[nn.Module]:
     model = backbone.model
     if backbone.family == "resnet":
         return [model.layer1, model.layer2, model.layer3, model.layer4]
-    if backbone.family == "vit":
+    if backbone.family in ("vit", "beit"):
         return list(model.blocks)
     return list(model.layers)  # swin stages
 

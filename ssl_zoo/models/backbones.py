@@ -1,13 +1,21 @@
-"""One small adapter over timm backbones (ResNet, ViT, Swin).
+"""One small adapter over timm backbones (ResNet, ViT, BEiT, Swin).
 
 Every method needs some of three views of a backbone's output:
 
 * ``forward(x)``        pooled embedding ``[B, D]`` (timm ``forward_head(pre_logits=True)``);
-* ``forward_tokens(x)`` the token sequence ``[B, 1+N, D]`` with CLS first (ViT only);
+* ``forward_tokens(x)`` the token sequence ``[B, 1+N, D]`` with CLS first (ViT and BEiT);
 * ``forward_map(x)``    the last-stage spatial feature map ``[B, D, H, W]`` (every family).
 
-ViT and Swin also accept a patch mask and a mask token: the embeddings of masked patches are replaced by
-the token before the transformer blocks, as BEiT (MVP) and SimMIM (HVP-MTL) do.
+ViT, BEiT and Swin also accept a patch mask and a mask token: the embeddings of masked patches are replaced
+by the token before the transformer blocks, as BEiT (MVP) and SimMIM (HVP-MTL) do.
+
+BEiT (timm ``beit_base_patch16_224`` / ``beit_large_patch16_224``, family ``beit``) is a ViT with relative
+position biases in attention instead of (or beside) absolute position embeddings. BEiT pre-training (and MVP,
+which follows it) shares one relative position bias table across all blocks and has no absolute position
+embedding: ``model_kwargs: {use_shared_rel_pos_bias: true, use_rel_pos_bias: false, use_abs_pos_emb: false,
+global_pool: token}`` (the last key keeps the final LayerNorm on every token, as BEiT's pre-training model
+does; timm's default ``avg`` pooling is BEiT's fine-tuning head). timm's defaults for these names are BEiT's
+fine-tuning layout: one relative position bias table per block and mean pooling with ``fc_norm``.
 
 Only timm's public API and documented module attributes are used. Nothing is ever downloaded:
 ``pretrained`` is ``None`` or a local checkpoint path.
@@ -19,11 +27,14 @@ import os
 from typing import Any, Literal
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from ssl_zoo.utils.safe_load import read_checkpoint
 
-Family = Literal["resnet", "vit", "swin"]
+Family = Literal["resnet", "vit", "beit", "swin"]
+#: Families whose output is a token sequence with a CLS token first (``forward_tokens``).
+TOKEN_FAMILIES: tuple[str, ...] = ("vit", "beit")
 
 # The architectures the project is tested with; any timm model of these three families works.
 SUPPORTED_EXAMPLES = (
@@ -33,6 +44,8 @@ SUPPORTED_EXAMPLES = (
     "vit_small_patch16_224",
     "vit_base_patch16_224",
     "vit_large_patch16_224",
+    "beit_base_patch16_224",
+    "beit_large_patch16_224",
     "swin_tiny_patch4_window7_224",
     "swin_small_patch4_window7_224",
     "swin_base_patch4_window7_224",
@@ -40,6 +53,7 @@ SUPPORTED_EXAMPLES = (
 
 
 def _family_of(model: nn.Module) -> Family | None:
+    from timm.models.beit import Beit
     from timm.models.resnet import ResNet
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
@@ -48,6 +62,8 @@ def _family_of(model: nn.Module) -> Family | None:
         return "resnet"
     if isinstance(model, VisionTransformer):
         return "vit"
+    if isinstance(model, Beit):
+        return "beit"
     if isinstance(model, SwinTransformer):
         return "swin"
     return None
@@ -91,7 +107,9 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
-        if img_size is not None and not name.startswith("resnet"):
+        # ResNets take any input size and timm's ResNet constructor has no img_size (any name of timm's
+        # resnet module: resnet50, seresnet50, resnext50_32x4d, test_resnet ...).
+        if img_size is not None and not timm.models.is_model_in_modules(name, ["resnet"]):
             kwargs["img_size"] = img_size
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
@@ -105,7 +123,7 @@ class Backbone(nn.Module):
         if family is None:
             raise ValueError(
                 f"backbone '{name}' is a {type(self.model).__name__}; the adapter supports the timm ResNet, "
-                f"VisionTransformer and SwinTransformer families ({', '.join(SUPPORTED_EXAMPLES)})"
+                f"VisionTransformer, Beit and SwinTransformer families ({', '.join(SUPPORTED_EXAMPLES)})"
             )
         self.name = name
         self.family: Family = family
@@ -122,15 +140,15 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ geometry
     @property
     def embed_dim(self) -> int:
-        """Width of the patch embeddings (where a mask token lives): ViT ``D``, Swin first-stage width."""
-        if self.family in ("vit", "swin"):
+        """Width of the patch embeddings (where a mask token lives): ViT/BEiT ``D``, Swin first-stage width."""
+        if self.family in ("vit", "beit", "swin"):
             return self.model.embed_dim
         raise ValueError(f"backbone '{self.name}' ({self.family}) has no patch embedding to mask")
 
     @property
     def patch_size(self) -> int:
-        """Input pixels per side of one patch embedding (ViT 16, Swin 4); ResNets have none."""
-        if self.family in ("vit", "swin"):
+        """Input pixels per side of one patch embedding (ViT/BEiT 16, Swin 4); ResNets have none."""
+        if self.family in ("vit", "beit", "swin"):
             ps = self.model.patch_embed.patch_size
             return int(ps[0] if isinstance(ps, tuple | list) else ps)
         raise ValueError(f"backbone '{self.name}' ({self.family}) has no patch embedding")
@@ -138,7 +156,7 @@ class Backbone(nn.Module):
     @property
     def output_stride(self) -> int:
         """Input pixels per side of one cell of ``forward_map``'s output."""
-        if self.family == "vit":
+        if self.family in TOKEN_FAMILIES:
             return self.patch_size
         return 32  # ResNet C5 and Swin stage 4 both downsample by 32
 
@@ -151,7 +169,7 @@ class Backbone(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(getattr(self.model, "num_prefix_tokens", 0)) if self.family == "vit" else 0
+        return int(getattr(self.model, "num_prefix_tokens", 0)) if self.family in TOKEN_FAMILIES else 0
 
     # ------------------------------------------------------------------ forwards
     def forward(self, x: Tensor) -> Tensor:
@@ -180,21 +198,39 @@ class Backbone(nn.Module):
         return x * (1.0 - w) + mask_token.to(x.dtype).reshape(1, *([1] * (x.dim() - 2)), -1) * w
 
     def forward_tokens(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
-        """ViT token sequence ``[B, 1+N, D]`` (CLS first, after the final norm).
+        """ViT / BEiT token sequence ``[B, 1+N, D]`` (CLS first, after the final norm).
 
         ``mask``: ``Bool[B, h, w]`` or ``Bool[B, N]`` over the patch grid; masked patch embeddings are
         replaced by ``mask_token`` (``[D]``) before position embeddings are added, as in BEiT.
         """
-        if self.family != "vit":
-            raise ValueError(f"forward_tokens needs a ViT backbone, '{self.name}' is a {self.family}")
+        if self.family not in TOKEN_FAMILIES:
+            raise ValueError(f"forward_tokens needs a ViT or BEiT backbone, '{self.name}' is a {self.family}")
         m = self.model
         tokens = m.patch_embed(x)  # [B, N, D]
         if mask is not None:
             tokens = self._apply_mask(tokens, mask.flatten(1), mask_token)
+        if self.family == "beit":
+            return self._beit_blocks(tokens)
         tokens = m._pos_embed(tokens)  # adds CLS + position embeddings  # noqa: SLF001 (timm has no public alias)
         tokens = m.patch_drop(tokens)
         tokens = m.norm_pre(tokens)
         tokens = m.blocks(tokens)
+        return m.norm(tokens)
+
+    def _beit_blocks(self, tokens: Tensor) -> Tensor:
+        """timm ``Beit.forward_features`` after the patch embedding: CLS, optional absolute position
+        embedding, blocks with the shared relative position bias (when the model has one), final norm.
+
+        ``tokens``: ``[B, N, D]`` patch embeddings (masked ones already replaced) -> ``[B, 1+N, D]``.
+        """
+        m = self.model
+        tokens = torch.cat([m.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+N, D]
+        if m.pos_embed is not None:
+            tokens = tokens + m.pos_embed
+        tokens = m.pos_drop(tokens)
+        shared_bias = m.rel_pos_bias() if m.rel_pos_bias is not None else None  # [heads, 1+N, 1+N]
+        for block in m.blocks:
+            tokens = block(tokens, shared_rel_pos_bias=shared_bias)
         return m.norm(tokens)
 
     def tokens_to_map(self, tokens: Tensor) -> Tensor:
@@ -209,14 +245,14 @@ class Backbone(nn.Module):
     def forward_map(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
         """Last-stage spatial feature map ``[B, C, H, W]`` for every family.
 
-        ResNet: C5. ViT: patch tokens after the final norm, reshaped to the grid. Swin: stage-4 output
-        after the final norm. ``mask`` (ViT/Swin): ``Bool[B, h, w]`` over the patch-embedding grid.
+        ResNet: C5. ViT/BEiT: patch tokens after the final norm, reshaped to the grid. Swin: stage-4 output
+        after the final norm. ``mask`` (ViT/BEiT/Swin): ``Bool[B, h, w]`` over the patch-embedding grid.
         """
         if self.family == "resnet":
             if mask is not None:
                 raise ValueError(f"masked inputs need a ViT or Swin backbone, '{self.name}' is a ResNet")
             return self.model.forward_features(x)
-        if self.family == "vit":
+        if self.family in TOKEN_FAMILIES:
             return self.tokens_to_map(self.forward_tokens(x, mask, mask_token))
         m = self.model
         tokens = m.patch_embed(x)  # [B, h, w, C] (timm Swin is channels-last)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_zoo.augment import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from ssl_zoo.models.backbones import Backbone
+from ssl_zoo.models.backbones import TOKEN_FAMILIES, Backbone
 from ssl_zoo.utils.distributed import rank
 
 __all__ = ["CLIPTeacher", "FrozenTeacher", "TimmTeacher", "build_teacher"]
@@ -235,8 +235,8 @@ class TimmTeacher(FrozenTeacher):
         if input_normalization not in _STATS:
             raise ValueError(f"input_normalization must be 'clip' or 'imagenet', got '{input_normalization}'")
         self.backbone = Backbone(name, pretrained=pretrained, img_size=image_size, **(backbone_kwargs or {}))
-        if self.backbone.family != "vit":
-            raise ValueError(f"the timm teacher must be a ViT, '{name}' is a {self.backbone.family}")
+        if self.backbone.family not in TOKEN_FAMILIES:
+            raise ValueError(f"the timm teacher must be a ViT or BEiT, '{name}' is a {self.backbone.family}")
         if getattr(self.backbone.model, "cls_token", None) is None:
             raise ValueError(f"the timm teacher '{name}' has no CLS token, which MVP's targets need")
         self.pretrained = pretrained or None

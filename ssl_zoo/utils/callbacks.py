@@ -15,9 +15,12 @@ from ssl_zoo.utils.checkpointing import BatchEndLoopState, BetweenStepsSaver, sa
 
 
 def batch_num_images(batch) -> int:
-    """Number of images (not views) in a pre-training batch dict or an ``(x, y)`` tuple."""
+    """Number of images (not views) in a pre-training batch dict, a dense-transfer batch dict (``images``: a
+    list or a stacked tensor) or an ``(x, y)`` tuple."""
     if isinstance(batch, dict) and "views" in batch:
         return int(batch["views"].shape[0])
+    if isinstance(batch, dict) and "images" in batch:
+        return len(batch["images"])
     if isinstance(batch, list | tuple) and batch and hasattr(batch[0], "shape"):
         return int(batch[0].shape[0])
     return 0

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["cosine_schedule", "init_teacher", "update_ema"]
+__all__ = ["OncePerOptimizerStep", "cosine_schedule", "init_teacher", "update_ema"]
 
 
 def init_teacher(student: nn.Module) -> nn.Module:
@@ -82,3 +82,30 @@ def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> floa
         raise ValueError(f"step must be >= 0, got {step}")
     progress = min(step, max_steps) / max_steps
     return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+class OncePerOptimizerStep:
+    """Gate for EMA updates run from ``on_train_batch_end``: open once after each optimiser step.
+
+    Lightning calls ``on_train_batch_end`` after every micro-batch; under gradient accumulation the batches
+    that did not step leave the student unchanged, and moving the teacher towards it again would apply the
+    momentum several times per step. The gate compares the trainer's ``global_step`` (optimiser steps taken)
+    with the one it last let through. Before :meth:`start` it is always open (unit tests that call the hook
+    without a trainer).
+    """
+
+    def __init__(self) -> None:
+        self.last_step: int | None = None
+
+    def start(self, global_step: int) -> None:
+        """Called from ``on_train_start``: the steps already taken (a resumed run) are not new."""
+        self.last_step = global_step
+
+    def __call__(self, global_step: int) -> bool:
+        """True when ``global_step`` is new since the last call that returned True."""
+        if self.last_step is None:
+            return True
+        if global_step == self.last_step:
+            return False
+        self.last_step = global_step
+        return True

@@ -14,10 +14,27 @@ def scaled_lr(base_lr: float, batch_size: int, reference: int = 256) -> float:
     return base_lr * batch_size / reference
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr: linear warmup from 0, then half-cosine from 1 down to ``final_ratio``."""
+def warmup_cosine(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    final_ratio: float = 0.0,
+    start_ratio: float | None = None,
+) -> float:
+    """Multiplier of the peak lr: linear warmup, then half-cosine from 1 down to ``final_ratio``.
+
+    Warmup: with ``start_ratio=None`` (the default) step ``s`` gets ``(s + 1) / warmup_steps``, i.e. a ramp
+    from 0 that reaches the peak on the last warmup step. With a ``start_ratio`` it is BEiT's / DINO's
+    ``np.linspace(start, peak, warmup_steps)``: step 0 is at ``start_ratio`` and step ``warmup_steps - 1`` at
+    the peak. The cosine part, ``final + (1 - final) * (1 + cos(pi * i / (total - warmup))) / 2`` for
+    ``i = step - warmup_steps``, is the same in both cases (BEiT's ``cosine_scheduler``).
+    """
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        if start_ratio is None:
+            return (step + 1) / warmup_steps
+        if warmup_steps == 1:
+            return start_ratio  # np.linspace(start, peak, 1) == [start]
+        return start_ratio + (1.0 - start_ratio) * step / (warmup_steps - 1)
     span = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / span, 1.0)
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -29,10 +46,11 @@ def warmup_cosine_scheduler(
     warmup_steps: int = 0,
     final_ratio: float = 0.0,
     constant_groups: Sequence[int] = (),
+    start_ratio: float | None = None,
 ) -> LambdaLR:
     """Per-step :func:`warmup_cosine` for every param group except ``constant_groups`` (kept at their lr,
-    e.g. SimSiam's predictor, "fix_pred_lr")."""
-    schedule = lambda step: warmup_cosine(step, total_steps, warmup_steps, final_ratio)
+    e.g. SimSiam's predictor, "fix_pred_lr"). ``start_ratio``: see :func:`warmup_cosine`."""
+    schedule = lambda step: warmup_cosine(step, total_steps, warmup_steps, final_ratio, start_ratio)
     lambdas = [
         (lambda _step: 1.0) if i in constant_groups else schedule for i in range(len(optimizer.param_groups))
     ]

@@ -10,7 +10,7 @@
     files          config.yaml, metrics.csv, curves.png
     next           make linear CKPT=runs/mvp/20260101-120000/checkpoints/last.ckpt
                    make gamp CKPT=runs/mvp/20260101-120000/checkpoints/last.ckpt
-                   ...
+                   ... (knn, finetune, detect, segment)
 
 A pre-training run suggests evaluating its ``last.ckpt``; an evaluation job (any module with a ``ckpt``
 hyper-parameter) names the checkpoint it evaluated, the ``eval.json`` its result went to, and the other
@@ -27,9 +27,10 @@ from typing import Any
 
 __all__ = ["EVAL_TARGETS", "format_run_summary", "next_commands"]
 
-#: ``make`` evaluation targets and the ``protocol`` of the module each runs (``ssl_zoo.eval``).
+#: ``make`` evaluation and transfer targets and the ``protocol`` of the module each runs (``ssl_zoo.eval``,
+#: ``ssl_zoo.transfer``).
 EVAL_TARGETS: dict[str, str] = {"linear": "linear", "gamp": "multilabel_linear", "knn": "knn",
-                                "finetune": "finetune"}
+                                "finetune": "finetune", "detect": "detection", "segment": "segmentation"}
 #: Run files worth pointing at, when they exist.
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "eval.json", "bad_samples.txt")
 MAX_METRICS = 12
@@ -66,7 +67,7 @@ def _format_metrics(metrics: Mapping[str, Any]) -> str:
 
 
 def next_commands(ckpt: str, done: str | None = None) -> list[str]:
-    """The ``make`` evaluation jobs of ``ckpt``, leaving out the protocol ``done`` just ran."""
+    """The ``make`` evaluation and transfer jobs of ``ckpt``, leaving out the protocol ``done`` just ran."""
     return [f"make {target} CKPT={ckpt}" for target, protocol in EVAL_TARGETS.items() if protocol != done]
 
 

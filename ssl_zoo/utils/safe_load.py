@@ -8,6 +8,7 @@ both read through :func:`read_checkpoint`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from typing import Any
@@ -77,7 +78,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
         raise _not_a_checkpoint(path, _what_it_is(head))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # DINO, MAE and BEiT training scripts save their command line as an ``argparse.Namespace`` next to the
+        # weights; unpickling one only sets attributes, whose values stay restricted like everything else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, RuntimeError) as err:  # a truncated pickle, a zip archive torch did not write
         reason = str(err).strip().splitlines()[0] if str(err).strip() else "truncated file"
         raise _not_a_checkpoint(path, f"torch.load: {type(err).__name__}: {reason}") from err

@@ -1,0 +1,276 @@
+"""Planted bugs: does the fast test suite catch each of them?
+
+``python -m benchmarks.mutants [--only NAME ...] [--json benchmarks/results/mutants.json]`` (``make mutants``)
+
+Each mutant below is one small, plausible bug in a core behaviour (a loss or its gradient, a stop-gradient,
+an EMA teacher, a schedule or lr rule, a gather, a queue, a probe, resume). For each, the repository's
+package, tests and configs are copied to a temporary directory, the one edit is applied there (the exact
+text must occur exactly once, so a mutant whose code has moved fails loudly instead of testing nothing),
+and the suite of ``make test-fast`` runs against the copy. A mutant is *caught* when a test fails; the
+first failing test is recorded. The unmutated copy runs first and must pass. The working tree is never
+modified. Results: a Markdown table on stdout and the JSON file; ``benchmarks/RESULTS.md`` quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("ssl_zoo", "tests", "experiments", "benchmarks", "pyproject.toml")
+#: The selection ``make test-fast`` runs.
+FAST_SUITE = ("-m", "not slow and not distributed")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: replace ``find`` (occurring exactly once in ``file``) by ``replace``."""
+
+    name: str
+    file: str
+    find: str
+    replace: str
+    breaks: str
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ------------------------------------------------------------------ SimSiam / BAM + IA-CLoss
+    Mutant("simsiam_no_stop_gradient", "ssl_zoo/methods/bam_ia.py",
+           "self.similarity_loss(p1, z2.detach()) + self.similarity_loss(p2, z1.detach())",
+           "self.similarity_loss(p1, z2) + self.similarity_loss(p2, z1)",
+           "SimSiam's stop-gradient on the target branch (Eq. 3-4)"),
+    Mutant("simsiam_same_view_pairing", "ssl_zoo/methods/bam_ia.py",
+           "self.similarity_loss(p1, z2.detach()) + self.similarity_loss(p2, z1.detach())",
+           "self.similarity_loss(p1, z1.detach()) + self.similarity_loss(p2, z2.detach())",
+           "each prediction meets the other view's projection"),
+    Mutant("ia_closs_factor_inside_log", "ssl_zoo/losses/ia_closs.py",
+           "losses = -(log_numerator - log_denominator) / n_pos",
+           "losses = -(log_numerator - n_pos.log() - log_denominator)",
+           "IA-CLoss Eq. 1: 1/|P(i)| multiplies the log, not the sum inside it"),
+    Mutant("ia_closs_anchor_in_denominator", "ssl_zoo/losses/ia_closs.py",
+           "log_denominator = torch.logsumexp(logits.masked_fill(self_mask, neg_inf), dim=1)",
+           "log_denominator = torch.logsumexp(logits, dim=1)",
+           "A(i) excludes the anchor itself"),
+    Mutant("ia_closs_gather_without_gradient", "ssl_zoo/losses/ia_closs.py",
+           "z_all = gather(z)  # [W*N, D], gradients flow back to every rank's slice",
+           "z_all = gather_no_grad(z)",
+           "IA-CLoss under DDP: gradients of the other ranks' embeddings reach them"),
+    # ------------------------------------------------------------------ HVP-MTL
+    Mutant("asl_focusing_exponents_swapped", "ssl_zoo/losses/asl.py",
+           "loss_pos = y * eta * (1.0 - p).pow(gamma_pos)",
+           "loss_pos = y * eta * (1.0 - p).pow(gamma_neg)",
+           "ASL Eq. 1: gamma+ on the positives"),
+    Mutant("asl_eta_on_negatives", "ssl_zoo/losses/asl.py",
+           "loss_neg = (1.0 - y) * p.pow(gamma_neg)",
+           "loss_neg = (1.0 - y) * eta * p.pow(gamma_neg)",
+           "ASL Eq. 1: eta weights the positives only"),
+    Mutant("masked_l1_over_all_pixels", "ssl_zoo/losses/mim.py",
+           "return error.sum() / num_masked.clamp(min=1.0)",
+           "return error.sum() / error.numel()",
+           "SimMIM Eq. 4: the mean over masked pixels"),
+    Mutant("hvp_teacher_decoder_not_averaged", "ssl_zoo/methods/hvp_mtl.py",
+           "update_ema(self.teacher_decoder, self.decoder, m)",
+           "pass",
+           "HVP-MTL's EMA teacher: the decoder follows the student too"),
+    # ------------------------------------------------------------------ MoCo / MPCL
+    Mutant("moco_v3_no_2tau_scale", "ssl_zoo/losses/moco.py",
+           "loss = F.cross_entropy(logits, labels) * (2.0 * temperature)",
+           "loss = F.cross_entropy(logits, labels)",
+           "MoCo v3's 2 tau loss scale"),
+    Mutant("moco_v2_key_not_normalised", "ssl_zoo/losses/moco.py",
+           "k = F.normalize(k.detach().float(), dim=1)  # [B, D]\n    # A copy",
+           "k = k.detach().float()  # [B, D]\n    # A copy",
+           "MoCo v2 InfoNCE on unit keys"),
+    Mutant("queue_pointer_stuck", "ssl_zoo/losses/moco.py",
+           "self.ptr.copy_((self.ptr + num_new) % self.size)",
+           "self.ptr.copy_(self.ptr % self.size)",
+           "the MoCo queue advances (first in, first out)"),
+    Mutant("pcr_counts_self_similarity", "ssl_zoo/losses/mpcl.py",
+           "per_sample = torch.where(off_diagonal, cos, 0.0).sum(dim=2) / (num_proj - 1)",
+           "per_sample = cos.sum(dim=2) / (num_proj - 1)",
+           "PCR Eq. 2 sums over the other projectors only"),
+    Mutant("ptb_favours_accurate_projectors", "ssl_zoo/losses/mpcl.py",
+           "return torch.softmax((1.0 - acc) / epsilon, dim=0)",
+           "return torch.softmax(acc / epsilon, dim=0)",
+           "PTB Eq. 3 up-weights the weaker projectors"),
+    Mutant("mpcl_momentum_backbone_frozen", "ssl_zoo/methods/mpcl.py",
+           "update_ema(self.teacher_backbone, self.backbone, m)",
+           "pass",
+           "MoCo Eq. 2: the key encoder's backbone follows the query encoder"),
+    Mutant("ema_weights_swapped", "ssl_zoo/utils/ema.py",
+           "            1.0 - momentum,\n        )",
+           "            momentum,\n        )",
+           "theta_t <- m theta_t + (1 - m) theta_s, not the other way round"),
+    Mutant("ema_every_micro_batch", "ssl_zoo/utils/ema.py",
+           "        if global_step == self.last_step:\n            return False",
+           "        if False:\n            return False",
+           "EMA teachers move once per optimiser step under gradient accumulation"),
+    # ------------------------------------------------------------------ schedules and lr scaling
+    Mutant("cosine_without_pi", "ssl_zoo/utils/optim.py",
+           "0.5 * (1.0 + math.cos(math.pi * progress))",
+           "0.5 * (1.0 + math.cos(progress))",
+           "the half-cosine decay reaches its floor"),
+    Mutant("warmup_skipped", "ssl_zoo/utils/optim.py",
+           "if warmup_steps > 0 and step < warmup_steps:",
+           "if False:",
+           "linear warm-up"),
+    Mutant("lr_scaled_by_512", "ssl_zoo/utils/optim.py",
+           "return base_lr * batch_size / reference",
+           "return base_lr * batch_size / (2 * reference)",
+           "linear scaling rule lr = base_lr x batch / reference"),
+    Mutant("global_batch_ignores_accumulation", "ssl_zoo/utils/optim.py",
+           "return int(per_process) * trainer.world_size * trainer.accumulate_grad_batches",
+           "return int(per_process) * trainer.world_size",
+           "the global batch counts accumulated micro-batches"),
+    Mutant("predictor_lr_decays", "ssl_zoo/utils/optim.py",
+           "(lambda _step: 1.0) if i in constant_groups else schedule",
+           "schedule",
+           "SimSiam's fixed predictor lr"),
+    # ------------------------------------------------------------------ evaluation
+    Mutant("threshold_strict", "ssl_zoo/eval/metrics.py",
+           "predicted = (scores >= threshold).to(torch.float64)",
+           "predicted = (scores > threshold).to(torch.float64)",
+           "a label is predicted when its score is >= the threshold"),
+    Mutant("knn_vote_unweighted", "ssl_zoo/eval/knn.py",
+           "weights = (sims / temperature).softmax(dim=1)",
+           "weights = torch.full_like(sims, 1.0 / sims.shape[1])",
+           "the kNN vote weights neighbours by exp(s / T)"),
+    Mutant("gamp_is_gap", "ssl_zoo/eval/pooling.py",
+           "return 0.5 * (gap(x) + gmp(x))",
+           "return gap(x)",
+           "GAMP = (GAP + GMP) / 2"),
+    Mutant("padded_duplicates_counted", "ssl_zoo/eval/module.py",
+           "scores, targets = scores[keep], targets[keep]",
+           "pass",
+           "DistributedSampler's padded samples count once"),
+    # ------------------------------------------------------------------ resume
+    Mutant("sampler_resume_ignored", "ssl_zoo/data/sampler.py",
+           "self._resume = (epoch, start) if start else None",
+           "self._resume = None",
+           "a resumed epoch skips the batches already trained on"),
+)
+
+
+def _copy_tree(destination: Path) -> None:
+    patterns = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set(patterns(directory, names))
+        if Path(directory) == ROOT / "benchmarks":
+            skipped |= {"runs"} & set(names)  # benchmark run outputs
+        return skipped
+
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=ignore)
+        else:
+            shutil.copy2(source, destination / name)
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    """Apply ``mutant`` to the copy under ``root``; its text must occur exactly once."""
+    path = root / mutant.file
+    text = path.read_text()
+    count = text.count(mutant.find)
+    if count != 1:
+        raise ValueError(f"mutant '{mutant.name}': the text to replace occurs {count} times in {mutant.file} "
+                         f"(expected once); update the mutant to the current code")
+    path.write_text(text.replace(mutant.find, mutant.replace))
+
+
+def run_suite(root: Path, pytest_args: list[str], timeout: float) -> tuple[int, str, float]:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FAST_SUITE,
+                               *pytest_args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+    except subprocess.TimeoutExpired as err:
+        return -1, f"timed out after {timeout:.0f} s\n{err.stdout or ''}", time.perf_counter() - start
+
+
+def first_failure(output: str) -> str | None:
+    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| mutant | breaks | caught | first failing test | s |", "| --- | --- | --- | --- | --- |"]
+    for r in report["mutants"]:
+        lines.append(f"| `{r['name']}` | {r['breaks']} | {'yes' if r['caught'] else '**no**'} | "
+                     f"{r['first_failure'] or ''} | {r['seconds']:.0f} |")
+    caught = sum(r["caught"] for r in report["mutants"])
+    lines.append(f"\n{caught} of {len(report['mutants'])} caught by the fast suite "
+                 f"(`pytest -m \"{FAST_SUITE[1]}\"`).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mutants", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=None, help="run these mutants only")
+    parser.add_argument("--list", action="store_true", help="list the mutants and check that each applies")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "mutants.json")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per suite run")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments (e.g. '-k losses')")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutant(s) {sorted(unknown)}; --list shows them")
+    pytest_args = args.pytest_args.split()
+    with tempfile.TemporaryDirectory(prefix="ssl_zoo_mutants_") as tmp:
+        pristine = Path(tmp) / "pristine"
+        _copy_tree(pristine)
+        for mutant in chosen:  # every mutant applies to today's code before anything runs
+            scratch = Path(tmp) / "check"
+            shutil.copytree(pristine, scratch)
+            apply(mutant, scratch)
+            shutil.rmtree(scratch)
+        if args.list:
+            for m in chosen:
+                print(f"{m.name:36s} {m.file:32s} {m.breaks}")
+            return 0
+        rc, output, seconds = run_suite(pristine, pytest_args, args.timeout)
+        if rc != 0:
+            print(output[-3000:], file=sys.stderr)
+            print(f"error: the unmutated suite does not pass (exit {rc}); fix it before planting bugs",
+                  file=sys.stderr)
+            return 1
+        print(f"unmutated suite passes in {seconds:.0f} s", file=sys.stderr)
+        results = []
+        for mutant in chosen:
+            work = Path(tmp) / mutant.name
+            shutil.copytree(pristine, work)
+            apply(mutant, work)
+            rc, output, seconds = run_suite(work, pytest_args, args.timeout)
+            caught = rc not in (0, 5)
+            results.append({**asdict(mutant), "caught": caught, "exit_code": rc,
+                            "first_failure": first_failure(output), "seconds": round(seconds, 1)})
+            print(f"{mutant.name}: {'caught' if caught else 'NOT caught'} ({seconds:.0f} s) "
+                  f"{first_failure(output) or ''}", file=sys.stderr)
+            shutil.rmtree(work)
+    report = {"suite": " ".join(FAST_SUITE), "mutants": results,
+              "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                          "cpus": os.cpu_count()},
+              "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report))
+    return 0 if all(r["caught"] for r in results) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

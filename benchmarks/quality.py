@@ -1,0 +1,595 @@
+"""Does every method learn on a CPU? Each CPU recipe against random init and a supervised ceiling, over seeds.
+
+``make bench-quality`` = ``python -m benchmarks.quality``::
+
+    python -m benchmarks.quality [--root data/demo] [--methods bam_ia simsiam ...] [--seeds 0 1 2]
+                                 [--out benchmarks/results/quality.json] [--work benchmarks/runs/quality]
+
+For every seed and method: pre-train with ``experiments/<method>/cpu.yaml`` (``python -m ssl_zoo fit``, the wall
+time of the whole command is ``pretrain_s``), then score the frozen student backbone with three probes:
+
+* ``knn_top1``: weighted kNN (k 20, T 0.07; :func:`~ssl_zoo.eval.knn.knn_predict`) on the single-label view,
+  training split as the bank;
+* ``linear_top1``: :class:`~ssl_zoo.eval.LinearProbe` (non-affine BN + linear, 10 epochs on the cached frozen
+  features, ``experiments/eval/linear_demo.yaml``'s settings) on the single-label view;
+* ``gamp_mAP``: :class:`~ssl_zoo.eval.MultiLabelLinearProbe` on GAMP-pooled features
+  (``experiments/eval/gamp_demo.yaml``'s settings) on the multi-label (COCO) view.
+
+The same probes score, per architecture and seed, a randomly initialised backbone (``backbone: random``) and a
+network of the same architecture trained on the labels for about the same compute
+(``experiments/eval/supervised_cpu.yaml``, ``backbone: supervised``, the ceiling). MVP needs a teacher with
+signal: the MoCo v3 run of the same seed, exported as a timm state dict, is its ``teacher: timm``
+(``mocov3`` is pre-trained first, or alone as the teacher when it is not among ``--methods``).
+
+``--root`` takes the demo layout (``folder/``, COCO ``annotations/``, ``tencent/`` lists), a plain image folder
+(``train/<class>/``, ``val/<class>/``: single-label probes only, BAM/SimSiam pre-train on it through
+``ImageFolderDataModule``, HVP-MTL is skipped as it needs multi-label targets) or a COCO-format root
+(``annotations/instances_{train,val}2017.json``: GAMP only, HVP-MTL reads it through ``CocoDataModule``).
+
+``quality.json`` holds ``{"rows": [{"method", "probe", "backbone", "mean", "std", "values", "pretrain_s"}],
+"machine": {...}, "curves": {...}}``, rewritten after every stage (an interrupted run keeps what it measured and
+a new one skips the pre-training runs that finished). ``--table`` prints the Markdown table, ``--figures DIR``
+draws one PNG per method: the kNN monitor of its pre-training runs (``val/knn_top1`` or ``val/knn_mAP``, mean and
+range over seeds) against the step, with random init and the supervised network as horizontal lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("bam_ia", "simsiam", "mpcl", "mocov2", "mocov3", "mvp", "hvp_mtl")
+PROBES = ("knn_top1", "linear_top1", "gamp_mAP")
+TEACHER_OF = {"mvp": "mocov3"}  # MVP's guidance: the same seed's MoCo v3 CPU run, loaded as a timm teacher
+SUPERVISED_CONFIG = "experiments/eval/supervised_cpu.yaml"
+# Probe settings of experiments/eval/{linear,gamp,knn}_demo.yaml.
+KNN_K, KNN_T = 20, 0.07
+PROBE_EPOCHS, PROBE_BATCH = 10, 64
+_DATA_CLASSES = {"folder": "ssl_zoo.data.ImageFolderDataModule", "coco": "ssl_zoo.data.CocoDataModule",
+                 "tencent": "ssl_zoo.data.TencentMLDataModule"}
+
+
+# ---------------------------------------------------------------------------------------------- data views
+@dataclass(frozen=True)
+class DataViews:
+    """Where each label format of ``--root`` lives (``None``: that view is missing)."""
+
+    folder: str | None  # class-per-folder tree with train/ and val/ (single-label)
+    coco: str | None  # COCO root: annotations/instances_{train,val}2017.json (multi-label)
+    tencent: str | None  # root of tencent/{train,val}.txt (multi-label lists)
+    tencent_classes: int | None = None
+
+
+def find_views(root: str | os.PathLike) -> DataViews:
+    """The label formats under ``root`` (see the module docstring); raises when it holds none."""
+    root = Path(root)
+    folder = None
+    if (root / "folder" / "train").is_dir() and (root / "folder" / "val").is_dir():
+        folder = root / "folder"
+    elif (root / "train").is_dir() and (root / "val").is_dir() and not (root / "annotations").is_dir():
+        folder = root
+    coco = root if (root / "annotations" / "instances_train2017.json").is_file() else None
+    tencent, classes = None, None
+    dictionary = root / "tencent" / "dictionary_and_semantic_hierarchy.txt"
+    if (root / "tencent" / "train.txt").is_file() and dictionary.is_file():
+        tencent = root
+        classes = sum(1 for line in dictionary.read_text().splitlines() if line.strip())
+    if not (folder or coco or tencent):
+        raise FileNotFoundError(
+            f"--root {root}: no class-per-folder tree (train/ and val/, or folder/train and folder/val), no COCO "
+            "annotations/instances_train2017.json and no tencent/train.txt; generate the demo with "
+            "`python -m ssl_zoo.data.demo --out data/demo`")
+    return DataViews(*(str(p) if p else None for p in (folder, coco, tencent)), tencent_classes=classes)
+
+
+def recipe(method: str) -> dict:
+    return yaml.safe_load((ROOT / "experiments" / method / "cpu.yaml").read_text())
+
+
+def data_overrides(method: str, views: DataViews) -> list[str] | None:
+    """CLI overrides pointing ``method``'s recipe at the views of ``--root`` (None: it cannot run on them).
+
+    A recipe reads its own format when present; self-supervised recipes switch to another format otherwise
+    (they ignore the labels); HVP-MTL needs multi-label targets (Tencent lists, else COCO).
+    """
+    cfg = recipe(method)
+    wanted = next(kind for kind, path in _DATA_CLASSES.items() if cfg["data"]["class_path"] == path)
+    if method == "hvp_mtl":
+        order = ("tencent", "coco")
+    else:
+        order = (wanted, *(k for k in ("folder", "coco", "tencent") if k != wanted))
+    for kind in order:
+        root = getattr(views, kind)
+        if root is None:
+            continue
+        args = ["--data.init_args.root", root]
+        if kind != wanted:
+            args = ["--data", _DATA_CLASSES[kind], *args]
+        if method == "hvp_mtl":
+            classes = views.tencent_classes if kind == "tencent" else _coco_classes(root)
+            args += ["--model.init_args.num_classes", str(classes)]
+            if kind == "tencent":
+                args += ["--data.init_args.num_classes", str(classes)]
+        return args
+    return None
+
+
+def _coco_classes(root: str) -> int:
+    data = json.loads((Path(root) / "annotations" / "instances_train2017.json").read_text())
+    return len(data["categories"])
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` from the repository root with its output in ``log``.
+
+    Returns its wall time and the CPU time (user + system) of the command and its loader workers, in seconds:
+    on a machine shared with other jobs the wall time grows with their load, the CPU time much less.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")})
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if done.returncode:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"command failed ({done.returncode}), log {log}:\n{tail}")
+    return seconds, cpu
+
+
+def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
+    """``python -m ssl_zoo fit`` into ``run_dir`` unless a previous benchmark finished it; its record."""
+    done = run_dir / "benchmark_run.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cmd = [sys.executable, "-m", "ssl_zoo", "fit", "--config", config, "--seed_everything", str(seed),
+           "--trainer.default_root_dir", str(run_dir), *extra]
+    seconds, cpu = run_command(cmd, run_dir.parent / f"{run_dir.name}.log")
+    load = os.getloadavg()[0]
+    record = {"config": config, "seed": seed, "overrides": extra, "seconds": round(seconds, 1),
+              "cpu_seconds": round(cpu, 1), "load_average_at_end": round(load, 2),
+              "ckpt": str(run_dir / "checkpoints" / "last.ckpt"), "date": time.strftime("%Y-%m-%d %H:%M")}
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def architecture(method: str) -> dict:
+    """Backbone name, Backbone kwargs and input size of a recipe (what random init and the ceiling copy)."""
+    init = recipe(method)["model"]["init_args"]
+    return {"backbone": init["backbone"], "backbone_kwargs": init.get("backbone_kwargs") or {},
+            "img_size": int(init.get("img_size", 224))}
+
+
+def architecture_key(arch: dict) -> str:
+    kwargs = arch["backbone_kwargs"].get("model_kwargs") or {}
+    patch = f"_p{kwargs['patch_size']}" if "patch_size" in kwargs else ""
+    return f"{arch['backbone']}{patch}_{arch['img_size']}px"
+
+
+# ---------------------------------------------------------------------------------------------- probes
+def _frozen(backbone):
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def load_student(ckpt: str, arch: dict):
+    from ssl_zoo.eval.checkpoint import load_backbone
+
+    return _frozen(load_backbone(ckpt, backbone_kwargs={"img_size": arch["img_size"]}))
+
+
+def random_backbone(arch: dict, seed: int):
+    import torch
+
+    from ssl_zoo.models import Backbone
+
+    torch.manual_seed(seed)
+    return _frozen(Backbone(arch["backbone"], **{**arch["backbone_kwargs"], "img_size": arch["img_size"]}))
+
+
+def _fit_probe(probe, datamodule, work: Path, cache: dict) -> dict[str, float]:
+    """Train a linear probe on already extracted frozen features (its own cache, filled here)."""
+    from lightning.pytorch import Trainer
+
+    probe._cache = dict(cache)  # LinearProbe computes the cache only for the splits missing from it
+    trainer = Trainer(max_epochs=PROBE_EPOCHS, accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(work), log_every_n_steps=10)
+    trainer.fit(probe, datamodule=datamodule)
+    return dict(probe.last_val_metrics)
+
+
+def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path) -> dict[str, float]:
+    """kNN and linear top-1 on the single-label view, GAMP mAP on the multi-label view (missing views: skipped)."""
+    import torch
+
+    from ssl_zoo.data.datamodule import CocoDataModule, ImageFolderDataModule
+    from ssl_zoo.eval import LinearProbe, MultiLabelLinearProbe, extract_features, knn_predict
+    from ssl_zoo.eval.module import single_label_metrics
+    from ssl_zoo.eval.transforms import center_crop_transform, resize_transform
+
+    size = arch["img_size"]
+    scores: dict[str, float] = {}
+    backbone_args = {"backbone": arch["backbone"], "backbone_kwargs": arch["backbone_kwargs"], "img_size": size}
+    if views.folder:
+        datamodule = ImageFolderDataModule(root=views.folder, batch_size=PROBE_BATCH, num_workers=0, eval_size=size)
+        cache = {}
+        for split in ("train", "val"):
+            loader = datamodule.labelled_dataloader(split, batch_size=256, transform=center_crop_transform(size))
+            cache[split], targets = extract_features(backbone, loader, "backbone")
+            cache[f"{split}_targets"] = targets
+        knn = knn_predict(cache["val"], cache["train"], cache["train_targets"], datamodule.num_classes, KNN_K, KNN_T)
+        scores["knn_top1"] = single_label_metrics(knn, cache["val_targets"])["top1"]
+        datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))  # a full batch even on tiny data
+        torch.manual_seed(seed)
+        probe = LinearProbe(**backbone_args, batch_norm=True, cache_features=True)
+        probe.backbone = backbone
+        scores["linear_top1"] = _fit_probe(probe, datamodule, work / "linear",
+                                           {"train": cache["train"], "val": cache["val"]})["top1"]
+    if views.coco:
+        datamodule = CocoDataModule(root=views.coco, batch_size=PROBE_BATCH, num_workers=0, eval_size=size)
+        cache = {}
+        for split in ("train", "val"):
+            loader = datamodule.labelled_dataloader(split, batch_size=256, transform=resize_transform(size))
+            cache[split], _ = extract_features(backbone, loader, "gamp")
+        datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))
+        torch.manual_seed(seed)
+        probe = MultiLabelLinearProbe(**backbone_args, batch_norm=True, cache_features=True)
+        probe.backbone = backbone
+        scores["gamp_mAP"] = _fit_probe(probe, datamodule, work / "gamp", cache)["mAP"]
+    return {k: round(float(v), 2) for k, v in scores.items()}
+
+
+def monitor_metric(backbone, method: str, views: DataViews) -> tuple[str, float] | None:
+    """The value the recipe's kNN monitor would log for ``backbone`` (the lines of the method's figure)."""
+    from jsonargparse import ArgumentParser
+
+    from ssl_zoo.eval.knn import MONITOR_PREFIX, knn_vote_on_splits
+
+    cfg = recipe(method)
+    args = data_overrides(method, views)
+    if args is None:
+        return None
+    # The recipe's data module with the benchmark's root (and format switch), built like the CLI builds it.
+    data = {"class_path": cfg["data"]["class_path"], "init_args": dict(cfg["data"]["init_args"])}
+    for i in range(0, len(args), 2):
+        key, value = args[i], args[i + 1]
+        if key == "--data":
+            data = {"class_path": value, "init_args": {k: v for k, v in data["init_args"].items()
+                                                         if k in ("batch_size", "eval_size")}}
+        elif key.startswith("--data.init_args."):
+            data["init_args"][key.removeprefix("--data.init_args.")] = int(value) if value.isdigit() else value
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(__import__("lightning.pytorch", fromlist=["LightningDataModule"]).LightningDataModule,
+                                  "data")
+    datamodule = parser.instantiate_classes(parser.parse_object({"data": data}))["data"]
+    datamodule.num_workers = 0
+    monitor = next((c["init_args"] for c in cfg["trainer"].get("callbacks", [])
+                    if c["class_path"].endswith("KNNMonitor")), {})
+    size = architecture(method)["img_size"]
+    vote = knn_vote_on_splits(backbone, datamodule, size, KNN_K, KNN_T, "backbone",
+                              monitor.get("max_train_samples"), monitor.get("max_val_samples"),
+                              num_classes=getattr(datamodule, "num_classes", None))
+    if vote is None:
+        return None
+    metrics = vote[0]
+    name = "top1" if "top1" in metrics else "mAP"
+    return f"{MONITOR_PREFIX}{name}", round(float(metrics[name]), 2)
+
+
+# ---------------------------------------------------------------------------------------------- results
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": list(os.getloadavg())}
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = statistics.fmean(values)
+    return round(mean, 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+
+
+def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
+    """One row per (method, probe, backbone), the seeds in order; a row needs every seed's value."""
+    rows = []
+    for method in methods:
+        arch = architecture_key(architecture(method))
+        sources = {
+            "pretrained": (state["scores"].get(method, {}), state["seconds"].get(method, {})),
+            "random": (state["scores"].get(f"random/{arch}", {}), {}),
+            "supervised": (state["scores"].get(f"supervised/{arch}", {}),
+                           state["seconds"].get(f"supervised/{arch}", {})),
+        }
+        for probe in PROBES:
+            for backbone, (scores, seconds) in sources.items():
+                values = [scores.get(str(s), {}).get(probe) for s in seeds]
+                if any(v is None for v in values):
+                    continue
+                mean, std = summarise(values)
+                rows.append({"method": method, "probe": probe, "backbone": backbone, "mean": mean, "std": std,
+                             "values": values,
+                             "pretrain_s": [seconds.get(str(s)) for s in seeds] if seconds else []})
+    return rows
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Per (method, probe): the gain over random init and whether it clears 10 points and 3x the larger std."""
+    out = []
+    for row in rows:
+        if row["backbone"] != "pretrained":
+            continue
+        random = next((r for r in rows if r["backbone"] == "random" and r["method"] == row["method"]
+                       and r["probe"] == row["probe"]), None)
+        if random is None:
+            continue
+        gain = row["mean"] - random["mean"]
+        bar = max(10.0, 3 * max(row["std"], random["std"]))
+        out.append({"method": row["method"], "probe": row["probe"], "gain": round(gain, 2),
+                    "bar": round(bar, 2), "passes": gain >= 10.0 and gain > 3 * max(row["std"], random["std"]),
+                    "max_pretrain_s": max((s for s in row["pretrain_s"] if s is not None), default=None)})
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    rows = report["rows"]
+    lines = ["| method | probe | random init | CPU recipe | supervised | gain | passes | pretrain s (per seed) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda r: f"{r['mean']:.1f} ± {r['std']:.1f}" if r else "—"
+    for verdict in verdicts(rows):
+        find = lambda kind, v=verdict: next((r for r in rows if r["method"] == v["method"]
+                                             and r["probe"] == v["probe"] and r["backbone"] == kind), None)
+        pretrained = find("pretrained")
+        seconds = ", ".join(f"{s:.0f}" for s in pretrained["pretrain_s"] if s is not None)
+        lines.append(f"| {verdict['method']} | {verdict['probe']} | {fmt(find('random'))} | {fmt(pretrained)} | "
+                     f"{fmt(find('supervised'))} | {verdict['gain']:+.1f} | {'yes' if verdict['passes'] else 'no'} "
+                     f"| {seconds} |")
+    return "\n".join(lines)
+
+
+def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -> list[Path]:
+    """One PNG per method: its kNN monitor against the step (mean, min-max over seeds), random and supervised
+    as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ssl_zoo.plot import read_run, resolve_key
+
+    written = []
+    for method in methods:
+        curves = []
+        key = state["monitor_keys"].get(method)
+        for _seed, run_dir in sorted(state["runs"].get(method, {}).items()):
+            run = read_run(run_dir)
+            column = resolve_key(key, run.curves) if key else None
+            if column:
+                curves.append(dict(run.curves[column]))
+        if not curves:
+            continue
+        steps = sorted(set().union(*curves))
+        figure, axis = plt.subplots(figsize=(5.2, 3.4))
+        common = [s for s in steps if all(s in c for c in curves)]
+        mean = [statistics.fmean(c[s] for c in curves) for s in common]
+        axis.plot(common, mean, marker="o", markersize=3, label=f"{method} CPU recipe (mean of {len(curves)} seeds)")
+        axis.fill_between(common, [min(c[s] for c in curves) for s in common],
+                          [max(c[s] for c in curves) for s in common], alpha=0.2)
+        arch = architecture_key(architecture(method))
+        for kind, style in (("random", ":"), ("supervised", "--")):
+            values = [v for v in state["monitor_lines"].get(f"{kind}/{arch}/{method}", {}).values() if v is not None]
+            if values:
+                axis.axhline(statistics.fmean(values), linestyle=style, color="grey" if kind == "random" else "black",
+                             label=f"{kind} ({statistics.fmean(values):.1f})")
+        axis.set_xlabel("pre-training step")
+        axis.set_ylabel(key)
+        axis.set_title(f"{method}: kNN monitor during pre-training ({arch})", fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        out = figures / f"quality_{method}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, dpi=110)
+        plt.close(figure)
+        written.append(out)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- main
+STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped")
+
+
+def merged_state(work: Path) -> dict:
+    """Every ``state-*.json`` under ``work`` merged (one per benchmark process, e.g. one per seed in parallel)."""
+    state: dict = {key: {} for key in STATE_KEYS}
+    for path in sorted(work.glob("state-*.json")):
+        part = json.loads(path.read_text())
+        for key in STATE_KEYS:
+            for name, value in part.get(key, {}).items():
+                if isinstance(value, dict):
+                    state[key].setdefault(name, {}).update(value)
+                else:
+                    state[key][name] = value
+    return state
+
+
+def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figures: bool) -> dict:
+    """``quality.json`` (and the figures) from every state under ``--work``: the seeds of parallel processes."""
+    work, out = ROOT / args.work, ROOT / args.out
+    state = merged_state(work)
+    rows = build_rows(state, args.methods, args.seeds)
+    report = {"rows": rows, "machine": machine, "root": str(args.root), "views": views.__dict__,
+              "methods": args.methods, "seeds": args.seeds, "verdicts": verdicts(rows),
+              "curves": {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
+                         for m in args.methods},
+              "skipped": state["skipped"],
+              # Per run: [CPU seconds of the command and its loader workers, 1-min load average at its end].
+              "pretrain_cpu_s_and_load": state["cpu_seconds"],
+              "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
+    if figures and args.figures:
+        report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,
+                                                                             ROOT / args.figures)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out)  # parallel processes never leave a half-written file
+    return report
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    views = find_views(args.root)
+    work = ROOT / args.work
+    machine = machine_info()
+    if args.report:
+        return write_report(args, views, machine, figures=True)
+    # One state file per process: several processes (e.g. one per seed) can share --work and --out.
+    state_path = work / f"state-seeds{'_'.join(map(str, args.seeds))}.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    for key in STATE_KEYS:
+        state.setdefault(key, {})
+
+    def save() -> None:  # after every stage, so an interrupted run keeps what it measured
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(state, indent=1))
+        write_report(args, views, machine, figures=False)
+
+    order = list(args.methods)
+    if "mvp" in order and "mocov3" not in order:
+        order.insert(order.index("mvp"), "mocov3")  # the teacher only: trained, not reported
+    elif "mvp" in order and order.index("mocov3") > order.index("mvp"):
+        order.remove("mocov3")
+        order.insert(order.index("mvp"), "mocov3")
+
+    baselines_done: set[str] = set()
+    for method in order:  # method by method, all seeds: an interrupted run has complete rows for the first ones
+        extra_base = data_overrides(method, views)
+        if extra_base is None:
+            state["skipped"][method] = "no data view it can read under --root"
+            save()
+            continue
+        arch = architecture(method)
+        key = architecture_key(arch)
+        for seed in args.seeds:
+            s = str(seed)
+            extra = list(extra_base)
+            if method in TEACHER_OF:
+                teacher = work / TEACHER_OF[method] / f"seed{seed}" / "teacher_timm.pth"
+                if not teacher.is_file():
+                    from ssl_zoo.export import export_checkpoint
+
+                    export_checkpoint(state["runs"][TEACHER_OF[method]][s] + "/checkpoints/last.ckpt", "timm",
+                                      teacher)
+                extra += ["--model.init_args.teacher_pretrained", str(teacher)]
+            run_dir = work / method / f"seed{seed}"
+            record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
+            state["runs"].setdefault(method, {})[s] = str(run_dir)
+            state["seconds"].setdefault(method, {})[s] = record["seconds"]
+            state["cpu_seconds"].setdefault(method, {})[s] = [record.get("cpu_seconds"),
+                                                              record.get("load_average_at_end")]
+            if method in args.methods and s not in state["scores"].get(method, {}):
+                student = load_student(record["ckpt"], arch)
+                state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
+                                                                           run_dir / "probes")
+                monitor = monitor_metric(student, method, views)
+                if monitor:
+                    state["monitor_keys"][method] = monitor[0]
+                print(f"seed {seed} {method}: {state['scores'][method][s]} ({record['seconds']:.0f} s)", flush=True)
+            save()
+        if method not in args.methods:
+            continue
+        kinds = ("random", "supervised") if key not in baselines_done else ()
+        baselines_done.add(key)
+        for kind in kinds:
+            name = f"{kind}/{key}"
+            for seed in args.seeds:
+                s = str(seed)
+                if kind == "random":
+                    backbone = random_backbone(arch, seed)
+                else:
+                    if not views.folder:
+                        continue  # the ceiling trains on single-label targets
+                    run_dir = work / "supervised" / key / f"seed{seed}"
+                    record = fit(SUPERVISED_CONFIG, run_dir, seed, [
+                        "--model.init_args.backbone", arch["backbone"],
+                        "--model.init_args.backbone_kwargs", json.dumps(arch["backbone_kwargs"]),
+                        "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
+                        "--data.init_args.eval_size", str(arch["img_size"])])
+                    state["seconds"].setdefault(name, {})[s] = record["seconds"]
+                    state["cpu_seconds"].setdefault(name, {})[s] = [record.get("cpu_seconds"),
+                                                                    record.get("load_average_at_end")]
+                    backbone = load_student(record["ckpt"], arch)
+                if s not in state["scores"].get(name, {}):
+                    state["scores"].setdefault(name, {})[s] = probe_backbone(
+                        backbone, arch, views, seed, work / kind / key / f"seed{seed}")
+                # The horizontal lines of each figure: what the method's kNN monitor reads on this backbone
+                # (one vote per data view: recipes reading the same view share it).
+                votes: dict[tuple, float | None] = {}
+                for other in args.methods:
+                    if architecture_key(architecture(other)) != key:
+                        continue
+                    lines = state["monitor_lines"].setdefault(f"{name}/{other}", {})
+                    view = tuple(data_overrides(other, views) or ())
+                    if s not in lines:
+                        if view not in votes:
+                            monitor = monitor_metric(backbone, other, views)
+                            votes[view] = monitor[1] if monitor else None
+                        lines[s] = votes[view]
+                save()
+                print(f"seed {seed} {name}: {state['scores'][name][s]}", flush=True)
+    return write_report(args, views, machine, figures=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="data/demo", help="data root (demo layout, image folder or COCO)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    parser.add_argument("--work", default="benchmarks/runs/quality", help="run directories and resumable state")
+    parser.add_argument("--figures", default="benchmarks/results", help="folder of the per-method PNGs ('' = none)")
+    parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
+                        help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="rebuild --out and the figures from the states under --work (e.g. after parallel runs)")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads((ROOT / args.out).read_text())))
+        return 0
+    report = run_benchmark(args)
+    print(markdown_table(report))
+    failed = [v for v in report["verdicts"] if not v["passes"]]
+    print(f"{len(report['verdicts']) - len(failed)} of {len(report['verdicts'])} (method, probe) pairs beat random "
+          f"init by >= 10 points and > 3 std; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Learning you can see: the CPU recipes, the kNN monitor in every demo/CPU recipe, curves.png and
+``python -m ssl_zoo.plot``, and the quality benchmark's bookkeeping (never the benchmark itself: it takes hours).
+
+Expected values come from hand-written CSVs and independent computations, not from the code under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from benchmarks import quality
+from ssl_zoo.cli import main as cli_main
+from ssl_zoo.plot import CurvesPlot, default_keys, plot_runs, read_run, resolve_key
+from ssl_zoo.plot import main as plot_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_RECIPES = sorted((ROOT / "experiments").glob("*/cpu.yaml"))
+RECIPES_WITH_MONITOR = sorted([*CPU_RECIPES, *(ROOT / "experiments").glob("*/demo.yaml")])
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(run_dir: Path, rows: list[dict], name: str | None = None) -> Path:
+    """A Lightning-style metrics.csv (empty cells where a row does not log a key) and a config.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for row in rows for k in row})
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    if name:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": name}))
+    return run_dir
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# ============================================================================ recipes
+def test_every_method_has_a_cpu_recipe():
+    assert {p.parent.name for p in CPU_RECIPES} == set(quality.METHODS)
+
+
+@pytest.mark.parametrize("config", RECIPES_WITH_MONITOR, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_knn_monitor_is_on_in_demo_and_cpu_recipes(config):
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    assert any(c["class_path"] == "ssl_zoo.eval.KNNMonitor" for c in callbacks)
+
+
+@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: p.parent.name)
+def test_cpu_recipe_fits_the_budget_by_construction(config):
+    """A wall-clock guard of at most 10 minutes, a CPU, one device, a small input."""
+    cfg = yaml.safe_load(config.read_text())
+    days, hours, minutes, seconds = (int(x) for x in cfg["trainer"]["max_time"].split(":"))
+    assert days == hours == 0 and minutes * 60 + seconds <= 600
+    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["devices"] == 1
+    assert cfg["model"]["init_args"]["img_size"] <= 64
+
+
+def _mvp_teacher(tmp_path: Path) -> str:
+    """A timm state dict of the MoCo v3 recipe's backbone, as `python -m ssl_zoo.export --to timm` writes it."""
+    from ssl_zoo.models import Backbone
+
+    arch = quality.architecture("mocov3")
+    backbone = Backbone(arch["backbone"], **{**arch["backbone_kwargs"], "img_size": arch["img_size"]})
+    path = tmp_path / "teacher.pth"
+    torch.save(backbone.model.state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: p.parent.name)
+def test_cpu_recipe_fast_dev_run(config, demo_root, tmp_path):
+    data = yaml.safe_load(config.read_text())["data"]
+    root = f"{demo_root}/folder" if data["class_path"].endswith("ImageFolderDataModule") else demo_root
+    extra = []
+    if config.parent.name == "mvp":  # the teacher the benchmark exports from the MoCo v3 run
+        extra = ["--model.init_args.teacher_pretrained", _mvp_teacher(tmp_path)]
+    cli = cli_main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--data.init_args.root", root,
+                    "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+                    "--trainer.default_root_dir", str(tmp_path / "run"), *extra])
+    metrics = cli.trainer.callback_metrics
+    assert metrics["train/loss"].isfinite()
+    # The kNN monitor ran on the labelled splits: top-1 on the folder view, mAP on the multi-label views.
+    knn = metrics.get("val/knn_top1", metrics.get("val/knn_mAP"))
+    assert knn is not None and 0.0 <= float(knn) <= 100.0
+
+
+@pytest.mark.slow
+def test_mvp_cpu_recipe_loads_the_exported_teacher(tmp_path):
+    """The teacher MVP regresses is the exported MoCo v3 backbone, weight for weight."""
+    from ssl_zoo.methods import MVP
+
+    path = _mvp_teacher(tmp_path)
+    init = yaml.safe_load((ROOT / "experiments/mvp/cpu.yaml").read_text())["model"]["init_args"]
+    model = MVP(**{**init, "teacher_pretrained": path})
+    saved = torch.load(path, weights_only=True)
+    loaded = model.teacher_backbone.backbone.model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
+
+
+# ============================================================================ plot
+ROWS_A = [
+    {"epoch": 0, "step": 4, "train/loss_sim_step": 0.5, "train/loss_step": 1.0, "train/images_per_s": 10},
+    {"epoch": 0, "step": 9, "train/loss_sim_step": 0.25, "train/loss_step": 0.75, "train/images_per_s": 11},
+    {"epoch": 0, "step": 9, "train/loss_sim_epoch": 0.4, "train/loss_epoch": 0.9, "val/knn_top1": 20.0},
+]
+
+
+def test_read_run_keeps_each_column_as_a_step_curve(tmp_path):
+    run = read_run(write_metrics(tmp_path / "a", ROWS_A, name="bam_ia_cpu"))
+    assert run.label == "bam_ia_cpu/a"
+    assert run.curves["train/loss_sim_step"] == [(4, 0.5), (9, 0.25)]
+    assert run.curves["train/loss_sim_epoch"] == [(9, 0.4)]
+    assert run.curves["val/knn_top1"] == [(9, 20.0)]
+    assert "step" not in run.curves
+
+
+def test_keys_resolve_to_step_values_first_and_bookkeeping_is_left_out(tmp_path):
+    run = read_run(write_metrics(tmp_path / "a", ROWS_A))
+    assert resolve_key("train/loss_sim", run.curves) == "train/loss_sim_step"
+    assert resolve_key("train/loss_sim_epoch", run.curves) == "train/loss_sim_epoch"
+    assert resolve_key("val/knn_top1", run.curves) == "val/knn_top1"
+    assert resolve_key("train/nothing", run.curves) is None
+    # Each metric once (per-step and epoch columns share a panel), throughput and epoch counter left out.
+    assert default_keys([run]) == ["train/loss_sim", "train/loss", "val/knn_top1"]
+
+
+def test_plot_command_overlays_runs_bam_fig4(tmp_path, capsys):
+    """BAM's Fig. 4 (L_sim with and without BAM) is one command."""
+    bam = write_metrics(tmp_path / "bam", ROWS_A, name="bam_ia")
+    simsiam = write_metrics(tmp_path / "simsiam", [{"step": 4, "train/loss_sim_step": 0.6},
+                                                   {"step": 9, "train/loss_sim_step": 0.5}], name="simsiam")
+    out = tmp_path / "fig4.png"
+    assert plot_main([str(bam), str(simsiam), "--keys", "train/loss_sim", "--out", str(out)]) == 0
+    assert is_png(out) and "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a key no run logged
+        plot_main([str(bam), "--keys", "train/unknown", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):  # not a run directory
+        plot_main([str(tmp_path / "missing"), "--out", str(tmp_path / "y.png")])
+    with pytest.raises(SystemExit):  # labels must match the runs
+        plot_main([str(bam), str(simsiam), "--labels", "one", "--out", str(tmp_path / "z.png")])
+
+
+def test_plot_draws_one_line_per_run_with_the_logged_values(tmp_path, monkeypatch):
+    """The figure's lines hold exactly the CSV values (read back from matplotlib's artists)."""
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(write_metrics(tmp_path / n, rows)) for n, rows in
+            (("a", ROWS_A), ("b", [{"step": 1, "train/loss_sim_step": 0.9}, {"step": 3, "train/loss_sim_step": 0.1}]))]
+    captured = {}
+    real_close = plt.close
+
+    def keep_figure(figure=None):
+        captured["figure"] = figure
+        return real_close(figure)
+
+    monkeypatch.setattr(plt, "close", keep_figure)
+    out = plot_runs(runs, ["train/loss_sim", "val/knn_top1"], tmp_path / "f.png")
+    assert is_png(out)
+    axes = [a for a in captured["figure"].axes if a.get_visible()]
+    assert [a.get_title() for a in axes] == ["train/loss_sim", "val/knn_top1"]
+    lines = {tuple(line.get_xdata()): tuple(line.get_ydata()) for line in axes[0].get_lines()}
+    assert lines == {(4, 9): (0.5, 0.25), (1, 3): (0.9, 0.1)}
+    assert [tuple(line.get_ydata()) for line in axes[1].get_lines()] == [(20.0,)]
+
+
+@pytest.mark.slow
+def test_every_fit_writes_curves_png(demo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    cli_main(["fit", "--config", str(ROOT / "experiments/simsiam/demo.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1",
+              "--data.init_args.root", demo_root, "--data.init_args.num_workers", "0",
+              "--data.init_args.batch_size", "8", "--trainer.default_root_dir", str(run_dir)])
+    assert is_png(run_dir / "curves.png")
+    with Image.open(run_dir / "curves.png") as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+    # The monitor ran (multi-label COCO view: mAP) and its value is in the CSV the figure was drawn from.
+    assert "val/knn_mAP" in read_run(run_dir).curves
+
+
+def test_curves_callback_is_silent_without_a_csv_logger(tmp_path):
+    class FakeTrainer:
+        is_global_zero = True
+        loggers: list = []
+        default_root_dir = str(tmp_path)
+
+    CurvesPlot().on_fit_end(FakeTrainer(), None)
+    assert not (tmp_path / "curves.png").exists()
+
+
+# ============================================================================ the benchmark's bookkeeping
+def test_find_views_on_the_three_layouts(demo_root, tmp_path):
+    demo = quality.find_views(demo_root)
+    assert demo.folder == os.path.join(demo_root, "folder") and demo.coco == demo_root and demo.tencent == demo_root
+    assert demo.tencent_classes == 12
+    folder = quality.find_views(Path(demo_root) / "folder")
+    assert folder.folder == str(Path(demo_root) / "folder") and folder.coco is None and folder.tencent is None
+    with pytest.raises(FileNotFoundError, match="no class-per-folder tree"):
+        quality.find_views(tmp_path)
+
+
+def test_data_overrides_follow_each_recipe_and_switch_formats(demo_root):
+    views = quality.find_views(demo_root)
+    assert quality.data_overrides("mocov2", views) == ["--data.init_args.root", views.folder]
+    assert quality.data_overrides("bam_ia", views) == ["--data.init_args.root", views.coco]
+    assert quality.data_overrides("hvp_mtl", views) == ["--data.init_args.root", views.tencent,
+                                                        "--model.init_args.num_classes", "12",
+                                                        "--data.init_args.num_classes", "12"]
+    folder_only = quality.DataViews(folder="/x/folder", coco=None, tencent=None)
+    assert quality.data_overrides("bam_ia", folder_only) == [
+        "--data", "ssl_zoo.data.ImageFolderDataModule", "--data.init_args.root", "/x/folder"]
+    assert quality.data_overrides("hvp_mtl", folder_only) is None  # needs multi-label targets
+    coco_only = quality.DataViews(folder=None, coco=demo_root, tencent=None)
+    assert quality.data_overrides("hvp_mtl", coco_only) == [
+        "--data", "ssl_zoo.data.CocoDataModule", "--data.init_args.root", demo_root,
+        "--model.init_args.num_classes", "10"]
+
+
+def test_rows_follow_the_schema_and_verdicts_apply_the_bar():
+    seeds = [0, 1, 2]
+    arch = quality.architecture_key(quality.architecture("mocov2"))
+    state = {
+        "scores": {
+            "mocov2": {"0": {"knn_top1": 30.0, "linear_top1": 40.0}, "1": {"knn_top1": 32.0, "linear_top1": 41.0},
+                       "2": {"knn_top1": 34.0, "linear_top1": 42.0}},
+            f"random/{arch}": {s: {"knn_top1": 10.0 + int(s), "linear_top1": 20.0 + 6 * int(s)} for s in "012"},
+            f"supervised/{arch}": {s: {"knn_top1": 80.0, "linear_top1": 85.0} for s in "012"},
+        },
+        "seconds": {"mocov2": {"0": 200.0, "1": 210.0, "2": 220.0}, f"supervised/{arch}": {s: 150.0 for s in "012"}},
+    }
+    rows = quality.build_rows(state, ["mocov2"], seeds)
+    assert {r["backbone"] for r in rows} == {"pretrained", "random", "supervised"}
+    for row in rows:
+        assert set(row) == {"method", "probe", "backbone", "mean", "std", "values", "pretrain_s"}
+        assert row["mean"] == pytest.approx(statistics.fmean(row["values"]), abs=0.01)
+        assert row["std"] == pytest.approx(statistics.stdev(row["values"]), abs=0.01)
+    knn = next(r for r in rows if r["probe"] == "knn_top1" and r["backbone"] == "pretrained")
+    assert knn["values"] == [30.0, 32.0, 34.0] and knn["pretrain_s"] == [200.0, 210.0, 220.0]
+    assert next(r for r in rows if r["backbone"] == "random")["pretrain_s"] == []
+    verdicts = {v["probe"]: v for v in quality.verdicts(rows)}
+    # kNN: 32 - 11 = 21 >= 10 and > 3 x max(2, 1) = 6 -> passes.
+    assert verdicts["knn_top1"]["gain"] == pytest.approx(21.0) and verdicts["knn_top1"]["passes"]
+    # linear: 41 - 26 = 15 >= 10 but 3 x std(20, 26, 32) = 18 > 15 -> fails on the spread.
+    assert verdicts["linear_top1"]["gain"] == pytest.approx(15.0) and not verdicts["linear_top1"]["passes"]
+    table = quality.markdown_table({"rows": rows})
+    assert "| mocov2 | knn_top1 | 11.0 ± 1.0 | 32.0 ± 2.0 | 80.0 ± 0.0 | +21.0 | yes | 200, 210, 220 |" in table
+
+
+@pytest.mark.slow
+def test_probe_knn_equals_the_library_vote(demo_root, tmp_path):
+    """The benchmark's kNN score is the vote of knn_vote_on_splits (the monitor's path) on the same backbone."""
+    from ssl_zoo.data.datamodule import ImageFolderDataModule
+    from ssl_zoo.eval.knn import knn_vote_on_splits
+
+    arch = {"backbone": "resnet18", "backbone_kwargs": {"model_kwargs": {"channels": [8, 16, 32, 64]}},
+            "img_size": 32}
+    views = quality.find_views(demo_root)
+    backbone = quality.random_backbone(arch, seed=0)
+    scores = quality.probe_backbone(backbone, arch, views, 0, tmp_path)
+    assert set(scores) == set(quality.PROBES)
+    datamodule = ImageFolderDataModule(root=views.folder, batch_size=16, num_workers=0)
+    vote = knn_vote_on_splits(backbone, datamodule, 32, quality.KNN_K, quality.KNN_T, "backbone", None, None)
+    assert scores["knn_top1"] == pytest.approx(vote[0]["top1"], abs=0.01)
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # The same seed builds the same random backbone: the baseline is reproducible.
+    again = quality.random_backbone(arch, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+
+
+def test_results_json_in_the_repository_follows_the_schema():
+    path = ROOT / "benchmarks/results/quality.json"
+    if not path.is_file():
+        pytest.skip("benchmarks/results/quality.json not written yet (make bench-quality)")
+    report = json.loads(path.read_text())
+    assert set(report) >= {"rows", "machine"}
+    for row in report["rows"]:
+        assert row["method"] in quality.METHODS and row["probe"] in quality.PROBES
+        assert row["backbone"] in ("pretrained", "random", "supervised")
+        assert len(row["values"]) >= 1 and row["mean"] == pytest.approx(statistics.fmean(row["values"]), abs=0.01)
