@@ -1,6 +1,7 @@
 """``python -m ssl_zoo {fit,validate,test} --config experiments/<method>/demo.yaml [--key value ...]``.
 
-``python -m ssl_zoo --help`` (or no arguments) lists the methods, the configs of each and the jobs, read
+``python -m ssl_zoo --help`` (or no arguments) lists the methods, the configs of each and the jobs (the
+evaluation and transfer jobs with their configs, grouped by the model class each config names), read
 from ``experiments/`` (without importing torch, so it answers at once); ``python -m ssl_zoo fit --help``
 lists every option of a run. A mistake ends in one ``error:`` line and exit status 2
 (``SSL_ZOO_DEBUG=1`` shows the traceback), see :func:`ssl_zoo.cli.run`.
@@ -12,8 +13,17 @@ import re
 import sys
 from pathlib import Path
 
-#: Folders of ``experiments/`` that hold no run configs.
-NOT_RUN_CONFIGS = ("sweeps", "launch")
+#: The job (``make`` target) of each evaluation / transfer model class and the subcommand that runs it.
+JOB_OF_CLASS = {
+    "LinearProbe": ("linear", "fit"),
+    "MultiLabelLinearProbe": ("gamp", "fit"),
+    "FineTune": ("finetune", "fit"),
+    "KNNProbe": ("knn", "validate"),
+    "ObjectDetection": ("detect", "fit"),
+    "SemanticSegmentation": ("segment", "fit"),
+}
+#: Folders of ``experiments/`` with the configs of those jobs.
+JOB_FOLDERS = ("eval", "transfer")
 
 
 def experiments_dir() -> Path | None:
@@ -25,14 +35,9 @@ def experiments_dir() -> Path | None:
 
 
 def _class_of(config: Path) -> str:
-    match = re.search(r"^model:\s*\n\s+class_path:\s*([\w.]+)", config.read_text(errors="ignore"), re.M)
-    return match.group(1) if match else "?"
-
-
-def _subcommand_of(config: Path) -> str:
-    """The subcommand a config's header comment runs it with (``python -m ssl_zoo validate ...``), else fit."""
-    match = re.search(r"python -m ssl_zoo (fit|validate|test)\b", config.read_text(errors="ignore"))
-    return match.group(1) if match else "fit"
+    """The model class a config names (the last part of ``model: class_path:``), ``?`` when it names none."""
+    match = re.search(r"^model:\s*\n(?:\s*#.*\n)*\s+class_path:\s*([\w.]+)", config.read_text(errors="ignore"), re.M)
+    return match.group(1).rsplit(".", 1)[-1] if match else "?"
 
 
 def _make_targets(root: Path) -> set[str]:
@@ -58,36 +63,47 @@ def catalogue(experiments: Path | None = None) -> str:
         return str(path.relative_to(shown)) if shown else str(path)
 
     methods = sorted(p.parent for p in experiments.glob("*/demo.yaml"))
-    lines += ["", f"methods ({rel(experiments)}/<method>/; make pretrain METHOD=<method> runs its demo.yaml):"]
+    lines += ["", f"methods ({rel(experiments)}/<method>/; make pretrain METHOD=<method> runs its demo.yaml, minutes "
+                  "on a CPU; cpu.yaml: a CPU recipe that learns visibly; the others: paper configs for GPUs):"]
     width = max((len(m.name) for m in methods), default=0)
     for method in methods:
-        configs = " ".join(p.name for p in sorted(method.glob("*.yaml")))
-        overlays = sorted((method / "ablations").glob("*.yaml"))
-        more = f" + ablations/ ({len(overlays)} overlays)" if overlays else ""
-        lines.append(f"  {method.name:<{width}}  {_class_of(method / 'demo.yaml').rsplit('.', 1)[-1]}: {configs}{more}")
+        configs = " ".join(p.name for p in sorted(method.glob("*.yaml")) if p.name != "tables.yaml")
+        counts = {folder.name: len(list(folder.glob("*.yaml"))) for folder in sorted(method.iterdir()) if folder.is_dir()}
+        overlays = "".join(f" + {name}/ ({n} overlay{'s' if n > 1 else ''})" for name, n in counts.items() if n)
+        tables = "; paper tables: tables.yaml" if (method / "tables.yaml").is_file() else ""
+        lines.append(f"  {method.name:<{width}}  {_class_of(method / 'demo.yaml')}: {configs}{overlays}{tables}")
+    lines.append(f"  {'':<{width}}  overlays go after their base config: --config BASE.yaml --config OVERLAY.yaml")
+    if (experiments / "shards").is_dir():
+        lines.append(f"  {'':<{width}}  streaming shards: --config {rel(experiments)}/shards/<method>.yaml after the "
+                     "method's config (make demo-shards: the demo set as shards)")
 
     targets = _make_targets(experiments.parent)
     jobs: list[tuple[str, str, str, list[str]]] = [
         ("pretrain", f"python -m ssl_zoo fit --config {rel(experiments)}/<method>/<config>.yaml",
          "make pretrain METHOD=<method> [CONFIG=...]", [])]
-    for folder in sorted(p for p in experiments.iterdir() if p.is_dir()):
-        if folder in methods or folder.name in NOT_RUN_CONFIGS:
+    groups: dict[str, list[Path]] = {}
+    for folder in JOB_FOLDERS:
+        for config in sorted((experiments / folder).glob("*.yaml")):
+            job = JOB_OF_CLASS.get(_class_of(config))
+            if job:
+                groups.setdefault(job[0], []).append(config)
+    for cls, (job, subcommand) in JOB_OF_CLASS.items():
+        configs = groups.get(job)
+        if not configs or any(j == job for j, *_ in jobs):
             continue
-        groups: dict[str, list[Path]] = {}
-        for config in sorted(folder.glob("*.yaml")):
-            groups.setdefault(config.stem.split("_")[0], []).append(config)
-        for name, configs in groups.items():
-            first = next((c for c in configs if "demo" in c.stem), configs[0])
-            command = f"python -m ssl_zoo {_subcommand_of(first)} --config {rel(first)}"
-            if "eval" in folder.name or "ckpt" in first.read_text(errors="ignore"):
-                command += " --model.init_args.ckpt CKPT"
-            make = f"make {name} CKPT=..." if name in targets else ""
-            jobs.append((name, command, make, [c.name for c in configs]))
-    jobs.append(("sweep", f"python -m ssl_zoo.sweep {rel(experiments)}/sweeps/<file>.yaml [--local]",
-                 "make sweep SWEEP=...", []))
-    jobs.append(("export", "python -m ssl_zoo.export --ckpt CKPT --to timm|torchvision|detectron2 --out FILE",
-                 "", []))
-    lines += ["", "jobs (CKPT: a checkpoint, e.g. runs/<method>/<stamp>/checkpoints/last.ckpt):"]
+        first = next((c for c in configs if c.stem == f"{job}_demo"), configs[0])
+        command = f"python -m ssl_zoo {subcommand} --config {rel(first)} --model.init_args.ckpt CKPT"
+        make = f"make {job} CKPT=..." if job in targets else ""
+        jobs.append((job, command, make, [c.name for c in configs]))
+    jobs += [
+        ("sweep", f"python -m ssl_zoo.sweep {rel(experiments)}/sweeps/<file>.yaml [--local]", "make sweep SWEEP=..."
+         if "sweep" in targets else "", []),
+        ("export", "python -m ssl_zoo.export --ckpt CKPT --to timm|torchvision|detectron2 --out FILE", "", []),
+        ("tables", f"python -m ssl_zoo.tables {rel(experiments)}/<method>/tables.yaml [--runs runs/] [--check]", "", []),
+        ("plot", "python -m ssl_zoo.plot RUN_DIR [RUN_DIR ...] [--keys train/loss_sim] [--out fig.png]", "", []),
+    ]
+    lines += ["", "jobs (CKPT: a checkpoint of any method, e.g. runs/<method>/<stamp>/checkpoints/last.ckpt; the "
+                  "backbone, its settings and the input size come from it; CONFIG=<file> picks another config):"]
     width = max(len(name) for name, *_ in jobs)
     for name, command, make, configs in jobs:
         lines.append(f"  {name:<{width}}  {command}" + (f"   ({make})" if make else ""))

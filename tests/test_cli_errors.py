@@ -78,7 +78,7 @@ def test_unknown_option_names_the_closest_valid_one():
                             timeout=600)
     line = one_error_line(result)
     assert "model.init_args.lamda: 'lamda' is not accepted by ssl_zoo.methods.MPCL" in line
-    assert "on the command line" in line and "did you mean 'lam' (--model.init_args.lam)?" in line
+    assert "on the command line" in line and "did you mean 'lam' (--model.init_args.lam)" in line
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_unknown_option_names_the_closest_valid_one():
          "(--data.init_args.batchsize); did you mean 'batch_size' (--data.init_args.batch_size)?"),
         (["--model", "ssl_zoo.methods.MPLC"], "model: ssl_zoo.methods has no class 'MPLC'; did you mean 'MPCL'?"),
         (["--model.init_args.flavour", "mocov4"],
-         "model.init_args.flavour: Expected a typing.Literal['mocov2', 'mocov3']. Got value: mocov4"),
+         "model.init_args.flavour: Expected a typing.Literal['mocov2', 'mocov3', 'barlowtwins']. Got value: mocov4"),
     ],
     ids=["trainer_key", "data_key", "class_name", "value"],
 )
@@ -158,7 +158,8 @@ def test_paper_config_on_a_machine_without_gpus_says_how_to_run_it(demo_root, tm
     config = PAPER_CONFIG
     line = one_error_line(ssl_zoo(tmp_path, "fit", "--config", config))
     assert f"{config} asks for GPUs (trainer.accelerator: gpu, trainer.devices: 4) but this machine has none" in line
-    assert "CPU-sized configs: experiments/simsiam/demo.yaml" in line and "make pretrain METHOD=simsiam" in line
+    assert "CPU-sized configs: experiments/simsiam/cpu.yaml, experiments/simsiam/demo.yaml" in line
+    assert "make pretrain METHOD=simsiam" in line
     fixes = re.search(r"add (--trainer\.accelerator cpu --trainer\.devices 1 --trainer\.precision 32[^(]*) \(make",
                       line)
     assert fixes, line
@@ -210,13 +211,32 @@ def test_make_with_an_unknown_method_lists_the_methods():
     assert line.startswith(f"error: unknown METHOD=simsam; the methods are: {' '.join(METHODS)} ")
 
 
+def _run_configs(method: str) -> list[str]:
+    """A method's run configs (its tables.yaml is a manifest of paper tables, listed apart)."""
+    return [p.name for p in sorted((ROOT / "experiments" / method).glob("*.yaml")) if p.name != "tables.yaml"]
+
+
+#: The evaluation and transfer jobs: (make target, subcommand, folder of its configs).
+JOBS = [("linear", "fit", "eval"), ("gamp", "fit", "eval"), ("finetune", "fit", "eval"), ("knn", "validate", "eval"),
+        ("detect", "fit", "transfer"), ("segment", "fit", "transfer")]
+
+
+def _job_configs() -> set[str]:
+    return {p.name for folder in ("eval", "transfer") for p in (ROOT / "experiments" / folder).glob("*.yaml")}
+
+
 def test_make_help_lists_methods_configs_and_jobs():
     result = _make("help")
     assert result.returncode == 0, result.stderr
+    out = result.stdout
     for method in METHODS:
-        configs = " ".join(p.name for p in sorted((ROOT / "experiments" / method).glob("*.yaml")))
-        assert f"  {method}: {configs}" in result.stdout
-    assert "make linear|gamp|finetune|knn CKPT=" in result.stdout and "make sweep SWEEP=" in result.stdout
+        line = next(line for line in out.splitlines() if line.startswith(f"  {method}: "))
+        assert line.startswith(f"  {method}: {' '.join(_run_configs(method))}"), line
+        for folder in sorted(p for p in (ROOT / "experiments" / method).iterdir() if p.is_dir()):
+            assert f"{folder.name}/*.yaml" in line, line
+    assert "make linear|gamp|finetune|knn CKPT=" in out and "make detect|segment CKPT=" in out
+    assert "make sweep SWEEP=" in out and "bench-quality" in out and "demo-shards" in out
+    assert all(name in out for name in _job_configs())
 
 
 def test_python_m_ssl_zoo_help_lists_methods_configs_and_jobs():
@@ -226,8 +246,14 @@ def test_python_m_ssl_zoo_help_lists_methods_configs_and_jobs():
     out = result.stdout
     for method in METHODS:
         line = next(line for line in out.splitlines() if line.startswith(f"  {method} "))
-        assert all(p.name in line for p in (ROOT / "experiments" / method).glob("*.yaml")), line
-    for job, subcommand in (("linear", "fit"), ("gamp", "fit"), ("finetune", "fit"), ("knn", "validate")):
-        assert re.search(rf"^  {job} +python -m ssl_zoo {subcommand} --config experiments/eval/{job}_demo.yaml "
+        assert f": {' '.join(_run_configs(method))}" in line, line
+        for folder in sorted(p for p in (ROOT / "experiments" / method).iterdir() if p.is_dir()):
+            assert f" + {folder.name}/ ({len(list(folder.glob('*.yaml')))} overlay" in line, line
+        assert ("paper tables: tables.yaml" in line) == (ROOT / "experiments" / method / "tables.yaml").is_file()
+    for job, subcommand, folder in JOBS:
+        assert re.search(rf"^  {job} +python -m ssl_zoo {subcommand} --config experiments/{folder}/{job}_demo.yaml "
                          rf"--model.init_args.ckpt CKPT +\(make {job} CKPT=\.\.\.\)$", out, re.M), out
+    listed = {name for line in out.splitlines() if line.strip().startswith("configs: ")
+              for name in line.split("configs: ", 1)[1].split()}
+    assert listed == _job_configs()  # every evaluation and transfer config, under the job that runs it
     assert re.search(r"^  pretrain +python -m ssl_zoo fit", out, re.M) and "SSL_ZOO_DEBUG=1" in out
