@@ -29,26 +29,39 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.parent.name for p in (ROOT / "experiments").glob("*/demo.yaml"))
 #: The Makefile's evaluation targets and the metric each reports on the demo data.
 JOBS = {"linear": "val/top1", "gamp": "val/mAP", "finetune": "val/top1", "knn": "val/top1"}
+#: The transfer jobs the run summary also names (run on every method's checkpoint in test_transfer_runs.py).
+TRANSFER_JOBS = ("detect", "segment")
 
 # Overrides that only make the demo runs smaller: one step, 4 images, 32 px for the ResNets, 2-block ViTs (at
 # 32 px for mocov3), a 1-block-per-stage Swin for hvp_mtl's second encoder. The jobs must read the depth, the
 # window and the input size from the checkpoint: the demo configs and the defaults say otherwise.
+# Beyond the demo configs, the other kinds of backbone the configs pre-train: the CPU recipes' quarter-width
+# ResNet-18 and ViT with 8 px patches (cpu.yaml), and MVP's BEiT with a shared relative position bias and no
+# absolute position embedding (the paper configs' student).
 BACKBONE_KWARGS = "--model.init_args.backbone_kwargs"
 VIT_32 = '{"img_size": 32, "model_kwargs": {"depth": 2}}'
 VIT_64 = '{"img_size": 64, "model_kwargs": {"depth": 2}}'
+VIT8_32 = '{"img_size": 32, "model_kwargs": {"patch_size": 8, "embed_dim": 96, "depth": 2, "num_heads": 3}}'
 SWIN_64 = '{"img_size": 64, "model_kwargs": {"window_size": 2, "depths": [1, 1, 1, 1]}}'
+BEIT_64 = ('{"img_size": 64, "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 3, "use_shared_rel_pos_bias": '
+           'true, "use_rel_pos_bias": false, "use_abs_pos_emb": false, "global_pool": "token"}}')
+#: variant -> (the `make pretrain` arguments, overrides that shrink the run)
 VARIANTS = {
-    **{method: (method, ["--model.init_args.img_size", "32"]) for method in ("bam_ia", "simsiam", "mpcl", "mocov2")},
-    "mocov3": ("mocov3", ["--model.init_args.img_size", "32", BACKBONE_KWARGS, VIT_32]),
-    "mvp": ("mvp", [BACKBONE_KWARGS, VIT_64]),
-    "hvp_mtl": ("hvp_mtl", [BACKBONE_KWARGS, VIT_64]),
-    "hvp_mtl_swin": ("hvp_mtl", ["--model.init_args.backbone", "swin_tiny_patch4_window7_224", BACKBONE_KWARGS,
-                                 SWIN_64]),
+    **{method: ((f"METHOD={method}",), ["--model.init_args.img_size", "32"])
+       for method in ("bam_ia", "simsiam", "mpcl", "mocov2")},
+    "mocov3": (("METHOD=mocov3",), ["--model.init_args.img_size", "32", BACKBONE_KWARGS, VIT_32]),
+    "mvp": (("METHOD=mvp",), [BACKBONE_KWARGS, VIT_64]),
+    "hvp_mtl": (("METHOD=hvp_mtl",), [BACKBONE_KWARGS, VIT_64]),
+    "hvp_mtl_swin": (("METHOD=hvp_mtl",), ["--model.init_args.backbone", "swin_tiny_patch4_window7_224",
+                                           BACKBONE_KWARGS, SWIN_64]),
+    "mvp_beit": (("METHOD=mvp",), ["--model.init_args.backbone", "beit_base_patch16_224", BACKBONE_KWARGS, BEIT_64]),
+    "simsiam_cpu": (("METHOD=simsiam", "CONFIG=experiments/simsiam/cpu.yaml"), []),
+    "mocov3_cpu": (("METHOD=mocov3", "CONFIG=experiments/mocov3/cpu.yaml"), [BACKBONE_KWARGS, VIT8_32]),
 }
 
 
 def test_every_method_has_a_variant_here():
-    assert {method for method, _ in VARIANTS.values()} == set(METHODS)
+    assert {args[0].removeprefix("METHOD=") for args, _ in VARIANTS.values()} == set(METHODS)
 
 
 def make_command(*args: str) -> list[str]:
@@ -76,8 +89,8 @@ def _config_of(command: list[str]) -> str:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pretrained(request, demo_root, tmp_path_factory):
     """One pre-training step of a method's demo config; its checkpoint and the summary the run printed."""
-    method, extra = VARIANTS[request.param]
-    command = make_command("pretrain", f"METHOD={method}")
+    make_args, extra = VARIANTS[request.param]
+    command = make_command("pretrain", *make_args)
     run_dir = tmp_path_factory.mktemp(request.param)
     printed = io.StringIO()  # capsys is per test, this fixture per module
     with contextlib.redirect_stdout(printed):
@@ -95,7 +108,7 @@ def test_pretraining_summary_names_the_run_and_the_next_commands(pretrained):
     assert f"last           {ckpt}" in summary
     assert re.search(r"best +\S+/checkpoints/best-epoch000\.ckpt \(train/loss_epoch -?\d", summary), summary
     assert re.search(r"metrics +.*train/loss_epoch -?\d", summary), summary
-    for job in JOBS:
+    for job in (*JOBS, *TRANSFER_JOBS):
         assert f"make {job} CKPT={ckpt}\n" in summary + "\n", summary
 
 
@@ -137,7 +150,7 @@ def test_evaluation_job_runs_on_the_checkpoint_without_naming_a_backbone(pretrai
     summary = capsys.readouterr().out
     summary = summary[summary.index("── run summary"):]
     assert f"evaluated      {ckpt}" in summary and "fast_dev_run" in summary
-    others = [other for other in JOBS if other != job]
+    others = [other for other in (*JOBS, *TRANSFER_JOBS) if other != job]
     assert all(f"make {other} CKPT={ckpt}" in summary for other in others), summary
 
 
