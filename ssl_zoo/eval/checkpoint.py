@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
+from ssl_zoo.eval.convert import UnknownCheckpointLayout, beit_to_vit, convert_checkpoint, is_beit_named
 from ssl_zoo.models.backbones import Backbone
 from ssl_zoo.utils.safe_load import UnsafeCheckpointError, read_checkpoint
 
@@ -271,6 +272,8 @@ def load_backbone(
     state_dict = _drop_classifier(weights.state_dict, model.model)
     state_dict = _resample_pos_embed(state_dict, model)
     own = model.model.state_dict()
+    if isinstance(model.model, VisionTransformer) and is_beit_named(state_dict):
+        state_dict = beit_to_vit(state_dict, path)  # BEiT-named weights into a plain timm VisionTransformer
     state_dict, changes = _adapt_beit_layout(state_dict, own)
     if changes:
         log.info("loading '%s' into the fine-tuning layout: %s", path, "; ".join(changes))
