@@ -179,10 +179,14 @@ def test_beit_layout_renames_q_v_biases_and_layer_scale(tmp_path):
                  "lm_head.bias": torch.randn(32)})
     obj = {"model": beit}
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", **layer_scale), source)
-    assert convert_checkpoint(obj).layout == "beit"
+    converted = convert_checkpoint(obj)
+    assert converted.layout == "beit" and "blocks.0.attn.q_bias" in converted.state_dict  # timm Beit's names
+    assert not any(k.startswith(("mask_token", "lm_head")) for k in converted.state_dict)
+    # relative position biases reach a BEiT backbone (tests/test_eval_probes.py); a plain ViT has none
     beit["blocks.0.attn.relative_position_bias_table"] = torch.zeros(12, 3)
-    with pytest.raises(ValueError, match="relative position bias"):
-        convert_checkpoint({"model": beit}, source="beit.pth")
+    assert "blocks.0.attn.relative_position_bias_table" in convert_checkpoint({"model": beit}).state_dict
+    with pytest.raises(ValueError, match="relative position bias.*timm BEiT backbone"):
+        _load(tmp_path, {"model": beit}, "vit_tiny_patch16_224", **layer_scale)
 
 
 def test_torchvision_vit_state_dict_gives_the_same_features(tmp_path):

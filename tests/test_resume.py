@@ -28,7 +28,8 @@ from ssl_zoo.utils.checkpointing import AtomicCheckpointIO, find_resume_checkpoi
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-BATCH = 8
+# The demo's single-label view (about 27 training images at the fixture's size): 6 steps per epoch.
+BATCH = 4
 
 METHOD_ARGS = {
     "mpcl": ["--config", "experiments/mpcl/demo.yaml", "--model.init_args.backbone", "test_resnet",
@@ -380,7 +381,7 @@ def test_nonfinite_loss_skip_leaves_weights_untouched_and_counts(tmp_path, demo_
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             states[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
-    guard = NonFiniteGuard(action="skip", max_skips=2)  # the steps all lie in the first epoch (5 steps)
+    guard = NonFiniteGuard(action="skip", max_skips=2)  # the steps all lie in the first epoch (6 steps)
     from ssl_zoo.data import ImageFolderDataModule
     from ssl_zoo.methods import MPCL
 
@@ -391,7 +392,7 @@ def test_nonfinite_loss_skip_leaves_weights_untouched_and_counts(tmp_path, demo_
                       default_root_dir=str(tmp_path), callbacks=[Spy(), _PoisonStep(2), guard],
                       enable_checkpointing=False)
     with pytest.raises(NonFiniteLossError, match=r"after 2 skipped steps \(max_skips=2\)"):
-        trainer.fit(model, datamodule=ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=8,
+        trainer.fit(model, datamodule=ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=BATCH,
                                                             num_workers=0))
     assert guard.num_skipped == 2
     # steps 2 and 3 were skipped: the module (weights, queues, BN statistics, PTB) is as at step 2's start
@@ -421,7 +422,7 @@ def test_skip_under_gradient_accumulation_forgets_the_whole_step(tmp_path, demo_
     Trainer(max_steps=3, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=str(tmp_path), enable_checkpointing=False,
             callbacks=[PoisonFirstMicroBatch(), guard]).fit(
-        model, datamodule=ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=8, num_workers=0))
+        model, datamodule=ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=BATCH, num_workers=0))
     assert guard.num_skipped == 1
     assert any(not torch.equal(states[0][k], states[2][k]) for k in states[2])  # the first step did train
     _assert_same_state(states[2], states[4], "after the skipped accumulated step")

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
+from ssl_zoo.eval.convert import UnknownCheckpointLayout, beit_to_vit, convert_checkpoint, is_beit_named
 from ssl_zoo.models.backbones import Backbone
 from ssl_zoo.utils.safe_load import NotACheckpointError, UnsafeCheckpointError, read_checkpoint
 
@@ -352,6 +353,8 @@ def backbone_from_weights(
     state_dict = _drop_classifier(weights.state_dict, model.model)
     state_dict = _resample_pos_embed(state_dict, model)
     own = model.model.state_dict()
+    if isinstance(model.model, VisionTransformer) and is_beit_named(state_dict):
+        state_dict = beit_to_vit(state_dict, path)  # BEiT-named weights into a plain timm VisionTransformer
     state_dict, changes = _adapt_beit_layout(state_dict, own)
     if changes:
         log.info("loading '%s' into the fine-tuning layout: %s", path, "; ".join(changes))

@@ -22,9 +22,10 @@ layout                 what the file holds                              backbone
                        DDP-prefixed ``module.``)                        use the teacher, ``teacher=True``)
 ``mae``                ``model``: timm ViT keys, plus ``decoder_*`` /   everything but the decoder
                        ``mask_token`` in full pre-training files
-``beit``               ``model``: BEiT's names (``attn.q_bias`` /       renamed: ``qkv.bias = [q_bias, 0,
-                       ``attn.v_bias``, ``gamma_1`` / ``gamma_2``),     v_bias]`` (BEiT has no key bias),
-                       ``mask_token``, ``lm_head.*``                    ``gamma_i`` -> ``ls{i}.gamma``
+``beit``               ``model``: BEiT's names (``attn.q_bias`` /       kept (they are timm ``Beit``'s);
+                       ``attn.v_bias``, ``gamma_1`` / ``gamma_2``,      into a ``VisionTransformer``:
+                       relative position tables), ``mask_token``,       ``qkv.bias = [q_bias, 0, v_bias]``,
+                       ``lm_head.*``                                    ``gamma_i`` -> ``ls{i}.gamma``
 ``torchvision``        torchvision ``VisionTransformer`` keys           renamed to timm's (the inverse of
                        (``conv_proj``, ``encoder.layers.*``)            ``python -m ssl_zoo.export --to
                                                                         torchvision``), ``heads.*`` dropped
@@ -33,8 +34,8 @@ layout                 what the file holds                              backbone
                        ``module`` and with a DDP ``module.`` prefix
 =====================  ===============================================  ===================================
 
-BEiT checkpoints with relative position bias tables cannot become a timm ``VisionTransformer`` (it has none):
-they raise an error that says so. Any other file raises :class:`UnknownCheckpointLayout`, whose message lists
+BEiT checkpoints with relative position bias tables load into a timm ``Beit`` backbone; into a timm
+``VisionTransformer`` (which has none) they raise an error that says so. Any other file raises :class:`UnknownCheckpointLayout`, whose message lists
 the file's top-level keys and the key prefixes of its tensors, so the layout can be added here.
 ssl_zoo's own pre-training checkpoints are read by :func:`ssl_zoo.eval.checkpoint.read_backbone_weights`
 before this converter is asked.
@@ -51,7 +52,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ConvertedCheckpoint", "UnknownCheckpointLayout", "convert_checkpoint", "key_prefixes"]
+__all__ = [
+    "ConvertedCheckpoint", "UnknownCheckpointLayout", "beit_to_vit", "convert_checkpoint", "is_beit_named", "key_prefixes",
+]
 
 # (layout, student prefix, teacher prefix or None, head prefixes dropped from the backbone), checked in order.
 _ENCODER_LAYOUTS: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
@@ -174,23 +177,31 @@ def _from_torchvision_vit(state: Mapping[str, Tensor], source: str) -> dict[str,
     return out
 
 
-def _is_beit(state: Mapping[str, Tensor]) -> bool:
+def is_beit_named(state: Mapping[str, Tensor]) -> bool:
+    """Whether the tensors carry BEiT's (and timm ``Beit``'s) names rather than timm ``VisionTransformer``'s."""
     return any(k.endswith((".q_bias", ".gamma_1")) or k.startswith(("lm_head.", "rel_pos_bias.")) for k in state)
 
 
-def _from_beit(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    """BEiT's ViT names -> timm ``VisionTransformer`` names (unilm ``beit/modeling_finetune.py`` vs timm)."""
+def beit_to_vit(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+    """BEiT's ViT names (timm ``Beit``'s too) -> timm ``VisionTransformer`` names (unilm
+    ``beit/modeling_finetune.py`` vs timm ``vision_transformer.py``), for loading a BEiT-style checkpoint into a
+    plain ViT backbone.
+
+    Raises:
+        ValueError: the checkpoint has relative position bias tables, which a ``VisionTransformer`` lacks.
+    """
     tables = [k for k in state if k.endswith("relative_position_bias_table")]
     if tables:
         raise ValueError(
             f"checkpoint '{source}' is a BEiT ViT with relative position bias ({tables[0]}): timm's "
-            "VisionTransformer, ssl_zoo's ViT backbone, has no relative position bias, so these weights cannot be "
-            "loaded into it without changing the model; use a checkpoint pre-trained with absolute position "
-            "embeddings (BEiT's --abs_pos_emb, no --rel_pos_bias / --shared_rel_pos_bias)"
+            "VisionTransformer has no relative position bias, so these weights cannot be loaded into it without "
+            "changing the model; load it into a timm BEiT backbone (e.g. backbone=beit_base_patch16_224 with the "
+            "checkpoint's use_shared_rel_pos_bias / use_rel_pos_bias / use_abs_pos_emb), or use a checkpoint "
+            "pre-trained with absolute position embeddings (BEiT's --abs_pos_emb)"
         )
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key.startswith(_MIM_LEFTOVERS) or key.endswith("relative_position_index"):
+        if key.endswith("relative_position_index"):
             continue
         if key.endswith(".attn.q_bias"):
             block = key[: -len(".attn.q_bias")]
@@ -210,8 +221,10 @@ def _to_timm(state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], 
     """timm names for a backbone's tensors, and the layout they were renamed from (None: already timm)."""
     if "conv_proj.weight" in state and any(k.startswith("encoder.layers.") for k in state):
         return _from_torchvision_vit(state, source), "torchvision"
-    if _is_beit(state):
-        return _from_beit(state, source), "beit"
+    if is_beit_named(state):
+        # BEiT's names are timm ``Beit``'s: kept, so that relative position biases reach a BEiT backbone;
+        # load_backbone renames them (beit_to_vit) when the backbone is a plain VisionTransformer.
+        return state, "beit"
     return state, None
 
 
@@ -229,7 +242,7 @@ def convert_checkpoint(obj: Mapping[str, Any], source: str = "checkpoint", teach
         UnknownCheckpointLayout: no known layout matches; the message lists the top-level keys and the
             tensor key prefixes it found.
         ValueError: a teacher is requested from a layout with one model only, or the weights cannot become a
-            timm backbone (BEiT relative position bias).
+            timm backbone.
     """
     dropped: set[str] = set()
     if _is_state(obj.get("student")) and _is_state(obj.get("teacher")):  # DINO's training checkpoint
