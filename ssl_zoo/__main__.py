@@ -87,7 +87,7 @@ def catalogue(experiments: Path | None = None) -> str:
             job = JOB_OF_CLASS.get(_class_of(config))
             if job:
                 groups.setdefault(job[0], []).append(config)
-    for cls, (job, subcommand) in JOB_OF_CLASS.items():
+    for job, subcommand in JOB_OF_CLASS.values():
         configs = groups.get(job)
         if not configs or any(j == job for j, *_ in jobs):
             continue
