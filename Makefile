@@ -24,7 +24,7 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data demo-shards pretrain linear gamp finetune knn sweep bench bench-quality lint test test-fast test-ddp clean
+.PHONY: help install demo-data demo-shards pretrain linear gamp finetune knn sweep bench bench-quality mutants lint test test-fast test-ddp clean
 
 help:
 	@echo "make pretrain METHOD=<bam_ia|simsiam|mpcl|mocov2|mocov3|mvp|hvp_mtl> [CONFIG=...] [ARGS='--trainer.max_epochs 5']"
@@ -111,6 +111,12 @@ bench: $(STAMP) $(DEMO)/.complete
 # ARGS='--methods mocov2 --seeds 0' narrows it; an interrupted run continues where it stopped.
 bench-quality: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.quality --root $(DEMO) $(ARGS)
+
+# Does the fast suite catch planted bugs? Each mutant in benchmarks/mutants.py is applied to a temporary copy of
+# the package and `make test-fast`'s selection runs against it -> benchmarks/results/mutants.json and a table
+# (about an hour on 2 cores; not part of `make test`). ARGS='--only ema_weights_swapped' narrows it.
+mutants: $(STAMP)
+	$(PYTHON) -m benchmarks.mutants $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ssl_zoo tests benchmarks
