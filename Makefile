@@ -30,7 +30,7 @@ COUNT ?=
 LOCAL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-data demo-shards check-method pretrain linear gamp finetune knn detect segment sweep bench bench-quality lint test test-fast test-ddp clean
+.PHONY: help install demo-data demo-shards check-method pretrain linear gamp finetune knn detect segment sweep bench bench-quality mutants lint test test-fast test-ddp clean
 
 help:
 	@echo "Pre-training:  make pretrain METHOD=<method> [CONFIG=experiments/<method>/<config>.yaml] [ARGS='--trainer.max_epochs 5']"
@@ -48,7 +48,7 @@ help:
 	@echo "  configs: $(notdir $(wildcard experiments/transfer/*.yaml))"
 	@echo "  without CKPT (evaluation and transfer): a randomly initialised BACKBONE=resnet18 (at IMG_SIZE=64 for evaluation), the baseline"
 	@echo "Other jobs:    make sweep SWEEP=experiments/sweeps/<file>.yaml [LOCAL=1] [COUNT=N] | demo-data | demo-shards | bench | bench-quality"
-	@echo "Development:   make test | test-fast | test-ddp | lint"
+	@echo "Development:   make test | test-fast | test-ddp | lint | mutants (planted bugs against the fast suite)"
 	@echo "More:          $(PYTHON) -m ssl_zoo --help (methods, configs, jobs); $(PYTHON) -m ssl_zoo fit --help (every option)"
 	@echo "Errors print one line and exit with status 2; SSL_ZOO_DEBUG=1 shows the traceback."
 
@@ -140,6 +140,12 @@ bench: $(STAMP) $(DEMO)/.complete
 # ARGS='--methods mocov2 --seeds 0' narrows it; an interrupted run continues where it stopped.
 bench-quality: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.quality --root $(DEMO) $(ARGS)
+
+# Does the fast suite catch planted bugs? Each mutant in benchmarks/mutants.py is applied to a temporary copy of
+# the package and `make test-fast`'s selection runs against it -> benchmarks/results/mutants.json and a table
+# (about an hour on 2 cores; not part of `make test`). ARGS='--only ema_weights_swapped' narrows it.
+mutants: $(STAMP)
+	$(PYTHON) -m benchmarks.mutants $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ssl_zoo tests benchmarks
