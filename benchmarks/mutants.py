@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("ssl_zoo", "tests", "experiments", "benchmarks", "pyproject.toml")
+COPIED = ("ssl_zoo", "tests", "experiments", "benchmarks", "pyproject.toml", "constraints.txt", "Makefile", "README.md")
 #: The selection ``make test-fast`` runs.
 FAST_SUITE = ("-m", "not slow and not distributed")
 
@@ -176,6 +176,9 @@ def _copy_tree(destination: Path) -> None:
             shutil.copytree(source, destination / name, ignore=ignore)
         else:
             shutil.copy2(source, destination / name)
+    # the Makefile's tests call make -n / make with the virtualenv stamp taken as built: the copy shares the venv
+    if (ROOT / ".venv").exists():
+        (destination / ".venv").symlink_to(ROOT / ".venv")
 
 
 def apply(mutant: Mutant, root: Path) -> None:
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         _copy_tree(pristine)
         for mutant in chosen:  # every mutant applies to today's code before anything runs
             scratch = Path(tmp) / "check"
-            shutil.copytree(pristine, scratch)
+            shutil.copytree(pristine, scratch, symlinks=True)
             apply(mutant, scratch)
             shutil.rmtree(scratch)
         if args.list:
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for mutant in chosen:
             work = Path(tmp) / mutant.name
-            shutil.copytree(pristine, work)
+            shutil.copytree(pristine, work, symlinks=True)
             apply(mutant, work)
             rc, output, seconds = run_suite(work, pytest_args, args.timeout)
             caught = rc not in (0, 5)
