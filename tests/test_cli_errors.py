@@ -179,16 +179,17 @@ def test_paper_config_on_a_machine_without_gpus_says_how_to_run_it(demo_root, tm
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def test_checkpoint_that_does_not_exist(tmp_path):
+def test_checkpoint_that_does_not_exist(tmp_path, demo_root):
     ckpt = tmp_path / "runs" / "last.ckpt"
     line = one_error_line(ssl_zoo(tmp_path, "fit", "--config", "experiments/eval/linear_demo.yaml",
-                                  "--model.init_args.ckpt", str(ckpt)))
+                                  "--model.init_args.ckpt", str(ckpt), "--data.init_args.root", f"{demo_root}/folder"))
     assert f"checkpoint '{ckpt}' does not exist (" in line
 
 
-def test_file_that_is_not_a_checkpoint(tmp_path):
+def test_file_that_is_not_a_checkpoint(tmp_path, demo_root):
     line = one_error_line(ssl_zoo(tmp_path, "validate", "--config", "experiments/eval/knn_demo.yaml",
-                                  "--model.init_args.ckpt", NOT_A_CHECKPOINT))
+                                  "--model.init_args.ckpt", NOT_A_CHECKPOINT,
+                                  "--data.init_args.root", f"{demo_root}/folder"))
     assert f"'{NOT_A_CHECKPOINT}' is not a checkpoint (it is a text file starting '# MVP on the built-in demo data" in line
     assert "runs/<name>/<stamp>/checkpoints/last.ckpt" in line
 
