@@ -44,11 +44,11 @@ FIRST_FILES: dict[str, tuple[str, ...]] = {
     "ssl_zoo/losses/moco.py": ("tests/test_loss_gradients.py", "tests/test_losses.py"),
     "ssl_zoo/losses/mpcl.py": ("tests/test_loss_gradients.py", "tests/test_losses.py", "tests/test_mpcl.py"),
     "ssl_zoo/methods/mpcl.py": ("tests/test_ema_teachers.py", "tests/test_mpcl.py"),
-    "ssl_zoo/utils/ema.py": ("tests/test_ema_teachers.py",),
+    "ssl_zoo/utils/ema.py": ("tests/test_ema_teachers.py", "tests/test_hvp_mtl.py"),
     "ssl_zoo/utils/optim.py": ("tests/test_schedules.py",),
     "ssl_zoo/eval/metrics.py": ("tests/test_eval_metrics.py", "tests/test_eval_probes.py"),
     "ssl_zoo/eval/knn.py": ("tests/test_eval_probes.py", "tests/test_eval_end_to_end.py"),
-    "ssl_zoo/eval/pooling.py": ("tests/test_eval_probes.py", "tests/test_eval_end_to_end.py"),
+    "ssl_zoo/eval/pooling.py": ("tests/test_eval_metrics.py", "tests/test_eval_probes.py"),
     "ssl_zoo/eval/module.py": ("tests/test_gathers_in_process.py", "tests/test_eval_end_to_end.py"),
     "ssl_zoo/data/sampler.py": ("tests/test_resume.py", "tests/test_datamodule.py"),
 }
