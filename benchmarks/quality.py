@@ -132,6 +132,18 @@ def _coco_classes(root: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- runs
+def child_env() -> dict[str, str]:
+    """The environment of every run: one OpenMP thread per process unless the caller chose otherwise.
+
+    On a small shared machine torch's default (one thread per core) in several processes at once -- the
+    run, its loader workers, other jobs -- oversubscribes the cores, and a contended OpenMP barrier makes a step
+    5-30x slower than one thread per process (measured in RESULTS.md).
+    """
+    return {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
+
+
 def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
     """Run ``cmd`` from the repository root with its output in ``log``.
 
@@ -143,8 +155,7 @@ def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")})
+        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=child_env())
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -464,6 +475,9 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(int(child_env()["OMP_NUM_THREADS"]))  # the probes run in this process (see child_env)
     views = find_views(args.root)
     work = ROOT / args.work
     machine = machine_info()
