@@ -57,6 +57,7 @@ SUPERVISED_CONFIG = "experiments/eval/supervised_cpu.yaml"
 # Probe settings of experiments/eval/{linear,gamp,knn}_demo.yaml.
 KNN_K, KNN_T = 20, 0.07
 PROBE_EPOCHS, PROBE_BATCH = 10, 64
+MIN_SEEDS = 3  # a verdict needs the mean and spread of at least this many seeds on both sides
 _DATA_CLASSES = {"folder": "ssl_zoo.data.ImageFolderDataModule", "coco": "ssl_zoo.data.CocoDataModule",
                  "tencent": "ssl_zoo.data.TencentMLDataModule"}
 
@@ -329,7 +330,8 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
-    """One row per (method, probe, backbone), the seeds in order; a row needs every seed's value."""
+    """One row per (method, probe, backbone) over the seeds that have a value, in order (an interrupted run's
+    rows hold fewer seeds; :func:`verdicts` passes none with fewer than :data:`MIN_SEEDS`)."""
     rows = []
     for method in methods:
         arch = architecture_key(architecture(method))
@@ -341,13 +343,14 @@ def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
         }
         for probe in PROBES:
             for backbone, (scores, seconds) in sources.items():
-                values = [scores.get(str(s), {}).get(probe) for s in seeds]
-                if any(v is None for v in values):
+                done = [s for s in seeds if scores.get(str(s), {}).get(probe) is not None]
+                if not done:
                     continue
+                values = [scores[str(s)][probe] for s in done]
                 mean, std = summarise(values)
                 rows.append({"method": method, "probe": probe, "backbone": backbone, "mean": mean, "std": std,
                              "values": values,
-                             "pretrain_s": [seconds.get(str(s)) for s in seeds] if seconds else []})
+                             "pretrain_s": [seconds.get(str(s)) for s in done] if seconds else []})
     return rows
 
 
@@ -363,8 +366,10 @@ def verdicts(rows: list[dict]) -> list[dict]:
             continue
         gain = row["mean"] - random["mean"]
         bar = max(10.0, 3 * max(row["std"], random["std"]))
+        seeds = min(len(row["values"]), len(random["values"]))
         out.append({"method": row["method"], "probe": row["probe"], "gain": round(gain, 2),
-                    "bar": round(bar, 2), "passes": gain >= 10.0 and gain > 3 * max(row["std"], random["std"]),
+                    "bar": round(bar, 2), "seeds": seeds,
+                    "passes": seeds >= MIN_SEEDS and gain >= 10.0 and gain > 3 * max(row["std"], random["std"]),
                     "max_pretrain_s": max((s for s in row["pretrain_s"] if s is not None), default=None)})
     return out
 
@@ -379,9 +384,11 @@ def markdown_table(report: dict) -> str:
                                              and r["probe"] == v["probe"] and r["backbone"] == kind), None)
         pretrained = find("pretrained")
         seconds = ", ".join(f"{s:.0f}" for s in pretrained["pretrain_s"] if s is not None)
+        passes = "yes" if verdict["passes"] else "no"
+        if verdict["seeds"] < MIN_SEEDS:
+            passes += f" ({verdict['seeds']} seed{'s' if verdict['seeds'] > 1 else ''})"
         lines.append(f"| {verdict['method']} | {verdict['probe']} | {fmt(find('random'))} | {fmt(pretrained)} | "
-                     f"{fmt(find('supervised'))} | {verdict['gain']:+.1f} | {'yes' if verdict['passes'] else 'no'} "
-                     f"| {seconds} |")
+                     f"{fmt(find('supervised'))} | {verdict['gain']:+.1f} | {passes} | {seconds} |")
     return "\n".join(lines)
 
 
