@@ -378,7 +378,12 @@ def markdown_table(report: dict) -> str:
     rows = report["rows"]
     lines = ["| method | probe | random init | CPU recipe | supervised | gain | passes | pretrain s (per seed) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda r: f"{r['mean']:.1f} ± {r['std']:.1f}" if r else "—"
+    def fmt(row: dict | None) -> str:
+        if row is None:
+            return "—"
+        seeds = len(row["values"])
+        return f"{row['mean']:.1f} ± {row['std']:.1f}" + (f" ({seeds} seed{'s' * (seeds > 1)})" if seeds < MIN_SEEDS
+                                                            else "")
     for verdict in verdicts(rows):
         find = lambda kind, v=verdict: next((r for r in rows if r["method"] == v["method"]
                                              and r["probe"] == v["probe"] and r["backbone"] == kind), None)

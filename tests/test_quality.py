@@ -271,7 +271,7 @@ def test_rows_of_an_interrupted_run_keep_their_seeds_and_never_pass():
     assert pretrained["mean"] == pytest.approx(61.0) and pretrained["std"] == pytest.approx(statistics.stdev([60, 62]), abs=0.01)
     (verdict,) = quality.verdicts(rows)
     assert verdict["gain"] == pytest.approx(51.0) and verdict["seeds"] == 2 and not verdict["passes"]
-    assert "| +51.0 | no (2 seeds) | 100, 120 |" in quality.markdown_table({"rows": rows})
+    assert "| 61.0 ± 1.4 (2 seeds) | — | +51.0 | no (2 seeds) | 100, 120 |" in quality.markdown_table({"rows": rows})
 
 
 @pytest.mark.slow
