@@ -257,6 +257,23 @@ def test_rows_follow_the_schema_and_verdicts_apply_the_bar():
     assert "| mocov2 | knn_top1 | 11.0 ± 1.0 | 32.0 ± 2.0 | 80.0 ± 0.0 | +21.0 | yes | 200, 210, 220 |" in table
 
 
+def test_rows_of_an_interrupted_run_keep_their_seeds_and_never_pass():
+    """Seeds without a value are left out of a row (not the whole row); a verdict needs 3 seeds on both sides."""
+    arch = quality.architecture_key(quality.architecture("mpcl"))
+    state = {
+        "scores": {"mpcl": {"0": {"knn_top1": 60.0}, "2": {"knn_top1": 62.0}},
+                   f"random/{arch}": {s: {"knn_top1": 10.0} for s in "012"}},
+        "seconds": {"mpcl": {"0": 100.0, "2": 120.0}},
+    }
+    rows = quality.build_rows(state, ["mpcl"], [0, 1, 2])
+    pretrained = next(r for r in rows if r["backbone"] == "pretrained")
+    assert pretrained["values"] == [60.0, 62.0] and pretrained["pretrain_s"] == [100.0, 120.0]
+    assert pretrained["mean"] == pytest.approx(61.0) and pretrained["std"] == pytest.approx(statistics.stdev([60, 62]), abs=0.01)
+    (verdict,) = quality.verdicts(rows)
+    assert verdict["gain"] == pytest.approx(51.0) and verdict["seeds"] == 2 and not verdict["passes"]
+    assert "| 61.0 ± 1.4 (2 seeds) | — | +51.0 | no (2 seeds) | 100, 120 |" in quality.markdown_table({"rows": rows})
+
+
 @pytest.mark.slow
 def test_probe_knn_equals_the_library_vote(demo_root, tmp_path):
     """The benchmark's kNN score is the vote of knn_vote_on_splits (the monitor's path) on the same backbone."""

@@ -2,19 +2,20 @@
 
 ``python -m ssl_zoo.data.demo --out data/demo [--num-train 4000 --num-val 1000 --size 32 --seed 0]``
 
-Each image is a crop of a real photograph (one of scikit-image's bundled colour photographs, colour channels
-permuted at random, contrast halved) with one to four objects from ten classes in front of it: seven filled
-shapes (circle, square, triangle, star, crescent, ring, cross) and three glyphs drawn as thick strokes (the
-letters E, H, Z), each in one of twelve palette colours that contrasts with the background beneath it, random size,
-position and rotation, without overlap. Half of the images show one large object, the others two to four
-smaller ones; a few (every 25th, from the 4th) show background only. Objects are rasterised at 4x resolution
-and box-filtered down, so edges are anti-aliased like a photograph's.
+Each image is a crop of a real photograph (one of scikit-image's bundled colour photographs, contrast halved)
+with one to four objects from ten classes in front of it: seven filled shapes (circle, square, triangle, star,
+crescent, ring, cross) and three glyphs drawn as thick strokes (the letters E, H, Z), each dark or light grey,
+whichever contrasts with the background beneath it, at random size, position and rotation, without overlap.
+Half of the images show one large object, the others two to four smaller ones; a few (every 25th, from the
+4th) show background only. Objects are rasterised at 4x resolution and box-filtered down, so edges are
+anti-aliased like a photograph's.
 
-The set is made so that learning shows: colour, size, position and background are independent of the class,
-so only the shape identifies it. A randomly initialised network's features are dominated by the photograph
-and the colours (its kNN accuracy is at chance), while features invariant to the augmentations the methods
-train with (crops, colour jitter, grey scale, blur) separate the shapes; 32 px images keep a CPU pre-training
-run within minutes (``experiments/<method>/cpu.yaml``, ``make bench-quality``).
+The set is made so that learning shows: brightness, size, position and background are independent of the
+class, so only the shape identifies it. A randomly initialised network's features are dominated by the
+photograph's colours (its kNN accuracy is at chance), while an encoder trained to tell augmented images apart
+(crops, colour jitter, grey scale, blur) must use the shapes: the objects have no colour of their own and the
+backgrounds come in a handful of looks shared by hundreds of images. 32 px images keep a CPU pre-training run
+within minutes (``experiments/<method>/cpu.yaml``, ``make bench-quality``).
 
 The same images are described three ways, in the formats the real readers parse:
 
@@ -228,41 +229,38 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A crop of a real photograph ``float32[size, size, 3]``, recoloured and at reduced contrast.
 
     The crop covers 80-100% of the photograph's short side, so at demo sizes it is the photograph's colour
-    layout rather than its fine texture: eight photographs, channels permuted at random and flipped, about a
-    hundred looks shared by many images. That makes the background a weak cue to tell images apart (the objects
-    are the strong one) while it still dominates the colours a random network responds to. Its contrast is
-    halved around its mean, so that the objects in front stay visible.
+    layout rather than its fine texture: eight photographs, flipped or not, a handful of looks shared by
+    hundreds of images. That makes the background a weak cue to tell images apart (the object's shape is the
+    strong one) while it still dominates the colours a random network responds to. Its contrast is halved
+    around its mean, so that the objects in front stay visible.
     """
     photo = _photograph(PHOTOGRAPHS[int(rng.integers(len(PHOTOGRAPHS)))])
     width, height = photo.size
     side = rng.uniform(0.8, 1.0) * min(width, height)
     x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
     crop = photo.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
-    image = np.asarray(crop, dtype=np.float32)[..., rng.permutation(3)]  # [S, S, 3]
+    image = np.asarray(crop, dtype=np.float32)  # [S, S, 3], the photograph's own colours
     if rng.random() < 0.5:
         image = image[:, ::-1]
     mean = image.mean(axis=(0, 1), keepdims=True)
     return mean + 0.5 * (image - mean)
 
 
-#: Object colours: six hues at two brightnesses. A small palette makes colour a weak cue to tell images apart
-#: (many images share an object colour), so an encoder trained to tell images apart must use the shapes;
-#: colour still varies independently of the class, which is what a random network's features follow.
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 40, 40), (40, 200, 60), (50, 90, 235), (240, 220, 40), (220, 60, 220), (40, 220, 230),
-    (120, 20, 20), (20, 100, 30), (25, 40, 120), (130, 110, 10), (110, 25, 110), (15, 110, 115),
-)
+#: Object grey levels: dark or light, whichever contrasts with the background beneath. Objects carry no hue of
+#: their own, so colour cannot tell images apart: an encoder trained to tell images apart must use the shapes
+#: (and the photograph behind them), while a random network's features follow the photograph's colours.
+GREY_LEVELS: tuple[float, ...] = (15.0, 45.0, 210.0, 240.0)
 
 
 def _object_colour(rng: np.random.Generator, local_luminance: float) -> np.ndarray:
-    """A palette colour whose luminance differs from the background under the object by >= 60 (else black or
-    white), with a little jitter so that no two objects are exactly alike."""
-    palette = np.asarray(PALETTE, dtype=np.float32)
-    contrasting = [c for c in palette if abs(float(_luminance(c)) - local_luminance) >= 60.0]
-    if not contrasting:
-        return np.full(3, 0.0 if local_luminance > 127.5 else 255.0, dtype=np.float32)
-    colour = contrasting[int(rng.integers(len(contrasting)))]
-    return np.clip(colour + rng.normal(0.0, 6.0, 3), 0, 255).astype(np.float32)
+    """A grey level whose luminance differs from the background under the object by >= 60 (the farthest level
+    otherwise), with a little jitter so that no two objects are exactly alike."""
+    levels = np.asarray(GREY_LEVELS, dtype=np.float32)
+    contrasting = levels[np.abs(levels - local_luminance) >= 60.0]
+    if contrasting.size == 0:
+        contrasting = levels[[int(np.argmax(np.abs(levels - local_luminance)))]]
+    level = float(contrasting[int(rng.integers(contrasting.size))])
+    return np.clip(level + rng.normal(0.0, 6.0, 3), 0, 255).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -434,7 +432,7 @@ def _readme(num_train: int, num_val: int, size: int, seed: int) -> str:
 {"=" * len(_README_TITLE)}
 
 Procedurally drawn multi-label images ({size}x{size} JPEG, quality 90): 1-4 objects of {len(DEMO_CLASSES)}
-classes on textured backgrounds; every {_EMPTY_EVERY}th image (from index {_EMPTY_OFFSET}) is background only.
+classes in front of photograph crops; every {_EMPTY_EVERY}th image (from index {_EMPTY_OFFSET}) is background only.
 Generated by `python -m ssl_zoo.data.demo --out <this folder> --num-train {num_train} --num-val {num_val} \\
 --size {size} --seed {seed}`; the same arguments reproduce it byte for byte.
 
