@@ -238,40 +238,11 @@ _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 JPEG_REDUCTIONS = (1, 2, 4, 8)
 
 
-class _ViewReader(io.RawIOBase):
-    """A read-only, seekable file object over a ``memoryview``, without copying it (``io.BytesIO`` copies any
-    buffer that is not ``bytes``): shard records are views into one read of a chunk."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), len(self._view) - self._pos)
-        buffer[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
 def _byte_stream(data: bytes | memoryview) -> io.IOBase:
-    if isinstance(data, bytes):
-        return io.BytesIO(data)  # shares the bytes object, no copy
-    return io.BufferedReader(_ViewReader(memoryview(data)))  # Pillow's many small header reads stay in C
+    # BytesIO shares a bytes object (no copy) and copies a memoryview once (tens of microseconds for a photograph,
+    # against milliseconds of decoding); Pillow's decoder then reads from C. A Python-level reader over the view
+    # costs a Python call per read, which made decoding shard records 0.8x as fast as decoding files.
+    return io.BytesIO(data)
 
 
 class EncodedImage:
