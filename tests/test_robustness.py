@@ -290,14 +290,18 @@ def test_pillow_limit_set_explicitly():
     assert Image.MAX_IMAGE_PIXELS == data_io.MAX_IMAGE_PIXELS == 2**28
 
 
-def test_huge_image_is_rejected_from_its_header_without_decoding(tmp_path):
+def test_huge_image_is_rejected_from_its_header_without_decoding(tmp_path, monkeypatch):
     # A 1-bit PNG of 20000 x 20000 = 4e8 pixels is ~50 kB on disk and would be 1.2 GB as RGB.
     Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
     assert (tmp_path / "bomb.png").stat().st_size < 200_000
-    start = time.perf_counter()
+
+    def decode(self):  # any pixel decode of the bomb is the bug under test
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
     with pytest.raises(BadImageError, match=r"20000x20000 = 400000000 pixels exceeds the limit of 268435456") as info:
         load_image(tmp_path / "bomb.png")
-    assert time.perf_counter() - start < 2.0 and "bomb.png" in str(info.value)
+    assert "bomb.png" in str(info.value)
 
 
 def _method_transforms():
@@ -881,9 +885,9 @@ def test_offline_wandb_run_completes_and_resumes_from_its_weights_only_checkpoin
               "--trainer.log_every_n_steps", "1", "--trainer.limit_train_batches", "2",
               "--data.init_args.root", demo_root, "--data.init_args.num_workers", "0",
               "--data.init_args.batch_size", "4", "--model.init_args.img_size", "32"]
-    start = time.perf_counter()
+    # Without network the run must not wait on wandb: a hang would stall here (no wall-clock assertion, which
+    # fails on a loaded machine; the offline run files below show the run went offline).
     main([*common, "--trainer.max_epochs", "1"])
-    assert time.perf_counter() - start < 60
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs and any(offline_runs[0].glob("*.wandb"))
     last = run_dir / "checkpoints" / "last.ckpt"
