@@ -40,13 +40,18 @@ def projector_contrastive_regularization(z: Tensor) -> Tensor:
     Returns:
         ``[Mp]`` float32 batch averages over this rank's batch.
     """
+    return _mean_over_other_projectors(z, lambda cos: cos)
+
+
+def _mean_over_other_projectors(z: Tensor, of_cosine) -> Tensor:
+    """``mean_b (1/(Mp-1)) * sum_{l != m} of_cosine(cos(z_b^m, z_b^l))`` per projector m: the pairs of Eq. 2."""
     if z.ndim != 3 or z.shape[0] < 2:
         raise ValueError(f"z must have shape [Mp, B, D] with Mp >= 2 projectors, got {tuple(z.shape)}")
     num_proj = z.shape[0]
     z = F.normalize(z.float(), dim=-1)  # [Mp, B, D]
     cos = torch.einsum("mbd,lbd->bml", z, z)  # [B, Mp, Mp] per-sample projector similarities
     off_diagonal = ~torch.eye(num_proj, dtype=torch.bool, device=z.device)  # [Mp, Mp], l != m
-    per_sample = torch.where(off_diagonal, cos, 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
+    per_sample = torch.where(off_diagonal, of_cosine(cos), 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
     return per_sample.mean(dim=0)
 
 
@@ -89,14 +94,7 @@ def projector_orthogonality(z: Tensor) -> Tensor:
     Returns:
         ``[Mp]`` float32 batch averages over this rank's batch.
     """
-    if z.ndim != 3 or z.shape[0] < 2:
-        raise ValueError(f"z must have shape [Mp, B, D] with Mp >= 2 projectors, got {tuple(z.shape)}")
-    num_proj = z.shape[0]
-    z = F.normalize(z.float(), dim=-1)  # [Mp, B, D]
-    cos = torch.einsum("mbd,lbd->bml", z, z)  # [B, Mp, Mp]
-    off_diagonal = ~torch.eye(num_proj, dtype=torch.bool, device=z.device)
-    per_sample = torch.where(off_diagonal, cos.pow(2), 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
-    return per_sample.mean(dim=0)
+    return _mean_over_other_projectors(z, lambda cos: cos.pow(2))
 
 
 @torch.no_grad()
