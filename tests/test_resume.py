@@ -152,13 +152,17 @@ def test_killed_run_resumes_exactly(method, demo_root, tmp_path):
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
 
-    # The loss trajectory: the resumed run logs exactly steps 8..11, equal to the uninterrupted run's.
+    assert_resumed_run_matches(full_dir, killed_dir, every, total)
+
+
+def assert_resumed_run_matches(full_dir: Path, killed_dir: Path, every: int, total: int) -> None:
+    """The killed-then-resumed run against the uninterrupted one: it logs exactly steps every..total-1, with the
+    uninterrupted run's losses, and ends in the same state (weights with teacher, queues and PTB buffers,
+    optimiser, scheduler, loop counters)."""
     reference, after_resume = _step_losses(full_dir / "metrics.csv"), _step_losses(killed_dir / "metrics.csv")
     assert sorted(reference) == list(range(total))
     assert sorted(after_resume) == list(range(every, total))
     assert {s: reference[s] for s in after_resume} == after_resume
-
-    # The final state: weights (teacher, queues, PTB buffers included), optimiser, scheduler, loop counters.
     final_full, final_resumed = _load(full_dir / "checkpoints" / "last.ckpt"), _load(killed_dir / "checkpoints" /
                                                                                     "last.ckpt")
     assert final_full["global_step"] == final_resumed["global_step"] == total

@@ -289,7 +289,7 @@ def _command(shards: str, every: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
     """SIGKILL part-way through epoch 1, --resume: the same per-step losses and final state as without the kill."""
-    from test_resume import _assert_same_state, _env, _load, _step_losses
+    from test_resume import _env, _load, assert_resumed_run_matches
 
     shards = str(shard_root / "folder")
     steps_per_epoch = len(ShardSplit(f"{shards}/train")) // BATCH
@@ -325,15 +325,7 @@ def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
 
-    reference, after_resume = _step_losses(full_dir / "metrics.csv"), _step_losses(killed_dir / "metrics.csv")
-    assert sorted(reference) == list(range(total))
-    assert sorted(after_resume) == list(range(every, total))
-    assert {s: reference[s] for s in after_resume} == after_resume
-    final_full, final_resumed = _load(full_dir / "checkpoints" / "last.ckpt"), _load(killed_dir / "checkpoints" /
-                                                                                    "last.ckpt")
-    assert final_full["global_step"] == final_resumed["global_step"] == total
-    for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops"):
-        _assert_same_state(final_full[key], final_resumed[key], key)
+    assert_resumed_run_matches(full_dir, killed_dir, every, total)
 
 
 def test_batches_collate(shard_root):
