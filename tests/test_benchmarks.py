@@ -35,6 +35,7 @@ def _record_input_shapes(layer: nn.Module, shapes: list) -> torch.utils.hooks.Re
     return layer.register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(step_overhead.METHODS))
 def test_limit_encodes_exactly_the_views_the_method_encodes(method, demo_root):
     model, batch, n = step_overhead.load_method(method, batch_size=2, demo_root=demo_root)
@@ -76,6 +77,7 @@ def test_limit_flops_are_student_forward_backward_plus_teacher_forward():
     assert count_flops(limit.step) == 2 * 3 * 8 * 4 * 2 + 2 * 5 * 8 * 4
 
 
+@pytest.mark.slow
 def test_step_overhead_writes_the_promised_json(demo_root, tmp_path):
     out = tmp_path / "step.json"
     step_overhead.main(["--method", "mocov2", "lightly_moco", "--batch-size", "2", "--rounds", "1", "--steps",

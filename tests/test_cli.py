@@ -35,6 +35,7 @@ def _base_of(overlay: Path) -> Path:
                 if not p.name.startswith(("demo", "cpu")) and p.name not in NON_CLI_FILES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
 def test_config_parses(config):
     """Parsing validates every key against the typed constructors: a stale or misspelt key fails here."""

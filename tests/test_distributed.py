@@ -273,6 +273,7 @@ def _batchnorm_and_shuffled_bn(model_cfg: dict) -> tuple[bool, bool]:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()), shuffle_bn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_paper_configs_state_the_scale_settings(config):
     """DDP over ``devices x num_nodes`` processes, bf16 autocast, explicit accumulation, and SyncBN exactly

@@ -477,6 +477,7 @@ def _parse(*configs: Path) -> dict:
     return yaml.safe_load(buf.getvalue())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_config_parses_and_builds(config):
     """Every config (an overlay on the ViT-B paper config, as Table 5 runs them) builds the paper's settings."""

@@ -637,6 +637,7 @@ def _build_on_meta(cfg: dict) -> MPCL:
         return MPCL(**cfg["model"]["init_args"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(PAPER_CONFIGS))
 def test_paper_configs_parse(config):
     cfg = _parse(EXPERIMENTS / config)
@@ -663,6 +664,7 @@ def _overlay_base(overlay: Path) -> Path:
     return ROOT / line.split("--config ")[1].split()[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_ablation_overlays_parse_on_their_base(name):
     overlay = EXPERIMENTS / "mpcl" / "ablations" / name

@@ -253,6 +253,7 @@ def test_train_transform_matches_the_student_grid():
 CONFIGS = sorted(p for p in (ROOT / "experiments" / "mvp").glob("*.yaml") if p.name != "tables.yaml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(config):
     import contextlib

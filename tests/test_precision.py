@@ -244,6 +244,7 @@ def test_speed_options_parse_from_the_command_line():
     assert init["compile"] is True and init["channels_last"] is True
 
 
+@pytest.mark.slow
 def test_compile_compiles_every_trunk_block_in_place_and_keeps_the_maths(monkeypatch):
     """``compile=True`` wraps each trunk block with ``torch.compile``; the traced step equals the eager one.
 

@@ -250,6 +250,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     assert io.load_checkpoint(path)["step"] == 3
 
 
+@pytest.mark.slow
 def test_killed_writer_never_truncates_last_ckpt(tmp_path):
     """A process SIGKILLed half-way through writing a checkpoint leaves the previous last.ckpt loadable."""
     path = tmp_path / "last.ckpt"

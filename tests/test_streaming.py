@@ -335,6 +335,22 @@ def test_batches_collate(shard_root):
     assert batch["target"].shape == (3, shards.num_classes) and batch["index"].tolist() == [0, 1, 2]
 
 
+def test_open_range_reads_each_record_when_asked_as_litdata_reads_it(shard_root):
+    """The streaming reader's per-record reads (any order) give litdata's own records; closed, it refuses."""
+    split = ShardSplit(str(shard_root / "folder" / "train"))
+    stop = int(split.chunk_starts[1])
+    with split.open_range(0, stop) as records:
+        for i in reversed(range(stop)):  # a shuffled window asks in any order
+            record, expected = records[i], split.read(i)
+            assert bytes(record["image"]) == expected["image"]
+            assert record["source_index"] == expected["source_index"] and record["path"] == expected["path"]
+        assert 0 in records and stop not in records
+        with pytest.raises(IndexError, match="not in"):
+            records[stop]
+    with pytest.raises(ValueError, match="closed"):
+        records[1]
+
+
 def test_records_of_a_range_are_read_in_place_and_decode_as_the_files(demo_root, shard_root):
     """read_range hands out memoryviews into its reads (no second copy) with the stored header; they decode
     exactly as the file does, at full and reduced scale. A record without a stored header is parsed."""

@@ -66,6 +66,7 @@ def test_demo_variant_sweeps_the_same_keys(path):
     assert not _command_config(paper).name.startswith("demo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=IDS)
 def test_rendered_trial_parses_with_the_cli(path, monkeypatch):
     """A trial's rendered command parses with the LightningCLI and every swept value lands on its key."""
@@ -80,6 +81,7 @@ def test_rendered_trial_parses_with_the_cli(path, monkeypatch):
     assert "ssl_zoo.eval.FinalKNNProbe" in callbacks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in SWEEPS if p.stem.endswith("_demo")], ids=lambda p: p.stem)
 def test_demo_trial_instantiates(path, monkeypatch, tmp_path):
     """``main(args, run=False)`` builds the method with the swept values and the probe callback."""

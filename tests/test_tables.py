@@ -29,6 +29,7 @@ BAM_PAPER = "experiments/bam_ia/r50_coco_paper.yaml"
 GAMP_EVAL = "experiments/eval/gamp_coco_224.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.parent.name)
 def test_manifest_rows_resolve_with_the_papers_settings(manifest):
     """Every config exists, every chain parses, every stated setting holds, run names are unambiguous."""
@@ -37,6 +38,7 @@ def test_manifest_rows_resolve_with_the_papers_settings(manifest):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.parent.name)
 def test_manifest_rows_have_commands(manifest):
     loaded = load_manifest(manifest)
