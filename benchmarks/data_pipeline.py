@@ -24,8 +24,9 @@ machine's load hits both sides of it.
 **Shards.** ``--shard-copies`` copies of the photographs as a class-per-folder tree (one class per photograph),
 converted with ``python -m ssl_zoo.data.shard`` (conversion images/s with 1 worker and with all cores), then
 read in interleaved rounds from the files (open + read + header, and + full decode) and from the shards
-(chunk reads + header, and + full decode). The page cache holds both after the first round: this is the
-CPU cost of each path, not a network file system's latency.
+(record reads + header, and + full decode), the same images in the same order on both paths: each chunk's
+records permuted, as a streaming worker serves its window. The page cache holds both after the first round:
+this is the CPU cost of each path, not a network file system's latency.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -204,7 +206,13 @@ def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
         conversion.append({"num_workers": workers, "images": report.num_source, "seconds": report.seconds,
                            "images_per_s": report.images_per_s})
     split = ShardSplit(str(workdir / f"shards-{conversion[0]['num_workers']}"))
-    file_paths = list(source.paths)
+    # Both paths serve the same images in the same order: each chunk's records permuted, as a streaming worker
+    # serves its window (the files of those records, one at a time, as a map-style loader reads them).
+    rng = np.random.default_rng(0)
+    chunks = [(int(split.chunk_starts[c]), int(split.chunk_starts[c + 1])) for c in range(split.num_chunks)]
+    order = [[int(i) for i in rng.permutation(np.arange(start, stop))] for start, stop in chunks]
+    file_of = {i: source.paths[split.read(i)["source_index"]] for i in range(len(split))}
+    file_paths = [file_of[i] for indices in order for i in indices]
 
     def from_files(full: bool) -> None:
         for p in file_paths:
@@ -213,12 +221,12 @@ def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
                 image.decode()
 
     def from_shards(full: bool) -> None:
-        for chunk in range(split.num_chunks):
-            start, stop = int(split.chunk_starts[chunk]), int(split.chunk_starts[chunk + 1])
-            for record in split.read_range(start, stop):
-                image = record_image(record, "benchmark")
-                if full:
-                    image.decode()
+        for (start, stop), indices in zip(chunks, order, strict=True):
+            with split.open_range(start, stop) as records:
+                for i in indices:
+                    image = record_image(records[i], "benchmark")
+                    if full:
+                        image.decode()
 
     keep_freed_buffers()  # what a streaming DataLoader worker does; the file path runs in the same allocator
     reads: dict[str, list[float]] = {"files": [], "shards": [], "files+decode": [], "shards+decode": []}

@@ -23,9 +23,10 @@ What changes is how the training set is read:
   installed), each process copies the chunks it is about to read into ``cache_dir`` (``prefetch_chunks`` ahead,
   in a background thread) and deletes them when it is done; the labelled splits keep the chunks they read.
 
-The chunks are read with litdata's own record decoding (``StreamingDataset`` on the local copy), a worker's
-records of a chunk with one ``read()`` (litdata's random access across chunks, and copying images out of its
-memory map, are slow). Lightning calls ``set_epoch`` only on a DataLoader's sampler, which an
+The chunks are read with litdata's own record decoding (``StreamingDataset`` on the local copy); a worker reads
+each record of its window with one ``read()`` from the chunk file when the record's turn comes
+(:class:`ChunkRecords`; litdata's random access across chunks, and copying images out of its memory map, are
+slow, and holding a window's records made their decode slower). Lightning calls ``set_epoch`` only on a DataLoader's sampler, which an
 iterable dataset may not have, so :class:`StreamingDataLoader` exposes one that forwards the epoch to the
 dataset through shared memory (DataLoader workers are forked once and kept between epochs).
 """
@@ -225,7 +226,12 @@ class ShardSplit:
         return _owned(self._dataset()[index])
 
     def read_range(self, start: int, stop: int) -> list[dict[str, Any]]:
-        """Records ``start..stop-1``, which must lie in one chunk, read in order (litdata's fast path)."""
+        """Records ``start..stop-1``, which must lie in one chunk, read in order."""
+        with self.open_range(start, stop) as records:
+            return [records[i] for i in range(start, stop)]
+
+    def open_range(self, start: int, stop: int) -> ChunkRecords:
+        """Records ``start..stop-1`` (inside one chunk) as a :class:`ChunkRecords` that reads each when asked."""
         chunk = self.chunk_of(start)
         if not 0 <= start < stop <= self.chunk_starts[chunk + 1]:
             raise IndexError(f"records {start}..{stop - 1} are not inside one chunk of {self.location}")
@@ -233,27 +239,7 @@ class ShardSplit:
         dataset = self._dataset()
         if self._loader is None:
             self._loader = self._plain_loader(dataset, start) or False
-        loader = self._loader
-        if not loader:
-            # bytes(): litdata hands out views of its memory map, which it unmaps when it moves to another chunk.
-            return [_owned(dataset[i]) for i in range(start, stop)]
-        # Uncompressed chunk: one read() of the records' byte range, then litdata's own item decoding of each
-        # record. Copying images out of litdata's memory map instead costs a page fault per 4 KB, which made
-        # reading from shards slower than reading files (benchmarks/RESULTS.md).
-        first = start - int(self.chunk_starts[chunk])
-        count = stop - start
-        records = []
-        with open(self._chunk_path(chunk), "rb") as f:
-            # layout: uint32 num_items, uint32[num_items + 1] absolute offsets of the items, the items
-            f.seek(4 * (1 + first))
-            offsets = np.frombuffer(f.read(4 * (count + 1)), dtype="<u4").astype(np.int64)
-            f.seek(int(offsets[0]))
-            for size in np.diff(offsets).tolist():
-                # One read per record, as a file per image would be (a buffer of a whole range costs a page fault
-                # per 4 KB of fresh memory); its image stays a memoryview into that read, which EncodedImage
-                # reads in place: one copy per image, as from a file.
-                records.append(loader.deserialize(memoryview(f.read(size))))
-        return records
+        return ChunkRecords(self, chunk, start, stop, self._loader or None)
 
     @staticmethod
     def _plain_loader(dataset, index: int):
@@ -267,6 +253,90 @@ class ShardSplit:
         return loader if plain else None
 
 
+class ChunkRecords:
+    """Records ``start..stop-1`` of one chunk of a :class:`ShardSplit`, each read from the chunk file when asked.
+
+    Uncompressed chunks (litdata's ``PyTreeLoader`` without compression or encryption): the range's offset table
+    is read once, then ``records[i]`` is one seek and one ``read()`` of record ``i``'s bytes, decoded by litdata's
+    own item loader; its image is a ``memoryview`` into that read (one copy per image, as from a file). Nothing
+    is held between requests but the last record (a sample's image and target read it twice), so serving a
+    shuffled window costs what reading its files one by one costs. Holding a whole window of records instead
+    (tens of MB) made decoding them ~10 % slower than decoding files read one at a time
+    (``benchmarks/data_pipeline.py``). Other chunks: the range is read through litdata up front and held.
+    A context manager; :meth:`close` closes the chunk file.
+    """
+
+    def __init__(self, split: ShardSplit, chunk: int, start: int, stop: int, loader: Any | None) -> None:
+        self.split, self.chunk, self.start, self.stop = split, chunk, int(start), int(stop)
+        self._loader = loader
+        self._last: tuple[int, dict[str, Any]] | None = None
+        self._file = None
+        self._held: list[dict[str, Any]] | None = None
+        if loader is None:
+            # bytes(): litdata hands out views of its memory map, which it unmaps when it moves to another chunk.
+            dataset = split._dataset()
+            self._held = [_owned(dataset[i]) for i in range(self.start, self.stop)]
+            return
+        self._file = open(split._chunk_path(chunk), "rb")
+        # layout: uint32 num_items, uint32[num_items + 1] absolute offsets of the items, the items
+        first = self.start - int(split.chunk_starts[chunk])
+        self._file.seek(4 * (1 + first))
+        self._offsets = np.frombuffer(self._file.read(4 * (self.stop - self.start + 1)), dtype="<u4").astype(np.int64)
+
+    def __contains__(self, index: int) -> bool:
+        return self.start <= index < self.stop
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self.start <= index < self.stop:
+            raise IndexError(f"record {index} is not in {self.start}..{self.stop - 1} of {self.split.location}")
+        if self._held is not None:
+            return self._held[index - self.start]
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
+        if self._file is None:
+            raise ValueError(f"records {self.start}..{self.stop - 1} of {self.split.location} are closed")
+        k = index - self.start
+        self._file.seek(int(self._offsets[k]))
+        record = self._loader.deserialize(memoryview(self._file.read(int(self._offsets[k + 1] - self._offsets[k]))))
+        self._last = (index, record)
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._last = None
+
+    def __enter__(self) -> ChunkRecords:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WindowRecords:
+    """The records of the segments a streaming worker is serving (index -> record), read when asked."""
+
+    def __init__(self, parts: Sequence[ChunkRecords]) -> None:
+        self.parts = list(parts)
+
+    def _part(self, index: int) -> ChunkRecords | None:
+        return next((part for part in self.parts if index in part), None)
+
+    def __contains__(self, index: int) -> bool:
+        return self._part(index) is not None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = self._part(index)
+        if part is None:
+            raise KeyError(index)
+        return part[index]
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
 _ALLOCATOR_TUNED = False
 
 
@@ -274,10 +344,10 @@ def keep_freed_buffers() -> bool:
     """Let glibc serve large allocations from the heap and keep freed memory for reuse (``mallopt``:
     ``M_MMAP_THRESHOLD`` 64 MiB, ``M_TRIM_THRESHOLD`` 256 MiB); once per process, a no-op elsewhere.
 
-    A shard reader holds a window of records (one image each, often above glibc's 128 KiB mmap threshold):
-    by default each is a fresh ``mmap``, faulted in page by page and unmapped when freed, which made reading
-    records slower than reading files (whose one buffer at a time the allocator reuses). With the heap kept,
-    the next window reuses the previous one's pages (``benchmarks/data_pipeline.py``: shards against files).
+    A streaming worker allocates a buffer per record read (an image, often above glibc's 128 KiB mmap threshold)
+    and Pillow's decode buffers: by default each is a fresh ``mmap``, faulted in page by page and unmapped when
+    freed. With the heap kept, the next record reuses the previous one's pages (``benchmarks/data_pipeline.py``
+    runs the file path in the same allocator, so shards and files are compared under the same setting).
     Called in the streaming DataLoader workers only, not in the training process.
     """
     global _ALLOCATOR_TUNED
@@ -318,8 +388,8 @@ class ShardDataset(Dataset):
     decoded RGB image. The converter dropped unreadable images, but ``on_bad_sample`` still applies to the
     shards (e.g. converted with ``--verify header``).
 
-    :attr:`buffer` (index -> record), filled by the streaming reader with the records of the window it is
-    serving, is consulted before reading the split.
+    :attr:`buffer` (index -> record), set by the streaming reader to the records of the window it is serving
+    (read when asked), is consulted before reading the split.
     """
 
     def __init__(self, split: ShardSplit, transform: Callable | None = None,
@@ -336,7 +406,7 @@ class ShardDataset(Dataset):
         self.multilabel = bool(split.meta["multilabel"])
         self.num_classes = int(split.meta["num_classes"])
         self.classes: list[str] = list(split.meta.get("classes", []))
-        self.buffer: dict[int, dict[str, Any]] | None = None
+        self.buffer: WindowRecords | None = None
 
     def __len__(self) -> int:
         return len(self.split)
@@ -555,15 +625,17 @@ class StreamingViewDataset(IterableDataset):
         try:
             for group, indices in windows:
                 split.fetch(upcoming[read:read + len(group) + self.prefetch_chunks])  # URL: copy ahead
-                buffer: dict[int, dict[str, Any]] = {}
-                for segment in group:
-                    records = split.read_range(segment.start, segment.stop)
-                    buffer.update(zip(range(segment.start, segment.stop), records, strict=True))
-                    split.release(segment.chunk)  # URL: a worker reads each chunk once per epoch
+                window = WindowRecords([split.open_range(s.start, s.stop) for s in group])
                 read += len(group)
-                self.shards.buffer = buffer
-                for index in indices[skip:]:
-                    yield self.views[SampleKey(int(index), self.seed, epoch)]
+                self.shards.buffer = window
+                try:
+                    for index in indices[skip:]:
+                        yield self.views[SampleKey(int(index), self.seed, epoch)]
+                finally:
+                    window.close()
+                    self.shards.buffer = None
+                for segment in group:
+                    split.release(segment.chunk)  # URL: a worker reads each chunk once per epoch
                 skip = 0
         finally:
             self.shards.buffer = None
