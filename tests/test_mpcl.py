@@ -683,3 +683,14 @@ def test_ablation_overlays_parse_on_their_base(name):
             assert model.hparams.projector_hidden_dims == 4096
     if name.startswith("projectors_"):  # Table III: Top-1 column without PTB, '+PTB' column with
         assert model.hparams.shared_hidden and model.hparams.ptb == name.endswith("_ptb.yaml")
+
+
+@pytest.mark.parametrize("flavour, min_scale, expected", [
+    ("mocov2", None, 0.2), ("mocov3", None, 0.08), ("mocov2", 0.5, 0.5), ("mocov3", 0.35, 0.35)])
+def test_min_scale_sets_both_views_crop(flavour, min_scale, expected):
+    """``min_scale`` (None: the flavour's reference) is the lower area bound of both views' crops."""
+    views = _tiny(flavour, min_scale=min_scale).train_transform()
+    scales = [view.transforms[0].scale for view in views.transforms]
+    assert scales == [(expected, 1.0), (expected, 1.0)]
+    with pytest.raises(ValueError, match="model.min_scale must lie in"):
+        _tiny(flavour, min_scale=0.0)

@@ -78,3 +78,14 @@ def test_data_module_trains_on_the_subset_and_validates_on_the_whole_split(tmp_p
     assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
     steps = [type(t).__name__ for t in finetune.train_transform().transform.transforms]
     assert "ColorJitter" not in steps and steps[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+
+
+def test_finetune_crop_scale_reaches_the_training_crop():
+    """``crop_scale`` is the area range of the training RandomResizedCrop (timm's (0.08, 1) by default)."""
+    kwargs = dict(backbone="resnet18", backbone_kwargs={"model_kwargs": {"layers": [1, 1, 1, 1]}}, img_size=32,
+                  auto_augment=None, re_prob=0.0)
+    default, narrow = FineTune(**kwargs), FineTune(**kwargs, crop_scale=(0.35, 1.0))
+    assert default.train_transform().transform.transforms[0].scale == (0.08, 1.0)
+    assert narrow.train_transform().transform.transforms[0].scale == (0.35, 1.0)
+    with pytest.raises(ValueError, match="model.crop_scale"):
+        FineTune(**kwargs, crop_scale=(0.5, 0.2))

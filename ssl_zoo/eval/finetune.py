@@ -119,6 +119,9 @@ class FineTune(EvalModule):
         momentum, nesterov: SGD momentum (0.9) and Nesterov (on); ``optimizer: sgd`` only.
         color_jitter: timm's colour jitter strength, applied when ``auto_augment`` is ``None`` (0.4, timm's
             default); ``None``: crop and flip only.
+        crop_scale: area fraction range of the training RandomResizedCrop ((0.08, 1), timm's default). Small
+            images whose object fills only part of the frame (the demo) need a larger minimum, or many crops
+            miss the object and the label is noise.
     """
 
     protocol = "finetune"
@@ -154,6 +157,7 @@ class FineTune(EvalModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         color_jitter: float | None = 0.4,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
     ) -> None:
         super().__init__()
         check_pooling(pooling, "model.pooling")
@@ -175,6 +179,8 @@ class FineTune(EvalModule):
             raise ValueError(f"model.val_interpolation must be 'bilinear' or 'bicubic', got '{val_interpolation}'")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
+        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"model.crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
         self.save_hyperparameters()
         if use_mean_pooling:  # recorded in hparams, so that the fine-tuned checkpoint rebuilds the same head
             self.hparams.backbone_kwargs = with_mean_pooling(backbone_kwargs)
@@ -208,7 +214,7 @@ class FineTune(EvalModule):
     def train_transform(self):
         hp = self.hparams
         return SingleView(finetune_train_transform(hp.img_size, hp.auto_augment, hp.re_prob,
-                                                   hp.get("color_jitter", 0.4)))
+                                                   hp.get("color_jitter", 0.4), hp.get("crop_scale", (0.08, 1.0))))
 
     def val_transform(self):
         size, interpolation = self.hparams.img_size, self.hparams.get("val_interpolation", "bilinear")

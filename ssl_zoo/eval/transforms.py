@@ -85,17 +85,19 @@ def resize_flip_transform(size: int) -> T.Compose:
 
 
 def finetune_train_transform(size: int, auto_augment: str | None, re_prob: float,
-                             color_jitter: float | None = 0.4) -> Callable:
-    """BEiT / DeiT fine-tuning augmentation (timm ``create_transform``): RandomResizedCrop (bicubic), flip,
-    RandAugment ``auto_augment``, normalisation and random erasing with probability ``re_prob``. Without
-    ``auto_augment`` timm applies ``ColorJitter(color_jitter)`` instead; ``color_jitter=None`` leaves only the
-    crop and flip (SimCLR's semi-supervised fine-tuning)."""
+                             color_jitter: float | None = 0.4,
+                             crop_scale: tuple[float, float] = (0.08, 1.0)) -> Callable:
+    """BEiT / DeiT fine-tuning augmentation (timm ``create_transform``): RandomResizedCrop (bicubic, area
+    fraction in ``crop_scale``, timm's and torchvision's (0.08, 1) by default), flip, RandAugment
+    ``auto_augment``, normalisation and random erasing with probability ``re_prob``. Without ``auto_augment``
+    timm applies ``ColorJitter(color_jitter)`` instead; ``color_jitter=None`` leaves only the crop and flip
+    (SimCLR's semi-supervised fine-tuning)."""
     import timm.data
     from timm.data.auto_augment import RandAugment
 
     transform = timm.data.create_transform(size, is_training=True, auto_augment=auto_augment, re_prob=re_prob,
                                            re_mode="pixel", re_count=1, interpolation="bicubic",
-                                           color_jitter=color_jitter)
+                                           color_jitter=color_jitter, scale=tuple(crop_scale))
     for step in getattr(transform, "transforms", []):
         if isinstance(step, RandAugment):
             safe_posterize(step)  # Pillow >= 11 refuses the 0-bit posterize that ``inc1`` asks for

@@ -248,6 +248,8 @@ class MPCL(LightningModule):
         compile: ``torch.compile`` the backbone's blocks (regional compilation, see
             :mod:`ssl_zoo.models.acceleration`); off by default, compiling takes minutes on a CPU.
         channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
+        min_scale: lower bound of the views' RandomResizedCrop area fraction; ``None`` = the flavour's
+            reference (mocov2: 0.2 as MoCo v2's code, mocov3 / barlowtwins: 0.08 as BYOL's views).
     """
 
     def __init__(
@@ -289,12 +291,15 @@ class MPCL(LightningModule):
         final_lr_ratio: float | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        min_scale: float | None = None,
     ) -> None:
         super().__init__()
         if flavour not in FLAVOUR_DEFAULTS:
             raise ValueError(f"model.flavour must be one of {sorted(FLAVOUR_DEFAULTS)}, got '{flavour}'")
         if num_projectors < 1:
             raise ValueError(f"model.num_projectors must be >= 1, got {num_projectors}")
+        if min_scale is not None and not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"model.min_scale must lie in (0, 1], got {min_scale}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if lam < 0:
@@ -397,7 +402,8 @@ class MPCL(LightningModule):
     def train_transform(self) -> TwoViewTransform:
         """One image -> two views, ``{"views": [2, 3, S, S]}``: MoCo v2's, or BYOL's (MoCo v3, Barlow Twins)."""
         make = mocov2_transform if self.hparams.flavour == "mocov2" else mocov3_transform
-        return make(self.hparams.img_size)
+        min_scale = self.hparams.get("min_scale")
+        return make(self.hparams.img_size) if min_scale is None else make(self.hparams.img_size, min_scale=min_scale)
 
     # ------------------------------------------------------------------ encoders
     def configure_model(self) -> None:
