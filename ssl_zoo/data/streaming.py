@@ -26,9 +26,10 @@ What changes is how the training set is read:
 The chunks are read with litdata's own record decoding (``StreamingDataset`` on the local copy); a worker reads
 each record of its window with one ``read()`` from the chunk file when the record's turn comes
 (:class:`ChunkRecords`; litdata's random access across chunks, and copying images out of its memory map, are
-slow, and holding a window's records made their decode slower). Lightning calls ``set_epoch`` only on a DataLoader's sampler, which an
-iterable dataset may not have, so :class:`StreamingDataLoader` exposes one that forwards the epoch to the
-dataset through shared memory (DataLoader workers are forked once and kept between epochs).
+slow, and holding a window's records made their decode slower). Lightning calls ``set_epoch`` only on a
+DataLoader's sampler, which an iterable dataset may not have, so :class:`StreamingDataLoader` exposes one that
+forwards the epoch to the dataset through shared memory (DataLoader workers are forked once and kept between
+epochs).
 """
 
 from __future__ import annotations
