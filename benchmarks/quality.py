@@ -36,6 +36,7 @@ range over seeds) against the step, with random init and the supervised network 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -166,20 +167,46 @@ def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
     return seconds, cpu
 
 
+def recipe_digest(config: str, extra: list[str]) -> str:
+    """SHA-256 of what a run was trained from: its config text, its overrides, and the bytes of every file an
+    override names (MVP's teacher checkpoint). A finished run is reused only when this is unchanged."""
+    digest = hashlib.sha256((ROOT / config).read_bytes())
+    for arg in extra:
+        digest.update(b"\0" + arg.encode())
+        path = ROOT / arg
+        if arg and path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
-    """``python -m ssl_zoo fit`` into ``run_dir`` unless a previous benchmark finished it; its record."""
+    """``python -m ssl_zoo fit`` into ``run_dir`` unless a previous benchmark finished it with the same recipe.
+
+    Returns the run's record; ``record["trained"]`` is True when this call trained it. A finished run of an
+    edited recipe (config text or overrides) is moved aside to ``<run_dir>.stale-<date>`` and trained again, so
+    that an edited recipe is never scored with the weights of the former one.
+    """
     done = run_dir / "benchmark_run.json"
+    digest = recipe_digest(config, extra)
     if done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if record.get("recipe_sha256") == digest:
+            return {**record, "trained": False}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stale = next(path for n in range(1000) if not (path := run_dir.with_name(
+            f"{run_dir.name}.stale-{stamp}" + (f"-{n}" if n else ""))).exists())
+        print(f"{run_dir}: its recipe changed since it was trained ({config}); moved to {stale}", flush=True)
+        run_dir.rename(stale)
     cmd = [sys.executable, "-m", "ssl_zoo", "fit", "--config", config, "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run_dir), *extra]
     seconds, cpu = run_command(cmd, run_dir.parent / f"{run_dir.name}.log")
     load = os.getloadavg()[0]
     record = {"config": config, "seed": seed, "overrides": extra, "seconds": round(seconds, 1),
               "cpu_seconds": round(cpu, 1), "load_average_at_end": round(load, 2),
-              "ckpt": str(run_dir / "checkpoints" / "last.ckpt"), "date": time.strftime("%Y-%m-%d %H:%M")}
+              "ckpt": str(run_dir / "checkpoints" / "last.ckpt"), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "recipe_sha256": digest}
     done.write_text(json.dumps(record, indent=1))
-    return record
+    return {**record, "trained": True}
 
 
 def architecture(method: str) -> dict:
@@ -190,9 +217,21 @@ def architecture(method: str) -> dict:
 
 
 def architecture_key(arch: dict) -> str:
-    kwargs = arch["backbone_kwargs"].get("model_kwargs") or {}
-    patch = f"_p{kwargs['patch_size']}" if "patch_size" in kwargs else ""
-    return f"{arch['backbone']}{patch}_{arch['img_size']}px"
+    """Name of an architecture's baselines: the backbone, the ``model_kwargs`` that change it, the input size.
+
+    Two recipes share random-init and supervised baselines exactly when their keys are equal, so every
+    architecture keyword is in the key (``p8_depth6_embed_dim96_num_heads3``, ``channels16x32x64x128``).
+    """
+    kwargs = dict(arch["backbone_kwargs"].get("model_kwargs") or {})
+    parts = [arch["backbone"]]
+    if "patch_size" in kwargs:
+        parts.append(f"p{kwargs.pop('patch_size')}")
+
+    def text(value) -> str:
+        return "x".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+    parts += [f"{name}{text(value)}" for name, value in sorted(kwargs.items())]
+    return "_".join(parts) + f"_{arch['img_size']}px"
 
 
 # ---------------------------------------------------------------------------------------------- probes
@@ -539,6 +578,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             state["seconds"].setdefault(method, {})[s] = record["seconds"]
             state["cpu_seconds"].setdefault(method, {})[s] = [record.get("cpu_seconds"),
                                                               record.get("load_average_at_end")]
+            if record["trained"]:  # scores of a former recipe's run no longer apply
+                state["scores"].get(method, {}).pop(s, None)
             if method in args.methods and s not in state["scores"].get(method, {}):
                 student = load_student(record["ckpt"], arch)
                 state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
@@ -571,6 +612,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     state["cpu_seconds"].setdefault(name, {})[s] = [record.get("cpu_seconds"),
                                                                     record.get("load_average_at_end")]
                     backbone = load_student(record["ckpt"], arch)
+                    if record["trained"]:  # a former ceiling's scores and monitor lines no longer apply
+                        state["scores"].get(name, {}).pop(s, None)
+                        for line, values in state["monitor_lines"].items():
+                            if line.startswith(f"{name}/"):
+                                values.pop(s, None)
                 if s not in state["scores"].get(name, {}):
                     state["scores"].setdefault(name, {})[s] = probe_backbone(
                         backbone, arch, views, seed, work / kind / key / f"seed{seed}")

@@ -227,6 +227,46 @@ def test_data_overrides_follow_each_recipe_and_switch_formats(demo_root):
         "--model.init_args.num_classes", "10"]
 
 
+def test_a_finished_run_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
+    """Editing the config, an override or a file an override names (MVP's teacher) trains the run again;
+    the former run is moved aside, never scored as the new recipe's."""
+    config, teacher = tmp_path / "cpu.yaml", tmp_path / "teacher.pth"
+    config.write_text("trainer: {max_epochs: 2}\n")
+    teacher.write_bytes(b"weights-1")
+    run_dir = tmp_path / "runs" / "seed0"
+    trained = []
+
+    def fake_run(cmd, log):  # what `ssl_zoo fit` leaves behind, without training
+        run_dir.mkdir(parents=True)
+        trained.append(cmd)
+        return 1.0, 1.0
+
+    monkeypatch.setattr(quality, "run_command", fake_run)
+    extra = ["--model.init_args.teacher_pretrained", str(teacher)]
+    assert quality.fit(str(config), run_dir, 0, extra)["trained"] and len(trained) == 1
+    assert not quality.fit(str(config), run_dir, 0, extra)["trained"] and len(trained) == 1
+    for change in (lambda: teacher.write_bytes(b"weights-2"), lambda: config.write_text("trainer: {max_epochs: 3}\n")):
+        change()
+        assert quality.fit(str(config), run_dir, 0, extra)["trained"]
+    assert quality.fit(str(config), run_dir, 0, [*extra, "--seed", "1"])["trained"] and len(trained) == 4
+    assert len(list(run_dir.parent.glob("seed0.stale-*"))) == 3  # each former run kept aside
+
+
+def test_architecture_keys_tell_every_model_keyword_apart():
+    """Recipes share random-init and supervised baselines only when their architectures are the same."""
+    vit = {"backbone": "vit_tiny_patch16_224", "img_size": 32,
+           "backbone_kwargs": {"img_size": 32, "model_kwargs": {"patch_size": 8, "embed_dim": 96, "depth": 6}}}
+    keys = {quality.architecture_key(vit)}
+    for change in ({"patch_size": 4}, {"embed_dim": 64}, {"depth": 4}, {"num_heads": 2}):
+        other = {**vit, "backbone_kwargs": {**vit["backbone_kwargs"],
+                                            "model_kwargs": {**vit["backbone_kwargs"]["model_kwargs"], **change}}}
+        keys.add(quality.architecture_key(other))
+    keys.add(quality.architecture_key({**vit, "img_size": 64}))
+    assert len(keys) == 6
+    resnet = {"backbone": "resnet18", "img_size": 32, "backbone_kwargs": {"model_kwargs": {"channels": [16, 32, 64, 128]}}}
+    assert quality.architecture_key(resnet) == "resnet18_channels16x32x64x128_32px"
+
+
 def test_rows_follow_the_schema_and_verdicts_apply_the_bar():
     seeds = [0, 1, 2]
     arch = quality.architecture_key(quality.architecture("mocov2"))
