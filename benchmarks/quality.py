@@ -472,7 +472,7 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
                              label=f"{kind} ({statistics.fmean(values):.1f})")
         axis.set_xlabel("pre-training step")
         axis.set_ylabel(key)
-        axis.set_title(f"{method}: kNN monitor during pre-training ({arch})", fontsize=9)
+        axis.set_title(f"{method}: kNN monitor during pre-training\n{arch}", fontsize=8)  # long keys: own line
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
         figure.tight_layout()
