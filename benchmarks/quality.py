@@ -485,7 +485,7 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
 
 
 # ---------------------------------------------------------------------------------------------- main
-STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped")
+STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped", "trained_from")
 
 
 def merged_state(work: Path) -> dict:
@@ -493,6 +493,14 @@ def merged_state(work: Path) -> dict:
     state: dict = {key: {} for key in STATE_KEYS}
     for path in sorted(work.glob("state-*.json")):
         part = json.loads(path.read_text())
+        # A run another process trained again since this one measured it: its scores and times here are stale.
+        for name, seeds in part.get("trained_from", {}).items():
+            for s, (run_dir, digest) in seeds.items():
+                record = Path(run_dir) / "benchmark_run.json"
+                current = json.loads(record.read_text()).get("recipe_sha256") if record.is_file() else None
+                if current != digest:
+                    for key in ("scores", "seconds", "cpu_seconds"):
+                        part.get(key, {}).get(name, {}).pop(s, None)
         for key in STATE_KEYS:
             for name, value in part.get(key, {}).items():
                 if isinstance(value, dict):
@@ -576,6 +584,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
             state["runs"].setdefault(method, {})[s] = str(run_dir)
             state["seconds"].setdefault(method, {})[s] = record["seconds"]
+            state["trained_from"].setdefault(method, {})[s] = [str(run_dir), record.get("recipe_sha256")]
             state["cpu_seconds"].setdefault(method, {})[s] = [record.get("cpu_seconds"),
                                                               record.get("load_average_at_end")]
             if record["trained"]:  # scores of a former recipe's run no longer apply
@@ -609,6 +618,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
                         "--data.init_args.eval_size", str(arch["img_size"])])
                     state["seconds"].setdefault(name, {})[s] = record["seconds"]
+                    state["trained_from"].setdefault(name, {})[s] = [str(run_dir), record.get("recipe_sha256")]
                     state["cpu_seconds"].setdefault(name, {})[s] = [record.get("cpu_seconds"),
                                                                     record.get("load_average_at_end")]
                     backbone = load_student(record["ckpt"], arch)

@@ -252,6 +252,19 @@ def test_a_finished_run_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     assert len(list(run_dir.parent.glob("seed0.stale-*"))) == 3  # each former run kept aside
 
 
+def test_merged_states_drop_the_scores_of_a_run_trained_again_by_another_process(tmp_path):
+    """Two processes' states name the same run; the one whose recipe digest is no longer the run's is left out."""
+    run_dir = tmp_path / "mocov2" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "benchmark_run.json").write_text(json.dumps({"recipe_sha256": "new"}))
+    for name, digest, score in (("state-seeds0.json", "new", 30.0), ("state-seeds0_1.json", "old", 20.0)):
+        (tmp_path / name).write_text(json.dumps({
+            "scores": {"mocov2": {"0": {"knn_top1": score}}}, "seconds": {"mocov2": {"0": score}},
+            "trained_from": {"mocov2": {"0": [str(run_dir), digest]}}}))
+    merged = quality.merged_state(tmp_path)  # the stale file sorts last: without the check it would win
+    assert merged["scores"]["mocov2"]["0"] == {"knn_top1": 30.0} and merged["seconds"]["mocov2"]["0"] == 30.0
+
+
 def test_architecture_keys_tell_every_model_keyword_apart():
     """Recipes share random-init and supervised baselines only when their architectures are the same."""
     vit = {"backbone": "vit_tiny_patch16_224", "img_size": 32,
