@@ -174,7 +174,7 @@ def recipe_digest(config: str, extra: list[str]) -> str:
     for arg in extra:
         digest.update(b"\0" + arg.encode())
         path = ROOT / arg
-        if arg and path.is_file():
+        if arg and os.path.isfile(path):  # False for any override that is not a file, however long (JSON)
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -183,7 +183,7 @@ def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
     """``python -m ssl_zoo fit`` into ``run_dir`` unless a previous benchmark finished it with the same recipe.
 
     Returns the run's record; ``record["trained"]`` is True when this call trained it. A finished run of an
-    edited recipe (config text or overrides) is moved aside to ``<run_dir>.stale-<date>`` and trained again, so
+    edited recipe (:func:`recipe_digest`) is moved aside to ``<run_dir>.stale-<date>`` and trained again, so
     that an edited recipe is never scored with the weights of the former one.
     """
     done = run_dir / "benchmark_run.json"
@@ -488,6 +488,25 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
 STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped", "trained_from")
 
 
+def forget_seed(state: dict, name: str, seed: str) -> None:
+    """Drop what ``state`` measured on run ``name``'s seed: its scores, times and (for a ceiling) monitor lines."""
+    for key in ("scores", "seconds", "cpu_seconds"):
+        state.get(key, {}).get(name, {}).pop(seed, None)
+    for line, values in state.get("monitor_lines", {}).items():
+        if line.startswith(f"{name}/"):
+            values.pop(seed, None)
+
+
+def record_run(state: dict, name: str, seed: str, run_dir: Path, record: dict) -> None:
+    """Keep a pre-training run's times and what it was trained from; a run trained just now voids whatever
+    ``state`` had measured on that seed's former weights."""
+    if record["trained"]:
+        forget_seed(state, name, seed)
+    state["seconds"].setdefault(name, {})[seed] = record["seconds"]
+    state["cpu_seconds"].setdefault(name, {})[seed] = [record.get("cpu_seconds"), record.get("load_average_at_end")]
+    state["trained_from"].setdefault(name, {})[seed] = [str(run_dir), record["recipe_sha256"]]
+
+
 def merged_state(work: Path) -> dict:
     """Every ``state-*.json`` under ``work`` merged (one per benchmark process, e.g. one per seed in parallel)."""
     state: dict = {key: {} for key in STATE_KEYS}
@@ -499,8 +518,7 @@ def merged_state(work: Path) -> dict:
                 record = Path(run_dir) / "benchmark_run.json"
                 current = json.loads(record.read_text()).get("recipe_sha256") if record.is_file() else None
                 if current != digest:
-                    for key in ("scores", "seconds", "cpu_seconds"):
-                        part.get(key, {}).get(name, {}).pop(s, None)
+                    forget_seed(part, name, s)
         for key in STATE_KEYS:
             for name, value in part.get(key, {}).items():
                 if isinstance(value, dict):
@@ -583,12 +601,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             run_dir = work / method / f"seed{seed}"
             record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
             state["runs"].setdefault(method, {})[s] = str(run_dir)
-            state["seconds"].setdefault(method, {})[s] = record["seconds"]
-            state["trained_from"].setdefault(method, {})[s] = [str(run_dir), record.get("recipe_sha256")]
-            state["cpu_seconds"].setdefault(method, {})[s] = [record.get("cpu_seconds"),
-                                                              record.get("load_average_at_end")]
-            if record["trained"]:  # scores of a former recipe's run no longer apply
-                state["scores"].get(method, {}).pop(s, None)
+            record_run(state, method, s, run_dir, record)
             if method in args.methods and s not in state["scores"].get(method, {}):
                 student = load_student(record["ckpt"], arch)
                 state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
@@ -617,16 +630,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         "--model.init_args.backbone_kwargs", json.dumps(arch["backbone_kwargs"]),
                         "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
                         "--data.init_args.eval_size", str(arch["img_size"])])
-                    state["seconds"].setdefault(name, {})[s] = record["seconds"]
-                    state["trained_from"].setdefault(name, {})[s] = [str(run_dir), record.get("recipe_sha256")]
-                    state["cpu_seconds"].setdefault(name, {})[s] = [record.get("cpu_seconds"),
-                                                                    record.get("load_average_at_end")]
+                    record_run(state, name, s, run_dir, record)
                     backbone = load_student(record["ckpt"], arch)
-                    if record["trained"]:  # a former ceiling's scores and monitor lines no longer apply
-                        state["scores"].get(name, {}).pop(s, None)
-                        for line, values in state["monitor_lines"].items():
-                            if line.startswith(f"{name}/"):
-                                values.pop(s, None)
                 if s not in state["scores"].get(name, {}):
                     state["scores"].setdefault(name, {})[s] = probe_backbone(
                         backbone, arch, views, seed, work / kind / key / f"seed{seed}")

@@ -250,6 +250,8 @@ def test_a_finished_run_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch
         assert quality.fit(str(config), run_dir, 0, extra)["trained"]
     assert quality.fit(str(config), run_dir, 0, [*extra, "--seed", "1"])["trained"] and len(trained) == 4
     assert len(list(run_dir.parent.glob("seed0.stale-*"))) == 3  # each former run kept aside
+    long_json = json.dumps({"model_kwargs": {"name": "x" * 300}})  # longer than a file name may be
+    assert quality.fit(str(config), run_dir, 0, [*extra, "--model.init_args.backbone_kwargs", long_json])["trained"]
 
 
 def test_merged_states_drop_the_scores_of_a_run_trained_again_by_another_process(tmp_path):
