@@ -56,6 +56,7 @@ from ssl_zoo.utils.checkpointing import (
     keep_previous_metrics,
 )
 from ssl_zoo.utils.run_summary import format_run_summary
+from ssl_zoo.utils.signatures import init_parameters
 
 #: Environment variable fixing the run directory's stamp (set by the launchers, inherited by DDP workers).
 RUN_STAMP_ENV = "SSL_ZOO_RUN_STAMP"
@@ -82,17 +83,7 @@ def accepted_options(class_path: str) -> list[str]:
         cls = import_object(class_path)
     except Exception:  # the name itself is wrong: reported elsewhere
         return []
-    names: list[str] = []
-    for klass in getattr(cls, "__mro__", ()):
-        init = vars(klass).get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [p.name for p in params if p.name != "self" and p.name not in names
-                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return names
+    return list(init_parameters(cls))
 
 
 def _did_you_mean(name: str, candidates: Sequence[str], render=repr) -> str:

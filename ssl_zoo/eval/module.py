@@ -27,6 +27,7 @@ from ssl_zoo.eval.checkpoint import backbone_from_weights, backbone_kwargs_of, r
 from ssl_zoo.eval.metrics import multilabel_metrics
 from ssl_zoo.eval.results import append_eval_record, make_eval_record, results_file_for
 from ssl_zoo.models.backbones import Backbone
+from ssl_zoo.utils.signatures import init_parameters
 
 __all__ = [
     "DEFAULT_IMG_SIZE",
@@ -111,12 +112,8 @@ def build_eval_backbone(
 
 def _declared_default(cls: type, name: str) -> Any:
     """The default of ``cls(name=...)``, looked up the class tree (``**kwargs`` hands arguments on)."""
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        parameter = inspect.signature(init).parameters.get(name) if init is not None else None
-        if parameter is not None:
-            return parameter.default
-    return inspect.Parameter.empty
+    parameter = init_parameters(cls).get(name)
+    return parameter.default if parameter is not None else inspect.Parameter.empty
 
 
 def first_occurrences(index: Tensor) -> Tensor:
