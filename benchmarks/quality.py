@@ -18,8 +18,11 @@ time of the whole command is ``pretrain_s``), then score the frozen student back
 The same probes score, per architecture and seed, a randomly initialised backbone (``backbone: random``) and a
 network of the same architecture trained on the labels for about the same compute
 (``experiments/eval/supervised_cpu.yaml``, ``backbone: supervised``, the ceiling). MVP needs a teacher with
-signal: the MoCo v3 run of the same seed, exported as a timm state dict, is its ``teacher: timm``
-(``mocov3`` is pre-trained first, or alone as the teacher when it is not among ``--methods``).
+signal, exported as a timm state dict and loaded through ``teacher: timm`` (``--mvp-teacher``): by default the
+same seed's supervised ViT (the ViT ceiling, trained first when needed), a teacher that knows the classes as
+CLIP knows them from captions; ``--mvp-teacher mocov3`` takes the same seed's MoCo v3 CPU run instead (uni-modal
+guidance, MVP Table 5; ``mocov3`` is then pre-trained first, or alone as the teacher when it is not among
+``--methods``).
 
 ``--root`` takes the demo layout (``folder/``, COCO ``annotations/``, ``tencent/`` lists), a plain image folder
 (``train/<class>/``, ``val/<class>/``: single-label probes only, BAM/SimSiam pre-train on it through
@@ -53,7 +56,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("bam_ia", "simsiam", "mpcl", "mocov2", "mocov3", "mvp", "hvp_mtl")
 PROBES = ("knn_top1", "linear_top1", "gamp_mAP")
-TEACHER_OF = {"mvp": "mocov3"}  # MVP's guidance: the same seed's MoCo v3 CPU run, loaded as a timm teacher
+#: MVP's guidance on a machine without CLIP weights (``--mvp-teacher``), a run of the same seed exported to timm:
+#: ``supervised``: the supervised ViT ceiling of MVP's architecture. CLIP's tower carries what captions taught it
+#: about the objects; on the demo the labels are the only such knowledge, so a label-trained teacher plays its part.
+#: ``mocov3``: the MoCo v3 CPU run, a self-supervised teacher (the uni-modal guidance of MVP's Table 5).
+MVP_TEACHERS = ("supervised", "mocov3")
 SUPERVISED_CONFIG = "experiments/eval/supervised_cpu.yaml"
 # Probe settings of experiments/eval/{linear,gamp,knn}_demo.yaml.
 KNN_K, KNN_T = 20, 0.07
@@ -485,7 +492,45 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
 
 
 # ---------------------------------------------------------------------------------------------- main
-STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped", "trained_from")
+STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped", "trained_from",
+              "teachers")
+
+
+def pretraining_order(methods: list[str], mvp_teacher: str) -> list[str]:
+    """``methods`` in the order they are pre-trained: with ``--mvp-teacher mocov3`` MoCo v3 comes before MVP
+    (added when missing: then it is the teacher only, trained but not reported)."""
+    order = list(methods)
+    if "mvp" not in order or mvp_teacher != "mocov3":
+        return order
+    if "mocov3" in order:
+        if order.index("mocov3") < order.index("mvp"):
+            return order
+        order.remove("mocov3")
+    order.insert(order.index("mvp"), "mocov3")
+    return order
+
+
+def fit_supervised(arch: dict, views: DataViews, work: Path, seed: int) -> tuple[Path, dict]:
+    """The supervised ceiling of ``arch`` for ``seed`` (the recipe of :data:`SUPERVISED_CONFIG` on the
+    single-label view), trained unless a finished run of the same recipe exists: its run directory and record."""
+    run_dir = work / "supervised" / architecture_key(arch) / f"seed{seed}"
+    record = fit(SUPERVISED_CONFIG, run_dir, seed, [
+        "--model.init_args.backbone", arch["backbone"],
+        "--model.init_args.backbone_kwargs", json.dumps(arch["backbone_kwargs"]),
+        "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
+        "--data.init_args.eval_size", str(arch["img_size"])])
+    return run_dir, record
+
+
+def export_teacher(run_dir: Path) -> Path:
+    """``run_dir``'s last backbone as a timm state dict (``python -m ssl_zoo.export --to timm``), written once
+    into the run directory (which moves aside with it when its recipe changes)."""
+    teacher = run_dir / "teacher_timm.pth"
+    if not teacher.is_file():
+        from ssl_zoo.export import export_checkpoint
+
+        export_checkpoint(run_dir / "checkpoints" / "last.ckpt", "timm", teacher)
+    return teacher
 
 
 def forget_seed(state: dict, name: str, seed: str) -> None:
@@ -538,6 +583,8 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
               "curves": {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
                          for m in args.methods},
               "skipped": state["skipped"],
+              # MVP's teacher per seed: [--mvp-teacher, the exported timm state dict it loaded]
+              "teachers": state["teachers"],
               # Per run: [CPU seconds of the command and its loader workers, 1-min load average at its end].
               "pretrain_cpu_s_and_load": state["cpu_seconds"],
               "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
@@ -571,12 +618,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         state_path.write_text(json.dumps(state, indent=1))
         write_report(args, views, machine, figures=False)
 
-    order = list(args.methods)
-    if "mvp" in order and "mocov3" not in order:
-        order.insert(order.index("mvp"), "mocov3")  # the teacher only: trained, not reported
-    elif "mvp" in order and order.index("mocov3") > order.index("mvp"):
-        order.remove("mocov3")
-        order.insert(order.index("mvp"), "mocov3")
+    order = pretraining_order(args.methods, args.mvp_teacher)
 
     baselines_done: set[str] = set()
     for method in order:  # method by method, all seeds: an interrupted run has complete rows for the first ones
@@ -590,13 +632,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         for seed in args.seeds:
             s = str(seed)
             extra = list(extra_base)
-            if method in TEACHER_OF:
-                teacher = work / TEACHER_OF[method] / f"seed{seed}" / "teacher_timm.pth"
-                if not teacher.is_file():
-                    from ssl_zoo.export import export_checkpoint
-
-                    export_checkpoint(state["runs"][TEACHER_OF[method]][s] + "/checkpoints/last.ckpt", "timm",
-                                      teacher)
+            if method == "mvp":
+                if args.mvp_teacher == "supervised":
+                    if not views.folder:  # the ceiling trains on single-label targets
+                        state["skipped"][method] = ("--mvp-teacher supervised needs a single-label view under "
+                                                    "--root; use --mvp-teacher mocov3")
+                        save()
+                        break
+                    teacher_dir, record = fit_supervised(arch, views, work, seed)
+                    record_run(state, f"supervised/{key}", s, teacher_dir, record)
+                else:
+                    teacher_dir = Path(state["runs"]["mocov3"][s])
+                teacher = export_teacher(teacher_dir)
+                state["teachers"].setdefault(method, {})[s] = [args.mvp_teacher, str(teacher)]
                 extra += ["--model.init_args.teacher_pretrained", str(teacher)]
             run_dir = work / method / f"seed{seed}"
             record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
@@ -624,12 +672,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 else:
                     if not views.folder:
                         continue  # the ceiling trains on single-label targets
-                    run_dir = work / "supervised" / key / f"seed{seed}"
-                    record = fit(SUPERVISED_CONFIG, run_dir, seed, [
-                        "--model.init_args.backbone", arch["backbone"],
-                        "--model.init_args.backbone_kwargs", json.dumps(arch["backbone_kwargs"]),
-                        "--model.init_args.img_size", str(arch["img_size"]), "--data.init_args.root", views.folder,
-                        "--data.init_args.eval_size", str(arch["img_size"])])
+                    run_dir, record = fit_supervised(arch, views, work, seed)
                     record_run(state, name, s, run_dir, record)
                     backbone = load_student(record["ckpt"], arch)
                 if s not in state["scores"].get(name, {}):
@@ -661,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument("--work", default="benchmarks/runs/quality", help="run directories and resumable state")
     parser.add_argument("--figures", default="benchmarks/results", help="folder of the per-method PNGs ('' = none)")
+    parser.add_argument("--mvp-teacher", choices=MVP_TEACHERS, default=MVP_TEACHERS[0],
+                        help="MVP's timm teacher: the same seed's supervised ViT (default) or MoCo v3 CPU run")
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")

@@ -269,9 +269,9 @@ def test_config_parses(config):
     with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
-    if config.name == "cpu.yaml":  # a teacher the project trains itself (the MoCo v3 CPU recipe's ViT), as timm
+    if config.name == "cpu.yaml":  # a teacher the project trains itself (its supervised CPU ViT), as timm
         assert "teacher: timm" in out.getvalue()
-        assert "teacher_pretrained: data/teachers/mocov3_cpu.pth" in out.getvalue()
+        assert "teacher_pretrained: data/teachers/supervised_vit_cpu.pth" in out.getvalue()
         return
     assert "teacher_pretrained: openai" in out.getvalue()
 

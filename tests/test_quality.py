@@ -67,10 +67,11 @@ def test_cpu_recipe_fits_the_budget_by_construction(config):
 
 
 def _mvp_teacher(tmp_path: Path) -> str:
-    """A timm state dict of the MoCo v3 recipe's backbone, as `python -m ssl_zoo.export --to timm` writes it."""
+    """A timm state dict of a ViT of MVP's student architecture (its teacher's, whichever run it is exported from),
+    as `python -m ssl_zoo.export --to timm` writes it."""
     from ssl_zoo.models import Backbone
 
-    arch = quality.architecture("mocov3")
+    arch = quality.architecture("mvp")
     backbone = Backbone(arch["backbone"], **{**arch["backbone_kwargs"], "img_size": arch["img_size"]})
     path = tmp_path / "teacher.pth"
     torch.save(backbone.model.state_dict(), path)
@@ -83,7 +84,7 @@ def test_cpu_recipe_fast_dev_run(config, demo_root, tmp_path):
     data = yaml.safe_load(config.read_text())["data"]
     root = f"{demo_root}/folder" if data["class_path"].endswith("ImageFolderDataModule") else demo_root
     extra = []
-    if config.parent.name == "mvp":  # the teacher the benchmark exports from the MoCo v3 run
+    if config.parent.name == "mvp":  # the teacher the benchmark exports from the same seed's supervised ViT
         extra = ["--model.init_args.teacher_pretrained", _mvp_teacher(tmp_path)]
     cli = cli_main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--data.init_args.root", root,
                     "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
@@ -97,7 +98,7 @@ def test_cpu_recipe_fast_dev_run(config, demo_root, tmp_path):
 
 @pytest.mark.slow
 def test_mvp_cpu_recipe_loads_the_exported_teacher(tmp_path):
-    """The teacher MVP regresses is the exported MoCo v3 backbone, weight for weight."""
+    """The teacher MVP regresses is the exported timm ViT, weight for weight, and frozen."""
     from ssl_zoo.methods import MVP
 
     path = _mvp_teacher(tmp_path)
@@ -108,6 +109,40 @@ def test_mvp_cpu_recipe_loads_the_exported_teacher(tmp_path):
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
 
+
+
+@pytest.mark.slow
+def test_mvp_default_teacher_is_the_supervised_vit_exported_from_its_run(tmp_path):
+    """--mvp-teacher supervised: the supervised ceiling's FineTune checkpoint, exported by the benchmark, is the
+    timm teacher MVP's CPU recipe regresses, weight for weight (the classifier head left out)."""
+    from ssl_zoo.eval import FineTune
+    from ssl_zoo.methods import MVP
+
+    assert quality.MVP_TEACHERS[0] == "supervised"
+    arch = quality.architecture("mvp")
+    torch.manual_seed(0)
+    ceiling = FineTune(backbone=arch["backbone"], backbone_kwargs=arch["backbone_kwargs"], img_size=arch["img_size"],
+                       num_classes=10)
+    run_dir = tmp_path / "supervised" / quality.architecture_key(arch) / "seed0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": ceiling.state_dict(), "hyper_parameters": dict(ceiling.hparams)},
+               run_dir / "checkpoints" / "last.ckpt")
+    path = quality.export_teacher(run_dir)
+    assert path == run_dir / "teacher_timm.pth" and quality.export_teacher(run_dir) == path  # written once
+    init = yaml.safe_load((ROOT / "experiments/mvp/cpu.yaml").read_text())["model"]["init_args"]
+    model = MVP(**{**init, "teacher_pretrained": str(path)})
+    trained = ceiling.backbone.model.state_dict()
+    loaded = model.teacher_backbone.backbone.model.state_dict()
+    assert loaded.keys() <= trained.keys() and all(torch.equal(trained[k], loaded[k]) for k in loaded)
+
+
+def test_pretraining_order_puts_a_moco_v3_teacher_first():
+    order = quality.pretraining_order
+    assert order(["mvp", "bam_ia"], "supervised") == ["mvp", "bam_ia"]  # the ceiling is trained on demand
+    assert order(["mvp", "bam_ia"], "mocov3") == ["mocov3", "mvp", "bam_ia"]
+    assert order(["mvp", "mocov3"], "mocov3") == ["mocov3", "mvp"]
+    assert order(["mocov3", "hvp_mtl", "mvp"], "mocov3") == ["mocov3", "hvp_mtl", "mvp"]
+    assert order(["bam_ia"], "mocov3") == ["bam_ia"]
 
 # ============================================================================ plot
 ROWS_A = [
