@@ -73,8 +73,10 @@ def test_masked_patches_carry_the_mask_token(backbones, name):
     torch.testing.assert_close(out1, out2)
     # Without the mask the same pixel change does change the output.
     assert not torch.allclose(b.forward_map(x), b.forward_map(x2))
-    # And the mask token itself matters.
-    assert not torch.allclose(out1, b.forward_map(x, mask, token + 1.0))
+    # And the mask token itself matters. Another direction, not token + c: a pre-norm transformer with a final
+    # LayerNorm cannot see a constant added to every channel, so that check passed only by rounding noise.
+    other = token.flip(0) * 2.0
+    assert (out1 - b.forward_map(x, mask, other)).abs().max() > 1e-3
 
 
 def test_beit_pretraining_layout_and_public_attributes(backbones):

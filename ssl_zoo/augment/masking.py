@@ -38,6 +38,24 @@ def _positive_int(value: object, name: str) -> int:
     return number
 
 
+def _grid_and_count(input_size: object, num_masking_patches: object) -> tuple[int, int, int]:
+    """Validated ``(height, width)`` of the patch grid and the number of patches to mask, in ``[0, h * w]``."""
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        input_size = (input_size, input_size)
+    if not isinstance(input_size, tuple | list) or len(input_size) != 2:
+        raise ValueError(f"input_size must be an int or a pair (h, w) of ints, got {input_size!r}")
+    height = _positive_int(input_size[0], "input_size[0]")
+    width = _positive_int(input_size[1], "input_size[1]")
+    if isinstance(num_masking_patches, bool) or not hasattr(num_masking_patches, "__index__"):
+        raise ValueError(f"num_masking_patches must be an integer, got {num_masking_patches!r}")
+    count = operator.index(num_masking_patches)
+    if not 0 <= count <= height * width:
+        raise ValueError(
+            f"num_masking_patches must lie in [0, {height * width}] (the {height}x{width} grid), got {count}"
+        )
+    return height, width, count
+
+
 class BlockwiseMaskGenerator:
     """BEiT block-wise masking on an ``h x w`` patch grid (BEiT Algorithm 1; MVP §3.2).
 
@@ -85,21 +103,7 @@ class BlockwiseMaskGenerator:
         max_num_patches: int | None = None,
         min_aspect: float = 0.3,
     ) -> None:
-        if isinstance(input_size, int) and not isinstance(input_size, bool):
-            input_size = (input_size, input_size)
-        if not isinstance(input_size, tuple | list) or len(input_size) != 2:
-            raise ValueError(f"input_size must be an int or a pair (h, w) of ints, got {input_size!r}")
-        self.height = _positive_int(input_size[0], "input_size[0]")
-        self.width = _positive_int(input_size[1], "input_size[1]")
-        num_patches = self.height * self.width
-        if isinstance(num_masking_patches, bool) or not hasattr(num_masking_patches, "__index__"):
-            raise ValueError(f"num_masking_patches must be an integer, got {num_masking_patches!r}")
-        num_masking_patches = operator.index(num_masking_patches)
-        if not 0 <= num_masking_patches <= num_patches:
-            raise ValueError(
-                f"num_masking_patches must lie in [0, {num_patches}] (the {self.height}x{self.width} grid), "
-                f"got {num_masking_patches}"
-            )
+        self.height, self.width, num_masking_patches = _grid_and_count(input_size, num_masking_patches)
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = _positive_int(min_num_patches, "min_num_patches")
         if 0 < num_masking_patches < min_num_patches:
@@ -293,21 +297,7 @@ class BEiTMaskGenerator:
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
     ) -> None:
-        if isinstance(input_size, int) and not isinstance(input_size, bool):
-            input_size = (input_size, input_size)
-        if not isinstance(input_size, tuple | list) or len(input_size) != 2:
-            raise ValueError(f"input_size must be an int or a pair (h, w) of ints, got {input_size!r}")
-        self.height = _positive_int(input_size[0], "input_size[0]")
-        self.width = _positive_int(input_size[1], "input_size[1]")
-        num_patches = self.height * self.width
-        if isinstance(num_masking_patches, bool) or not hasattr(num_masking_patches, "__index__"):
-            raise ValueError(f"num_masking_patches must be an integer, got {num_masking_patches!r}")
-        self.num_masking_patches = operator.index(num_masking_patches)
-        if not 0 <= self.num_masking_patches <= num_patches:
-            raise ValueError(
-                f"num_masking_patches must lie in [0, {num_patches}] (the {self.height}x{self.width} grid), "
-                f"got {num_masking_patches}"
-            )
+        self.height, self.width, self.num_masking_patches = _grid_and_count(input_size, num_masking_patches)
         self.min_num_patches = _positive_int(min_num_patches, "min_num_patches")
         if max_num_patches is not None:
             _positive_int(max_num_patches, "max_num_patches")
