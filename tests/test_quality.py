@@ -396,3 +396,25 @@ def test_results_json_in_the_repository_follows_the_schema():
         assert row["method"] in quality.METHODS and row["probe"] in quality.PROBES
         assert row["backbone"] in ("pretrained", "random", "supervised")
         assert len(row["values"]) >= 1 and row["mean"] == pytest.approx(statistics.fmean(row["values"]), abs=0.01)
+
+
+# ============================================================================ pooling of the multi-label probe
+def test_pooling_probe_reads_each_pooling_and_skips_missing_runs(demo_root, tmp_path):
+    """On a 32 px ResNet-18 the last map is 1 x 1, so its pooled embedding, GAP, GMP and GAMP are one vector and
+    the four probes agree exactly; a ViT/4's 8 x 8 patch tokens make them differ. Runs not trained are listed."""
+    from benchmarks import quality_pooling
+
+    out = tmp_path / "pooling.json"
+    assert quality_pooling.main(["--root", demo_root, "--work", str(tmp_path / "work"), "--methods", "mocov2",
+                                 "mocov3", "--seeds", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    resnet = rows[f"random/{quality.architecture_key(quality.architecture('mocov2'))}"]
+    vit = rows[f"random/{quality.architecture_key(quality.architecture('mocov3'))}"]
+    assert len(rows) == 2  # random init of each architecture only: nothing was trained under --work
+    assert resnet["backbone"] == resnet["gap"] == resnet["gmp"] == resnet["gamp"]
+    assert len({vit[p] for p in quality_pooling.POOLINGS}) > 1
+    assert all(0.0 <= row[p] <= 100.0 for row in rows.values() for p in quality_pooling.POOLINGS)
+    assert {name.split(" ")[0] for name in report["skipped"]} == {
+        "mocov2", "mocov3", *(f"supervised/{quality.architecture_key(quality.architecture(m))}"
+                              for m in ("mocov2", "mocov3"))}
