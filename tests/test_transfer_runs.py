@@ -143,3 +143,60 @@ def test_every_trainable_parameter_gets_a_gradient(family, task):
     assert loss.isfinite()
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
+
+
+def test_validation_shards_hold_every_image_once(demo_root, monkeypatch):
+    """Under DDP the validation images are split without padding: box / mask AP and mIoU gathered over the
+    processes see each image once (Lightning's default DistributedSampler repeats images to even the shards)."""
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    from ssl_zoo.transfer import ADE20KDataModule
+
+    datamodule = ADE20KDataModule(root=f"{demo_root}/ADEChallengeData2016", num_classes=11, crop_size=64,
+                                  scale=[128, 96], batch_size=2, num_workers=0)
+    assert not isinstance(datamodule.val_dataloader().sampler, DistributedSampler)  # one process: plain order
+    n = len(datamodule.val_dataloader().dataset)
+    world = next(w for w in (3, 2, 4, 5, 6, 7) if n % w)  # a world size that the default sampler would pad
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, rank=rank: rank)
+        sampler = datamodule.val_dataloader().sampler
+        assert isinstance(sampler, DistributedSampler)  # so Lightning keeps it instead of its padded default
+        shards.append(list(sampler))
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) == 1
+    padded = [list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+    assert sum(map(len, padded)) > n  # what the default would have counted twice
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_segmentation_validation_equals_one_process(demo_root, tmp_path):
+    """An odd number of validation images over 2 processes: mIoU / mAcc / aAcc equal the one-process values
+    (a padded shard would count one image twice)."""
+    import shutil
+
+    root = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(f"{demo_root}/ADEChallengeData2016", root)
+    images = sorted((root / "images" / "validation").iterdir())
+    if len(images) % 2 == 0:  # make the count odd
+        images[-1].unlink()
+        (root / "annotations" / "validation" / f"{images[-1].stem}.png").unlink()
+    ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    save_pretraining_checkpoint("bam_ia", ckpt)
+    results = {}
+    for devices in (1, 2):
+        cli = main(["validate", "--config", str(ROOT / "experiments" / "transfer" / "segment_demo.yaml"),
+                    # the head built in the main process: the same random weights in both runs and every process
+                    "--seed_everything", "0", "--model.init_args.ckpt", str(ckpt), "--model.init_args.num_classes", "11",
+                    "--data.init_args.root", str(root),
+                    "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
+                    "--trainer.devices", str(devices), "--trainer.strategy", "ddp_spawn" if devices > 1 else "auto",
+                    "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / f"devices{devices}")])
+        results[devices] = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert {"val/mIoU", "val/mAcc", "val/aAcc"} <= results[1].keys() == results[2].keys()
+    for name, value in results[1].items():
+        assert results[2][name] == pytest.approx(value, abs=1e-4), (name, results)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssl_zoo.data.datamodule import PretrainDataModule, run_seed
 from ssl_zoo.data.sampler import ResumableSampler, SampleKey, sample_seed, seeded_rng
@@ -33,6 +34,22 @@ from ssl_zoo.transfer.data.transforms import (
 
 __all__ = ["ADE20KDataModule", "CocoInstancesDataModule", "DenseDataModule", "DenseDataset", "VOCDataModule",
            "collate_dense"]
+
+
+def unpadded_shard_sampler(dataset: Dataset) -> DistributedSampler | None:
+    """Each process's share of the validation images, every image exactly once (``None`` in one process).
+
+    Lightning's default validation sampler under DDP is ``DistributedSampler``, which pads the last shard by
+    repeating images so that every process gets as many; box / mask AP and mIoU, gathered over the processes,
+    would then count those images twice. Shards here differ by at most one image instead, which validation
+    allows (it has no per-step collective); Lightning keeps a ``DistributedSampler`` it is given.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world < 2:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=torch.distributed.get_rank(), shuffle=False)
 
 
 class DenseDataset(Dataset):
@@ -124,17 +141,19 @@ class DenseDataModule(PretrainDataModule):
     def val_dataloader(self) -> DataLoader:
         self.check_root()
         dataset = DenseDataset(self.build_dataset("val", self.val_transform_default()))
-        return self._loader(dataset, shuffle=False, drop_last=False, batch_size=self.val_batch_size or self.batch_size)
+        return self._loader(dataset, shuffle=False, drop_last=False, batch_size=self.val_batch_size or self.batch_size,
+                            sampler=unpadded_shard_sampler(dataset))
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool, batch_size: int | None = None,
-                sampler: ResumableSampler | None = None) -> DataLoader:
+                sampler: Sampler | None = None) -> DataLoader:
         workers = self.num_workers
+        training = isinstance(sampler, ResumableSampler)
         return DataLoader(
             dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
             num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=_collate_stacked if (self.stack_train and sampler is not None) else collate_dense,
-            generator=torch.Generator().manual_seed(run_seed()) if sampler is not None else None,
+            collate_fn=_collate_stacked if (self.stack_train and training) else collate_dense,
+            generator=torch.Generator().manual_seed(run_seed()) if training else None,
         )
 
     def labelled_dataset(self, split, transform=None):  # pragma: no cover - classification probes only
