@@ -31,6 +31,7 @@ from ssl_zoo.transfer.data.transforms import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
 )
+from ssl_zoo.utils.distributed import rank, world_size
 
 __all__ = ["ADE20KDataModule", "CocoInstancesDataModule", "DenseDataModule", "DenseDataset", "VOCDataModule",
            "collate_dense"]
@@ -44,12 +45,9 @@ def unpadded_shard_sampler(dataset: Dataset) -> DistributedSampler | None:
     would then count those images twice. Shards here differ by at most one image instead, which validation
     allows (it has no per-step collective); Lightning keeps a ``DistributedSampler`` it is given.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world_size() < 2:
         return None
-    world = torch.distributed.get_world_size()
-    if world < 2:
-        return None
-    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=torch.distributed.get_rank(), shuffle=False)
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False)
 
 
 class DenseDataset(Dataset):
