@@ -278,10 +278,10 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
     """kNN and linear top-1 on the single-label view, GAMP mAP on the multi-label view (missing views: skipped)."""
     import torch
 
-    from ssl_zoo.data.datamodule import CocoDataModule, ImageFolderDataModule
-    from ssl_zoo.eval import LinearProbe, MultiLabelLinearProbe, extract_features, knn_predict
+    from ssl_zoo.data.datamodule import ImageFolderDataModule
+    from ssl_zoo.eval import LinearProbe, extract_features, knn_predict
     from ssl_zoo.eval.module import single_label_metrics
-    from ssl_zoo.eval.transforms import center_crop_transform, resize_transform
+    from ssl_zoo.eval.transforms import center_crop_transform
 
     size = arch["img_size"]
     scores: dict[str, float] = {}
@@ -302,17 +302,31 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
         scores["linear_top1"] = _fit_probe(probe, datamodule, work / "linear",
                                            {"train": cache["train"], "val": cache["val"]})["top1"]
     if views.coco:
-        datamodule = CocoDataModule(root=views.coco, batch_size=PROBE_BATCH, num_workers=0, eval_size=size)
-        cache = {}
-        for split in ("train", "val"):
-            loader = datamodule.labelled_dataloader(split, batch_size=256, transform=resize_transform(size))
-            cache[split], _ = extract_features(backbone, loader, "gamp")
-        datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))
-        torch.manual_seed(seed)
-        probe = MultiLabelLinearProbe(**backbone_args, batch_norm=True, cache_features=True)
-        probe.backbone = backbone
-        scores["gamp_mAP"] = _fit_probe(probe, datamodule, work / "gamp", cache)["mAP"]
+        scores["gamp_mAP"] = multilabel_probe_map(backbone, arch, views.coco, "gamp", seed, work / "gamp")
     return {k: round(float(v), 2) for k, v in scores.items()}
+
+
+def multilabel_probe_map(backbone, arch: dict, coco_root: str, pooling: str, seed: int, work: Path) -> float:
+    """mAP of the multi-label probe (non-affine BN + linear on cached frozen features, the GAMP probe's settings)
+    on the COCO-format view, with the features pooled by ``pooling`` (``gamp`` for the benchmark's probe)."""
+    import torch
+
+    from ssl_zoo.data.datamodule import CocoDataModule
+    from ssl_zoo.eval import MultiLabelLinearProbe, extract_features
+    from ssl_zoo.eval.transforms import resize_transform
+
+    size = arch["img_size"]
+    datamodule = CocoDataModule(root=coco_root, batch_size=PROBE_BATCH, num_workers=0, eval_size=size)
+    cache = {}
+    for split in ("train", "val"):
+        loader = datamodule.labelled_dataloader(split, batch_size=256, transform=resize_transform(size))
+        cache[split], _ = extract_features(backbone, loader, pooling)
+    datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))
+    torch.manual_seed(seed)
+    probe = MultiLabelLinearProbe(backbone=arch["backbone"], backbone_kwargs=arch["backbone_kwargs"], img_size=size,
+                                  batch_norm=True, cache_features=True)
+    probe.backbone = backbone
+    return _fit_probe(probe, datamodule, work, cache)["mAP"]
 
 
 def monitor_metric(backbone, method: str, views: DataViews) -> tuple[str, float] | None:

@@ -26,28 +26,6 @@ from benchmarks import quality
 POOLINGS = ("backbone", "gap", "gmp", "gamp")
 
 
-def multilabel_probe_map(backbone, arch: dict, coco_root: str, pooling: str, seed: int, work: Path) -> float:
-    """mAP of the GAMP probe's settings (BN + linear, cached features) with the features pooled by ``pooling``."""
-    import torch
-
-    from ssl_zoo.data.datamodule import CocoDataModule
-    from ssl_zoo.eval import MultiLabelLinearProbe, extract_features
-    from ssl_zoo.eval.transforms import resize_transform
-
-    size = arch["img_size"]
-    datamodule = CocoDataModule(root=coco_root, batch_size=quality.PROBE_BATCH, num_workers=0, eval_size=size)
-    cache = {}
-    for split in ("train", "val"):
-        loader = datamodule.labelled_dataloader(split, batch_size=256, transform=resize_transform(size))
-        cache[split], _ = extract_features(backbone, loader, pooling)
-    datamodule.batch_size = min(quality.PROBE_BATCH, len(cache["train"]))
-    torch.manual_seed(seed)
-    probe = MultiLabelLinearProbe(backbone=arch["backbone"], backbone_kwargs=arch["backbone_kwargs"], img_size=size,
-                                  batch_norm=True, cache_features=True)
-    probe.backbone = backbone
-    return round(float(quality._fit_probe(probe, datamodule, work / pooling, cache)["mAP"]), 2)
-
-
 def backbones_to_probe(methods: list[str], work: Path, seed: int) -> tuple[list[tuple[str, dict, object]], list[str]]:
     """``(name, arch, loader)`` per backbone -- random init and the supervised ceiling of each architecture, then
     each method's run -- and the names of the finished runs that are missing."""
@@ -102,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             backbone = load()
             row = {"model": name, "seed": seed}
             for pooling in POOLINGS:
-                row[pooling] = multilabel_probe_map(backbone, arch, views.coco, pooling, seed,
-                                                    work / "pooling" / name.replace("/", "_") / f"seed{seed}")
+                row[pooling] = round(float(quality.multilabel_probe_map(
+                    backbone, arch, views.coco, pooling, seed,
+                    work / "pooling" / name.replace("/", "_") / f"seed{seed}" / pooling)), 2)
             rows.append(row)
             print(row, flush=True)
     report = {"rows": rows, "skipped": skipped, "root": args.root, "work": args.work,
