@@ -72,3 +72,22 @@ def test_stop_gradient_and_every_parameter_trained():
     m.training_step(_batch(2), 0).backward()
     no_grad = [n for n, p in m.named_parameters() if p.grad is None]
     assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("bam", [True, False])
+def test_blur_option_sets_the_views_blur(bam):
+    """``blur="kernel"`` swaps the reference code's PIL blur for SimCLR's ~10 % kernel (3 taps at 32 px) in the
+    views of BAM's blocks and of SimSiam alike; the default stays the reference code's filter."""
+    import torchvision.transforms as T
+
+    from ssl_zoo.augment import PILGaussianBlur, SeparableGaussianBlur
+
+    def blur(model):
+        (step,) = [s.transforms[0] for s in model.train_transform().view_transform.transforms
+                   if isinstance(s, T.RandomApply) and isinstance(s.transforms[0], T.GaussianBlur)]
+        return step
+
+    assert type(blur(_model(bam=bam))) is PILGaussianBlur
+    kernel = blur(_model(bam=bam, blur="kernel"))
+    assert type(kernel) is SeparableGaussianBlur and tuple(kernel.kernel_size) == (3, 3)
+    assert kernel.sigma == (0.1, 2.0)

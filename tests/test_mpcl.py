@@ -694,3 +694,22 @@ def test_min_scale_sets_both_views_crop(flavour, min_scale, expected):
     assert scales == [(expected, 1.0), (expected, 1.0)]
     with pytest.raises(ValueError, match="model.min_scale must lie in"):
         _tiny(flavour, min_scale=0.0)
+
+
+@pytest.mark.parametrize("flavour", ["mocov2", "mocov3"])
+def test_blur_option_reaches_every_view(flavour):
+    """``blur`` picks the views' Gaussian blur: the reference code's PIL filter by default, SimCLR's ~10 % kernel
+    (3 taps at 32 px) with ``kernel``; both views change, nothing else in them does."""
+    import torchvision.transforms as T
+
+    from ssl_zoo.augment import PILGaussianBlur, SeparableGaussianBlur
+
+    def blurs(model):
+        return [step.transforms[0] for view in model.train_transform().transforms for step in view.transforms
+                if isinstance(step, T.RandomApply) and isinstance(step.transforms[0], T.GaussianBlur)]
+
+    reference, kernel = blurs(_tiny(flavour)), blurs(_tiny(flavour, blur="kernel"))
+    assert len(reference) == len(kernel) == 2
+    assert all(type(b) is PILGaussianBlur for b in reference)
+    assert all(type(b) is SeparableGaussianBlur and tuple(b.kernel_size) == (3, 3) for b in kernel)
+    assert [b.sigma for b in kernel] == [b.sigma for b in reference] == [(0.1, 2.0)] * 2

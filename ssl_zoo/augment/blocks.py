@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from ssl_zoo.augment.views import (
+    BlurKind,
     Normalization,
     ViewPipeline,
     _as_rgb,
@@ -84,6 +85,7 @@ class BlockwiseAugmentation:
         min_scale: lower bound of RandomResizedCrop's area fraction, relative to the block (0.2).
         bam: split into blocks; ``False`` gives SimSiam's two whole-image views.
         normalize: normalisation statistics (``imagenet`` or ``clip``).
+        blur: the views' Gaussian blur, see :func:`~ssl_zoo.augment.views.blur_step` (``pil``, the reference code's).
         view_transform: the per-view transform (PIL image -> ``Tensor[3, size, size]``); ``None`` =
             :func:`simsiam_view` with ``size``, ``min_scale`` and ``normalize``. Lets ablations and tests
             swap the augmentation while keeping the block logic.
@@ -97,6 +99,7 @@ class BlockwiseAugmentation:
         bam: bool = True,
         normalize: Normalization = "imagenet",
         view_transform: Callable[[Image.Image], Tensor] | None = None,
+        blur: BlurKind = "pil",
     ) -> None:
         _check_overlap(overlap)
         _check_size(size)
@@ -104,7 +107,8 @@ class BlockwiseAugmentation:
         self.size = size
         self.overlap = overlap
         self.bam = bam
-        self.view_transform = view_transform or simsiam_view(size, min_scale=min_scale, normalize=normalize)
+        self.view_transform = view_transform or simsiam_view(
+            size, min_scale=min_scale, normalize=normalize, blur=blur)
 
     @property
     def num_views(self) -> int:

@@ -510,22 +510,22 @@ class TwoViewTransform(MultiViewTransform):
 
 
 def mocov2_transform(
-    size: int = 224, min_scale: float = 0.2, normalize: Normalization = "imagenet"
+    size: int = 224, min_scale: float = 0.2, normalize: Normalization = "imagenet", blur: BlurKind = "pil"
 ) -> TwoViewTransform:
     """MoCo v2's two symmetric views (Chen et al. 2020, "MoCo v2"), the SimSiam family."""
-    return TwoViewTransform(simsiam_view(size, min_scale=min_scale, normalize=normalize))
+    return TwoViewTransform(simsiam_view(size, min_scale=min_scale, normalize=normalize, blur=blur))
 
 
 def mocov3_transform(
-    size: int = 224, min_scale: float = 0.08, normalize: Normalization = "imagenet"
+    size: int = 224, min_scale: float = 0.08, normalize: Normalization = "imagenet", blur: BlurKind = "pil"
 ) -> TwoViewTransform:
     """MoCo v3's asymmetric views (MoCo v3 §A, BYOL Table 6).
 
     View 1 is always blurred and never solarised; view 2 is blurred with p=0.1 and solarised with p=0.2.
     """
     return TwoViewTransform(
-        byol_view(size, min_scale=min_scale, blur_p=1.0, solarize_p=0.0, normalize=normalize),
-        byol_view(size, min_scale=min_scale, blur_p=0.1, solarize_p=0.2, normalize=normalize),
+        byol_view(size, min_scale=min_scale, blur_p=1.0, solarize_p=0.0, normalize=normalize, blur=blur),
+        byol_view(size, min_scale=min_scale, blur_p=0.1, solarize_p=0.2, normalize=normalize, blur=blur),
     )
 
 

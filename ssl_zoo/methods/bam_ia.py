@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ssl_zoo.augment import BlockwiseAugmentation, shuffle_pairs
+from ssl_zoo.augment.views import BlurKind
 from ssl_zoo.losses import ImageAwareContrastiveLoss, SupConLoss
 from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
 from ssl_zoo.models.acceleration import accelerate_backbones
@@ -42,6 +43,9 @@ class BAMIA(LightningModule):
         bam: four-block augmentation (8 views per image); ``False`` gives SimSiam's two whole-image views.
         overlap: gamma, the extra fraction of width/height each block covers beyond one half, in [0, 0.5].
         min_scale: lower bound of RandomResizedCrop's scale (0.2 in the paper, Table 5 varies it).
+        blur: the views' Gaussian blur (p=0.5, sigma in [0.1, 2.0] px): ``pil``, the filter of SimSiam's code
+            with no kernel bound, or ``kernel``, SimCLR's kernel of ~10 % of the view side, which keeps the
+            blur in proportion to small views (at 32 px a 3-tap kernel; see ``blur_step``).
         ia_loss: ``ia`` (IA-CLoss, Eq. 1), ``supcon`` (the paper's SUP ablation: SupCon with image ids as
             labels) or ``none``.
         lam: lambda, the weight of L_ia (4 in the paper).
@@ -69,6 +73,7 @@ class BAMIA(LightningModule):
         bam: bool = True,
         overlap: float = 0.2,
         min_scale: float = 0.2,
+        blur: BlurKind = "pil",
         ia_loss: Literal["ia", "supcon", "none"] = "ia",
         lam: float = 4.0,
         temperature: float = 0.1,
@@ -113,7 +118,8 @@ class BAMIA(LightningModule):
     def train_transform(self) -> BlockwiseAugmentation:
         """One image -> 8 views (4 blocks x 2) with BAM, or SimSiam's 2 views without."""
         return BlockwiseAugmentation(size=self.hparams.img_size, overlap=self.hparams.overlap,
-                                     min_scale=self.hparams.min_scale, bam=self.hparams.bam)
+                                     min_scale=self.hparams.min_scale, bam=self.hparams.bam,
+                                     blur=self.hparams.get("blur", "pil"))  # absent from older checkpoints
 
     # ------------------------------------------------------------------ training
     def configure_model(self) -> None:

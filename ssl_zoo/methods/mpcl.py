@@ -62,6 +62,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ssl_zoo.augment import TwoViewTransform, mocov2_transform, mocov3_transform
+from ssl_zoo.augment.views import BlurKind
 from ssl_zoo.losses import (
     KeyQueue,
     moco_v2_info_nce,
@@ -250,6 +251,9 @@ class MPCL(LightningModule):
         channels_last: channels-last convolution weights and input images (faster bf16 ResNets on GPUs).
         min_scale: lower bound of the views' RandomResizedCrop area fraction; ``None`` = the flavour's
             reference (mocov2: 0.2 as MoCo v2's code, mocov3 / barlowtwins: 0.08 as BYOL's views).
+        blur: the views' Gaussian blur (sigma in [0.1, 2.0] px): ``pil``, the filter of MoCo's code with no
+            kernel bound, or ``kernel``, SimCLR's kernel of ~10 % of the view side, which keeps the blur in
+            proportion to small views (at 32 px a 3-tap kernel; see ``blur_step``).
     """
 
     def __init__(
@@ -292,6 +296,7 @@ class MPCL(LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         min_scale: float | None = None,
+        blur: BlurKind = "pil",
     ) -> None:
         super().__init__()
         if flavour not in FLAVOUR_DEFAULTS:
@@ -402,8 +407,10 @@ class MPCL(LightningModule):
     def train_transform(self) -> TwoViewTransform:
         """One image -> two views, ``{"views": [2, 3, S, S]}``: MoCo v2's, or BYOL's (MoCo v3, Barlow Twins)."""
         make = mocov2_transform if self.hparams.flavour == "mocov2" else mocov3_transform
-        min_scale = self.hparams.get("min_scale")
-        return make(self.hparams.img_size) if min_scale is None else make(self.hparams.img_size, min_scale=min_scale)
+        options = {"blur": self.hparams.get("blur", "pil")}  # absent from older checkpoints
+        if self.hparams.get("min_scale") is not None:
+            options["min_scale"] = self.hparams.min_scale
+        return make(self.hparams.img_size, **options)
 
     # ------------------------------------------------------------------ encoders
     def configure_model(self) -> None:
