@@ -87,7 +87,7 @@ class BlockwiseAugmentation:
         normalize: normalisation statistics (``imagenet`` or ``clip``).
         blur: the views' Gaussian blur, see :func:`~ssl_zoo.augment.views.blur_step` (``pil``, the reference code's).
         view_transform: the per-view transform (PIL image -> ``Tensor[3, size, size]``); ``None`` =
-            :func:`simsiam_view` with ``size``, ``min_scale`` and ``normalize``. Lets ablations and tests
+            :func:`simsiam_view` with ``size``, ``min_scale``, ``normalize`` and ``blur``. Lets ablations and tests
             swap the augmentation while keeping the block logic.
     """
 
