@@ -119,7 +119,7 @@ class BAMIA(LightningModule):
         """One image -> 8 views (4 blocks x 2) with BAM, or SimSiam's 2 views without."""
         return BlockwiseAugmentation(size=self.hparams.img_size, overlap=self.hparams.overlap,
                                      min_scale=self.hparams.min_scale, bam=self.hparams.bam,
-                                     blur=self.hparams.get("blur", "pil"))  # absent from older checkpoints
+                                     blur=self.hparams.blur)
 
     # ------------------------------------------------------------------ training
     def configure_model(self) -> None:

@@ -407,8 +407,8 @@ class MPCL(LightningModule):
     def train_transform(self) -> TwoViewTransform:
         """One image -> two views, ``{"views": [2, 3, S, S]}``: MoCo v2's, or BYOL's (MoCo v3, Barlow Twins)."""
         make = mocov2_transform if self.hparams.flavour == "mocov2" else mocov3_transform
-        options = {"blur": self.hparams.get("blur", "pil")}  # absent from older checkpoints
-        if self.hparams.get("min_scale") is not None:
+        options = {"blur": self.hparams.blur}
+        if self.hparams.min_scale is not None:
             options["min_scale"] = self.hparams.min_scale
         return make(self.hparams.img_size, **options)
 
