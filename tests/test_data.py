@@ -498,6 +498,29 @@ def test_datasets_survive_pickling(demo):
             assert torch.equal(torch.as_tensor(target), torch.as_tensor(target2))
 
 
+def test_demo_objects_overlap_little_and_are_annotated_as_seen():
+    """Two to four objects of 12-19 px fit a 32 px image only if they may overlap: they do, by at most a quarter
+    of an object, the images stay multi-label, and the annotations describe the visible pixels."""
+    from ssl_zoo.data.demo import _POLYGONS, render_image
+
+    multi = nonempty = occluded = 0
+    for index in range(300):
+        _, objects = render_image(0, "train", index, 32)
+        nonempty += bool(objects)
+        multi += len(objects) >= 2
+        seen = np.zeros((32, 32), dtype=int)
+        for obj in objects:
+            x, y, w, h = (int(v) for v in obj["bbox"])
+            assert 0 < obj["area"] <= w * h
+            seen[y:y + h, x:x + w] += 1
+            name = DEMO_CLASSES[obj["class_index"]].name
+            occluded += name in _POLYGONS and not obj["segmentation"]
+        # visible regions are disjoint: their areas sum to at most the pixels the boxes cover
+        assert sum(obj["area"] for obj in objects) <= (seen > 0).sum()
+    assert occluded > 0  # objects do hide one another, and a hidden one has no outline polygon
+    assert multi >= 0.4 * nonempty  # designed: half of the non-empty images show two to four objects
+
+
 def test_demo_class_shapes_are_distinct():
     # Learnability: two classes drawn at the same place and size never overlap by more than 80%
     # (soft IoU of the coverage masks), whatever the rotation of the second one.
