@@ -498,9 +498,28 @@ def test_datasets_survive_pickling(demo):
             assert torch.equal(torch.as_tensor(target), torch.as_tensor(target2))
 
 
-def test_demo_objects_overlap_little_and_are_annotated_as_seen():
-    """Two to four objects of 12-19 px fit a 32 px image only if they may overlap: they do, by at most a quarter
-    of an object, the images stay multi-label, and the annotations describe the visible pixels."""
+def test_demo_placement_hides_at_most_a_quarter_of_any_object():
+    from ssl_zoo.data.demo import _overlaps_if_placed
+
+    def square(x0: int, side: int) -> np.ndarray:
+        mask = np.zeros((8, 32), dtype=bool)
+        mask[:side, x0:x0 + side] = True
+        return mask
+
+    first = square(0, 8)  # 64 px
+    areas, hidden = np.array([64]), np.array([0])
+    assert _overlaps_if_placed(square(6, 8), [first], areas, hidden).tolist() == [16]  # a quarter of each: fits
+    assert _overlaps_if_placed(square(5, 8), [first], areas, hidden) is None  # 24 of 64: too much
+    assert _overlaps_if_placed(square(6, 8), [first], areas, np.array([1])) is None  # the first is hidden already
+    assert _overlaps_if_placed(square(7, 8), [first], areas, hidden).tolist() == [8]
+    assert _overlaps_if_placed(square(7, 4), [first], areas, hidden).tolist() == [4]  # a quarter of its own 16
+    assert _overlaps_if_placed(square(6, 4), [first], areas, hidden) is None  # half of its own: too much
+    assert _overlaps_if_placed(square(0, 8), [], np.zeros(0), np.zeros(0)).tolist() == []  # the first object
+
+
+def test_demo_objects_overlap_and_are_annotated_as_seen():
+    """Two to four objects of 12-19 px fit a 32 px image only if they may overlap: they do, the images stay
+    multi-label, and the annotations describe the visible pixels."""
     from ssl_zoo.data.demo import _POLYGONS, render_image
 
     multi = nonempty = occluded = 0

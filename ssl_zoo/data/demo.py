@@ -7,8 +7,8 @@ with one to four objects from ten classes in front of it: seven filled shapes (c
 crescent, ring, cross) and three glyphs drawn as thick strokes (the letters E, H, Z), each dark or light grey,
 whichever contrasts with the background beneath it, at random size, position and rotation. Half of the images
 show one large object, the others two to four smaller ones that may overlap a little, as objects in a photograph
-do (at most a quarter of any object is hidden); a few (every 25th, from the 4th) show background only. Objects are rasterised at 4x resolution and box-filtered down, so edges are
-anti-aliased like a photograph's.
+do (at most a quarter of any object is hidden); a few (every 25th, from the 4th) show background only. Objects
+are rasterised at 4x resolution and box-filtered down, so edges are anti-aliased like a photograph's.
 
 The set is made so that learning shows: brightness, size, position and background are independent of the
 class, so only the shape identifies it. A randomly initialised network's features are dominated by the
@@ -276,6 +276,27 @@ _RADIUS_SINGLE, _RADIUS_SEVERAL = (0.2, 0.36), (0.2, 0.3)
 _MAX_HIDDEN = 0.25
 
 
+def _overlaps_if_placed(footprint: np.ndarray, placed: list[np.ndarray], areas: np.ndarray, hidden: np.ndarray
+                        ) -> np.ndarray | None:
+    """Overlap of a candidate object with each placed one, or ``None`` when placing it would hide too much.
+
+    Args:
+        footprint: ``bool[S, S]``, the candidate's pixels (coverage > 0); it is drawn in front of the others.
+        placed: the footprints of the objects already placed, in drawing order.
+        areas: ``[len(placed)]`` their pixel counts.
+        hidden: ``[len(placed)]`` pixels of each already covered by the objects drawn after it.
+
+    Returns:
+        ``int[len(placed)]`` pixels of each placed object the candidate covers, when the candidate overlaps the
+        others by at most ``_MAX_HIDDEN`` of its own footprint and leaves each of them hidden by at most
+        ``_MAX_HIDDEN`` of theirs; else ``None``.
+    """
+    overlaps = np.asarray([(footprint & other).sum() for other in placed], dtype=np.int64)
+    if overlaps.sum() > _MAX_HIDDEN * footprint.sum() or (hidden + overlaps > _MAX_HIDDEN * areas).any():
+        return None
+    return overlaps
+
+
 def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Image.Image, list[dict]]:
     """Draw demo image ``index`` of ``split``; deterministic in ``(seed, split, index, size)``.
 
@@ -303,7 +324,8 @@ def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Ima
     low, high = _RADIUS_SINGLE if len(classes) == 1 else _RADIUS_SEVERAL
 
     footprints: list[np.ndarray] = []  # each placed object's footprint (coverage > 0), in drawing order
-    hidden = np.zeros(0)  # pixels of each placed object's footprint covered by the objects drawn after it
+    areas = np.zeros(0, dtype=np.int64)  # their pixel counts
+    hidden = np.zeros(0, dtype=np.int64)  # pixels of each covered by the objects drawn after it
     drawn: list[tuple[dict, np.ndarray, list[list[float]]]] = []  # (record, solid mask, polygon)
     for class_index in classes:
         name = DEMO_CLASSES[class_index].name
@@ -318,19 +340,16 @@ def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Ima
                 coverage[0].any() or coverage[-1].any() or coverage[:, 0].any() or coverage[:, -1].any()
             )
             footprint = coverage > 0
-            overlaps = np.asarray([(footprint & other).sum() for other in footprints])  # [placed]
-            areas = np.asarray([other.sum() for other in footprints])
-            if (
-                not touches_border
-                and overlaps.sum() <= _MAX_HIDDEN * footprint.sum()  # the new object, behind nothing, is seen
-                and (hidden + overlaps <= _MAX_HIDDEN * areas).all()  # and hides at most a quarter of each other
-            ):
-                break
+            if not touches_border:
+                overlaps = _overlaps_if_placed(footprint, footprints, areas, hidden)
+                if overlaps is not None:
+                    break
         else:
             continue  # no spot left: the image keeps fewer objects
         if not solid.any():
             continue
         hidden = np.append(hidden + overlaps, 0)
+        areas = np.append(areas, footprint.sum())
         footprints.append(footprint)
         local = float(_luminance(canvas[solid]).mean())  # background brightness under the object
         colour = _object_colour(rng, local)
