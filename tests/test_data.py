@@ -498,6 +498,48 @@ def test_datasets_survive_pickling(demo):
             assert torch.equal(torch.as_tensor(target), torch.as_tensor(target2))
 
 
+def test_demo_placement_hides_at_most_a_quarter_of_any_object():
+    from ssl_zoo.data.demo import _overlaps_if_placed
+
+    def square(x0: int, side: int) -> np.ndarray:
+        mask = np.zeros((8, 32), dtype=bool)
+        mask[:side, x0:x0 + side] = True
+        return mask
+
+    first = square(0, 8)  # 64 px
+    areas, hidden = np.array([64]), np.array([0])
+    assert _overlaps_if_placed(square(6, 8), [first], areas, hidden).tolist() == [16]  # a quarter of each: fits
+    assert _overlaps_if_placed(square(5, 8), [first], areas, hidden) is None  # 24 of 64: too much
+    assert _overlaps_if_placed(square(6, 8), [first], areas, np.array([1])) is None  # the first is hidden already
+    assert _overlaps_if_placed(square(7, 8), [first], areas, hidden).tolist() == [8]
+    assert _overlaps_if_placed(square(7, 4), [first], areas, hidden).tolist() == [4]  # a quarter of its own 16
+    assert _overlaps_if_placed(square(6, 4), [first], areas, hidden) is None  # half of its own: too much
+    assert _overlaps_if_placed(square(0, 8), [], np.zeros(0), np.zeros(0)).tolist() == []  # the first object
+
+
+def test_demo_objects_overlap_and_are_annotated_as_seen():
+    """Two to four objects of 12-19 px fit a 32 px image only if they may overlap: they do, the images stay
+    multi-label, and the annotations describe the visible pixels."""
+    from ssl_zoo.data.demo import _POLYGONS, render_image
+
+    multi = nonempty = occluded = 0
+    for index in range(300):
+        _, objects = render_image(0, "train", index, 32)
+        nonempty += bool(objects)
+        multi += len(objects) >= 2
+        seen = np.zeros((32, 32), dtype=int)
+        for obj in objects:
+            x, y, w, h = (int(v) for v in obj["bbox"])
+            assert 0 < obj["area"] <= w * h
+            seen[y:y + h, x:x + w] += 1
+            name = DEMO_CLASSES[obj["class_index"]].name
+            occluded += name in _POLYGONS and not obj["segmentation"]
+        # visible regions are disjoint: their areas sum to at most the pixels the boxes cover
+        assert sum(obj["area"] for obj in objects) <= (seen > 0).sum()
+    assert occluded > 0  # objects do hide one another, and a hidden one has no outline polygon
+    assert multi >= 0.4 * nonempty  # designed: half of the non-empty images show two to four objects
+
+
 def test_demo_class_shapes_are_distinct():
     # Learnability: two classes drawn at the same place and size never overlap by more than 80%
     # (soft IoU of the coverage masks), whatever the rotation of the second one.

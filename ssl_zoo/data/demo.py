@@ -5,10 +5,10 @@
 Each image is a crop of a real photograph (one of scikit-image's bundled colour photographs, contrast halved)
 with one to four objects from ten classes in front of it: seven filled shapes (circle, square, triangle, star,
 crescent, ring, cross) and three glyphs drawn as thick strokes (the letters E, H, Z), each dark or light grey,
-whichever contrasts with the background beneath it, at random size, position and rotation, without overlap.
-Half of the images show one large object, the others two to four smaller ones; a few (every 25th, from the
-4th) show background only. Objects are rasterised at 4x resolution and box-filtered down, so edges are
-anti-aliased like a photograph's.
+whichever contrasts with the background beneath it, at random size, position and rotation. Half of the images
+show one large object, the others two to four smaller ones that may overlap a little, as objects in a photograph
+do (at most a quarter of any object is hidden); a few (every 25th, from the 4th) show background only. Objects
+are rasterised at 4x resolution and box-filtered down, so edges are anti-aliased like a photograph's.
 
 The set is made so that learning shows: brightness, size, position and background are independent of the
 class, so only the shape identifies it. A randomly initialised network's features are dominated by the
@@ -266,8 +266,35 @@ def _object_colour(rng: np.random.Generator, local_luminance: float) -> np.ndarr
 # ------------------------------------------------------------------------------------------ images
 #: Objects per image: one (the single-label images of the class-per-folder view) or two to four.
 _OBJECT_COUNTS, _OBJECT_COUNT_P = (1, 2, 3, 4), (0.5, 0.25, 0.17, 0.08)
-#: Object radius as a fraction of the image side: large when alone, smaller when sharing the image.
-_RADIUS_SINGLE, _RADIUS_SEVERAL = (0.2, 0.36), (0.13, 0.2)
+#: Object radius as a fraction of the image side: large when alone, smaller when sharing the image. Objects that
+#: share an image are large enough (12-19 px across at 32 px) that a 4 x 4 patch shows only a piece of one: with
+#: 8-13 px objects a random ViT/4's max-pooled patch tokens already told which shapes an image holds (GAMP mAP 34,
+#: against 40 for a ViT trained on the labels; with these sizes 30 against 45, seed 0, benchmarks/RESULTS.md).
+_RADIUS_SINGLE, _RADIUS_SEVERAL = (0.2, 0.36), (0.2, 0.3)
+#: Largest share of an object that other objects may hide (its footprint's overlap with theirs). Objects of the
+#: sizes above rarely fit two to four to an image without overlap.
+_MAX_HIDDEN = 0.25
+
+
+def _overlaps_if_placed(footprint: np.ndarray, placed: list[np.ndarray], areas: np.ndarray, hidden: np.ndarray
+                        ) -> np.ndarray | None:
+    """Overlap of a candidate object with each placed one, or ``None`` when placing it would hide too much.
+
+    Args:
+        footprint: ``bool[S, S]``, the candidate's pixels (coverage > 0); it is drawn in front of the others.
+        placed: the footprints of the objects already placed, in drawing order.
+        areas: ``[len(placed)]`` their pixel counts.
+        hidden: ``[len(placed)]`` pixels of each already covered by the objects drawn after it.
+
+    Returns:
+        ``int[len(placed)]`` pixels of each placed object the candidate covers, when the candidate overlaps the
+        others by at most ``_MAX_HIDDEN`` of its own footprint and leaves each of them hidden by at most
+        ``_MAX_HIDDEN`` of theirs; else ``None``.
+    """
+    overlaps = np.asarray([(footprint & other).sum() for other in placed], dtype=np.int64)
+    if overlaps.sum() > _MAX_HIDDEN * footprint.sum() or (hidden + overlaps > _MAX_HIDDEN * areas).any():
+        return None
+    return overlaps
 
 
 def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Image.Image, list[dict]]:
@@ -275,8 +302,9 @@ def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Ima
 
     Returns:
         The RGB image and its objects, in drawing order, as dicts with ``class_index`` (into
-        :data:`DEMO_CLASSES`), ``bbox`` (COCO ``[x, y, w, h]`` of the pixels at least half covered),
-        ``area`` (that pixel count) and ``segmentation`` (a COCO polygon list, possibly empty).
+        :data:`DEMO_CLASSES`), ``bbox`` (COCO ``[x, y, w, h]`` of its visible pixels: at least half covered by
+        it and not by an object drawn later), ``area`` (that pixel count) and ``segmentation`` (a COCO polygon
+        list; empty for the ring, the glyphs and any object partly hidden).
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
@@ -295,11 +323,13 @@ def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Ima
         classes = [int(c) for c in rng.integers(len(DEMO_CLASSES), size=num_objects)]
     low, high = _RADIUS_SINGLE if len(classes) == 1 else _RADIUS_SEVERAL
 
-    occupied = np.zeros((size, size), dtype=bool)
-    objects: list[dict] = []
+    footprints: list[np.ndarray] = []  # each placed object's footprint (coverage > 0), in drawing order
+    areas = np.zeros(0, dtype=np.int64)  # their pixel counts
+    hidden = np.zeros(0, dtype=np.int64)  # pixels of each covered by the objects drawn after it
+    drawn: list[tuple[dict, np.ndarray, list[list[float]]]] = []  # (record, solid mask, polygon)
     for class_index in classes:
         name = DEMO_CLASSES[class_index].name
-        for _ in range(40):  # rejection sampling: the object lies inside the image and overlaps nothing
+        for _ in range(40):  # rejection sampling: inside the image, hiding at most _MAX_HIDDEN of any object
             radius = rng.uniform(low, high) * size
             cx, cy = rng.uniform(radius, size - radius, size=2)
             tilt = _GLYPH_MAX_TILT if name.startswith("letter") else math.pi
@@ -309,27 +339,42 @@ def render_image(seed: int, split: str, index: int, size: int = 32) -> tuple[Ima
             touches_border = (
                 coverage[0].any() or coverage[-1].any() or coverage[:, 0].any() or coverage[:, -1].any()
             )
-            if not touches_border and not (occupied & (coverage > 0)).any():
-                break
+            footprint = coverage > 0
+            if not touches_border:
+                overlaps = _overlaps_if_placed(footprint, footprints, areas, hidden)
+                if overlaps is not None:
+                    break
         else:
-            continue  # no free spot left: the image keeps fewer objects
+            continue  # no spot left: the image keeps fewer objects
         if not solid.any():
             continue
-        occupied |= coverage > 0
+        hidden = np.append(hidden + overlaps, 0)
+        areas = np.append(areas, footprint.sum())
+        footprints.append(footprint)
         local = float(_luminance(canvas[solid]).mean())  # background brightness under the object
         colour = _object_colour(rng, local)
         alpha = coverage[..., None]  # [S, S, 1]
         canvas = canvas * (1.0 - alpha) + colour * alpha
-        rows, cols = np.nonzero(solid)
+        drawn.append(({"class_index": class_index}, solid, _segmentation(name, cx, cy, radius, angle)))
+    # Annotations of what is seen, as COCO's: the box and area of each object's pixels that no later object
+    # covers (at least half covered by it, as the boxes always counted); an outline polygon only for an object
+    # nothing hides (a polygon cannot hold the hidden part's edge; the ring and the glyphs have none anyway).
+    objects: list[dict] = []
+    covered_later = np.zeros((size, size), dtype=bool)
+    for record, solid, polygon in reversed(drawn):
+        visible = solid & ~covered_later
+        covered_later |= solid
+        if not visible.any():
+            continue
+        rows, cols = np.nonzero(visible)
         x0, y0 = int(cols.min()), int(rows.min())
-        objects.append(
-            {
-                "class_index": class_index,
-                "bbox": [float(x0), float(y0), float(cols.max() - x0 + 1), float(rows.max() - y0 + 1)],
-                "area": float(solid.sum()),
-                "segmentation": _segmentation(name, cx, cy, radius, angle),
-            }
+        record.update(
+            bbox=[float(x0), float(y0), float(cols.max() - x0 + 1), float(rows.max() - y0 + 1)],
+            area=float(visible.sum()),
+            segmentation=polygon if visible.sum() == solid.sum() else [],
         )
+        objects.append(record)
+    objects.reverse()  # drawing order
     canvas += rng.normal(0.0, 2.5, canvas.shape).astype(np.float32)  # sensor-like grain over everything
     image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mode="RGB")
     return image, objects
