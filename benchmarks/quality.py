@@ -174,15 +174,36 @@ def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
     return seconds, cpu
 
 
+#: Label files hashed byte for byte by :func:`data_fingerprint` (images are fingerprinted by name and size).
+_LABEL_SUFFIXES = (".json", ".txt", ".csv")
+
+
+def data_fingerprint(root: str | os.PathLike) -> str:
+    """SHA-256 of a data root as a run reads it: every file's relative path and size, and the bytes of its label
+    files (COCO JSON, Tencent lists). Regenerating or editing the data changes it; reading every image's bytes
+    would not scale to a real dataset, and a redrawn image of the same name and size is the one change missed."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"\0{rel}\0{path.stat().st_size}".encode())
+        if path.suffix.lower() in _LABEL_SUFFIXES:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def recipe_digest(config: str, extra: list[str]) -> str:
-    """SHA-256 of what a run was trained from: its config text, its overrides, and the bytes of every file an
-    override names (MVP's teacher checkpoint). A finished run is reused only when this is unchanged."""
+    """SHA-256 of what a run was trained from: its config text, its overrides, the bytes of every file an
+    override names (MVP's teacher checkpoint) and the fingerprint of every data root an override names
+    (:func:`data_fingerprint`). A finished run is reused only when this is unchanged."""
     digest = hashlib.sha256((ROOT / config).read_bytes())
-    for arg in extra:
+    for arg, previous in zip(extra, ["", *extra[:-1]], strict=True):
         digest.update(b"\0" + arg.encode())
         path = ROOT / arg
         if arg and os.path.isfile(path):  # False for any override that is not a file, however long (JSON)
             digest.update(path.read_bytes())
+        elif previous == "--data.init_args.root" and os.path.isdir(path):
+            digest.update(data_fingerprint(path).encode())
     return digest.hexdigest()
 
 

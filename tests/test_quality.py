@@ -289,6 +289,39 @@ def test_a_finished_run_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     assert quality.fit(str(config), run_dir, 0, [*extra, "--model.init_args.backbone_kwargs", long_json])["trained"]
 
 
+def test_a_finished_run_is_trained_again_when_its_data_changes(tmp_path, monkeypatch):
+    """A run reads the data root an override names: new or resized images and edited label files train it
+    again (a benchmark on regenerated data never scores weights trained on the former data)."""
+    config, data = tmp_path / "cpu.yaml", tmp_path / "data"
+    config.write_text("trainer: {max_epochs: 2}\n")
+    (data / "annotations").mkdir(parents=True)
+    (data / "train").mkdir()
+    labels, image = data / "annotations" / "instances_train2017.json", data / "train" / "0.png"
+    labels.write_text('{"images": [1]}')
+    image.write_bytes(b"x" * 10)
+    run_dir = tmp_path / "runs" / "seed0"
+    trained = []
+
+    def fake_run(cmd, log):
+        run_dir.mkdir(parents=True)
+        trained.append(cmd)
+        return 1.0, 1.0
+
+    monkeypatch.setattr(quality, "run_command", fake_run)
+    extra = ["--data.init_args.root", str(data)]
+    assert quality.fit(str(config), run_dir, 0, extra)["trained"]
+    assert not quality.fit(str(config), run_dir, 0, extra)["trained"]
+    image.write_bytes(b"x" * 10)  # rewritten, same name and size: the fingerprint reads no image bytes
+    assert not quality.fit(str(config), run_dir, 0, extra)["trained"]
+    for change in (lambda: labels.write_text('{"images": [2]}'),  # same size, other labels
+                   lambda: image.write_bytes(b"x" * 11),
+                   lambda: (data / "train" / "1.png").write_bytes(b"y")):
+        change()
+        assert quality.fit(str(config), run_dir, 0, extra)["trained"]
+        assert not quality.fit(str(config), run_dir, 0, extra)["trained"]
+    assert len(trained) == 4
+
+
 def test_merged_states_drop_the_scores_of_a_run_trained_again_by_another_process(tmp_path):
     """Two processes' states name the same run; the one whose recipe digest is no longer the run's is left out."""
     run_dir = tmp_path / "mocov2" / "seed0"
