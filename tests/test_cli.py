@@ -102,3 +102,34 @@ def test_wandb_mode_offline_without_key(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
+
+
+def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
+    """A fit that trainer.max_time ends before max_epochs is named in the summary (epoch and step reached); one
+    that ran its schedule within the limit is not."""
+    import time
+
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from ssl_zoo.utils.run_summary import format_run_summary
+
+    class SlowBatches(Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            time.sleep(0.25)
+
+    def fit(max_time, callbacks):
+        trainer = Trainer(max_epochs=50, max_time=max_time, limit_train_batches=2, limit_val_batches=0,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
+        trainer.fit(BoringModel())
+        return trainer
+
+    cut = fit({"seconds": 1}, [SlowBatches()])
+    assert cut.current_epoch < 50
+    summary = format_run_summary(cut, BoringModel(), "fit")
+    (line,) = [row for row in summary.splitlines() if row.startswith("stopped")]
+    assert "trainer.max_time" in line and f"in epoch {cut.current_epoch + 1} of 50 (step {cut.global_step})" in line
+    complete = fit({"minutes": 5}, [])
+    assert complete.current_epoch == 50
+    assert "stopped" not in format_run_summary(complete, BoringModel(), "fit")

@@ -12,6 +12,8 @@
                    make gamp CKPT=runs/mvp/20260101-120000/checkpoints/last.ckpt
                    ... (knn, finetune, detect, segment)
 
+A ``fit`` that ``trainer.max_time`` (the CPU recipes' 10-minute guard) stopped before its last epoch adds a
+``stopped`` line saying so: on a slow or shared machine such a run trained fewer steps than its config.
 A pre-training run suggests evaluating its ``last.ckpt``; an evaluation job (any module with a ``ckpt``
 hyper-parameter) names the checkpoint it evaluated, the ``eval.json`` its result went to, and the other
 evaluations of that checkpoint.
@@ -22,10 +24,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVAL_TARGETS", "format_run_summary", "next_commands"]
+__all__ = ["EVAL_TARGETS", "format_run_summary", "next_commands", "stopped_by_time_limit"]
 
 #: ``make`` evaluation and transfer targets and the ``protocol`` of the module each runs (``ssl_zoo.eval``,
 #: ``ssl_zoo.transfer``).
@@ -71,12 +74,35 @@ def next_commands(ckpt: str, done: str | None = None) -> list[str]:
     return [f"make {target} CKPT={ckpt}" for target, protocol in EVAL_TARGETS.items() if protocol != done]
 
 
+def stopped_by_time_limit(trainer: Any) -> str | None:
+    """Why a ``fit`` ended early, when ``trainer.max_time`` stopped it before ``max_epochs``: the run trained fewer
+    steps than its config and its lr schedule was cut short, which a loss curve alone does not show."""
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    timer = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining(RunningStage.TRAINING) if timer is not None else None
+    if remaining is None or remaining > 0:
+        return None
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and 0 < max_epochs <= trainer.current_epoch:
+        return None  # the schedule had ended when the time ran out
+    elapsed = timedelta(seconds=int(timer.time_elapsed(RunningStage.TRAINING)))
+    of = f" of {max_epochs}" if max_epochs and max_epochs > 0 else ""
+    return (f"by trainer.max_time after {elapsed}, in epoch {trainer.current_epoch + 1}{of} (step "
+            f"{trainer.global_step}): the schedule did not finish")
+
+
 def format_run_summary(trainer: Any, model: Any, subcommand: str) -> str:
     """The summary of a finished ``trainer.<subcommand>`` run of ``model`` (see the module docstring)."""
     run_dir = Path(trainer.default_root_dir)
     rows: list[tuple[str, str]] = [("run directory", _shown(run_dir))]
     if trainer.fast_dev_run:
         rows.append(("note", "fast_dev_run: a debug run, nothing was saved"))
+
+    stopped = stopped_by_time_limit(trainer) if subcommand == "fit" else None
+    if stopped:
+        rows.append(("stopped", stopped))
 
     last = run_dir / "checkpoints" / "last.ckpt"
     if subcommand == "fit" and last.is_file():
