@@ -192,6 +192,21 @@ def data_fingerprint(root: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+#: What Lightning's Timer callback logs when ``trainer.max_time`` stops a run before its schedule ends.
+TIME_LIMIT_MESSAGE = "Time limit reached."
+
+
+def stopped_at_time_limit(run_dir: str | os.PathLike) -> bool | None:
+    """Whether the pre-training run in ``run_dir`` was stopped by its ``trainer.max_time`` guard, read from the
+    log the benchmark kept of it (``<run_dir>.log``); None when that log is gone. Such a run trained fewer steps
+    than its recipe, its lr schedule cut short: on a slow hour of a shared machine the guard, not the recipe,
+    decides what it learnt."""
+    log = Path(run_dir).with_name(f"{Path(run_dir).name}.log")
+    if not log.is_file():
+        return None
+    return TIME_LIMIT_MESSAGE in log.read_text(errors="replace")
+
+
 def recipe_digest(config: str, extra: list[str]) -> str:
     """SHA-256 of what a run was trained from: its config text, its overrides, the bytes of every file an
     override names (MVP's teacher checkpoint) and the fingerprint of every data root an override names
@@ -470,6 +485,10 @@ def markdown_table(report: dict) -> str:
                                              and r["probe"] == v["probe"] and r["backbone"] == kind), None)
         pretrained = find("pretrained")
         seconds = ", ".join(f"{s:.0f}" for s in pretrained["pretrain_s"] if s is not None)
+        limited = sorted(s for s, hit in report.get("stopped_at_time_limit", {}).get(verdict["method"], {}).items()
+                         if hit and (not report.get("seeds") or int(s) in report["seeds"]))
+        if limited:  # trained fewer steps than the recipe: the wall-clock guard ended it, not the schedule
+            seconds += f" (seed{'s' * (len(limited) > 1)} {', '.join(limited)} stopped at max_time)"
         passes = "yes" if verdict["passes"] else "no"
         if verdict["seeds"] < MIN_SEEDS:
             passes += f" ({verdict['seeds']} seed{'s' if verdict['seeds'] > 1 else ''})"
@@ -622,6 +641,9 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
               "teachers": state["teachers"],
               # Per run: [CPU seconds of the command and its loader workers, 1-min load average at its end].
               "pretrain_cpu_s_and_load": state["cpu_seconds"],
+              # Per run: stopped by its 10-minute guard (trainer.max_time) before its schedule ended.
+              "stopped_at_time_limit": {name: {s: stopped_at_time_limit(run_dir) for s, (run_dir, _) in seeds.items()}
+                                        for name, seeds in state["trained_from"].items()},
               "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
     if figures and args.figures:
         report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,

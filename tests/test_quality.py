@@ -6,6 +6,7 @@ Expected values come from hand-written CSVs and independent computations, not fr
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -378,6 +379,37 @@ def test_rows_follow_the_schema_and_verdicts_apply_the_bar():
     assert verdicts["linear_top1"]["gain"] == pytest.approx(15.0) and not verdicts["linear_top1"]["passes"]
     table = quality.markdown_table({"rows": rows})
     assert "| mocov2 | knn_top1 | 11.0 ± 1.0 | 32.0 ± 2.0 | 80.0 ± 0.0 | +21.0 | yes | 200, 210, 220 |" in table
+
+
+def test_runs_stopped_by_their_time_limit_are_named_in_the_report_and_table(tmp_path):
+    """A run that max_time stopped before its schedule ended is flagged per seed (from its log) and its row
+    in the table says so; a run without a log is unknown (None), never reported as complete."""
+    work = tmp_path / "work"
+    for seed, text in (("0", "Epoch 4 ...\nTime limit reached. Elapsed time is 0:10:03. Signaling Trainer to stop.\n"),
+                       ("1", "Epoch 9 ... `Trainer.fit` stopped: `max_epochs=10` reached.\n")):
+        (work / "mocov2").mkdir(parents=True, exist_ok=True)
+        (work / "mocov2" / f"seed{seed}.log").write_text(text)
+    assert quality.stopped_at_time_limit(work / "mocov2" / "seed0") is True
+    assert quality.stopped_at_time_limit(work / "mocov2" / "seed1") is False
+    assert quality.stopped_at_time_limit(work / "mocov2" / "seed2") is None
+
+    arch = quality.architecture_key(quality.architecture("mocov2"))
+    state = {key: {} for key in quality.STATE_KEYS}
+    state["scores"] = {"mocov2": {s: {"knn_top1": 30.0 + int(s)} for s in "012"},
+                       f"random/{arch}": {s: {"knn_top1": 10.0} for s in "012"}}
+    state["seconds"] = {"mocov2": {"0": 601.0, "1": 300.0, "2": 310.0}}
+    state["trained_from"] = {"mocov2": {s: [str(work / "mocov2" / f"seed{s}"), "digest"] for s in "012"}}
+    for s in "012":  # finished runs of the recipe the state measured (else merged_state drops their scores)
+        (work / "mocov2" / f"seed{s}").mkdir(parents=True)
+        (work / "mocov2" / f"seed{s}" / "benchmark_run.json").write_text(json.dumps({"recipe_sha256": "digest"}))
+    (work / "state-seeds0_1_2.json").write_text(json.dumps(state))
+    args = argparse.Namespace(work=str(work), out=str(tmp_path / "quality.json"), methods=["mocov2"],
+                              seeds=[0, 1, 2], root="data/demo", figures="")
+    views = quality.DataViews(None, None, None)
+    report = quality.write_report(args, views, {}, figures=False)
+    assert report["stopped_at_time_limit"]["mocov2"] == {"0": True, "1": False, "2": None}
+    assert "| 601, 300, 310 (seed 0 stopped at max_time) |" in quality.markdown_table(report)
+    assert json.loads((tmp_path / "quality.json").read_text())["stopped_at_time_limit"]["mocov2"]["0"] is True
 
 
 def test_rows_of_an_interrupted_run_keep_their_seeds_and_never_pass():
