@@ -14,6 +14,7 @@
 
 A ``fit`` that ``trainer.max_time`` (the CPU recipes' 10-minute guard) stopped before its last epoch adds a
 ``stopped`` line saying so: on a slow or shared machine such a run trained fewer steps than its config.
+
 A pre-training run suggests evaluating its ``last.ckpt``; an evaluation job (any module with a ``ckpt``
 hyper-parameter) names the checkpoint it evaluated, the ``eval.json`` its result went to, and the other
 evaluations of that checkpoint.
