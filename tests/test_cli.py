@@ -116,20 +116,37 @@ def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
 
     class SlowBatches(Callback):
         def on_train_batch_end(self, *args, **kwargs):
-            time.sleep(0.25)
+            time.sleep(0.1)
 
     def fit(max_time, callbacks):
-        trainer = Trainer(max_epochs=50, max_time=max_time, limit_train_batches=2, limit_val_batches=0,
+        trainer = Trainer(max_epochs=50, max_time=max_time, limit_train_batches=3, limit_val_batches=0,
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
         trainer.fit(BoringModel())
         return trainer
 
     cut = fit({"seconds": 1}, [SlowBatches()])
-    assert cut.current_epoch < 50
+    assert 0 < cut.global_step < 50 * 3
     summary = format_run_summary(cut, BoringModel(), "fit")
     (line,) = [row for row in summary.splitlines() if row.startswith("stopped")]
-    assert "trainer.max_time" in line and f"in epoch {cut.current_epoch + 1} of 50 (step {cut.global_step})" in line
+    # BoringModel takes one optimizer step per batch: the epoch reached and its batches follow from the steps.
+    epoch = -(-cut.global_step // 3)  # ceil
+    batches_done = cut.global_step - 3 * (epoch - 1)
+    assert "trainer.max_time" in line
+    assert f"in epoch {epoch} of 50, after {batches_done} of its 3 batches (step {cut.global_step})" in line
+
+    # Cut short in its last epoch: the schedule did not finish either, though Lightning counts that epoch done.
+    class SlowerBatches(Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            time.sleep(0.5)
+
+    last = Trainer(max_epochs=2, max_time={"seconds": 2}, limit_train_batches=3, limit_val_batches=0, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[SlowerBatches()], default_root_dir=tmp_path)
+    last.fit(BoringModel())
+    assert 3 < last.global_step < 6 and last.current_epoch == 2
+    assert f"in epoch 2 of 2, after {last.global_step - 3} of its 3 batches" in format_run_summary(
+        last, BoringModel(), "fit")
     complete = fit({"minutes": 5}, [])
     assert complete.current_epoch == 50
     assert "stopped" not in format_run_summary(complete, BoringModel(), "fit")

@@ -85,13 +85,21 @@ def stopped_by_time_limit(trainer: Any) -> str | None:
     remaining = timer.time_remaining(RunningStage.TRAINING) if timer is not None else None
     if remaining is None or remaining > 0:
         return None
+    # Lightning counts the epoch that the time limit cut short as completed (``current_epoch`` is one past
+    # it), so the epoch reached and its share of batches come from the fit loop's progress counters.
+    loop = trainer.fit_loop
+    epoch = loop.epoch_progress.current.started  # 1-based: the epoch being trained when the time ran out
+    batches_done = loop.epoch_loop.batch_progress.current.completed
+    batches = trainer.num_training_batches
+    whole = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
     max_epochs = trainer.max_epochs
-    if max_epochs is not None and 0 < max_epochs <= trainer.current_epoch:
+    if max_epochs is not None and 0 < max_epochs <= epoch and (not whole or batches_done >= batches):
         return None  # the schedule had ended when the time ran out
     elapsed = timedelta(seconds=int(timer.time_elapsed(RunningStage.TRAINING)))
     of = f" of {max_epochs}" if max_epochs and max_epochs > 0 else ""
-    return (f"by trainer.max_time after {elapsed}, in epoch {trainer.current_epoch + 1}{of} (step "
-            f"{trainer.global_step}): the schedule did not finish")
+    share = f", after {batches_done} of its {int(batches)} batches" if whole else ""
+    return (f"by trainer.max_time after {elapsed}, in epoch {epoch}{of}{share} (step {trainer.global_step}): "
+            "the schedule did not finish")
 
 
 def format_run_summary(trainer: Any, model: Any, subcommand: str) -> str:
