@@ -115,17 +115,23 @@ def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
     from ssl_zoo.utils.run_summary import format_run_summary
 
     class SlowBatches(Callback):
-        def on_train_batch_end(self, *args, **kwargs):
-            time.sleep(0.1)
+        """Sleeps after every batch from global step ``from_step`` on, so that max_time runs out there."""
 
-    def fit(max_time, callbacks):
-        trainer = Trainer(max_epochs=50, max_time=max_time, limit_train_batches=3, limit_val_batches=0,
+        def __init__(self, seconds, from_step=0):
+            self.seconds, self.from_step = seconds, from_step
+
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            if trainer.global_step >= self.from_step:
+                time.sleep(self.seconds)
+
+    def fit(max_time, callbacks, max_epochs=50):
+        trainer = Trainer(max_epochs=max_epochs, max_time=max_time, limit_train_batches=3, limit_val_batches=0,
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
         trainer.fit(BoringModel())
         return trainer
 
-    cut = fit({"seconds": 1}, [SlowBatches()])
+    cut = fit({"seconds": 1}, [SlowBatches(0.1)])
     assert 0 < cut.global_step < 50 * 3
     summary = format_run_summary(cut, BoringModel(), "fit")
     (line,) = [row for row in summary.splitlines() if row.startswith("stopped")]
@@ -135,15 +141,9 @@ def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
     assert "trainer.max_time" in line
     assert f"in epoch {epoch} of 50, after {batches_done} of its 3 batches (step {cut.global_step})" in line
 
-    # Cut short in its last epoch: the schedule did not finish either, though Lightning counts that epoch done.
-    class SlowerBatches(Callback):
-        def on_train_batch_end(self, *args, **kwargs):
-            time.sleep(0.5)
-
-    last = Trainer(max_epochs=2, max_time={"seconds": 2}, limit_train_batches=3, limit_val_batches=0, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[SlowerBatches()], default_root_dir=tmp_path)
-    last.fit(BoringModel())
+    # Cut short in its last epoch (the time runs out after its first batch, step 4 of 6): the schedule did not
+    # finish either, though Lightning counts that epoch done.
+    last = fit({"seconds": 2}, [SlowBatches(2.5, from_step=4)], max_epochs=2)
     assert 3 < last.global_step < 6 and last.current_epoch == 2
     assert f"in epoch 2 of 2, after {last.global_step - 3} of its 3 batches" in format_run_summary(
         last, BoringModel(), "fit")

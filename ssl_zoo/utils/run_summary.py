@@ -91,7 +91,7 @@ def stopped_by_time_limit(trainer: Any) -> str | None:
     epoch = loop.epoch_progress.current.started  # 1-based: the epoch being trained when the time ran out
     batches_done = loop.epoch_loop.batch_progress.current.completed
     batches = trainer.num_training_batches
-    whole = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
+    whole = math.isfinite(batches)  # inf for an iterable dataset without a length
     max_epochs = trainer.max_epochs
     if max_epochs is not None and 0 < max_epochs <= epoch and (not whole or batches_done >= batches):
         return None  # the schedule had ended when the time ran out
