@@ -494,6 +494,11 @@ def markdown_table(report: dict) -> str:
             passes += f" ({verdict['seeds']} seed{'s' if verdict['seeds'] > 1 else ''})"
         lines.append(f"| {verdict['method']} | {verdict['probe']} | {fmt(find('random'))} | {fmt(pretrained)} | "
                      f"{fmt(find('supervised'))} | {verdict['gain']:+.1f} | {passes} | {seconds} |")
+    origins: dict[tuple, list[str]] = {}  # methods taken from earlier files (--merge), grouped by origin
+    for method, origin in report.get("merged", {}).items():
+        origins.setdefault((origin.get("measured"), origin.get("command"), origin.get("file")), []).append(method)
+    for (measured, command, file), methods in origins.items():
+        lines.append(f"\nRows of {', '.join(methods)}: measured {measured} (`{command}`), taken from {file}.")
     return "\n".join(lines)
 
 
@@ -645,6 +650,8 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
               "stopped_at_time_limit": {name: {s: stopped_at_time_limit(run_dir) for s, (run_dir, _) in seeds.items()}
                                         for name, seeds in state["trained_from"].items()},
               "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:])}
+    for earlier in getattr(args, "merge", None) or []:
+        merge_report(report, earlier)
     if figures and args.figures:
         report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,
                                                                              ROOT / args.figures)]
@@ -653,6 +660,47 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, out)  # parallel processes never leave a half-written file
     return report
+
+
+#: What ``quality.json`` keeps per method besides its rows (keys of the runs it names: ``<method>`` or
+#: ``<random|supervised>/<architecture>``), carried over with the rows by :func:`merge_report`.
+_PER_RUN_KEYS = ("teachers", "pretrain_cpu_s_and_load", "stopped_at_time_limit")
+
+
+def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
+    """Add to ``report`` the methods that an earlier ``quality.json`` measured and ``report`` did not (no row of
+    that method here): their rows, curves, teachers, times and time-limit flags, each method's origin under
+    ``report["merged"]`` (the file, its measurement date and command; a method the earlier file had itself
+    merged keeps its first origin). A method measured in both keeps this report's rows: a rerun of some methods
+    (e.g. after their recipe changed) replaces only those. Returns the methods taken over."""
+    path = Path(earlier)
+    if not path.is_file():
+        raise FileNotFoundError(f"--merge {earlier}: no such file (an earlier quality.json)")
+    old = json.loads(path.read_text())
+    if "rows" not in old:
+        raise ValueError(f"--merge {earlier}: not a quality.json (no 'rows' key)")
+    measured = {row["method"] for row in report["rows"]}
+    taken = [m for m in dict.fromkeys(row["method"] for row in old["rows"]) if m not in measured]
+    if not taken:
+        return []
+    report["rows"] = report["rows"] + [row for row in old["rows"] if row["method"] in taken]
+    report["rows"].sort(key=lambda row: METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
+    report["verdicts"] = verdicts(report["rows"])
+    report["methods"] = [m for m in METHODS if m in set(report["methods"]) | set(taken)]
+    origin = {"file": str(earlier), "measured": old.get("machine", {}).get("date"), "command": old.get("command")}
+    merged = report.setdefault("merged", {})
+    for method in taken:
+        merged[method] = old.get("merged", {}).get(method, origin)
+        report.setdefault("curves", {})[method] = old.get("curves", {}).get(method)
+        for key in _PER_RUN_KEYS:
+            if method in old.get(key, {}):
+                report.setdefault(key, {})[method] = old[key][method]
+    # The baselines' times and flags (``random/<arch>``, ``supervised/<arch>``) where this report has none.
+    for key in ("pretrain_cpu_s_and_load", "stopped_at_time_limit"):
+        for name, value in old.get(key, {}).items():
+            if "/" in name:
+                report.setdefault(key, {}).setdefault(name, value)
+    return taken
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -768,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
     parser.add_argument("--report", action="store_true",
                         help="rebuild --out and the figures from the states under --work (e.g. after parallel runs)")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="QUALITY_JSON",
+                        help="earlier quality.json files: the methods they measured and --work did not keep their "
+                             "rows (each marked with its origin); may name --out itself")
     args = parser.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads((ROOT / args.out).read_text())))

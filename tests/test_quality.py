@@ -412,6 +412,56 @@ def test_runs_stopped_by_their_time_limit_are_named_in_the_report_and_table(tmp_
     assert json.loads((tmp_path / "quality.json").read_text())["stopped_at_time_limit"]["mocov2"]["0"] is True
 
 
+def test_merge_keeps_the_methods_an_earlier_report_measured_and_this_one_did_not(tmp_path):
+    """A rerun of one method merged with an earlier quality.json: the rerun's rows replace that method's, the
+    other methods' rows, flags and origin come over unchanged, and the verdicts cover both."""
+    def rows_of(method, pretrained, random):
+        return [{"method": method, "probe": "knn_top1", "backbone": kind, "mean": statistics.fmean(values),
+                 "std": round(statistics.stdev(values), 2), "values": values,
+                 "pretrain_s": [100.0, 101.0, 102.0] if kind == "pretrained" else []}
+                for kind, values in (("pretrained", pretrained), ("random", random))]
+
+    earlier = {"rows": rows_of("mocov2", [30.0, 31.0, 32.0], [10.0, 11.0, 12.0])
+                       + rows_of("hvp_mtl", [20.0, 21.0, 22.0], [15.0, 15.0, 15.0]),
+               "machine": {"date": "2026-01-01 10:00"}, "command": "python -m benchmarks.quality --report",
+               "curves": {"mocov2": {"key": "val/knn_top1", "runs": {"0": "r0"}}, "hvp_mtl": {"key": "x", "runs": {}}},
+               "stopped_at_time_limit": {"mocov2": {"0": False}, "hvp_mtl": {"0": True},
+                                         "random/resnet": {"0": False}},
+               "teachers": {}, "pretrain_cpu_s_and_load": {"mocov2": {"0": [150.0, 1.0]}}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    report = {"rows": rows_of("hvp_mtl", [40.0, 41.0, 42.0], [15.0, 16.0, 17.0]), "methods": ["hvp_mtl"],
+              "verdicts": [], "curves": {"hvp_mtl": {"key": "val/knn_mAP", "runs": {"0": "new"}}},
+              "stopped_at_time_limit": {"hvp_mtl": {"0": False}}, "teachers": {}, "pretrain_cpu_s_and_load": {}}
+    assert quality.merge_report(report, path) == ["mocov2"]
+    assert [r["method"] for r in report["rows"]] == ["mocov2", "mocov2", "hvp_mtl", "hvp_mtl"]  # METHODS order
+    assert report["methods"] == ["mocov2", "hvp_mtl"]
+    hvp = next(r for r in report["rows"] if r["method"] == "hvp_mtl" and r["backbone"] == "pretrained")
+    assert hvp["values"] == [40.0, 41.0, 42.0]  # the rerun, not the earlier rows
+    assert report["stopped_at_time_limit"] == {"hvp_mtl": {"0": False}, "mocov2": {"0": False},
+                                               "random/resnet": {"0": False}}
+    assert report["curves"]["mocov2"] == earlier["curves"]["mocov2"]
+    assert report["pretrain_cpu_s_and_load"] == {"mocov2": {"0": [150.0, 1.0]}}
+    verdicts = {v["method"]: v for v in report["verdicts"]}
+    assert verdicts["mocov2"]["gain"] == pytest.approx(20.0) and verdicts["mocov2"]["passes"]
+    assert verdicts["hvp_mtl"]["gain"] == pytest.approx(25.0) and verdicts["hvp_mtl"]["passes"]
+    assert report["merged"] == {"mocov2": {"file": str(path), "measured": "2026-01-01 10:00",
+                                           "command": "python -m benchmarks.quality --report"}}
+    table = quality.markdown_table(report)
+    assert "| mocov2 | knn_top1 | 11.0 ± 1.0 | 31.0 ± 1.0 | — | +20.0 | yes | 100, 101, 102 |" in table
+    assert f"Rows of mocov2: measured 2026-01-01 10:00 (`python -m benchmarks.quality --report`), taken from {path}." in table
+
+    # Merging the merged report again (e.g. --merge naming --out itself) keeps each method's first origin.
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({**report, "machine": {"date": "2026-02-02 10:00"}}))
+    fresh = {"rows": rows_of("hvp_mtl", [40.0, 41.0, 42.0], [15.0, 16.0, 17.0]), "methods": ["hvp_mtl"]}
+    assert quality.merge_report(fresh, again) == ["mocov2"]
+    assert fresh["merged"]["mocov2"]["measured"] == "2026-01-01 10:00"
+    assert quality.merge_report(fresh, again) == []  # nothing left to take
+    with pytest.raises(FileNotFoundError, match="--merge .*missing.json"):
+        quality.merge_report(fresh, tmp_path / "missing.json")
+
+
 def test_rows_of_an_interrupted_run_keep_their_seeds_and_never_pass():
     """Seeds without a value are left out of a row (not the whole row); a verdict needs 3 seeds on both sides."""
     arch = quality.architecture_key(quality.architecture("mpcl"))
