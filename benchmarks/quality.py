@@ -692,14 +692,15 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     for method in taken:
         merged[method] = old.get("merged", {}).get(method, origin)
         report.setdefault("curves", {})[method] = old.get("curves", {}).get(method)
-        for key in _PER_RUN_KEYS:
-            if method in old.get(key, {}):
-                report.setdefault(key, {})[method] = old[key][method]
-    # The baselines' times and flags (``random/<arch>``, ``supervised/<arch>``) where this report has none.
-    for key in ("pretrain_cpu_s_and_load", "stopped_at_time_limit"):
+    # A taken method's entries come with its rows; a baseline's (``random/<arch>``, ``supervised/<arch>``) only
+    # where this report has none.
+    for key in _PER_RUN_KEYS:
+        entries = report.setdefault(key, {})
         for name, value in old.get(key, {}).items():
-            if "/" in name:
-                report.setdefault(key, {}).setdefault(name, value)
+            if name in taken:
+                entries[name] = value
+            elif "/" in name:
+                entries.setdefault(name, value)
     return taken
 
 
