@@ -337,9 +337,29 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
         probe.backbone = backbone
         scores["linear_top1"] = _fit_probe(probe, datamodule, work / "linear",
                                            {"train": cache["train"], "val": cache["val"]})["top1"]
+        write_confusion(probe, cache["val"], cache["val_targets"], datamodule.build_dataset("train", None).classes,
+                        work / "linear")
     if views.coco:
         scores["gamp_mAP"] = multilabel_probe_map(backbone, arch, views.coco, "gamp", seed, work / "gamp")
     return {k: round(float(v), 2) for k, v in scores.items()}
+
+
+def write_confusion(probe, features, targets, classes: list[str], work: Path) -> dict:
+    """The linear probe's validation confusion matrix (rows: true class, columns: predicted), written to
+    ``work/confusion.json`` beside its ``eval.json``: equal top-1 on two seeds is then told apart from the
+    same predictions (a probe that ignores its features) by looking at which images each got right."""
+    import torch
+
+    probe.eval()
+    with torch.no_grad():
+        predicted = probe.head(features).argmax(1)
+    matrix = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    matrix.index_put_((targets.long(), predicted), torch.ones_like(predicted), accumulate=True)
+    record = {"classes": list(classes), "matrix": matrix.tolist(), "correct": int(matrix.diagonal().sum()),
+              "total": int(matrix.sum()), "predicted_per_class": matrix.sum(0).tolist()}
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "confusion.json").write_text(json.dumps(record))
+    return record
 
 
 def multilabel_probe_map(backbone, arch: dict, coco_root: str, pooling: str, seed: int, work: Path) -> float:

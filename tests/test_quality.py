@@ -495,6 +495,14 @@ def test_probe_knn_equals_the_library_vote(demo_root, tmp_path):
     vote = knn_vote_on_splits(backbone, datamodule, 32, quality.KNN_K, quality.KNN_T, "backbone", None, None)
     assert scores["knn_top1"] == pytest.approx(vote[0]["top1"], abs=0.01)
     assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # The linear probe's confusion matrix holds its validation predictions: its diagonal is the top-1.
+    confusion = json.loads((tmp_path / "linear" / "confusion.json").read_text())
+    matrix = torch.tensor(confusion["matrix"])
+    assert confusion["classes"] == sorted(p.name for p in (Path(views.folder) / "val").iterdir())
+    assert matrix.sum(1).tolist() == [len(list((Path(views.folder) / "val" / c).iterdir()))
+                                      for c in confusion["classes"]]
+    assert 100 * matrix.diagonal().sum().item() / matrix.sum().item() == pytest.approx(scores["linear_top1"],
+                                                                                       abs=0.01)
     # The same seed builds the same random backbone: the baseline is reproducible.
     again = quality.random_backbone(arch, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), again.state_dict().values(),
