@@ -652,6 +652,13 @@ def merged_state(work: Path) -> dict:
     return state
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as the report names it: relative to the repository when inside it (RESULTS.md embeds it), else
+    absolute (``--figures /tmp/figs``)."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figures: bool) -> dict:
     """``quality.json`` (and the figures) from every state under ``--work``: the seeds of parallel processes."""
     work, out = ROOT / args.work, ROOT / args.out
@@ -673,8 +680,7 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
     for earlier in getattr(args, "merge", None) or []:
         merge_report(report, earlier)
     if figures and args.figures:
-        report["figures"] = [str(p.relative_to(ROOT)) for p in draw_figures(report, state, args.methods,
-                                                                             ROOT / args.figures)]
+        report["figures"] = [shown_path(p) for p in draw_figures(report, state, args.methods, ROOT / args.figures)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")

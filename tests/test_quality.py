@@ -412,6 +412,14 @@ def test_runs_stopped_by_their_time_limit_are_named_in_the_report_and_table(tmp_
     assert json.loads((tmp_path / "quality.json").read_text())["stopped_at_time_limit"]["mocov2"]["0"] is True
 
 
+def test_figures_outside_the_repository_are_named_by_their_absolute_path(tmp_path):
+    """--figures may point anywhere: figures in the repository are named relative to it (RESULTS.md embeds
+    them), others by their absolute path instead of failing after the whole benchmark ran."""
+    assert quality.shown_path(ROOT / "benchmarks" / "results" / "quality_mocov2.png") == \
+        "benchmarks/results/quality_mocov2.png"
+    assert quality.shown_path(tmp_path / "quality_mocov2.png") == str((tmp_path / "quality_mocov2.png").resolve())
+
+
 def test_merge_keeps_the_methods_an_earlier_report_measured_and_this_one_did_not(tmp_path):
     """A rerun of one method merged with an earlier quality.json: the rerun's rows replace that method's, the
     other methods' rows, flags and origin come over unchanged, and the verdicts cover both."""
