@@ -695,7 +695,7 @@ _PER_RUN_KEYS = ("teachers", "pretrain_cpu_s_and_load", "stopped_at_time_limit")
 
 def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     """Add to ``report`` the methods that an earlier ``quality.json`` measured and ``report`` did not (no row of
-    that method here): their rows, curves, teachers, times and time-limit flags, each method's origin under
+    that method's pre-trained runs here): their rows (its baselines' included), curves, teachers, times and time-limit flags, each method's origin under
     ``report["merged"]`` (the file, its measurement date and command; a method the earlier file had itself
     merged keeps its first origin). A method measured in both keeps this report's rows: a rerun of some methods
     (e.g. after their recipe changed) replaces only those. Returns the methods taken over."""
@@ -705,11 +705,16 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     old = json.loads(path.read_text())
     if "rows" not in old:
         raise ValueError(f"--merge {earlier}: not a quality.json (no 'rows' key)")
-    measured = {row["method"] for row in report["rows"]}
+    # Measured here: a method with rows of its own pre-trained runs. Baseline rows alone do not count: random
+    # init and the ceiling are shared by every recipe of an architecture, so a rerun of one ResNet method
+    # writes baseline rows for all the others.
+    measured = {row["method"] for row in report["rows"] if row["backbone"] == "pretrained"}
     taken = [m for m in dict.fromkeys(row["method"] for row in old["rows"]) if m not in measured]
     if not taken:
         return []
-    report["rows"] = report["rows"] + [row for row in old["rows"] if row["method"] in taken]
+    # A taken method comes with its own baselines, measured with its runs.
+    report["rows"] = ([row for row in report["rows"] if row["method"] not in taken]
+                      + [row for row in old["rows"] if row["method"] in taken])
     report["rows"].sort(key=lambda row: METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
     report["verdicts"] = verdicts(report["rows"])
     report["methods"] = [m for m in METHODS if m in set(report["methods"]) | set(taken)]

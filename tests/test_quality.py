@@ -438,11 +438,16 @@ def test_merge_keeps_the_methods_an_earlier_report_measured_and_this_one_did_not
                "teachers": {}, "pretrain_cpu_s_and_load": {"mocov2": {"0": [150.0, 1.0]}}}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
-    report = {"rows": rows_of("hvp_mtl", [40.0, 41.0, 42.0], [15.0, 16.0, 17.0]), "methods": ["hvp_mtl"],
+    # This report reran hvp_mtl only, but holds mocov2's baseline rows too (an architecture's baselines are shared
+    # by its recipes): mocov2 has not been measured here and comes over with its own rows.
+    shared_baseline = [r for r in rows_of("mocov2", [0.0, 0.0, 0.0], [9.0, 9.0, 9.0]) if r["backbone"] == "random"]
+    report = {"rows": rows_of("hvp_mtl", [40.0, 41.0, 42.0], [15.0, 16.0, 17.0]) + shared_baseline,
+              "methods": ["hvp_mtl"],
               "verdicts": [], "curves": {"hvp_mtl": {"key": "val/knn_mAP", "runs": {"0": "new"}}},
               "stopped_at_time_limit": {"hvp_mtl": {"0": False}}, "teachers": {}, "pretrain_cpu_s_and_load": {}}
     assert quality.merge_report(report, path) == ["mocov2"]
     assert [r["method"] for r in report["rows"]] == ["mocov2", "mocov2", "hvp_mtl", "hvp_mtl"]  # METHODS order
+    assert [r["values"] for r in report["rows"] if r["method"] == "mocov2"] == [[30.0, 31.0, 32.0], [10.0, 11.0, 12.0]]
     assert report["methods"] == ["mocov2", "hvp_mtl"]
     hvp = next(r for r in report["rows"] if r["method"] == "hvp_mtl" and r["backbone"] == "pretrained")
     assert hvp["values"] == [40.0, 41.0, 42.0]  # the rerun, not the earlier rows
