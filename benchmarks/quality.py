@@ -20,9 +20,9 @@ network of the same architecture trained on the labels for about the same comput
 (``experiments/eval/supervised_cpu.yaml``, ``backbone: supervised``, the ceiling). MVP needs a teacher with
 signal, exported as a timm state dict and loaded through ``teacher: timm`` (``--mvp-teacher``): by default the
 same seed's supervised ViT (the ViT ceiling, trained first when needed), a teacher that knows the classes as
-CLIP knows them from captions; ``--mvp-teacher mocov3`` takes the same seed's MoCo v3 CPU run instead (uni-modal
-guidance, MVP Table 5; ``mocov3`` is then pre-trained first, or alone as the teacher when it is not among
-``--methods``).
+CLIP knows them from captions; ``--mvp-teacher mocov3`` takes the same seed's MoCo v3 run on MVP's ViT instead
+(``experiments/mocov3/cpu_vit.yaml``, trained as the teacher and not reported: the uni-modal guidance of MVP's
+Table 5; the ``mocov3`` rows are the MoCo v3 CPU recipe's, a ResNet).
 
 ``--root`` takes the demo layout (``folder/``, COCO ``annotations/``, ``tencent/`` lists), a plain image folder
 (``train/<class>/``, ``val/<class>/``: single-label probes only, BAM/SimSiam pre-train on it through
@@ -59,8 +59,12 @@ PROBES = ("knn_top1", "linear_top1", "gamp_mAP")
 #: MVP's guidance on a machine without CLIP weights (``--mvp-teacher``), a run of the same seed exported to timm:
 #: ``supervised``: the supervised ViT ceiling of MVP's architecture. CLIP's tower carries what captions taught it
 #: about the objects; on the demo the labels are the only such knowledge, so a label-trained teacher plays its part.
-#: ``mocov3``: the MoCo v3 CPU run, a self-supervised teacher (the uni-modal guidance of MVP's Table 5).
+#: ``mocov3``: a MoCo v3 run on MVP's ViT (:data:`MOCOV3_VIT_CONFIG`), a self-supervised teacher (the uni-modal
+#: guidance of MVP's Table 5).
 MVP_TEACHERS = ("supervised", "mocov3")
+#: MoCo v3 on the ViT of the MVP and HVP-MTL recipes (MoCo v3's own CPU recipe is a ResNet): MVP's teacher under
+#: ``--mvp-teacher mocov3``, trained into ``<work>/mocov3_vit/seedN``.
+MOCOV3_VIT_CONFIG = "experiments/mocov3/cpu_vit.yaml"
 SUPERVISED_CONFIG = "experiments/eval/supervised_cpu.yaml"
 # Probe settings of experiments/eval/{linear,gamp,knn}_demo.yaml.
 KNN_K, KNN_T = 20, 0.07
@@ -103,17 +107,19 @@ def find_views(root: str | os.PathLike) -> DataViews:
     return DataViews(*(str(p) if p else None for p in (folder, coco, tencent)), tencent_classes=classes)
 
 
-def recipe(method: str) -> dict:
-    return yaml.safe_load((ROOT / "experiments" / method / "cpu.yaml").read_text())
+def recipe(method: str, config: str | None = None) -> dict:
+    """``method``'s CPU recipe (``experiments/<method>/cpu.yaml``, or ``config``), parsed."""
+    return yaml.safe_load((ROOT / (config or f"experiments/{method}/cpu.yaml")).read_text())
 
 
-def data_overrides(method: str, views: DataViews) -> list[str] | None:
-    """CLI overrides pointing ``method``'s recipe at the views of ``--root`` (None: it cannot run on them).
+def data_overrides(method: str, views: DataViews, config: str | None = None) -> list[str] | None:
+    """CLI overrides pointing ``method``'s recipe (or ``config``, another recipe of it) at the views of ``--root``
+    (None: it cannot run on them).
 
     A recipe reads its own format when present; self-supervised recipes switch to another format otherwise
     (they ignore the labels); HVP-MTL needs multi-label targets (Tencent lists, else COCO).
     """
-    cfg = recipe(method)
+    cfg = recipe(method, config)
     wanted = next(kind for kind, path in _DATA_CLASSES.items() if cfg["data"]["class_path"] == path)
     if method == "hvp_mtl":
         order = ("tencent", "coco")
@@ -208,10 +214,12 @@ def stopped_at_time_limit(run_dir: str | os.PathLike) -> bool | None:
 
 
 def recipe_digest(config: str, extra: list[str]) -> str:
-    """SHA-256 of what a run was trained from: its config text, its overrides, the bytes of every file an
-    override names (MVP's teacher checkpoint) and the fingerprint of every data root an override names
-    (:func:`data_fingerprint`). A finished run is reused only when this is unchanged."""
-    digest = hashlib.sha256((ROOT / config).read_bytes())
+    """SHA-256 of what a run was trained from: its config's settings (the parsed YAML: comments and layout are
+    not the recipe), its overrides, the bytes of every file an override names (MVP's teacher checkpoint) and the
+    fingerprint of every data root an override names (:func:`data_fingerprint`). A finished run is reused only
+    when this is unchanged."""
+    settings = yaml.safe_load((ROOT / config).read_text())
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for arg, previous in zip(extra, ["", *extra[:-1]], strict=True):
         digest.update(b"\0" + arg.encode())
         path = ROOT / arg
@@ -575,20 +583,6 @@ STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monit
               "teachers")
 
 
-def pretraining_order(methods: list[str], mvp_teacher: str) -> list[str]:
-    """``methods`` in the order they are pre-trained: with ``--mvp-teacher mocov3`` MoCo v3 comes before MVP
-    (added when missing: then it is the teacher only, trained but not reported)."""
-    order = list(methods)
-    if "mvp" not in order or mvp_teacher != "mocov3":
-        return order
-    if "mocov3" in order:
-        if order.index("mocov3") < order.index("mvp"):
-            return order
-        order.remove("mocov3")
-    order.insert(order.index("mvp"), "mocov3")
-    return order
-
-
 def fit_supervised(arch: dict, views: DataViews, work: Path, seed: int) -> tuple[Path, dict]:
     """The supervised ceiling of ``arch`` for ``seed`` (the recipe of :data:`SUPERVISED_CONFIG` on the
     single-label view), trained unless a finished run of the same recipe exists: its run directory and record."""
@@ -755,10 +749,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         state_path.write_text(json.dumps(state, indent=1))
         write_report(args, views, machine, figures=False)
 
-    order = pretraining_order(args.methods, args.mvp_teacher)
-
     baselines_done: set[str] = set()
-    for method in order:  # method by method, all seeds: an interrupted run has complete rows for the first ones
+    for method in args.methods:  # method by method, all seeds: an interrupted run has complete rows for the first ones
         extra_base = data_overrides(method, views)
         if extra_base is None:
             state["skipped"][method] = "no data view it can read under --root"
@@ -778,8 +770,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         break
                     teacher_dir, record = fit_supervised(arch, views, work, seed)
                     record_run(state, f"supervised/{key}", s, teacher_dir, record)
-                else:
-                    teacher_dir = Path(state["runs"]["mocov3"][s])
+                else:  # MoCo v3 on MVP's ViT, trained for the teacher and not reported
+                    teacher_dir = work / "mocov3_vit" / f"seed{seed}"
+                    record = fit(MOCOV3_VIT_CONFIG, teacher_dir, seed,
+                                 data_overrides("mocov3", views, MOCOV3_VIT_CONFIG) + args.pretrain_args)
+                    record_run(state, "mocov3_vit", s, teacher_dir, record)
                 teacher = export_teacher(teacher_dir)
                 state["teachers"].setdefault(method, {})[s] = [args.mvp_teacher, str(teacher)]
                 extra += ["--model.init_args.teacher_pretrained", str(teacher)]
@@ -787,7 +782,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
             state["runs"].setdefault(method, {})[s] = str(run_dir)
             record_run(state, method, s, run_dir, record)
-            if method in args.methods and s not in state["scores"].get(method, {}):
+            if s not in state["scores"].get(method, {}):
                 student = load_student(record["ckpt"], arch)
                 state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
                                                                            run_dir / "probes")
@@ -796,8 +791,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     state["monitor_keys"][method] = monitor[0]
                 print(f"seed {seed} {method}: {state['scores'][method][s]} ({record['seconds']:.0f} s)", flush=True)
             save()
-        if method not in args.methods:
-            continue
         kinds = ("random", "supervised") if key not in baselines_done else ()
         baselines_done.add(key)
         for kind in kinds:

@@ -56,7 +56,7 @@ VARIANTS = {
                                            BACKBONE_KWARGS, SWIN_64]),
     "mvp_beit": (("METHOD=mvp",), ["--model.init_args.backbone", "beit_base_patch16_224", BACKBONE_KWARGS, BEIT_64]),
     "simsiam_cpu": (("METHOD=simsiam", "CONFIG=experiments/simsiam/cpu.yaml"), []),
-    "mocov3_cpu": (("METHOD=mocov3", "CONFIG=experiments/mocov3/cpu.yaml"), [BACKBONE_KWARGS, VIT8_32]),
+    "mocov3_cpu_vit": (("METHOD=mocov3", "CONFIG=experiments/mocov3/cpu_vit.yaml"), [BACKBONE_KWARGS, VIT8_32]),
 }
 
 

@@ -24,7 +24,7 @@ from ssl_zoo.plot import CurvesPlot, default_keys, plot_runs, read_run, resolve_
 from ssl_zoo.plot import main as plot_main
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_RECIPES = sorted((ROOT / "experiments").glob("*/cpu.yaml"))
+CPU_RECIPES = sorted((ROOT / "experiments").glob("*/cpu*.yaml"))  # cpu.yaml per method, cpu_vit.yaml (MoCo v3)
 RECIPES_WITH_MONITOR = sorted([*CPU_RECIPES, *(ROOT / "experiments").glob("*/demo.yaml")])
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +48,7 @@ def is_png(path: Path) -> bool:
 
 # ============================================================================ recipes
 def test_every_method_has_a_cpu_recipe():
-    assert {p.parent.name for p in CPU_RECIPES} == set(quality.METHODS)
+    assert {p.parent.name for p in CPU_RECIPES if p.name == "cpu.yaml"} == set(quality.METHODS)
 
 
 @pytest.mark.parametrize("config", RECIPES_WITH_MONITOR, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -57,7 +57,7 @@ def test_knn_monitor_is_on_in_demo_and_cpu_recipes(config):
     assert any(c["class_path"] == "ssl_zoo.eval.KNNMonitor" for c in callbacks)
 
 
-@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_cpu_recipe_fits_the_budget_by_construction(config):
     """A wall-clock guard of at most 10 minutes, a CPU, one device, a small input."""
     cfg = yaml.safe_load(config.read_text())
@@ -80,7 +80,7 @@ def _mvp_teacher(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_cpu_recipe_fast_dev_run(config, demo_root, tmp_path):
     data = yaml.safe_load(config.read_text())["data"]
     root = f"{demo_root}/folder" if data["class_path"].endswith("ImageFolderDataModule") else demo_root
@@ -137,13 +137,19 @@ def test_mvp_default_teacher_is_the_supervised_vit_exported_from_its_run(tmp_pat
     assert loaded.keys() <= trained.keys() and all(torch.equal(trained[k], loaded[k]) for k in loaded)
 
 
-def test_pretraining_order_puts_a_moco_v3_teacher_first():
-    order = quality.pretraining_order
-    assert order(["mvp", "bam_ia"], "supervised") == ["mvp", "bam_ia"]  # the ceiling is trained on demand
-    assert order(["mvp", "bam_ia"], "mocov3") == ["mocov3", "mvp", "bam_ia"]
-    assert order(["mvp", "mocov3"], "mocov3") == ["mocov3", "mvp"]
-    assert order(["mocov3", "hvp_mtl", "mvp"], "mocov3") == ["mocov3", "hvp_mtl", "mvp"]
-    assert order(["bam_ia"], "mocov3") == ["bam_ia"]
+def test_the_moco_v3_teacher_recipe_is_moco_v3_on_mvps_vit(demo_root):
+    """--mvp-teacher mocov3 trains MoCo v3 on exactly MVP's ViT (the teacher's timm weights load into the
+    student's architecture), from its own recipe beside MoCo v3's ResNet CPU recipe, on the same data view."""
+    teacher = quality.recipe("mocov3", quality.MOCOV3_VIT_CONFIG)
+    init = teacher["model"]["init_args"]
+    assert teacher["model"]["class_path"].endswith("MPCL") and init["flavour"] == "mocov3"
+    assert init["num_projectors"] == 1
+    arch = {"backbone": init["backbone"], "backbone_kwargs": init["backbone_kwargs"], "img_size": init["img_size"]}
+    assert quality.architecture_key(arch) == quality.architecture_key(quality.architecture("mvp"))
+    assert quality.architecture("mocov3")["backbone"] != init["backbone"]  # the reported recipe is the ResNet
+    views = quality.find_views(demo_root)
+    assert quality.data_overrides("mocov3", views, quality.MOCOV3_VIT_CONFIG) == \
+        quality.data_overrides("mocov3", views) == ["--data.init_args.root", views.folder]
 
 # ============================================================================ plot
 ROWS_A = [
@@ -281,6 +287,8 @@ def test_a_finished_run_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     extra = ["--model.init_args.teacher_pretrained", str(teacher)]
     assert quality.fit(str(config), run_dir, 0, extra)["trained"] and len(trained) == 1
     assert not quality.fit(str(config), run_dir, 0, extra)["trained"] and len(trained) == 1
+    config.write_text("# why two epochs\ntrainer:\n  max_epochs: 2   # the same setting\n")
+    assert not quality.fit(str(config), run_dir, 0, extra)["trained"] and len(trained) == 1  # comments only
     for change in (lambda: teacher.write_bytes(b"weights-2"), lambda: config.write_text("trainer: {max_epochs: 3}\n")):
         change()
         assert quality.fit(str(config), run_dir, 0, extra)["trained"]
@@ -542,15 +550,15 @@ def test_pooling_probe_reads_each_pooling_and_skips_missing_runs(demo_root, tmp_
 
     out = tmp_path / "pooling.json"
     assert quality_pooling.main(["--root", demo_root, "--work", str(tmp_path / "work"), "--methods", "mocov2",
-                                 "mocov3", "--seeds", "0", "--out", str(out)]) == 0
+                                 "mvp", "--seeds", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {row["model"]: row for row in report["rows"]}
     resnet = rows[f"random/{quality.architecture_key(quality.architecture('mocov2'))}"]
-    vit = rows[f"random/{quality.architecture_key(quality.architecture('mocov3'))}"]
+    vit = rows[f"random/{quality.architecture_key(quality.architecture('mvp'))}"]
     assert len(rows) == 2  # random init of each architecture only: nothing was trained under --work
     assert resnet["backbone"] == resnet["gap"] == resnet["gmp"] == resnet["gamp"]
     assert len({vit[p] for p in quality_pooling.POOLINGS}) > 1
     assert all(0.0 <= row[p] <= 100.0 for row in rows.values() for p in quality_pooling.POOLINGS)
     assert {name.split(" ")[0] for name in report["skipped"]} == {
-        "mocov2", "mocov3", *(f"supervised/{quality.architecture_key(quality.architecture(m))}"
-                              for m in ("mocov2", "mocov3"))}
+        "mocov2", "mvp", *(f"supervised/{quality.architecture_key(quality.architecture(m))}"
+                              for m in ("mocov2", "mvp"))}
