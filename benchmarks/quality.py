@@ -689,9 +689,9 @@ _PER_RUN_KEYS = ("teachers", "pretrain_cpu_s_and_load", "stopped_at_time_limit")
 
 def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     """Add to ``report`` the methods that an earlier ``quality.json`` measured and ``report`` did not (no row of
-    that method's pre-trained runs here): their rows (its baselines' included), curves, teachers, times and time-limit flags, each method's origin under
-    ``report["merged"]`` (the file, its measurement date and command; a method the earlier file had itself
-    merged keeps its first origin). A method measured in both keeps this report's rows: a rerun of some methods
+    that method's pre-trained runs here): their rows (their baselines' included), curves, teachers, times and
+    time-limit flags, each method's origin under ``report["merged"]`` (the file, its measurement date and command;
+    a method the earlier file had itself merged keeps its first origin). A method measured in both keeps this report's rows: a rerun of some methods
     (e.g. after their recipe changed) replaces only those. Returns the methods taken over."""
     path = Path(earlier)
     if not path.is_file():
