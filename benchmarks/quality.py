@@ -835,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="benchmarks/runs/quality", help="run directories and resumable state")
     parser.add_argument("--figures", default="benchmarks/results", help="folder of the per-method PNGs ('' = none)")
     parser.add_argument("--mvp-teacher", choices=MVP_TEACHERS, default=MVP_TEACHERS[0],
-                        help="MVP's timm teacher: the same seed's supervised ViT (default) or MoCo v3 CPU run")
+                        help="MVP's timm teacher: the same seed's supervised ViT (default) or MoCo v3 run on MVP's ViT (experiments/mocov3/cpu_vit.yaml)")
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
