@@ -260,9 +260,10 @@ def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
     return {**record, "trained": True}
 
 
-def architecture(method: str) -> dict:
-    """Backbone name, Backbone kwargs and input size of a recipe (what random init and the ceiling copy)."""
-    init = recipe(method)["model"]["init_args"]
+def architecture(method: str, config: str | None = None) -> dict:
+    """Backbone name, Backbone kwargs and input size of a recipe (``method``'s CPU recipe, or ``config``): what
+    random init and the ceiling copy."""
+    init = recipe(method, config)["model"]["init_args"]
     return {"backbone": init["backbone"], "backbone_kwargs": init.get("backbone_kwargs") or {},
             "img_size": int(init.get("img_size", 224))}
 
@@ -337,6 +338,7 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
             loader = datamodule.labelled_dataloader(split, batch_size=256, transform=center_crop_transform(size))
             cache[split], targets = extract_features(backbone, loader, "backbone")
             cache[f"{split}_targets"] = targets
+        val_classes = loader.dataset.classes  # the names of the val targets' indices
         knn = knn_predict(cache["val"], cache["train"], cache["train_targets"], datamodule.num_classes, KNN_K, KNN_T)
         scores["knn_top1"] = single_label_metrics(knn, cache["val_targets"])["top1"]
         datamodule.batch_size = min(PROBE_BATCH, len(cache["train"]))  # a full batch even on tiny data
@@ -345,8 +347,7 @@ def probe_backbone(backbone, arch: dict, views: DataViews, seed: int, work: Path
         probe.backbone = backbone
         scores["linear_top1"] = _fit_probe(probe, datamodule, work / "linear",
                                            {"train": cache["train"], "val": cache["val"]})["top1"]
-        write_confusion(probe, cache["val"], cache["val_targets"], datamodule.build_dataset("train", None).classes,
-                        work / "linear")
+        write_confusion(probe, cache["val"], cache["val_targets"], val_classes, work / "linear")
     if views.coco:
         scores["gamp_mAP"] = multilabel_probe_map(backbone, arch, views.coco, "gamp", seed, work / "gamp")
     return {k: round(float(v), 2) for k, v in scores.items()}

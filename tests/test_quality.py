@@ -144,9 +144,9 @@ def test_the_moco_v3_teacher_recipe_is_moco_v3_on_mvps_vit(demo_root):
     init = teacher["model"]["init_args"]
     assert teacher["model"]["class_path"].endswith("MPCL") and init["flavour"] == "mocov3"
     assert init["num_projectors"] == 1
-    arch = {"backbone": init["backbone"], "backbone_kwargs": init["backbone_kwargs"], "img_size": init["img_size"]}
+    arch = quality.architecture("mocov3", quality.MOCOV3_VIT_CONFIG)
     assert quality.architecture_key(arch) == quality.architecture_key(quality.architecture("mvp"))
-    assert quality.architecture("mocov3")["backbone"] != init["backbone"]  # the reported recipe is the ResNet
+    assert quality.architecture("mocov3")["backbone"] != arch["backbone"]  # the reported recipe is the ResNet
     views = quality.find_views(demo_root)
     assert quality.data_overrides("mocov3", views, quality.MOCOV3_VIT_CONFIG) == \
         quality.data_overrides("mocov3", views) == ["--data.init_args.root", views.folder]
