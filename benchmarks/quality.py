@@ -214,11 +214,13 @@ def stopped_at_time_limit(run_dir: str | os.PathLike) -> bool | None:
 
 
 def recipe_digest(config: str, extra: list[str]) -> str:
-    """SHA-256 of what a run was trained from: its config's settings (the parsed YAML: comments and layout are
-    not the recipe), its overrides, the bytes of every file an override names (MVP's teacher checkpoint) and the
-    fingerprint of every data root an override names (:func:`data_fingerprint`). A finished run is reused only
-    when this is unchanged."""
+    """SHA-256 of what a run was trained from: its config's settings (the parsed YAML: comments, layout and
+    ``cpu_threads`` are not the recipe), its overrides, the bytes of every file an override names (MVP's teacher
+    checkpoint) and the fingerprint of every data root an override names (:func:`data_fingerprint`). A finished
+    run is reused only when this is unchanged."""
     settings = yaml.safe_load((ROOT / config).read_text())
+    # How many threads a step uses is speed, not recipe (and child_env's OMP_NUM_THREADS=1 overrides it anyway).
+    settings.pop("cpu_threads", None)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for arg, previous in zip(extra, ["", *extra[:-1]], strict=True):
         digest.update(b"\0" + arg.encode())

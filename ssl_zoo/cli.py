@@ -9,6 +9,8 @@ methods and data modules are chosen by ``class_path``, and every key can be over
   resolved ``config.yaml``, ``checkpoints/last.ckpt`` + the best checkpoint, ``metrics.csv`` and wandb files;
 * logs to CSV and to wandb, offline when no API key is configured (``WANDB_MODE=disabled`` turns wandb off);
 * shows throughput (images/s) in the progress bar;
+* on a CPU, sets the intra-op threads of each training process to the config's ``cpu_threads``
+  (:func:`apply_cpu_threads`; the ResNet and HVP-MTL CPU recipes set 1; a user's ``OMP_NUM_THREADS`` wins);
 * writes ``checkpoints/last.ckpt`` atomically every ``checkpoint_every_n_steps`` steps and at epoch ends, with
   everything an exact resume needs (RNG states, the sampler position); ``--resume`` continues the newest run
   of the config's ``name`` in its own directory;
@@ -297,6 +299,32 @@ def check_accelerator(trainer_cfg: Mapping[str, Any], configs: Sequence[str]) ->
     )
 
 
+def apply_cpu_threads(threads: int, trainer_cfg: Mapping[str, Any]) -> bool:
+    """``cpu_threads``: on a CPU run, set torch's intra-op threads per training process (0: leave torch's
+    default, one per core). Returns whether it changed anything.
+
+    One thread per core in the training process, beside DataLoader workers on the same cores, is more threads
+    than cores; for the small, overhead-bound steps of the ResNet CPU recipes (32 px, quarter-width ResNet-18)
+    a step whose OpenMP barrier waits for a descheduled thread then runs up to 1.9x slower, while the
+    compute-bound demo steps (full ResNet-18 at 48-64 px) and the ViT/4 recipes gain from the second thread
+    (benchmarks/RESULTS.md, "Threads of a CPU run"). GPU runs and a user's ``OMP_NUM_THREADS`` are left alone; the processes a multi-process CPU run
+    spawns inherit the count through ``OMP_NUM_THREADS``.
+    """
+    if threads < 0:
+        raise ConfigError(f"cpu_threads: must be >= 0 (0: torch's default, one per core), got {threads}")
+    if threads == 0 or os.environ.get("OMP_NUM_THREADS"):
+        return False
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator") or "auto").lower()
+    if accelerator != "cpu" and not (accelerator == "auto" and not torch.cuda.is_available()):
+        return False
+    torch.set_num_threads(threads)
+    if (_device_count(trainer_cfg.get("devices")) or 1) > 1:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    return True
+
+
 def check_data_root(data_cfg: Any) -> None:
     """A dataset root that is missing or empty fails before anything is built, naming the key and the layout
     the data module reads. Roots that are not local paths (URLs, shard patterns) are the data module's to check."""
@@ -399,6 +427,10 @@ def apply_resume(cfg) -> None:
 
 
 class SSLZooCLI(LightningCLI):
+    def __init__(self, *args, apply_threads: bool = True, **kwargs) -> None:
+        self.apply_threads = apply_threads  # cpu_threads; off when the caller runs the trainer itself
+        super().__init__(*args, **kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # The parsers name the config files and where a bad key was given in their error messages.
         command_line = [] if isinstance(args, Mapping) else [str(a) for a in (sys.argv[1:] if args is None else args)]
@@ -417,6 +449,10 @@ class SSLZooCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000,
                             help="write checkpoints/last.ckpt every N optimiser steps (and at every epoch end); "
                                  "0: at epoch ends only")
+        parser.add_argument("--cpu_threads", type=int, default=0,
+                            help="intra-op threads of each training process on a CPU (0: torch's default, one per "
+                                 "core; the ResNet and HVP-MTL CPU recipes set 1); OMP_NUM_THREADS "
+                                 "in the environment wins")
         parser.add_argument("--nonfinite_loss", type=Literal["stop", "skip", "off"], default="stop",
                             help="on a NaN/Inf loss term: stop and save checkpoints/last-good.ckpt, skip the "
                                  "optimiser step (counted in train/nonfinite_skips), or do not check")
@@ -477,6 +513,8 @@ class SSLZooCLI(LightningCLI):
         if not any(isinstance(c, CurvesPlot) for c in callbacks):
             callbacks.append(CurvesPlot())  # <run_dir>/curves.png: every logged loss and monitor metric vs step
         trainer_cfg["callbacks"] = callbacks
+        if self.apply_threads:
+            apply_cpu_threads(cfg.get("cpu_threads", 0), trainer_cfg)
         return super().instantiate_trainer(**kwargs)
 
     # The run summary after each subcommand (LightningCLI calls after_<subcommand> once it returns).
@@ -498,6 +536,23 @@ def main(args: list[str] | None = None, run: bool = True) -> SSLZooCLI:
     # Lightning warns on every mid-epoch resume that the dataloader is not resumable; ssl_zoo's data modules
     # are (ssl_zoo.data.sampler.ResumableSampler restores the position, tests/test_resume.py proves it exact).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    if not run:  # the caller runs the trainer: the thread count stays the caller's
+        return _cli(args, run)
+    import torch
+
+    # cpu_threads changes process-wide state: a caller running several jobs in one process gets it back.
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        return _cli(args, run)
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+def _cli(args: list[str] | None, run: bool) -> SSLZooCLI:
     return SSLZooCLI(
         LightningModule,
         LightningDataModule,
@@ -509,6 +564,7 @@ def main(args: list[str] | None = None, run: bool = True) -> SSLZooCLI:
         parser_class=SSLZooArgumentParser,
         args=args,
         run=run,
+        apply_threads=run,
     )
 
 

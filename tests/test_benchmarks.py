@@ -3,13 +3,14 @@ limit mirrors what each method really encodes. Correctness only: no timing is ev
 
 import json
 import math
+import statistics
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from benchmarks import component_costs, data_pipeline, step_overhead
+from benchmarks import component_costs, cpu_threads, data_pipeline, step_overhead
 from benchmarks.timing import median_time, paired_medians, peak_flops
 
 PROMISED_STEP_KEYS = {"method", "images_per_s", "step_s", "limit_s", "ratio"}
@@ -100,6 +101,26 @@ def test_step_overhead_writes_the_promised_json(demo_root, tmp_path):
     assert rows["mocov2"]["flops_limit"] == rows["lightly_moco"]["flops_limit"]
     table = step_overhead.markdown_table(report).splitlines()
     assert len(table) == 2 + 2 and "lightly_moco (peer of mocov2)" in table[3]
+
+
+@pytest.mark.slow  # four short runs of the command line, each in a fresh interpreter
+def test_cpu_threads_runs_both_settings_on_the_users_command(demo_root, tmp_path):
+    out = tmp_path / "threads.json"
+    cpu_threads.main(["--configs", "experiments/mocov2/cpu.yaml", "--batches", "3", "--repeats", "2", "--json",
+                      str(out), "--args", "--data.init_args.root", f"{demo_root}/folder", "--data.init_args.num_workers",
+                      "1", "--data.init_args.batch_size", "4", "--trainer.log_every_n_steps", "1"])
+    report = json.loads(out.read_text())
+    row = report["configs"]["experiments/mocov2/cpu.yaml"]
+    for setting in ("threads0", "threads1"):
+        assert len(row[setting]["runs"]) == 2  # one per repeat
+        assert all(run["wall_s"] > 0 and run["images_per_s"] > 0 for run in row[setting]["runs"])
+        median = statistics.median(r["images_per_s"] for r in row[setting]["runs"])
+        assert row[setting]["images_per_s"] == pytest.approx(median, abs=0.05)
+    assert row["speedup"] == round(row["threads1"]["images_per_s"] / row["threads0"]["images_per_s"], 2)
+    # every CPU recipe and every demo is in the default list
+    listed = cpu_threads.default_configs()
+    assert "experiments/mocov3/cpu_vit.yaml" in listed and "experiments/hvp_mtl/demo.yaml" in listed
+    assert len(listed) == 2 * len(cpu_threads.METHODS) + 1
 
 
 def test_component_costs_writes_components_teacher_share_and_memory(demo_root, tmp_path):

@@ -2,12 +2,13 @@
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ssl_zoo.cli import main, wandb_mode
+from ssl_zoo.cli import ConfigError, apply_cpu_threads, main, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
@@ -150,3 +151,35 @@ def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
     complete = fit({"minutes": 5}, [])
     assert complete.current_epoch == 50
     assert "stopped" not in format_run_summary(complete, BoringModel(), "fit")
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_threads_set_torch_threads_on_cpu_runs_only(monkeypatch, restore_threads):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert not apply_cpu_threads(0, {"accelerator": "cpu"}) and torch.get_num_threads() == 2  # 0: torch's default
+    assert not apply_cpu_threads(1, {"accelerator": "gpu", "devices": 1}) and torch.get_num_threads() == 2
+    assert apply_cpu_threads(1, {"accelerator": "cpu", "devices": 1}) and torch.get_num_threads() == 1
+    assert "OMP_NUM_THREADS" not in os.environ  # one process: nothing to pass on
+    torch.set_num_threads(2)
+    auto = {"accelerator": "auto", "devices": 1}
+    assert apply_cpu_threads(1, auto) == (not torch.cuda.is_available())
+    # The processes of a multi-process CPU run (ddp_spawn) start with the environment's count.
+    monkeypatch.setattr(os, "environ", {**os.environ})
+    assert apply_cpu_threads(1, {"accelerator": "cpu", "devices": 2}) and os.environ["OMP_NUM_THREADS"] == "1"
+    # A count the user set in the environment wins.
+    torch.set_num_threads(2)
+    os.environ["OMP_NUM_THREADS"] = "2"
+    assert not apply_cpu_threads(1, {"accelerator": "cpu"}) and torch.get_num_threads() == 2
+    with pytest.raises(ConfigError, match="cpu_threads: must be >= 0"):
+        apply_cpu_threads(-1, {"accelerator": "cpu"})

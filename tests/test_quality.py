@@ -81,15 +81,26 @@ def _mvp_teacher(tmp_path: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_cpu_recipe_fast_dev_run(config, demo_root, tmp_path):
-    data = yaml.safe_load(config.read_text())["data"]
+def test_cpu_recipe_fast_dev_run(config, demo_root, tmp_path, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    recipe = yaml.safe_load(config.read_text())
+    data = recipe["data"]
     root = f"{demo_root}/folder" if data["class_path"].endswith("ImageFolderDataModule") else demo_root
     extra = []
     if config.parent.name == "mvp":  # the teacher the benchmark exports from the same seed's supervised ViT
         extra = ["--model.init_args.teacher_pretrained", _mvp_teacher(tmp_path)]
+    # The recipe's cpu_threads (if any) holds while it trains, and the caller's thread count comes back after.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_in_fit, fit = [], Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (threads_in_fit.append(torch.get_num_threads()),
+                                                                 fit(self, *a, **k))[1])
+    threads_before = torch.get_num_threads()
     cli = cli_main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--data.init_args.root", root,
                     "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
                     "--trainer.default_root_dir", str(tmp_path / "run"), *extra])
+    assert threads_in_fit == [recipe.get("cpu_threads") or threads_before]
+    assert torch.get_num_threads() == threads_before
     metrics = cli.trainer.callback_metrics
     assert metrics["train/loss"].isfinite()
     # The kNN monitor ran on the labelled splits: top-1 on the folder view, mAP on the multi-label views.
