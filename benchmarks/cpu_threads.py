@@ -19,15 +19,15 @@ benchmark has trained it, exported as it does; otherwise the recipe is skipped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks import quality
+from ssl_zoo.plot import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("bam_ia", "simsiam", "mpcl", "mocov2", "mocov3", "mvp", "hvp_mtl")
@@ -36,16 +36,15 @@ SUPERVISED_VIT = "benchmarks/runs/quality/supervised/{key}/seed0"
 
 def default_configs() -> list[str]:
     demos = [f"experiments/{m}/demo.yaml" for m in METHODS]
-    recipes = [str(p.relative_to(ROOT)) for m in METHODS for p in sorted((ROOT / "experiments" / m).glob("cpu*.yaml"))]
+    recipes = [str(p.relative_to(ROOT)) for m in METHODS
+               for p in sorted((ROOT / "experiments" / m).glob("cpu*.yaml"))]
     return demos + recipes
 
 
-def mvp_teacher_args(config: str, work: Path) -> list[str] | None:
+def mvp_teacher_args(config: str) -> list[str] | None:
     """``--model.init_args.teacher_pretrained`` for MVP's CPU recipe (None: no teacher here; [] for any other)."""
     if not (config.startswith("experiments/mvp/") and "cpu" in Path(config).stem):
         return []
-    from benchmarks import quality
-
     run_dir = ROOT / SUPERVISED_VIT.format(key=quality.architecture_key(quality.architecture("mvp")))
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         return None
@@ -55,25 +54,19 @@ def mvp_teacher_args(config: str, work: Path) -> list[str] | None:
 
 def images_per_s(run_dir: Path) -> float | None:
     """Median of the logged ``train/images_per_s`` after its first value (the first steps start the workers)."""
-    rates = []
-    for path in run_dir.rglob("metrics.csv"):
-        with path.open() as f:
-            rates += [float(row["train/images_per_s"]) for row in csv.DictReader(f) if row.get("train/images_per_s")]
+    rates = [value for _, value in read_run(run_dir).curves.get("train/images_per_s", [])]
     return statistics.median(rates[1:]) if len(rates) > 1 else None
 
 
 def one_run(config: str, threads: int, batches: int, extra: list[str], work: Path) -> dict:
+    """One timed ``python -m ssl_zoo fit`` at ``--cpu_threads threads``, ``OMP_NUM_THREADS`` unset."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"t{threads}-", dir=work))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["WANDB_MODE"] = "disabled"
     cmd = [sys.executable, "-m", "ssl_zoo", "fit", "--config", config, "--trainer.max_epochs", "1",
            "--trainer.limit_train_batches", str(batches), "--trainer.default_root_dir", str(run_dir),
            "--cpu_threads", str(threads), *extra]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    wall, _ = quality.run_command(cmd, run_dir.with_suffix(".log"), env=env)
     return {"wall_s": round(wall, 2), "images_per_s": images_per_s(run_dir)}
 
 
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cpu_threads-") as tmp:
         work = Path(tmp)
         for config in configs:
-            teacher = mvp_teacher_args(config, work)
+            teacher = mvp_teacher_args(config)
             if teacher is None:
                 print(f"{config}: skipped (no supervised ViT in benchmarks/runs/quality to export as its teacher)")
                 continue
@@ -111,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             results[config] = summary
             print(f"{config}: default {default} img/s, {summary['threads0']['wall_s']} s; cpu_threads 1 {one} img/s, "
                   f"{summary['threads1']['wall_s']} s; x{summary['speedup']}", flush=True)
-    report = {"batches": args.batches, "repeats": args.repeats, "overrides": args.args, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-              "configs": results}
+    report = {"batches": args.batches, "repeats": args.repeats, "overrides": args.args,
+              "machine": quality.machine_info(), "configs": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"-> {args.json}")

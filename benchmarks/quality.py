@@ -159,8 +159,8 @@ def child_env() -> dict[str, str]:
             "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
 
 
-def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run ``cmd`` from the repository root with its output in ``log``.
+def run_command(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run ``cmd`` from the repository root with its output in ``log``, in ``env`` (default :func:`child_env`).
 
     Returns its wall time and the CPU time (user + system) of the command and its loader workers, in seconds:
     on a machine shared with other jobs the wall time grows with their load, the CPU time much less.
@@ -170,7 +170,7 @@ def run_command(cmd: list[str], log: Path) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=child_env())
+        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env or child_env())
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -307,8 +307,8 @@ def apply_cpu_threads(threads: int, trainer_cfg: Mapping[str, Any]) -> bool:
     than cores; for the small, overhead-bound steps of the ResNet CPU recipes (32 px, quarter-width ResNet-18)
     a step whose OpenMP barrier waits for a descheduled thread then runs up to 1.9x slower, while the
     compute-bound demo steps (full ResNet-18 at 48-64 px) and the ViT/4 recipes gain from the second thread
-    (benchmarks/RESULTS.md, "Threads of a CPU run"). GPU runs and a user's ``OMP_NUM_THREADS`` are left alone; the processes a multi-process CPU run
-    spawns inherit the count through ``OMP_NUM_THREADS``.
+    (benchmarks/RESULTS.md, "Threads of a CPU run"). GPU runs and a user's ``OMP_NUM_THREADS`` are left alone;
+    the processes a multi-process CPU run spawns inherit the count through ``OMP_NUM_THREADS``.
     """
     if threads < 0:
         raise ConfigError(f"cpu_threads: must be >= 0 (0: torch's default, one per core), got {threads}")
@@ -536,8 +536,6 @@ def main(args: list[str] | None = None, run: bool = True) -> SSLZooCLI:
     # Lightning warns on every mid-epoch resume that the dataloader is not resumable; ssl_zoo's data modules
     # are (ssl_zoo.data.sampler.ResumableSampler restores the position, tests/test_resume.py proves it exact).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
-    if not run:  # the caller runs the trainer: the thread count stays the caller's
-        return _cli(args, run)
     import torch
 
     # cpu_threads changes process-wide state: a caller running several jobs in one process gets it back.
