@@ -29,14 +29,12 @@ from pathlib import Path
 from benchmarks import quality
 from ssl_zoo.plot import read_run
 
-ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("bam_ia", "simsiam", "mpcl", "mocov2", "mocov3", "mvp", "hvp_mtl")
-SUPERVISED_VIT = "benchmarks/runs/quality/supervised/{key}/seed0"
+ROOT = quality.ROOT
 
 
 def default_configs() -> list[str]:
-    demos = [f"experiments/{m}/demo.yaml" for m in METHODS]
-    recipes = [str(p.relative_to(ROOT)) for m in METHODS
+    demos = [f"experiments/{m}/demo.yaml" for m in quality.METHODS]
+    recipes = [str(p.relative_to(ROOT)) for m in quality.METHODS
                for p in sorted((ROOT / "experiments" / m).glob("cpu*.yaml"))]
     return demos + recipes
 
@@ -45,7 +43,7 @@ def mvp_teacher_args(config: str) -> list[str] | None:
     """``--model.init_args.teacher_pretrained`` for MVP's CPU recipe (None: no teacher here; [] for any other)."""
     if not (config.startswith("experiments/mvp/") and "cpu" in Path(config).stem):
         return []
-    run_dir = ROOT / SUPERVISED_VIT.format(key=quality.architecture_key(quality.architecture("mvp")))
+    run_dir = quality.supervised_run_dir(quality.architecture("mvp"), ROOT / quality.WORK, seed=0)
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         return None
     exported = quality.export_teacher(run_dir)

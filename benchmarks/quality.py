@@ -66,6 +66,8 @@ MVP_TEACHERS = ("supervised", "mocov3")
 #: ``--mvp-teacher mocov3``, trained into ``<work>/mocov3_vit/seedN``.
 MOCOV3_VIT_CONFIG = "experiments/mocov3/cpu_vit.yaml"
 SUPERVISED_CONFIG = "experiments/eval/supervised_cpu.yaml"
+#: Default ``--work``: run directories and resumable state.
+WORK = "benchmarks/runs/quality"
 # Probe settings of experiments/eval/{linear,gamp,knn}_demo.yaml.
 KNN_K, KNN_T = 20, 0.07
 PROBE_EPOCHS, PROBE_BATCH = 10, 64
@@ -586,10 +588,15 @@ STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monit
               "teachers")
 
 
+def supervised_run_dir(arch: dict, work: Path, seed: int) -> Path:
+    """Where :func:`fit_supervised` trains the ceiling of ``arch`` for ``seed``."""
+    return work / "supervised" / architecture_key(arch) / f"seed{seed}"
+
+
 def fit_supervised(arch: dict, views: DataViews, work: Path, seed: int) -> tuple[Path, dict]:
     """The supervised ceiling of ``arch`` for ``seed`` (the recipe of :data:`SUPERVISED_CONFIG` on the
     single-label view), trained unless a finished run of the same recipe exists: its run directory and record."""
-    run_dir = work / "supervised" / architecture_key(arch) / f"seed{seed}"
+    run_dir = supervised_run_dir(arch, work, seed)
     record = fit(SUPERVISED_CONFIG, run_dir, seed, [
         "--model.init_args.backbone", arch["backbone"],
         "--model.init_args.backbone_kwargs", json.dumps(arch["backbone_kwargs"]),
@@ -835,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results/quality.json")
-    parser.add_argument("--work", default="benchmarks/runs/quality", help="run directories and resumable state")
+    parser.add_argument("--work", default=WORK, help="run directories and resumable state")
     parser.add_argument("--figures", default="benchmarks/results", help="folder of the per-method PNGs ('' = none)")
     parser.add_argument("--mvp-teacher", choices=MVP_TEACHERS, default=MVP_TEACHERS[0],
                         help="MVP's timm teacher: the same seed's supervised ViT (default) or MoCo v3 run on MVP's ViT (experiments/mocov3/cpu_vit.yaml)")

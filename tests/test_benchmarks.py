@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import component_costs, cpu_threads, data_pipeline, step_overhead
+from benchmarks import component_costs, cpu_threads, data_pipeline, quality, step_overhead
 from benchmarks.timing import median_time, paired_medians, peak_flops
 
 PROMISED_STEP_KEYS = {"method", "images_per_s", "step_s", "limit_s", "ratio"}
@@ -120,7 +120,7 @@ def test_cpu_threads_runs_both_settings_on_the_users_command(demo_root, tmp_path
     # every CPU recipe and every demo is in the default list
     listed = cpu_threads.default_configs()
     assert "experiments/mocov3/cpu_vit.yaml" in listed and "experiments/hvp_mtl/demo.yaml" in listed
-    assert len(listed) == 2 * len(cpu_threads.METHODS) + 1
+    assert len(listed) == 2 * len(quality.METHODS) + 1
 
 
 def test_component_costs_writes_components_teacher_share_and_memory(demo_root, tmp_path):
