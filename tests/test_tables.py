@@ -11,12 +11,16 @@ import yaml
 from ssl_zoo.tables import (
     ManifestError,
     check_manifest,
+    compare,
     load_manifest,
     main,
     measured_metrics,
+    render_csv,
+    render_json,
     render_markdown,
     row_commands,
     setting_value,
+    unfilled_cells,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,10 +197,11 @@ def test_report_fills_in_measured_numbers_and_marks_rows_not_run(tmp_path):
     assert measured_metrics(rows[2], runs, ROOT) == {}
 
     text = render_markdown(manifest, runs, ROOT)
-    assert "| row | mAP (paper) | mAP (ours) | CF1 (paper) | CF1 (ours) | status |" in text
-    assert "| BAM+IA 200ep | 61.3 | 60.51 | 55 | 54 | measured |" in text
-    assert "| random init | 20 | 21.5 |  |  | measured |" in text
-    assert "| not run | 59 |  |  |  | not yet run |" in text
+    assert ("| row | mAP (paper) | mAP (ours) | mAP (diff) | CF1 (paper) | CF1 (ours) | CF1 (diff) | status |"
+            in text)
+    assert "| BAM+IA 200ep | 61.3 | 60.51 | -0.79 | 55 | 54 | -1 | measured |" in text
+    assert "| random init | 20 | 21.5 | +1.5 |  |  |  | measured |" in text
+    assert "| not run | 59 |  |  |  |  |  | not yet run |" in text
     assert f"python -m ssl_zoo fit --config {BAM_PAPER}\n" in text
     assert (f"python -m ssl_zoo fit --config {GAMP_EVAL} --model.init_args.ckpt "
             '"$(ls -td runs/bam_ia/*/ | head -1)checkpoints/last.ckpt"') in text
@@ -225,3 +230,79 @@ def test_command_line_prints_markdown_and_checks(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("paper: x\n")
     assert main([str(tmp_path / "bad.yaml")]) == 2
     assert "needs 'paper: <title>' and a non-empty 'tables:' list" in capsys.readouterr().err
+
+
+def test_extension_rows_are_marked_and_compared_on_the_tables_metrics(tmp_path):
+    """A row the paper does not print carries 'extension: <why>', no paper numbers, and is marked in every
+    rendering; measured numbers still show under the table's columns."""
+    path = _write(tmp_path, f"""
+        paper: BAM paper
+        tables:
+          - id: Table 1
+            rows:
+              - name: BAM 200
+                pretrain: [{BAM_PAPER}]
+                eval: [{GAMP_EVAL}]
+                paper: {{mAP: 61.3, OF1: 66.0}}
+              - name: random init
+                eval: [{GAMP_EVAL}]
+                extension: the floor every pre-training row is measured against
+        """)
+    runs = tmp_path / "runs"
+    eval_name = yaml.safe_load((ROOT / GAMP_EVAL).read_text())["name"]
+    random_dir = runs / eval_name / "20260105-000000"
+    random_dir.mkdir(parents=True)
+    (random_dir / "eval.json").write_text(json.dumps([_record(random_dir, {"mAP": 21.5}, "2026-01-05T00:00:00")]))
+    manifest = load_manifest(path)
+    rows = {c.row: c for c in compare(manifest, runs, ROOT)}
+    assert rows["random init"].extension.startswith("the floor")
+    assert rows["random init"].cells == {"mAP": (None, 21.5, None), "OF1": (None, None, None)}
+    assert rows["random init"].status == "measured"
+    assert rows["BAM 200"].status == "not yet run"
+    text = render_markdown(manifest, runs, ROOT)
+    assert "| random init (extension) |  | 21.5 |  |  |  |  | measured |" in text
+    assert "(extension): a row the paper does not print, run by this project: random init: the floor" in text
+    csv_lines = render_csv(manifest, runs, ROOT).splitlines()
+    assert csv_lines[0] == "table,row,extension,metric,paper,ours,diff,status"
+    assert "Table 1,random init,yes,mAP,,21.5,,measured" in csv_lines
+    assert "Table 1,BAM 200,,OF1,66.0,,,not yet run" in csv_lines
+    doc = json.loads(render_json(manifest, runs, ROOT))
+    assert doc["rows"][1]["extension"] and doc["rows"][1]["cells"]["mAP"] == {"paper": None, "ours": 21.5,
+                                                                              "diff": None}
+    assert doc["rows"][0]["commands"][0].startswith("python -m ssl_zoo fit --config")
+
+
+def test_a_row_is_paper_or_extension_and_cells_are_numbers(tmp_path):
+    def manifest(row_keys: str) -> Path:
+        return _write(tmp_path, "paper: A paper\ntables:\n  - id: Table 1\n    rows:\n      - name: r\n"
+                      + "".join(f"        {line}\n" for line in row_keys.splitlines()))
+
+    with pytest.raises(ManifestError, match="an 'extension' row is not in the paper"):
+        load_manifest(manifest("paper: {mAP: 1}\nextension: ours"))
+    with pytest.raises(ManifestError, match="paper cell 'mAP' must be the printed number, got '61.3'"):
+        load_manifest(manifest("paper: {mAP: '61.3'}"))
+    with pytest.raises(ManifestError, match="'extension' says why"):
+        load_manifest(manifest("extension: ''"))
+    # null: a cell not yet copied from the paper; the manifest loads and unfilled_cells names it
+    loaded = load_manifest(manifest("paper: {mAP: null, CP: 70.1}"))
+    assert unfilled_cells(loaded) == [f"{tmp_path / 'tables.yaml'}: Table 1, row 'r': mAP"]
+
+
+def test_command_line_writes_csv_and_json_reports(tmp_path, capsys):
+    path = _write(tmp_path, f"""
+        paper: BAM paper
+        tables:
+          - id: Table 4
+            rows:
+              - name: gamma=0.2
+                pretrain: [{BAM_PAPER}]
+                eval: [{GAMP_EVAL}]
+                paper: {{mAP: 61.3}}
+        """)
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert main([str(path), "--runs", str(runs), "--format", "csv", "--out", str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_text().splitlines()[1] == "Table 4,gamma=0.2,,mAP,61.3,,,not yet run"
+    assert main([str(path), str(path), "--format", "json"]) == 0
+    assert [d["rows"][0]["row"] for d in json.loads(capsys.readouterr().out)] == ["gamma=0.2", "gamma=0.2"]

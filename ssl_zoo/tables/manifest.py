@@ -1,4 +1,4 @@
-"""The papers' tables as runnable recipes: ``experiments/<method>/tables.yaml`` manifests.
+"""The manifest format: ``experiments/<method>/tables.yaml``, the papers' tables as runnable recipes.
 
 A manifest lists every numeric table (and figure) of a method's paper, row by row, with the config chain
 that pre-trains the row, the evaluation configs that score it, the numbers the paper printed, and the
@@ -19,8 +19,13 @@ Optional row keys: ``pretrain_args`` / ``eval_args`` (extra command-line overrid
 ``eval_settings`` (settings checked on the resolved evaluation chain), ``checkpoint`` (a published
 checkpoint evaluated instead of pre-training here, e.g. SimSiam's ImageNet weights: a path or a
 ``<placeholder>``), ``run_name`` (the pre-training run's name when the chain's own ``name`` is shared),
-``note`` (a reading of the paper worth recording next to the row). A row with neither ``pretrain`` nor
-``checkpoint`` evaluates a randomly initialised backbone.
+``note`` (a reading of the paper worth recording next to the row), ``extension`` (why the project runs a row
+the paper does not print: such a row has no ``paper`` numbers and is marked as the project's own in every
+rendering). A row with neither ``pretrain`` nor ``checkpoint`` evaluates a randomly initialised backbone.
+
+``paper`` cells are the numbers as printed (a number each); a column the paper leaves blank for a row is left
+out of that row's mapping. ``null`` marks a cell not yet copied from the paper: the manifest still loads (so
+its rows can run), and :func:`unfilled_cells` lists every such cell (``tests/test_tables.py`` requires none).
 
 Special ``settings`` keys, derived from the resolved config:
 
@@ -30,20 +35,17 @@ Special ``settings`` keys, derived from the resolved config:
   the peak learning rate the method's linear scaling rule gives.
 
 ``python -m ssl_zoo.tables experiments/bam_ia/tables.yaml`` prints every table as Markdown with the exact
-commands of each row; ``--runs runs/`` fills in the numbers measured by those commands (from the run
-directories' ``eval.json``) beside the paper's and marks the rows not yet run; ``--check`` resolves every
-row's config chain through the CLI parser and verifies its ``settings`` (what ``tests/test_tables.py`` does).
+commands of each row; ``--runs runs/`` puts the numbers measured by those commands (from the run
+directories' ``eval.json``) beside the paper's, with their difference (ours - paper), and marks the rows not
+yet run; ``--format csv|json`` writes the same comparison for a report; ``--check`` resolves every row's
+config chain through the CLI parser and verifies its ``settings`` (what ``tests/test_tables.py`` does).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import io
-import json
-import shlex
-import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,11 +54,11 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Manifest", "Row", "Table", "check_manifest", "load_manifest", "main", "render_markdown",
-           "resolve_chain", "setting_value"]
+__all__ = ["Manifest", "ManifestError", "Row", "Table", "check_manifest", "load_manifest", "config_args",
+           "resolve_chain", "run_name", "setting_value", "unfilled_cells"]
 
 ROW_KEYS = {"name", "pretrain", "eval", "paper", "settings", "pretrain_args", "eval_args", "eval_settings",
-            "checkpoint", "run_name", "note"}
+            "checkpoint", "run_name", "note", "extension"}
 TABLE_KEYS = {"id", "caption", "rows", "note"}
 MANIFEST_KEYS = {"paper", "tables", "note"}
 DERIVED_SETTINGS = ("global_batch", "lr")
@@ -79,6 +81,7 @@ class Row:
     checkpoint: str | None = None
     run_name: str | None = None
     note: str | None = None
+    extension: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,21 @@ def load_manifest(path: str | Path) -> Manifest:
                 checkpoint=r.get("checkpoint"),
                 run_name=r.get("run_name"),
                 note=r.get("note"),
+                extension=r.get("extension"),
             )
-            if not row.paper:
-                raise ManifestError(f"{where}: 'paper' must give the number(s) the paper printed")
+            if row.extension is not None:
+                if not isinstance(row.extension, str) or not row.extension.strip():
+                    raise ManifestError(f"{where}: 'extension' says why the project runs a row the paper does "
+                                        "not print (a sentence)")
+                if row.paper:
+                    raise ManifestError(f"{where}: an 'extension' row is not in the paper, so it has no 'paper' "
+                                        "numbers; drop one of the two")
+            elif not row.paper:
+                raise ManifestError(f"{where}: 'paper' must give the number(s) the paper printed (or mark the "
+                                    "row 'extension: <why>' when the paper does not print it)")
+            for metric, value in row.paper.items():
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                    raise ManifestError(f"{where}: paper cell '{metric}' must be the printed number, got {value!r}")
             if row.pretrain and row.checkpoint:
                 raise ManifestError(f"{where}: give 'pretrain' or 'checkpoint', not both")
             if row.settings and not row.pretrain:
@@ -188,8 +203,15 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(path=path, paper=doc["paper"], tables=tuple(tables), note=doc.get("note"))
 
 
+def unfilled_cells(manifest: Manifest) -> list[str]:
+    """Every ``paper`` cell still ``null`` (not yet copied from the paper), as '<file>: <table>, row: metric'."""
+    return [f"{manifest.path}: {table.id}, row '{row.name}': {metric}"
+            for table, row in manifest.rows() for metric, value in row.paper.items() if value is None]
+
+
 # ---------------------------------------------------------------------- resolving config chains
-def _config_args(configs: Sequence[str], args: Sequence[str]) -> list[str]:
+def config_args(configs: Sequence[str], args: Sequence[str]) -> list[str]:
+    """``--config c1 --config c2 ... args``: the command-line form of a config chain."""
     return [item for config in configs for item in ("--config", config)] + list(args)
 
 
@@ -202,7 +224,7 @@ def _resolve_cached(configs: tuple[str, ...], args: tuple[str, ...], root: str) 
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LightningCLI warns that the caller's own sys.argv is ignored
-            main(["fit", *_config_args(paths, args), "--print_config"])
+            main(["fit", *config_args(paths, args), "--print_config"])
     except SystemExit as exit_info:
         if exit_info.code not in (0, None):
             raise ManifestError(f"config chain {list(configs)} {list(args)} does not parse:\n"
@@ -319,190 +341,3 @@ def check_manifest(manifest: Manifest, root: str | Path = ".") -> list[str]:
         except ManifestError as err:
             problems.append(f"{where}: {err}")
     return problems
-
-
-# ---------------------------------------------------------------------- commands and measured numbers
-def _eval_subcommand(eval_chain: Sequence[str], root: str | Path) -> str:
-    """``validate`` for the kNN protocol (nothing to train), ``fit`` for every other evaluation."""
-    for config in eval_chain:
-        if not (Path(root) / config).is_file():  # reported by --check; the command is still printed
-            continue
-        model = (yaml.safe_load((Path(root) / config).read_text()) or {}).get("model") or {}
-        if str(model.get("class_path", "")).endswith("KNNProbe"):
-            return "validate"
-    return "fit"
-
-
-def _quote(args: Iterable[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)
-
-
-def row_commands(row: Row, root: str | Path = ".") -> list[str]:
-    """The shell commands that reproduce the row: pre-training (if any), then each evaluation."""
-    commands = []
-    name = run_name(row, root)
-    if row.pretrain:
-        extra = [*row.pretrain_args, *(["--name", row.run_name] if row.run_name else [])]
-        commands.append(f"python -m ssl_zoo fit {_quote(_config_args(row.pretrain, extra))}")
-    if row.eval:
-        if row.pretrain:
-            ckpt = f'"$(ls -td runs/{name}/*/ | head -1)checkpoints/last.ckpt"'
-        elif row.checkpoint:
-            ckpt = shlex.quote(row.checkpoint)
-        else:
-            ckpt = None  # a randomly initialised backbone
-        ckpt_arg = f" --model.init_args.ckpt {ckpt}" if ckpt else ""
-        commands.append(f"python -m ssl_zoo {_eval_subcommand(row.eval, root)} "
-                        f"{_quote(_config_args(row.eval, row.eval_args))}{ckpt_arg}")
-    return commands
-
-
-def _eval_names(row: Row, root: str | Path) -> set[str]:
-    names = set()
-    for config in row.eval:
-        if not (Path(root) / config).is_file():
-            continue
-        doc = yaml.safe_load((Path(root) / config).read_text()) or {}
-        if doc.get("name"):
-            names.add(str(doc["name"]))
-    return names
-
-
-def _records_for(row: Row, runs: Path, root: str | Path) -> list[dict[str, Any]]:
-    """``eval.json`` records of the row's evaluation runs, oldest first."""
-    from ssl_zoo.eval.results import RESULTS_FILE, read_eval_records, results_file_for
-
-    if row.pretrain:
-        name = run_name(row, root)
-        files = sorted((runs / name).glob(f"*/{RESULTS_FILE}")) if name else []
-    elif row.checkpoint and not row.checkpoint.startswith("<"):
-        files = [results_file_for(row.checkpoint, runs)]
-    else:  # random init: the record lives in the evaluation run's own directory
-        files = sorted(f for n in _eval_names(row, root) for f in (runs / n).glob(f"*/{RESULTS_FILE}"))
-    wanted = _eval_names(row, root)
-    records = []
-    for file in files:
-        for record in read_eval_records(file):
-            eval_dir = Path(record.get("eval_run_dir") or "")
-            if not wanted or eval_dir.parent.name in wanted:
-                records.append(record)
-    return sorted(records, key=lambda r: str(r.get("date", "")))
-
-
-def measured_metrics(row: Row, runs: str | Path, root: str | Path = ".") -> dict[str, float]:
-    """The newest measured value of each of the row's paper metrics (empty when the row has not run)."""
-    found: dict[str, float] = {}
-    for record in _records_for(row, Path(runs), root):
-        metrics = record.get("metrics") or {}
-        for key in row.paper:
-            for candidate in (key, f"val/{key}"):
-                if metrics.get(candidate) is not None:
-                    found[key] = metrics[candidate]
-    return found
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.2f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(manifest: Manifest, runs: str | Path | None = None, root: str | Path = ".") -> str:
-    """Every table of the manifest as Markdown: paper numbers (and measured ones with ``runs``), then the
-    commands of each row."""
-    lines = [f"# {manifest.paper}", ""]
-    if manifest.note:
-        lines += [manifest.note.strip(), ""]
-    for table in manifest.tables:
-        metrics: list[str] = []
-        for row in table.rows:
-            metrics += [m for m in row.paper if m not in metrics]
-        header = ["row"]
-        for m in metrics:
-            header += [f"{m} (paper)"] + ([f"{m} (ours)"] if runs is not None else [])
-        if runs is not None:
-            header.append("status")
-        lines += [f"## {table.id}: {table.caption}".rstrip(": "), ""]
-        if table.note:
-            lines += [table.note.strip(), ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        for row in table.rows:
-            got = measured_metrics(row, runs, root) if runs is not None else {}
-            cells = [_cell(row.name)]
-            for m in metrics:
-                cells.append(_cell(_fmt(row.paper.get(m))))
-                if runs is not None:
-                    cells.append(_fmt(got.get(m)))
-            if runs is not None:
-                if not row.eval:
-                    status = "no evaluation config"
-                else:
-                    status = "measured" if got else "not yet run"
-                cells.append(status)
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Commands:", ""]
-        for row in table.rows:
-            commands = row_commands(row, root)
-            lines.append(f"- **{_cell(row.name)}**" + (f" ({row.note.strip()})" if row.note else ""))
-            if commands:
-                lines += ["  ```bash", *[f"  {c}" for c in commands], "  ```"]
-            else:
-                lines.append("  (numbers from the paper only: no runnable configuration)")
-        lines.append("")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- command line
-def _repo_root(manifest_path: Path) -> Path:
-    """The directory holding ``experiments/`` (manifest paths are relative to it)."""
-    for parent in manifest_path.resolve().parents:
-        if (parent / "experiments").is_dir():
-            return parent
-    return Path.cwd()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_zoo.tables",
-        description="Print a paper's tables (experiments/<method>/tables.yaml) with the command of every row.")
-    parser.add_argument("manifests", nargs="+", type=Path, help="tables.yaml file(s)")
-    parser.add_argument("--runs", type=Path, default=None,
-                        help="run root (e.g. runs/): fill in measured numbers from the runs' eval.json")
-    parser.add_argument("--check", action="store_true",
-                        help="resolve every row's configs through the CLI parser and verify its settings")
-    parser.add_argument("--json", action="store_true", help="print the rows with commands as JSON instead")
-    args = parser.parse_args(argv)
-    status = 0
-    for path in args.manifests:
-        try:
-            manifest = load_manifest(path)
-        except ManifestError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        root = _repo_root(path)
-        if args.check:
-            problems = check_manifest(manifest, root)
-            for problem in problems:
-                print(f"error: {problem}", file=sys.stderr)
-            status = status or (1 if problems else 0)
-            rows = sum(len(t.rows) for t in manifest.tables)
-            print(f"{path}: {len(manifest.tables)} tables, {rows} rows, {len(problems)} problem(s)", file=sys.stderr)
-            continue
-        if args.json:
-            out = [{"table": t.id, "row": r.name, "paper": dict(r.paper), "commands": row_commands(r, root),
-                    **({"measured": measured_metrics(r, args.runs, root)} if args.runs else {})}
-                   for t, r in manifest.rows()]
-            print(json.dumps(out, indent=2))
-        else:
-            print(render_markdown(manifest, args.runs, root))
-    return status
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
