@@ -69,8 +69,8 @@ def alignment_uniformity(ckpt: str | None, root: Path, img_size: int, max_images
     backbone sees the same pairs.
     """
     from ssl_zoo.augment.views import mocov2_transform
+    from ssl_zoo.checkpoints import load_backbone
     from ssl_zoo.data.folder import ImageFolderDataset
-    from ssl_zoo.eval.checkpoint import load_backbone
     from ssl_zoo.models import Backbone
 
     backbone = load_backbone(ckpt) if ckpt else Backbone("resnet18", img_size=img_size)

@@ -297,7 +297,7 @@ def _frozen(backbone):
 
 
 def load_student(ckpt: str, arch: dict):
-    from ssl_zoo.eval.checkpoint import load_backbone
+    from ssl_zoo.checkpoints import load_backbone
 
     return _frozen(load_backbone(ckpt, backbone_kwargs={"img_size": arch["img_size"]}))
 

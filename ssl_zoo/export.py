@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ssl_zoo.eval.checkpoint import load_backbone
+from ssl_zoo.checkpoints import load_backbone
 from ssl_zoo.models.backbones import Backbone
 
 __all__ = [
@@ -209,7 +209,7 @@ def export_checkpoint(
     teacher: bool = False,
     backbone: str | None = None,
 ) -> Path:
-    """Load the backbone of ``ckpt`` (:func:`~ssl_zoo.eval.checkpoint.load_backbone`) and write it as ``to``."""
+    """Load the backbone of ``ckpt`` (:func:`~ssl_zoo.checkpoints.load_backbone`) and write it as ``to``."""
     if to not in FORMATS:
         raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got '{to}'")
     return export_backbone(load_backbone(ckpt, backbone=backbone, teacher=teacher), to, out)

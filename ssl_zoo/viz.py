@@ -10,7 +10,7 @@ head of the chosen block (the last by default): the softmax attention of the CLS
 ``softmax(q_cls . k / sqrt(d) [+ relative position bias])`` restricted to the patch tokens, drawn on the
 patch grid. Each map is min-max normalised on its own and coloured with viridis (dark = low, yellow = high).
 
-Any ViT or BEiT checkpoint that :func:`ssl_zoo.eval.checkpoint.load_backbone` reads works: ssl_zoo
+Any ViT or BEiT checkpoint that :func:`ssl_zoo.checkpoints.load_backbone` reads works: ssl_zoo
 pre-training checkpoints (MVP, MoCo v3 / MPCL-ViT, HVP-MTL-ViT; ``--teacher`` draws the EMA teacher) and
 plain timm state dicts (``--backbone`` names the architecture). The attention weights are read from timm's
 own attention module (its unfused path, which applies the softmax explicitly), so they are exactly what the
@@ -159,7 +159,7 @@ def attention_figure(
     backbone_kwargs: dict | None = None,
 ) -> Path:
     """Load the checkpoint's ViT, draw the CLS attention grid of ``images`` and write it to ``out`` (PNG)."""
-    from ssl_zoo.eval.checkpoint import load_backbone
+    from ssl_zoo.checkpoints import load_backbone
 
     kwargs = {**(backbone_kwargs or {}), **({"img_size": img_size} if img_size else {})}
     model = load_backbone(ckpt, backbone=backbone, backbone_kwargs=kwargs or None, teacher=teacher)

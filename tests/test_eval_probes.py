@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from ssl_zoo.cli import main
 from ssl_zoo.data import ImageFolderDataModule
-from ssl_zoo.eval.checkpoint import UnsafeCheckpointError, describe_state_dict, load_backbone
+from ssl_zoo.checkpoints import UnsafeCheckpointError, describe_state_dict, load_backbone
 from ssl_zoo.eval.finetune import FineTune, layer_ids
 from ssl_zoo.eval.knn import KNNMonitor
 from ssl_zoo.eval.linear import LinearProbe
@@ -118,9 +118,17 @@ def test_plain_timm_state_dict_with_head_and_ddp_prefix(tmp_path):
     loaded = load_backbone(path, backbone="resnet18")
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, with_head.state_dict()[k]), k
+    # A torchvision-width ResNet states its architecture in its tensors (blocks per stage, bottlenecks): no name.
+    unnamed = load_backbone(path)
+    assert unnamed.name == "resnet18"
+    for k, v in unnamed.model.state_dict().items():
+        assert torch.equal(v, with_head.state_dict()[k]), k
+    # A bare ViT does not (its attention heads are not in the shapes): the backbone must be named.
+    vit = tmp_path / "vit.pth"
+    torch.save(Backbone("vit_tiny_patch16_224", **TINY_VIT).model.state_dict(), vit)
     with pytest.raises(ValueError, match="pass backbone=<timm name>") as info:
-        load_backbone(path)
-    assert "resnet18" in str(info.value)  # the guess from the tensors' names and shapes
+        load_backbone(vit)
+    assert "embed dim 192, 2 blocks" in str(info.value)  # the guess from the tensors' names and shapes
 
 
 def test_describe_state_dict_guesses_architectures():
@@ -228,7 +236,7 @@ def test_mean_pooling_head_on_a_vit_and_its_errors(tmp_path):
 
 
 def test_merge_backbone_kwargs_merges_model_kwargs_key_by_key():
-    from ssl_zoo.eval.checkpoint import merge_backbone_kwargs
+    from ssl_zoo.checkpoints import merge_backbone_kwargs
 
     recorded = {"img_size": 224, "drop_path_rate": 0.1, "model_kwargs": {"init_values": 0.1, "global_pool": "token"}}
     merged = merge_backbone_kwargs(recorded, {"img_size": 32, "model_kwargs": {"global_pool": "avg"}})

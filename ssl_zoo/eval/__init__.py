@@ -1,4 +1,5 @@
-"""Evaluation: metrics, pooling, kNN, checkpoint loading, linear probes and fine-tuning.
+"""Evaluation: metrics, pooling, kNN, linear probes and fine-tuning (checkpoints load through
+:mod:`ssl_zoo.checkpoints`).
 
 Protocols are LightningModules run with the pre-training data modules and CLI::
 
@@ -7,8 +8,6 @@ Protocols are LightningModules run with the pre-training data modules and CLI::
 and append their final metrics to ``eval.json`` in the pre-training run directory.
 """
 
-from ssl_zoo.eval.checkpoint import UnsafeCheckpointError, describe_state_dict, load_backbone, read_checkpoint
-from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
 from ssl_zoo.eval.features import embed, extract_features
 from ssl_zoo.eval.final_probe import FinalKNNProbe
 from ssl_zoo.eval.finetune import FineTune
@@ -28,12 +27,8 @@ __all__ = [
     "KNNProbe",
     "LinearProbe",
     "MultiLabelLinearProbe",
-    "UnknownCheckpointLayout",
-    "UnsafeCheckpointError",
     "append_eval_record",
     "average_precision",
-    "convert_checkpoint",
-    "describe_state_dict",
     "embed",
     "extract_features",
     "gamp",
@@ -41,10 +36,8 @@ __all__ = [
     "gmp",
     "knn_evaluate",
     "knn_predict",
-    "load_backbone",
     "multilabel_metrics",
     "pool_map",
-    "read_checkpoint",
     "read_eval_records",
     "results_file_for",
 ]

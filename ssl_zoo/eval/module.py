@@ -23,7 +23,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from ssl_zoo.eval.checkpoint import backbone_from_weights, backbone_kwargs_of, read_backbone_weights
+from ssl_zoo.checkpoints import (
+    BackboneWeights,
+    backbone_from_weights,
+    backbone_kwargs_of,
+    read_backbone_weights,
+)
 from ssl_zoo.eval.metrics import multilabel_metrics
 from ssl_zoo.eval.results import append_eval_record, make_eval_record, results_file_for
 from ssl_zoo.models.backbones import Backbone
@@ -54,7 +59,7 @@ class EvalBackbone:
 
 
 def resolve_eval_backbone(
-    ckpt: str | None,
+    ckpt: str | BackboneWeights | None,
     backbone: str | None = None,
     backbone_kwargs: dict | None = None,
     teacher: bool | None = None,
@@ -65,23 +70,25 @@ def resolve_eval_backbone(
     the checkpoint.
 
     * architecture and its :class:`~ssl_zoo.models.Backbone` arguments (patch size, Swin window, depth):
-      the pre-training run's (:func:`~ssl_zoo.eval.checkpoint.backbone_from_weights`); an explicit
+      the pre-training run's (:func:`~ssl_zoo.checkpoints.backbone_from_weights`); an explicit
       ``backbone`` or patch size that contradicts them is an error naming both;
     * input side: ``img_size``, else ``backbone_kwargs["img_size"]``, else the pre-training resolution
-      (:attr:`~ssl_zoo.eval.checkpoint.BackboneWeights.img_size`), else 224; ViT position embeddings are
+      (:attr:`~ssl_zoo.checkpoints.BackboneWeights.img_size`), else 224; ViT position embeddings are
       resampled when it differs from pre-training;
     * weights: the student unless ``teacher`` is true. Every method here is evaluated on its student (the
       online / query encoder: SimSiam and MoCo v2/v3 evaluate it, MVP's teacher is the frozen CLIP model,
       HVP-MTL transfers the trained encoder), so ``None`` means the student.
 
-    Without ``ckpt`` the backbone is randomly initialised (the baseline every table needs) and ``backbone``
+    ``ckpt`` may be the weights already read (:func:`~ssl_zoo.checkpoints.read_backbone_weights`), so that a
+    caller that needed them first does not read the file twice. Without ``ckpt`` the backbone is randomly
+    initialised (the baseline every table needs) and ``backbone``
     must name it. ``overrides`` (``drop_path_rate``) are laid over ``backbone_kwargs``; ``None`` values are
     dropped so the checkpoint's own settings stay.
     """
     kwargs = {**(backbone_kwargs or {}), **{k: v for k, v in overrides.items() if v is not None}}
     teacher = bool(teacher)
     if ckpt:
-        weights = read_backbone_weights(ckpt, teacher=teacher)
+        weights = ckpt if isinstance(ckpt, BackboneWeights) else read_backbone_weights(ckpt, teacher=teacher)
         size = img_size or kwargs.get("img_size") or weights.img_size or DEFAULT_IMG_SIZE
         kwargs["img_size"] = int(size)
         model = backbone_from_weights(weights, backbone, kwargs)
@@ -100,7 +107,7 @@ def resolve_eval_backbone(
 
 
 def build_eval_backbone(
-    ckpt: str | None,
+    ckpt: str | BackboneWeights | None,
     backbone: str | None,
     backbone_kwargs: dict | None,
     teacher: bool | None,

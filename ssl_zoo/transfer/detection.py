@@ -151,10 +151,12 @@ class ObjectDetection(DenseTransferModule):
         teacher: load the momentum / EMA teacher instead of the student.
         num_classes: object classes (``None`` = the data module's).
         with_masks: Mask R-CNN (instance masks, box and mask AP); ``None`` = the data module's ``with_masks``.
-        pyramid: ``fpn`` (ResNet, Swin), ``c4`` (ResNet; MoCo's R50-C4), ``simple_fpn`` (ViT; ViTDet) or
-            ``auto`` (simple_fpn for a ViT, fpn otherwise).
+        pyramid: ``fpn`` (ResNet, Swin), ``c4`` (ResNet; MoCo's R50-C4), ``simple_fpn`` (ViT / BEiT; ViTDet)
+            or ``auto`` (simple_fpn for a ViT or BEiT, fpn otherwise).
         img_size: ViT input size the position embeddings are resampled to at load (``None`` keeps the
-            pre-training grid; timm interpolates it to each input at run time).
+            pre-training grid; timm interpolates it to each input at run time). A BEiT is built for one input
+            size (``None``: ``max_size`` rounded up to 32, every batch padded to it) and its relative position
+            tables are interpolated to that window.
         drop_path_rate: stochastic depth of ViT / Swin (``None`` = the checkpoint's).
         freeze_at: detectron2's ``FREEZE_AT`` for ResNets (0: MoCo trains every stage with SyncBN).
         min_size: shorter-side sizes drawn per training image; the last is the test size
@@ -222,8 +224,10 @@ class ObjectDetection(DenseTransferModule):
         self.validate_optimiser_settings()
         if not min_size or min(min_size) < 1 or max_size < max(min_size):
             raise ValueError(f"model.min_size {min_size} must be positive sizes <= model.max_size {max_size}")
+        # A BEiT's window is fixed: build it for the largest batch torchvision forms (the longer side capped at
+        # max_size, padded to a multiple of 32); the pyramid pads smaller batches to it, as ViTDet pads to 1024.
         backbone_module = build_dense_backbone(ckpt, backbone, backbone_kwargs, teacher, img_size=img_size,
-                                               drop_path_rate=drop_path_rate)
+                                               drop_path_rate=drop_path_rate, fixed_size=-(-max_size // 32) * 32)
         freeze_resnet_stages(backbone_module, freeze_at)
         self.hold_backbone(backbone_module)
         self.model: FasterRCNN | None = None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ssl_zoo.eval.checkpoint import read_backbone_weights
+from ssl_zoo.checkpoints import read_backbone_weights
 from ssl_zoo.eval.module import EvalModule, build_eval_backbone
 from ssl_zoo.models.backbones import Backbone
 from ssl_zoo.transfer.optim import dense_param_groups, lr_scheduler
@@ -20,27 +20,34 @@ __all__ = ["DenseTransferModule", "build_dense_backbone", "family_of_name"]
 
 
 def family_of_name(name: str) -> str:
-    """``resnet`` / ``vit`` / ``swin`` from a timm model name (for options needed before the model exists)."""
+    """``resnet`` / ``vit`` / ``beit`` / ``swin`` from a timm model name (for options needed before the model
+    exists)."""
     lowered = name.lower()
-    for family, marks in (("swin", ("swin",)), ("vit", ("vit_", "deit", "beit")), ("resnet", ("resnet",))):
+    for family, marks in (("swin", ("swin",)), ("beit", ("beit",)), ("vit", ("vit_", "deit")),
+                          ("resnet", ("resnet",))):
         if lowered.startswith(marks):
             return family
     return "unknown"
 
 
 def build_dense_backbone(ckpt: str | None, backbone: str | None, backbone_kwargs: dict | None, teacher: bool,
-                         img_size: int | None = None, drop_path_rate: float | None = None) -> Backbone:
-    """The pre-trained backbone (:func:`~ssl_zoo.eval.module.build_eval_backbone`) built to take inputs of any
-    size (:func:`~ssl_zoo.transfer.pyramids.dense_model_kwargs`), its pre-training ``model_kwargs`` kept."""
-    name, recorded = backbone, {}
-    if ckpt:
-        weights = read_backbone_weights(ckpt, teacher=teacher)
-        name, recorded = backbone or weights.name, dict(weights.kwargs.get("model_kwargs") or {})
+                         img_size: int | None = None, drop_path_rate: float | None = None,
+                         fixed_size: int | None = None) -> Backbone:
+    """The pre-trained backbone (:func:`~ssl_zoo.eval.module.build_eval_backbone`, the file read once) built to
+    take inputs of any size (:func:`~ssl_zoo.transfer.pyramids.dense_model_kwargs`; a BEiT keeps its window and
+    the pyramids pad its input to it: ``fixed_size`` is that window's input side when ``img_size`` is unset), its
+    pre-training ``model_kwargs`` kept."""
+    weights = read_backbone_weights(ckpt, teacher=teacher) if ckpt else None
+    name = backbone or (weights.name if weights is not None else None)
     if name is None:
-        raise ValueError(f"checkpoint '{ckpt}' does not record its architecture: set model.backbone (a timm name)")
+        if weights is not None:  # the loader names what the file holds and what to set
+            return build_eval_backbone(weights, backbone, backbone_kwargs, teacher, img_size=img_size)
+        raise ValueError("model.backbone is unset and there is no model.ckpt: give a checkpoint or a timm name")
     kwargs = dict(backbone_kwargs or {})
-    kwargs["model_kwargs"] = {**recorded, **(kwargs.get("model_kwargs") or {}), **dense_model_kwargs(family_of_name(name))}
-    return build_eval_backbone(ckpt, backbone, kwargs, teacher, img_size=img_size, drop_path_rate=drop_path_rate)
+    kwargs["model_kwargs"] = {**(kwargs.get("model_kwargs") or {}), **dense_model_kwargs(family_of_name(name))}
+    if family_of_name(name) == "beit" and img_size is None and fixed_size is not None:
+        img_size = fixed_size
+    return build_eval_backbone(weights, backbone, kwargs, teacher, img_size=img_size, drop_path_rate=drop_path_rate)
 
 
 class DenseTransferModule(EvalModule):

@@ -9,8 +9,8 @@ family             levels                                                       
 ResNet             C2..C5 (``layer1..4``), strides 4, 8, 16, 32                   detectron2 / torchvision
 ResNet, C4         C4 only (stride 16); ``layer4`` (res5) becomes the RoI head     MoCo's detectron2 R50-C4
 Swin               stages 1-4 plus one LayerNorm per output, strides 4..32         Swin's mmdet/mmseg backbone
-ViT, detection     last block (stride 16) -> simple feature pyramid, 4..32 (+64)   ViTDet §3 / Fig. 2 (c)
-ViT, segmentation  blocks ``out_indices`` -> 2 deconvs / 1 deconv / id / max pool  BEiT's semantic-seg backbone
+ViT/BEiT, detect.  last block (stride 16) -> simple feature pyramid, 4..32 (+64)   ViTDet §3 / Fig. 2 (c)
+ViT/BEiT, segm.    blocks ``out_indices`` -> 2 deconvs / 1 deconv / id / max pool  BEiT's semantic-seg backbone
 =================  =============================================================  ==========================
 
 Detection bodies (:func:`build_detection_body`) return torchvision's ``OrderedDict`` of maps named ``"0"``,
@@ -22,8 +22,10 @@ reads them).
 
 Departures from the references, all for lack of the reference backbones' own code paths in timm: ViTDet uses
 window attention in most blocks and relative position biases; here the pre-trained ViT keeps global attention
-and absolute position embeddings (interpolated to the input grid by timm's ``dynamic_img_size``). BEiT's
-segmentation ViT has relative position biases; a pre-trained ssl_zoo ViT has absolute ones and keeps them.
+and absolute position embeddings (interpolated to the input grid by timm's ``dynamic_img_size``). A BEiT
+keeps its relative position biases (interpolated to the window of its ``img_size`` at load, as BEiT's
+segmentation code does): its window is fixed, so :func:`token_maps` pads each input at the bottom / right to
+that size and crops the maps back, as ViTDet pads every image to one square.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -56,6 +59,7 @@ __all__ = [
     "freeze_unused_final_norm",
     "measured_strides",
     "resolve_pyramid",
+    "token_maps",
 ]
 
 DetectionPyramid = Literal["fpn", "c4", "simple_fpn", "auto"]
@@ -79,7 +83,26 @@ def dense_model_kwargs(family: str) -> dict:
         return {"dynamic_img_size": True}
     if family == "swin":
         return {"strict_img_size": False, "dynamic_img_size": True}
-    return {}
+    return {}  # ResNets take any size; a BEiT's window is fixed (token_maps pads to it)
+
+
+def token_maps(backbone: Backbone, x: Tensor, indices: int | Sequence[int]) -> list[Tensor]:
+    """timm's ``forward_intermediates`` of a ViT / BEiT as maps ``[B, D, h, w]`` (blocks without the final norm).
+
+    A BEiT's relative position tables hold one window, so its input is zero-padded at the bottom / right to
+    the size it was built for and each map cropped back to the input's cells.
+    """
+    if backbone.family != "beit":
+        return backbone.model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    size = backbone.model.patch_embed.img_size
+    h, w = x.shape[-2:]
+    if h > size[0] or w > size[1]:
+        raise ValueError(f"a {h}x{w} input does not fit the BEiT backbone built for {size[0]}x{size[1]} (its relative "
+                         f"position tables hold one window): set model.init_args.img_size to at least {max(h, w)}")
+    maps = backbone.model.forward_intermediates(F.pad(x, (0, size[1] - w, 0, size[0] - h)), indices=indices,
+                                                intermediates_only=True)
+    p = backbone.patch_size
+    return [m[..., : -(-h // p), : -(-w // p)] for m in maps]
 
 
 def freeze_resnet_stages(backbone: Backbone, freeze_at: int) -> None:
@@ -158,8 +181,8 @@ class ViTLevels(nn.Module):
 
     def __init__(self, backbone: Backbone, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
-        if backbone.family != "vit":
-            raise ValueError(f"ViTLevels needs a ViT, got '{backbone.name}' ({backbone.family})")
+        if backbone.family not in ("vit", "beit"):
+            raise ValueError(f"ViTLevels needs a ViT or BEiT, got '{backbone.name}' ({backbone.family})")
         depth = len(backbone.model.blocks)
         self.out_indices = list(out_indices) if out_indices is not None else default_vit_out_indices(depth)
         bad = [i for i in self.out_indices if not 0 <= i < depth]
@@ -172,7 +195,7 @@ class ViTLevels(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         blocks = sorted(set(self.out_indices))
-        maps = self.backbone.model.forward_intermediates(x, indices=blocks, intermediates_only=True)
+        maps = token_maps(self.backbone, x, blocks)
         return [maps[blocks.index(i)] for i in self.out_indices]
 
 
@@ -260,8 +283,8 @@ class SimpleFeaturePyramid(nn.Module):
 
     def __init__(self, backbone: Backbone, out_channels: int = 256) -> None:
         super().__init__()
-        if backbone.family != "vit":
-            raise ValueError(f"the simple feature pyramid needs a ViT, got '{backbone.name}' ({backbone.family})")
+        if backbone.family not in ("vit", "beit"):
+            raise ValueError(f"the simple feature pyramid needs a ViT or BEiT, got '{backbone.name}' ({backbone.family})")
         self.backbone = backbone
         freeze_unused_final_norm(backbone)
         d, p = backbone.num_features, backbone.patch_size
@@ -282,17 +305,17 @@ class SimpleFeaturePyramid(nn.Module):
         self.strides = [p // 4, p // 2, p, p * 2, p * 4]
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        last = self.backbone.model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]  # [B, D, h, w]
+        last = token_maps(self.backbone, x, 1)[-1]  # [B, D, h, w]
         maps = [scale(last) for scale in self.scales]
         maps.append(nn.functional.max_pool2d(maps[-1], kernel_size=1, stride=2))  # LastLevelMaxPool: P6
         return OrderedDict((name, m) for name, m in zip(["0", "1", "2", "3", "pool"], maps, strict=True))
 
 
 def resolve_pyramid(pyramid: DetectionPyramid, family: str) -> DetectionPyramid:
-    """``auto``: ViTDet's simple pyramid for a ViT, an FPN for a ResNet or a Swin; any other value unchanged."""
+    """``auto``: ViTDet's simple pyramid for a ViT / BEiT, an FPN for a ResNet or a Swin; any other value unchanged."""
     if pyramid != "auto":
         return pyramid
-    return "simple_fpn" if family == "vit" else "fpn"
+    return "simple_fpn" if family in ("vit", "beit") else "fpn"
 
 
 def build_detection_body(
@@ -301,11 +324,11 @@ def build_detection_body(
     """The torchvision-style backbone of a Faster / Mask R-CNN over an ssl_zoo backbone.
 
     ``pyramid``: ``fpn`` (ResNet or Swin levels + FPN), ``c4`` (ResNet only, res5 in the RoI head),
-    ``simple_fpn`` (ViT only, ViTDet) or ``auto`` (see :func:`resolve_pyramid`).
+    ``simple_fpn`` (ViT / BEiT, ViTDet) or ``auto`` (see :func:`resolve_pyramid`).
     """
     family = backbone.family
     pyramid = resolve_pyramid(pyramid, family)
-    allowed = {"fpn": ("resnet", "swin"), "c4": ("resnet",), "simple_fpn": ("vit",)}
+    allowed = {"fpn": ("resnet", "swin"), "c4": ("resnet",), "simple_fpn": ("vit", "beit")}
     if pyramid not in allowed:
         raise ValueError(f"model.pyramid must be one of {sorted(allowed)}, got '{pyramid}'")
     if family not in allowed[pyramid]:

@@ -91,7 +91,9 @@ class SemanticSegmentation(DenseTransferModule):
         ckpt, backbone, backbone_kwargs, teacher: as :class:`~ssl_zoo.transfer.detection.ObjectDetection`.
         num_classes: classes (``None`` = the data module's; 150 for ADE20K).
         img_size: ViT grid the position embeddings are resampled to at load (BEiT builds the ViT at 512);
-            ``None`` keeps the pre-training grid, interpolated to each input at run time.
+            ``None`` keeps the pre-training grid, interpolated to each input at run time. A BEiT backbone's
+            relative position tables are interpolated to this window (BEiT's segmentation code); smaller inputs
+            (windows at a border) are padded to it, larger ones refused.
         drop_path_rate: stochastic depth (BEiT B 0.1, L 0.2; Swin-B 0.3); ``None`` = the checkpoint's.
         vit_out_indices: the ViT blocks of the four levels (``None``: [3, 5, 7, 11] / [7, 11, 15, 23]).
         channels: UperNet width (BEiT: the ViT width, 768 / 1024; Swin and ResNet: 512).

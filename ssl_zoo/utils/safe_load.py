@@ -2,7 +2,7 @@
 
 ``torch.load(weights_only=True)`` (or safetensors) refuses pickles that reference anything beyond tensors and
 plain containers, so a checkpoint downloaded from anywhere cannot run code on the machine that reads it.
-Backbone initialisation (:mod:`ssl_zoo.models.backbones`) and evaluation (:mod:`ssl_zoo.eval.checkpoint`)
+Backbone initialisation (:mod:`ssl_zoo.models.backbones`) and checkpoint loading (:mod:`ssl_zoo.checkpoints`)
 both read through :func:`read_checkpoint`.
 """
 

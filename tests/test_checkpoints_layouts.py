@@ -1,4 +1,4 @@
-"""Public checkpoint layouts load into ssl_zoo backbones through one converter (``ssl_zoo.eval.convert``).
+"""Public checkpoint layouts load into ssl_zoo backbones through one recogniser (``ssl_zoo.checkpoints.layouts``).
 
 Each test writes a synthetic checkpoint in a published layout (the key names and extra heads the SimSiam,
 MoCo v1/v2/v3, DINO, MAE, BEiT, timm and torchvision code save), loads it with ``load_backbone`` and compares
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torchvision
 
-from ssl_zoo.eval.checkpoint import load_backbone
-from ssl_zoo.eval.convert import UnknownCheckpointLayout, convert_checkpoint
+from ssl_zoo.checkpoints import UnknownCheckpointLayout, load_backbone
+from ssl_zoo.checkpoints import recognise
 from ssl_zoo.models import Backbone
 
 TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}
@@ -72,7 +72,7 @@ def test_simsiam_layout_drops_the_projector(tmp_path, resnets):
     state = {**_prefixed("module.encoder.", student), **_mlp("module.encoder.fc."), **_mlp("module.predictor.")}
     obj = {"epoch": 100, "arch": "resnet18", "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
     _assert_equal(_load(tmp_path, obj, "resnet18", **TINY_RESNET), student)
-    converted = convert_checkpoint(obj)
+    converted = recognise(obj)
     assert converted.layout == "simsiam"
     assert "predictor.*" in converted.dropped and "encoder.fc.*" in converted.dropped
     with pytest.raises(ValueError, match="simsiam checkpoint.*holds one model only"):
@@ -94,7 +94,7 @@ def test_moco_layout_student_and_momentum_encoder(tmp_path, resnets, version):
     obj = {"epoch": 200, "arch": "resnet18", "state_dict": state}
     _assert_equal(_load(tmp_path, obj, "resnet18", **TINY_RESNET), query)
     _assert_equal(_load(tmp_path, obj, "resnet18", teacher=True, **TINY_RESNET), key)
-    assert convert_checkpoint(obj).layout == "moco"
+    assert recognise(obj).layout == "moco"
 
 
 def test_mocov3_resnet_layout(tmp_path, resnets):
@@ -121,7 +121,7 @@ def test_torchvision_resnet_state_dict_gives_the_same_features(tmp_path):
     reference.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(loaded(x), reference.eval()(x))
-    assert convert_checkpoint(torch.load(path, weights_only=True)).layout == "timm"
+    assert recognise(torch.load(path, weights_only=True)).layout == "timm"
 
 
 # ---------------------------------------------------------------------------------------------- ViT layouts
@@ -133,7 +133,7 @@ def test_mocov3_vit_layout_drops_the_head_projector(tmp_path, vits):
     obj = {"epoch": 300, "arch": "vit_tiny", "state_dict": state}
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", **TINY_VIT), base)
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", teacher=True, **TINY_VIT), momentum)
-    assert convert_checkpoint(obj).layout == "mocov3"
+    assert recognise(obj).layout == "mocov3"
 
 
 def test_dino_layout_student_and_teacher(tmp_path, vits):
@@ -147,7 +147,7 @@ def test_dino_layout_student_and_teacher(tmp_path, vits):
            "dino_loss": {"center": torch.zeros(1, 64)}}
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", **TINY_VIT), student)
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", teacher=True, **TINY_VIT), teacher)
-    assert convert_checkpoint(obj).layout == "dino"
+    assert recognise(obj).layout == "dino"
 
 
 def test_mae_layout_drops_the_decoder(tmp_path, vits):
@@ -157,7 +157,7 @@ def test_mae_layout_drops_the_decoder(tmp_path, vits):
                "decoder_norm.weight": torch.randn(16), "decoder_pred.weight": torch.randn(768, 16)}
     obj = {"model": {**encoder, **decoder}, "epoch": 799, "args": argparse.Namespace(model="mae_vit_tiny")}
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", **TINY_VIT), encoder)
-    converted = convert_checkpoint(obj)
+    converted = recognise(obj)
     assert converted.layout == "mae" and "decoder_embed.*" in converted.dropped
 
 
@@ -179,12 +179,12 @@ def test_beit_layout_renames_q_v_biases_and_layer_scale(tmp_path):
                  "lm_head.bias": torch.randn(32)})
     obj = {"model": beit}
     _assert_equal(_load(tmp_path, obj, "vit_tiny_patch16_224", **layer_scale), source)
-    converted = convert_checkpoint(obj)
+    converted = recognise(obj)
     assert converted.layout == "beit" and "blocks.0.attn.q_bias" in converted.state_dict  # timm Beit's names
     assert not any(k.startswith(("mask_token", "lm_head")) for k in converted.state_dict)
     # relative position biases reach a BEiT backbone (tests/test_eval_probes.py); a plain ViT has none
     beit["blocks.0.attn.relative_position_bias_table"] = torch.zeros(12, 3)
-    assert "blocks.0.attn.relative_position_bias_table" in convert_checkpoint({"model": beit}).state_dict
+    assert "blocks.0.attn.relative_position_bias_table" in recognise({"model": beit}).state_dict
     with pytest.raises(ValueError, match="relative position bias.*timm BEiT backbone"):
         _load(tmp_path, {"model": beit}, "vit_tiny_patch16_224", **layer_scale)
 
@@ -213,8 +213,8 @@ def test_unknown_layout_lists_the_key_prefixes_it_found(tmp_path):
     assert "epoch" in message and "net (tensors)" in message  # the top-level keys
     obj = {"state_dict": {"module.encoder_x.conv.weight": torch.randn(2), "module.queue": torch.randn(2)}}
     with pytest.raises(UnknownCheckpointLayout) as info:
-        convert_checkpoint(obj, source="other.pth")
+        recognise(obj, source="other.pth")
     assert "module.encoder_x.* (1)" in str(info.value) and "module.queue (1)" in str(info.value)
     # A known wrapper around something that is no backbone: the layout is named and the prefixes listed.
     with pytest.raises(UnknownCheckpointLayout, match=r"simsiam backbone part.*module\.encoder\.\* \(1\)"):
-        convert_checkpoint({"state_dict": {"module.encoder.stem.weight": torch.randn(2)}}, source="s.pth")
+        recognise({"state_dict": {"module.encoder.stem.weight": torch.randn(2)}}, source="s.pth")
