@@ -23,24 +23,82 @@ def _model(**overrides) -> BAMIA:
     return BAMIA(**{**TINY, **overrides})
 
 
-def test_total_loss_is_lsim_plus_lambda_lia():
+def _heads(model: BAMIA, batch: dict, seed: int):
+    """The pair shuffle of ``training_step`` under ``seed`` and the heads' outputs, computed here independently."""
+    from ssl_zoo.augment import shuffle_pairs
+
+    torch.manual_seed(seed)
+    x1, x2, row, _ = shuffle_pairs(batch["views"], batch["block_ids"])
+    z1, z2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
+    return model.predictor(z1), model.predictor(z2), z1, z2, batch["index"][row]
+
+
+@pytest.mark.parametrize("ia_embeddings", ["cross", "projector"])
+def test_total_loss_is_lsim_plus_lambda_lia(ia_embeddings):
+    """Eq. 3 with L_ia of Eq. 1 recomputed from the heads' outputs: the mean over [p1; z2] and [p2; z1] (the
+    authors' code, the default) or over the projections [z1; z2]."""
+    from ssl_zoo.losses import ImageAwareContrastiveLoss
+
     batch = _batch(3)
-    full = _model(lam=4.0)
+    full = _model(lam=4.0, temperature=0.2, ia_embeddings=ia_embeddings)
     torch.manual_seed(1)
     total = full.training_step(batch, 0)
     only_sim = _model(ia_loss="none")
     torch.manual_seed(1)  # same pair shuffle
     l_sim = only_sim.training_step(batch, 0)
-    # recompute L_ia independently from the same embeddings
-    from ssl_zoo.augment import shuffle_pairs
+    p1, p2, z1, z2, ids = _heads(full, batch, seed=1)
+    ids = ids.repeat(2)
+    loss = ImageAwareContrastiveLoss(temperature=0.2)
+    if ia_embeddings == "cross":
+        l_ia = 0.5 * (loss(torch.cat([p1, z2]), ids) + loss(torch.cat([p2, z1]), ids))
+    else:
+        l_ia = loss(torch.cat([z1, z2]), ids)
+    torch.testing.assert_close(total, l_sim + 4.0 * l_ia)
+
+
+def test_defaults_follow_the_authors_code_where_the_paper_is_silent():
+    """tau 0.3 and the cross embeddings (HHU-JialeChen/SSL simsiam/builder.py); the loss class keeps tau 0.1."""
     from ssl_zoo.losses import ImageAwareContrastiveLoss
 
+    m = _model()
+    assert m.hparams.ia_embeddings == "cross" and m.contrastive_loss.temperature == 0.3
+    assert ImageAwareContrastiveLoss().temperature == 0.1
+
+
+@pytest.mark.parametrize("ia_embeddings", ["cross", "projector"])
+def test_which_embeddings_enter_eq1(ia_embeddings):
+    """The tensors handed to the contrastive loss are exactly the named heads' outputs, with their gradients."""
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, z, ids):
+            self.calls.append((z, ids))
+            return z.sum() * 0.0
+
+    batch = _batch(3)
+    m = _model(ia_embeddings=ia_embeddings)
+    m.contrastive_loss = Recorder()
     torch.manual_seed(1)
-    x1, x2, row, _ = shuffle_pairs(batch["views"], batch["block_ids"])
-    z = torch.cat([full.projector(full.backbone(x1)), full.projector(full.backbone(x2))])
-    ids = batch["index"][row].repeat(2)
-    l_ia = ImageAwareContrastiveLoss(0.1)(z, ids)
-    torch.testing.assert_close(total, l_sim + 4.0 * l_ia)
+    m.training_step(batch, 0)
+    p1, p2, z1, z2, ids = _heads(m, batch, seed=1)
+    expected = ([torch.cat([p1, z2]), torch.cat([p2, z1])] if ia_embeddings == "cross"
+                else [torch.cat([z1, z2])])
+    calls = m.contrastive_loss.calls
+    assert len(calls) == len(expected)
+    for (z, got_ids), want in zip(calls, expected, strict=True):
+        torch.testing.assert_close(z, want)
+        assert torch.equal(got_ids, ids.repeat(2))
+        assert z.requires_grad  # no stop-gradient on either head's output in L_ia
+    # The two options differ: the predictions p are not the projections z.
+    assert not torch.allclose(torch.cat([p1, z2]), torch.cat([z1, z2]))
+
+
+def test_bad_ia_embeddings_is_rejected():
+    with pytest.raises(ValueError, match=r"model.ia_embeddings must be 'cross' or 'projector', got 'z'"):
+        _model(ia_embeddings="z")
 
 
 def test_simsiam_switch_uses_two_views_and_no_contrastive_term():

@@ -8,6 +8,11 @@ views of other images in the global batch (L_ia):
 
     L_total = L_sim + lambda * L_ia                                                   (§3.2)
 
+Eq. 1 writes its embeddings z_i without saying which head gives them, and prints no tau. Where the paper is
+silent the defaults follow the authors' code (HHU-JialeChen/SSL, simsiam/builder.py): tau = 0.3, and L_ia is
+the mean of two terms, one over [p1; z2] and one over [p2; z1] (each view's prediction beside the other
+view's projection, no stop-gradient); ``ia_embeddings="projector"`` puts the projections [z1; z2] in instead.
+
 With ``bam=False, ia_loss="none"`` this module *is* SimSiam (Chen & He 2021): two views of the whole image.
 """
 
@@ -48,8 +53,10 @@ class BAMIA(LightningModule):
             blur in proportion to small views (at 32 px a 3-tap kernel; see ``blur_step``).
         ia_loss: ``ia`` (IA-CLoss, Eq. 1), ``supcon`` (the paper's SUP ablation: SupCon with image ids as
             labels) or ``none``.
+        ia_embeddings: the embeddings Eq. 1 compares: ``cross`` (the authors' code: the mean of L_ia over
+            [p1; z2] and over [p2; z1]) or ``projector`` (one L_ia over the projections [z1; z2]).
         lam: lambda, the weight of L_ia (4 in the paper).
-        temperature: tau of the contrastive loss (0.1).
+        temperature: tau of the contrastive loss (0.3, the authors' code; the paper prints none).
         base_lr: SGD lr for a batch of 256 images; the lr is ``base_lr * lr_batch_size / 256``.
         lr_batch_size: batch used for lr scaling; ``None`` = the global batch. The paper trains BAM with
             batch 128 but the lr of batch 512 (set 512 in the paper config).
@@ -75,8 +82,9 @@ class BAMIA(LightningModule):
         min_scale: float = 0.2,
         blur: BlurKind = "pil",
         ia_loss: Literal["ia", "supcon", "none"] = "ia",
+        ia_embeddings: Literal["cross", "projector"] = "cross",
         lam: float = 4.0,
-        temperature: float = 0.1,
+        temperature: float = 0.3,
         base_lr: float = 0.05,
         lr_batch_size: int | None = None,
         momentum: float = 0.9,
@@ -91,6 +99,8 @@ class BAMIA(LightningModule):
             raise ValueError(f"model.overlap (gamma) must lie in [0, 0.5], got {overlap}")
         if ia_loss not in ("ia", "supcon", "none"):
             raise ValueError(f"model.ia_loss must be 'ia', 'supcon' or 'none', got '{ia_loss}'")
+        if ia_embeddings not in ("cross", "projector"):
+            raise ValueError(f"model.ia_embeddings must be 'cross' or 'projector', got '{ia_embeddings}'")
         self.save_hyperparameters()
 
         self.backbone = Backbone(backbone, **(backbone_kwargs or {}))
@@ -147,10 +157,8 @@ class BAMIA(LightningModule):
         loss = loss_sim
         batch_size = batch["views"].shape[0]
         if self.contrastive_loss is not None:
-            # L_ia over every view of the global batch, on projector embeddings (Eq. 1).
-            z = torch.cat([z1, z2])  # [2P, proj_dim]
-            loss_ia = self.contrastive_loss(z, torch.cat([image_ids, image_ids]))
-            loss = loss_sim + self.hparams.lam * loss_ia
+            loss_ia = self.image_aware_term(p1, p2, z1, z2, image_ids)
+            loss = loss_sim + self.hparams.lam * loss_ia  # Eq. 3
             self.log("train/loss_ia", loss_ia, on_epoch=True, sync_dist=True, batch_size=batch_size)
 
         self.log("train/loss_sim", loss_sim, on_epoch=True, sync_dist=True, batch_size=batch_size)
@@ -158,6 +166,16 @@ class BAMIA(LightningModule):
         # Collapse indicator: std of the l2-normalised embedding, ~1/sqrt(d) when healthy, 0 when collapsed.
         self.log("train/z_std", std_of_l2_normalized(z1.detach()), on_epoch=True, batch_size=batch_size)
         return loss
+
+    def image_aware_term(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, image_ids: Tensor) -> Tensor:
+        """L_ia (Eq. 1) over every view of the global batch; ``p*, z*: [P, proj_dim]``, ``image_ids: [P]``."""
+        ids = torch.cat([image_ids, image_ids])  # [2P]: both views of a pair come from one image
+        if self.hparams.ia_embeddings == "projector":
+            return self.contrastive_loss(torch.cat([z1, z2]), ids)  # [2P, proj_dim]
+        # The authors' code (HHU-JialeChen/SSL simsiam/builder.py): two terms, each over one view's predictions
+        # and the other view's projections ([2P, proj_dim]), averaged; the projections keep their gradient.
+        return 0.5 * (self.contrastive_loss(torch.cat([p1, z2]), ids)
+                      + self.contrastive_loss(torch.cat([p2, z1]), ids))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
