@@ -413,6 +413,6 @@ def test_the_recipes_the_paper_manifests_name_exist():
     names = ["detect_demo", "segment_demo", "coco_maskrcnn_r50_c4_1x", "coco_maskrcnn_r50_fpn_1x",
              "coco_maskrcnn_swint_fpn_1x", "coco_maskrcnn_swins_fpn_1x", "coco_maskrcnn_swinb_fpn_1x",
              "coco_maskrcnn_vitb_simplefpn_1x", "voc_fasterrcnn_r50_c4_24k", "ade20k_upernet_vitb_160k",
-             "ade20k_upernet_vitl_160k", "ade20k_upernet_swinb_160k"]
+             "ade20k_upernet_vitb_160k_mvp", "ade20k_upernet_vitl_160k", "ade20k_upernet_swinb_160k"]
     found = {p.stem for p in (ROOT / "experiments" / "transfer").glob("*.yaml")}
     assert found == set(names)
