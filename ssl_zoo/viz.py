@@ -1,14 +1,18 @@
-"""Attention maps of a ViT checkpoint (MVP Figure 3): the CLS token's attention per head over input images.
+"""Attention maps of a ViT checkpoint (MVP Figure 3): the CLS token's attention over input images.
 
 ::
 
     python -m ssl_zoo.viz attention --ckpt runs/mvp/<stamp>/checkpoints/last.ckpt --images a.jpg b.jpg --out grid.png
+    python -m ssl_zoo.viz attention --ckpt runs/mvp/<stamp>/checkpoints/last.ckpt --images photos/ --average-heads
     python -m ssl_zoo.viz attention --ckpt vit_state_dict.pth --backbone vit_base_patch16_224 --images photos/
 
 writes a PNG grid: one row per image, the (resized, centre-cropped) input first, then one map per attention
 head of the chosen block (the last by default): the softmax attention of the CLS query over the patch keys,
 ``softmax(q_cls . k / sqrt(d) [+ relative position bias])`` restricted to the patch tokens, drawn on the
-patch grid. Each map is min-max normalised on its own and coloured with viridis (dark = low, yellow = high).
+patch grid. With ``--average-heads`` each image gets one map instead, the mean of those maps over the heads
+(:func:`head_averaged_cls_attention`): MVP Figure 3 ("averaging their attention maps of all heads in
+ViT-B/16 with CLS token as the query", §4.4). Each map is min-max normalised on its own and coloured with
+viridis (dark = low, yellow = high).
 
 Any ViT or BEiT checkpoint that :func:`ssl_zoo.checkpoints.load_backbone` reads works: ssl_zoo
 pre-training checkpoints (MVP, MoCo v3 / MPCL-ViT, HVP-MTL-ViT; ``--teacher`` draws the EMA teacher) and
@@ -33,7 +37,8 @@ from torch import Tensor
 from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_zoo.models.backbones import TOKEN_FAMILIES, Backbone
 
-__all__ = ["VIRIDIS", "cls_attention", "colorize", "load_images", "main", "render_attention_grid"]
+__all__ = ["VIRIDIS", "cls_attention", "colorize", "head_averaged_cls_attention", "load_images", "main",
+           "render_attention_grid"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 #: viridis-like colour map: 9 evenly spaced anchors close to matplotlib's viridis, linearly interpolated.
@@ -116,6 +121,16 @@ def cls_attention(backbone: Backbone, images: Tensor, block: int = -1) -> Tensor
     return cls_row.reshape(*cls_row.shape[:2], h, w)
 
 
+def head_averaged_cls_attention(backbone: Backbone, images: Tensor, block: int = -1) -> Tensor:
+    """MVP Figure 3's map: the CLS query's attention over the patch keys in ``block``, averaged over the heads:
+    ``[B, h, w]``.
+
+    The mean over heads of :func:`cls_attention`, i.e. per image (1/H) sum_h softmax(q_cls^h . k^h / sqrt(d)
+    [+ bias^h]) over the patch columns (MVP §4.4: "We average their attention maps of all heads").
+    """
+    return cls_attention(backbone, images, block).mean(dim=1)
+
+
 def colorize(maps: Tensor) -> np.ndarray:
     """``[..., h, w]`` maps -> ``uint8 [..., h, w, 3]`` viridis colours, each map min-max normalised alone."""
     flat = maps.detach().cpu().double().flatten(-2)
@@ -128,15 +143,20 @@ def colorize(maps: Tensor) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def render_attention_grid(crops: Sequence[Image.Image], attention: Tensor, cell: int | None = None) -> Image.Image:
-    """The grid: a label row, then per image its crop and one coloured map per head, each ``cell`` pixels
-    square (default: the crop size, at least 112). Maps are enlarged with nearest-neighbour resampling, so
-    every patch is one flat square."""
+def render_attention_grid(crops: Sequence[Image.Image], attention: Tensor, cell: int | None = None,
+                          labels: Sequence[str] | None = None) -> Image.Image:
+    """The grid: a label row, then per image its crop and one coloured map per entry of ``attention``'s second
+    axis (``[B, maps, h, w]``: the heads, or a single head-averaged map), each ``cell`` pixels square (default:
+    the crop size, at least 112). ``labels`` name the map columns (default ``head 1``, ``head 2``...). Maps are
+    enlarged with nearest-neighbour resampling, so every patch is one flat square."""
     b, heads, h, w = attention.shape
+    labels = list(labels) if labels is not None else [f"head {i + 1}" for i in range(heads)]
+    if len(labels) != heads:
+        raise ValueError(f"labels: {len(labels)} given for {heads} map(s) per image")
     cell = cell or max(crops[0].width, 112)
     grid = Image.new("RGB", ((1 + heads) * cell, HEADER + b * cell), "white")
     draw = ImageDraw.Draw(grid)
-    for column, label in enumerate(["image", *(f"head {i + 1}" for i in range(heads))]):
+    for column, label in enumerate(["image", *labels]):
         draw.text((column * cell + 3, 1), label, fill="black")
     colours = colorize(attention)  # [B, heads, h, w, 3]
     for row in range(b):
@@ -157,24 +177,30 @@ def attention_figure(
     block: int = -1,
     img_size: int | None = None,
     backbone_kwargs: dict | None = None,
+    average_heads: bool = False,
 ) -> Path:
-    """Load the checkpoint's ViT, draw the CLS attention grid of ``images`` and write it to ``out`` (PNG)."""
+    """Load the checkpoint's ViT, draw the CLS attention grid of ``images`` and write it to ``out`` (PNG):
+    one map per head, or with ``average_heads`` one head-averaged map per image (MVP Figure 3)."""
     from ssl_zoo.checkpoints import load_backbone
 
     kwargs = {**(backbone_kwargs or {}), **({"img_size": img_size} if img_size else {})}
     model = load_backbone(ckpt, backbone=backbone, backbone_kwargs=kwargs or None, teacher=teacher)
     crops, batch = load_images(images, input_size(model))
-    attention = cls_attention(model, batch, block)
+    if average_heads:
+        attention, labels = head_averaged_cls_attention(model, batch, block).unsqueeze(1), ["mean of heads"]
+    else:
+        attention, labels = cls_attention(model, batch, block), None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    render_attention_grid(crops, attention).save(out, format="PNG")
+    render_attention_grid(crops, attention, labels=labels).save(out, format="PNG")
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssl_zoo.viz", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("attention", help="PNG grid of the CLS token's attention per head (MVP Figure 3)")
+    p = sub.add_parser("attention", help="PNG grid of the CLS token's attention, per head or averaged over the "
+                                         "heads (MVP Figure 3)")
     p.add_argument("--ckpt", required=True, help="ssl_zoo pre-training checkpoint or plain timm state dict")
     p.add_argument("--images", required=True, nargs="+", help="image files and/or directories of images")
     p.add_argument("--out", default="attention.png", help="PNG to write (default: attention.png)")
@@ -182,12 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacher", action="store_true", help="draw the checkpoint's momentum/EMA teacher")
     p.add_argument("--block", type=int, default=-1, help="transformer block whose attention is drawn (default: last)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the checkpoint's)")
+    p.add_argument("--average-heads", action="store_true",
+                   help="one map per image, the mean of the heads' maps (MVP Figure 3) instead of one per head")
     p.add_argument("--backbone-kwargs", type=json.loads, default=None,
                    help='JSON Backbone arguments for a plain state dict, e.g. \'{"model_kwargs": {"depth": 6}}\'')
     args = parser.parse_args(argv)
     try:
         out = attention_figure(args.ckpt, args.images, args.out, args.backbone, args.teacher, args.block,
-                               args.img_size, args.backbone_kwargs)
+                               args.img_size, args.backbone_kwargs, args.average_heads)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

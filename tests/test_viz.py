@@ -1,5 +1,6 @@
 """python -m ssl_zoo.viz attention (MVP Figure 3): the CLS attention it draws against a brute-force
-softmax(q . k / sqrt(d)) of the last block, for a timm ViT and a BEiT with a shared relative position bias."""
+softmax(q . k / sqrt(d)) of the last block, for a timm ViT and a BEiT with a shared relative position bias, per
+head and averaged over the heads (Figure 3's map)."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ssl_zoo.models import Backbone
-from ssl_zoo.viz import HEADER, cls_attention, colorize, load_images, main
+from ssl_zoo.viz import HEADER, cls_attention, colorize, head_averaged_cls_attention, load_images, main
 
 S = 32  # 2 x 2 patches of 16 px
 BEIT = {"depth": 2, "embed_dim": 48, "num_heads": 3, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
@@ -71,6 +72,48 @@ def test_cls_attention_equals_brute_force(name, kwargs):
     assert not torch.allclose(cls_attention(backbone, x, block=0), attention)
 
 
+def brute_force_head_mean_cls_attention(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """MVP Figure 3 from the weights of a plain timm ViT's last block, in float64, one head at a time:
+    (1/H) sum_h softmax_j(q_cls^h . k_j^h / sqrt(d)) over all tokens j, kept at the patch tokens: [B, h, w]."""
+    model = backbone.model
+    block = model.blocks[-1]
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model.forward_features(x)
+    handle.remove()
+    tokens = block.norm1(seen["x"]).double()  # [B, T, D]
+    heads, (b, t, dim) = block.attn.num_heads, tokens.shape
+    d = dim // heads
+    weight, bias = block.attn.qkv.weight.double(), block.attn.qkv.bias.double()  # [3D, D], [3D]
+    total = torch.zeros(b, t, dtype=torch.float64)
+    for head in range(heads):
+        rows = slice(head * d, (head + 1) * d)
+        q_cls = tokens[:, 0] @ weight[rows].T + bias[rows]  # [B, d]: the CLS query of this head
+        k = tokens @ weight[dim:][rows].T + bias[dim:][rows]  # [B, T, d]: its keys
+        logits = torch.einsum("bd,btd->bt", q_cls, k) / d**0.5  # [B, T]
+        exp = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        total += exp / exp.sum(-1, keepdim=True)  # the softmax over all T tokens, CLS included
+    mean = total / heads
+    return mean[:, backbone.num_prefix_tokens:].reshape(b, *model.patch_embed.grid_size)
+
+
+def test_head_averaged_cls_attention_equals_brute_force_mean_over_heads():
+    backbone = _vit(depth=2, num_heads=3)
+    with torch.no_grad():
+        for block in backbone.model.blocks:  # timm starts the qkv bias at zero: make it count
+            block.attn.qkv.bias.normal_()
+    x = torch.randn(3, 3, S, S)
+    averaged = head_averaged_cls_attention(backbone, x)
+    assert averaged.shape == (3, 2, 2) and averaged.dtype == torch.float32
+    expected = brute_force_head_mean_cls_attention(backbone, x)
+    torch.testing.assert_close(averaged.double(), expected, rtol=1e-5, atol=1e-6)
+    per_head = cls_attention(backbone, x)
+    assert not torch.allclose(per_head[:, 0], per_head[:, 1])  # the heads differ: the mean is a real average
+    assert (averaged.flatten(1).sum(-1) < 1).all()  # the CLS-to-CLS weight is left out, as in each head's map
+    assert not torch.allclose(head_averaged_cls_attention(backbone, x, block=0), averaged)
+
+
 def _images(tmp_path, sizes=((48, 40), (40, 64))):
     rng = np.random.default_rng(0)
     paths = []
@@ -127,6 +170,27 @@ def test_attention_png_of_a_plain_state_dict_and_a_folder(tmp_path):
                  "--backbone-kwargs", '{"model_kwargs": {"depth": 2}}', "--images", str(folder),
                  "--out", str(out)]) == 0
     assert Image.open(out).size == ((1 + 3) * 112, HEADER + 3 * 112)
+
+
+def test_average_heads_png_draws_one_brute_force_mean_map_per_image(tmp_path):
+    backbone = _vit()
+    ckpt = tmp_path / "last.ckpt"
+    _pretraining_checkpoint(ckpt, backbone, {"depth": 2})
+    images = _images(tmp_path)
+    out = tmp_path / "figure3.png"
+    assert main(["attention", "--ckpt", str(ckpt), "--images", *map(str, images), "--out", str(out),
+                 "--average-heads"]) == 0
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    cell = 112
+    assert grid.shape == (HEADER + 2 * cell, 2 * cell, 3)  # the image, then one map
+    _, batch = load_images(images, S)
+    expected = colorize(brute_force_head_mean_cls_attention(backbone, batch))  # [B, 2, 2, 3]
+    for row in range(2):
+        tile = grid[HEADER + row * cell : HEADER + (row + 1) * cell, cell : 2 * cell]
+        for i in range(2):
+            for j in range(2):
+                square = tile[i * cell // 2 : (i + 1) * cell // 2, j * cell // 2 : (j + 1) * cell // 2]
+                assert np.abs(square.astype(int) - expected[row, i, j]).max() <= 1, (row, i, j)
 
 
 def test_attention_errors_are_clear(tmp_path, capsys):
