@@ -11,8 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from ssl_zoo.checkpoints import UnknownCheckpointLayout, load_backbone
-from ssl_zoo.checkpoints import recognise
+from ssl_zoo.checkpoints import UnknownCheckpointLayout, load_backbone, recognise
 from ssl_zoo.models import Backbone
 
 TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}

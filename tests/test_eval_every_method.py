@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from ssl_zoo.cli import main
 from ssl_zoo.checkpoints import STUDENT_PREFIX, read_backbone_weights
+from ssl_zoo.cli import main
 from ssl_zoo.eval.module import resolve_eval_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,8 @@ def test_settings_come_from_the_checkpoint_unless_given(tmp_path):
 def test_an_evaluation_checkpoint_records_what_it_evaluated(tmp_path):
     """The resolved settings are written to the probe's hyper-parameters, so its own checkpoint (the same
     ``backbone.model.*`` layout) loads as a backbone again, e.g. to run kNN on a fine-tuned network."""
-    from ssl_zoo.eval import FineTune
     from ssl_zoo.checkpoints import load_backbone
+    from ssl_zoo.eval import FineTune
 
     tuned = FineTune(ckpt=str(_vit_checkpoint(tmp_path / "last.ckpt")), num_classes=3)
     assert (tuned.hparams.backbone, tuned.hparams.img_size, tuned.hparams.teacher) == ("vit_tiny_patch16_224", 32,

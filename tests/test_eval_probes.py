@@ -12,9 +12,9 @@ import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 
+from ssl_zoo.checkpoints import UnsafeCheckpointError, describe_state_dict, load_backbone
 from ssl_zoo.cli import main
 from ssl_zoo.data import ImageFolderDataModule
-from ssl_zoo.checkpoints import UnsafeCheckpointError, describe_state_dict, load_backbone
 from ssl_zoo.eval.finetune import FineTune, layer_ids
 from ssl_zoo.eval.knn import KNNMonitor
 from ssl_zoo.eval.linear import LinearProbe
