@@ -19,10 +19,10 @@ from ssl_zoo.eval.finetune import FineTune, layer_ids
 from ssl_zoo.eval.knn import KNNMonitor
 from ssl_zoo.eval.linear import LinearProbe
 from ssl_zoo.eval.module import first_occurrences
-from ssl_zoo.eval.optim import LARS
 from ssl_zoo.eval.results import append_eval_record, read_eval_records, results_file_for
 from ssl_zoo.eval.transforms import SingleView, center_crop_transform, finetune_train_transform
 from ssl_zoo.models import Backbone
+from ssl_zoo.utils.optim import LARS
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "experiments" / "eval").glob("*.yaml"))
@@ -325,6 +325,38 @@ def test_lars_step_matches_hand_computation():
     d2 = gw + 0.1 * w1
     d2 = d2 * (0.01 * w1.norm() / d2.norm())
     torch.testing.assert_close(w.detach(), w1 - 0.5 * (0.9 * d + d2))
+
+
+def test_lars_matches_the_official_update_on_hand_computed_steps():
+    """MoCo v3 / Barlow Twins LARS: d = g + wd * p, trust ratio eta * ||p|| / ||g + wd * p|| on matrices; a bias
+    takes neither (numbers worked out by hand; lightly's ||g|| + wd * ||p|| would give ratio 0.01 x 5 / 4.49)."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = LARS([w, b], lr=0.5, weight_decay=0.2, momentum=0.9, trust_coefficient=0.01)
+    gw, gb = torch.tensor([[3.4, -0.8]], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # d = [3.4, -0.8] + 0.2 x [3, 4] = [4, 0], ||d|| = 4; ratio 0.01 x 5 / 4 = 0.0125; step 0.5 x [0.05, 0]
+    torch.testing.assert_close(w.detach(), torch.tensor([[2.975, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(b.detach(), torch.tensor([0.75, -2.25], dtype=torch.float64))  # b - 0.5 g
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # w: d2 = [3.4 + 0.595, -0.8 + 0.8] = [3.995, 0], ratio 0.01 ||w1|| / 3.995, v = 0.9 [0.05, 0] + d2 x ratio
+    ratio = 0.01 * math.sqrt(2.975**2 + 4.0**2) / 3.995
+    expected = torch.tensor([[2.975 - 0.5 * (0.9 * 0.05 + 3.995 * ratio), 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(w.detach(), expected)
+    # b: v = 0.9 x 0.5 + 0.5 = 0.95, b - 0.5 x 0.95
+    torch.testing.assert_close(b.detach(), torch.tensor([0.275, -2.725], dtype=torch.float64))
+
+
+def test_lars_is_the_one_the_methods_and_probes_use():
+    """One LARS for the project, in the utilities room; the linear probe and MPCL import it."""
+    import ssl_zoo.eval.linear
+    import ssl_zoo.methods.mpcl
+    import ssl_zoo.utils.optim
+
+    assert ssl_zoo.eval.linear.LARS is ssl_zoo.methods.mpcl.LARS is ssl_zoo.utils.optim.LARS is LARS
+    assert ssl_zoo.eval.LARS is LARS
 
 
 def test_lars_scales_even_without_weight_decay():

@@ -56,7 +56,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightly.utils.debug import std_of_l2_normalized
-from lightly.utils.lars import LARS
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -80,7 +79,13 @@ from ssl_zoo.models.moco_vit import init_moco_v3_vit
 from ssl_zoo.models.multi_projector import MultiProjector, count_parameters
 from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
 from ssl_zoo.utils.ema import OncePerOptimizerStep, cosine_schedule, init_teacher, update_ema
-from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
+from ssl_zoo.utils.optim import (
+    LARS,
+    global_batch_size,
+    scaled_lr,
+    split_weight_decay,
+    warmup_cosine_scheduler,
+)
 
 __all__ = ["MPCL", "batch_shuffle", "batch_unshuffle"]
 
