@@ -445,6 +445,63 @@ def test_finetune_layer_decay_follows_beit():
     assert len(scale_of) == sum(1 for _ in model.parameters())  # every parameter is optimised once
 
 
+# ------------------------------------------------------------------------ semi-supervised (MPCL Table V)
+@pytest.mark.parametrize("pct", [1, 10])
+def test_semisup_configs_follow_barlow_twins_evaluate(pct):
+    """MPCL's footnote 2: Barlow Twins' evaluate.py (README: --epochs 20 --lr-backbone 0.005 --lr-classifier 0.5
+    --weight-decay 0; batch 256, SGD momentum 0.9, CosineAnnealingLR over the epochs), same values for 1 % and 10 %."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "experiments" / "eval" / f"semisup_in1k_r50_{pct}pct.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(buf.getvalue())
+    init = cfg["model"]["init_args"]
+    assert cfg["trainer"]["max_epochs"] == 20
+    assert cfg["trainer"]["devices"] * cfg["data"]["init_args"]["batch_size"] == 256
+    assert cfg["data"]["init_args"]["train_subset"] == f"{pct}percent.txt"
+    assert (init["optimizer"], init["momentum"], init["nesterov"], init["weight_decay"]) == ("sgd", 0.9, False, 0.0)
+    assert (init["base_lr"], init["head_base_lr"], init["lr_batch_size"]) == (0.005, 0.5, 256)
+    assert (init["lr_interval"], init["warmup_epochs"], init["min_lr_ratio"]) == ("epoch", 0, 0.0)
+    assert init["head_init_std"] == 0.01 and init["label_smoothing"] == 0.0 and init["mixup"] == init["cutmix"] == 0.0
+    assert init["auto_augment"] is None and init["color_jitter"] is None and init["re_prob"] == 0.0
+
+
+def test_semisup_optimiser_has_two_lrs_and_a_per_epoch_cosine():
+    """The head at --lr-classifier, the backbone at --lr-backbone, both following CosineAnnealingLR(opt, 20)."""
+    from types import SimpleNamespace
+
+    model = FineTune(backbone="resnet18", num_classes=5, img_size=32, optimizer="sgd", nesterov=False, base_lr=0.005,
+                     head_base_lr=0.5, lr_batch_size=256, weight_decay=0.0, layer_decay=1.0, warmup_epochs=0,
+                     min_lr_ratio=0.0, lr_interval="epoch")
+    model._trainer = SimpleNamespace(max_epochs=20, estimated_stepping_batches=20 * 7)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    assert isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults["nesterov"]
+    head = {id(p) for p in model.head.parameters()}
+    lrs = {}
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == 0.0
+        for p in group["params"]:
+            lrs[id(p)] = group["lr"]
+    assert len(lrs) == sum(1 for _ in model.parameters())
+    assert {lrs[i] for i in head} == {0.5} and {v for i, v in lrs.items() if i not in head} == {0.005}
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)],
+                                                                           lr=1.0), 20)
+    for _ in range(20):  # one scheduler step per epoch, as evaluate.py's scheduler.step()
+        factor = reference.get_last_lr()[0]
+        assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.005 * factor, 0.5 * factor])
+        optimizer.step()
+        scheduler.step()
+        reference.optimizer.step()
+        reference.step()
+    with pytest.raises(ValueError, match="model.lr_interval"):
+        FineTune(backbone="resnet18", lr_interval="iteration")
+
+
 def _simmim_swin_layer(name: str, depths: list[int]) -> int:
     """SimMIM's optimizer.get_swin_layer on timm parameter names (timm's layers.{i}.downsample is SimMIM's
     layers.{i-1}.downsample: the patch merging that ends stage i - 1)."""
