@@ -45,8 +45,9 @@ weight of one projector is 1).
 
 Table II alternatives to PCR (options, all off by default): ``projector_dropout`` (dropout in front of each
 projector's output layer, an independent mask per projector, query side only), ``projector_init: mixed``
-(a different init scheme per projector) and ``orthogonality`` (squared cosine between projectors' outputs,
-:func:`~ssl_zoo.losses.mpcl.projector_orthogonality`, in Eq. 4's regulariser slot, weight ``lam``).
+(Kaiming and Xavier, alternating over the projectors) and ``orthogonality`` (the projectors' weights constrained
+to be mutually orthogonal, :func:`~ssl_zoo.losses.mpcl.projector_weight_orthogonality`, in Eq. 4's regulariser
+slot, weight ``lam``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from ssl_zoo.losses import (
     ptb_weights,
 )
 from ssl_zoo.losses.barlow_twins import barlow_twins_loss, in_batch_retrieval_accuracy
-from ssl_zoo.losses.mpcl import projector_orthogonality
+from ssl_zoo.losses.mpcl import projector_weight_orthogonality
 from ssl_zoo.models import Backbone, MLPHead
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.heads import NORM_LAYERS, norm_layer_by_name
@@ -214,16 +215,18 @@ class MPCL(LightningModule):
         projector_dropout: Table II alternative: dropout probability in front of each projector's output
             layer, an independent mask per projector, on the query side only (the momentum keys are the
             targets and stay deterministic). 0 = off.
-        projector_init: Table II alternative: ``mixed`` initialises projector ``m`` with the scheme
-            ``MIXED_INITS[m % 4]`` of :mod:`ssl_zoo.models.multi_projector`; ``default`` = PyTorch's.
+        projector_init: Table II alternative: ``mixed`` initialises projector ``m`` with Kaiming (even ``m``) or
+            Xavier (odd ``m``), ``MIXED_INITS`` of :mod:`ssl_zoo.models.multi_projector`; ``default`` = PyTorch's.
         temperature: tau of every InfoNCE loss (0.2 for both MoCo flavours).
         queue_size: keys in each projector's negative queue (65,536); mocov2 only.
         symmetric: contrast both (view 1 -> view 2) and (view 2 -> view 1). mocov2: ``False`` (MoCo v2
             code; the two directions are averaged when on), mocov3: ``True`` (the two terms are summed,
             as in MoCo v3's code). Unused by barlowtwins.
         pcr: add the projector contrastive regulariser (Eq. 2); needs ``num_projectors >= 2``.
-        orthogonality: Table II alternative: add the orthogonality constraint between projectors' outputs
-            (:func:`~ssl_zoo.losses.mpcl.projector_orthogonality`) in Eq. 4's regulariser slot, weight ``lam``.
+        orthogonality: Table II alternative: add the orthogonality constraint between the projectors' weights
+            (:func:`~ssl_zoo.losses.mpcl.projector_weight_orthogonality` of
+            :meth:`~ssl_zoo.models.multi_projector.MultiProjector.distinct_weights`) in Eq. 4's regulariser slot,
+            weight ``lam``.
         ptb: weight the projectors' losses by PTB (Eq. 3); ``False`` keeps ``w_m = 1``.
         ptb_scale: ``projectors`` (``w = Mp * softmax``, re-weighting at the PTB-off loss scale) or
             ``literal`` (``w = softmax`` of Eq. 3 as printed, which divides the contrastive part by ``Mp``).
@@ -477,15 +480,15 @@ class MPCL(LightningModule):
         return torch.stack(losses), torch.stack(accs)
 
     def regularizer(self, zs: list[Tensor]) -> dict[str, Tensor]:
-        """Eq. 2 (PCR) and / or the orthogonality alternative, averaged over the views' projections ``zs``
-        (each ``[Mp, B, D]``, before any predictor); ``{}`` with one projector, where both are undefined."""
+        """Eq. 2 (PCR), averaged over the views' projections ``zs`` (each ``[Mp, B, D]``, before any predictor),
+        and / or the Table II weight-orthogonality alternative; ``{}`` with one projector, where both are undefined."""
         hp, terms = self.hparams, {}
         if zs[0].shape[0] < 2:
             return terms
         if hp.pcr:
             terms["pcr"] = torch.stack([projector_contrastive_regularization(z) for z in zs]).mean(dim=0)
         if hp.orthogonality:
-            terms["orthogonality"] = torch.stack([projector_orthogonality(z) for z in zs]).mean(dim=0)
+            terms["orthogonality"] = projector_weight_orthogonality(self.projectors.distinct_weights())  # [Mp]
         return terms
 
     def loss_weights(self) -> Tensor:
