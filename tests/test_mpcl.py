@@ -468,6 +468,28 @@ def test_orthogonality_reads_each_projectors_own_layer_and_trains_it():
     assert shared.projectors.hidden[0][0].weight.grad is None  # the shared layer is not constrained
 
 
+def test_barlow_twins_optimiser_is_the_projects_lars_with_main_py_groups():
+    """Barlow Twins' main.py: LARS, lr 0.2 x B / 256 for the weights, 0.0048 x B / 256 for biases and BN."""
+    from types import SimpleNamespace
+
+    from ssl_zoo.utils.optim import LARS
+
+    model = _tiny("barlowtwins", shared_hidden=True, projector_hidden_dims=16, head_norm="batch", lr_batch_size=1024)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=1000, max_epochs=100)  # 10 steps per epoch
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer) is LARS
+    weights, others = optimizer.param_groups
+    # main.py's split by ndim (biases and BN parameters apart); the tiny ViT's tokens also go without weight decay
+    assert all(p.ndim > 1 for p in weights["params"])
+    assert {id(p) for p in model.parameters() if p.ndim <= 1} <= {id(p) for p in others["params"]}
+    assert len(weights["params"]) + len(others["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert (weights["weight_decay"], others["weight_decay"]) == (1e-6, 0.0)
+    assert scheduler.base_lrs == pytest.approx([0.2 * 1024 / 256, 0.0048 * 1024 / 256])
+    # 10 warmup epochs = 100 steps, then cosine to 1/1000 of the peak
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.8 / 100, 0.0192 / 100])
+
+
 def test_table_i_alignment_is_wang_and_isola_with_alpha_2():
     from benchmarks.mpcl_ablation import alignment, uniformity
 
@@ -561,7 +583,7 @@ def test_barlow_twins_flavour_has_no_momentum_encoder_and_trains_every_projector
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     model.on_train_batch_end(None, None, 0)  # no EMA to update: a no-op
     hp = model.hparams
-    assert (hp.optimizer, hp.base_lr, hp.weight_decay, hp.warmup_epochs) == ("lars", 0.2, 1.5e-6, 10)
+    assert (hp.optimizer, hp.base_lr, hp.weight_decay, hp.warmup_epochs) == ("lars", 0.2, 1e-6, 10)  # main.py
     assert hp.bias_lr_scale == pytest.approx(0.0048 / 0.2) and hp.final_lr_ratio == 0.001
 
 

@@ -36,9 +36,10 @@ Separate MLPs would give 27.97 / 32.43 / 41.34 / 59.18 M. The "Same" / "Differen
   :mod:`ssl_zoo.models.moco_vit`).
 * ``barlowtwins`` (Zbontar et al. 2021, paper Table VII): no momentum encoder; 3-layer projectors
   8192-8192-8192 with BN, the Barlow Twins loss per projector (lambda 0.0051), LARS lr 0.2 * B / 256 (biases
-  and norms 0.0048 * B / 256), weight decay 1.5e-6, 10 warmup epochs, cosine to 1/1000. PTB needs an
-  accuracy, which Barlow Twins has not: our reading is the in-batch top-1 retrieval z1 -> z2 (each first
-  view's projection retrieves, by cosine similarity, its own second view among the global batch).
+  and norms 0.0048 * B / 256), weight decay 1e-6, 10 warmup epochs, cosine to 1/1000 (the defaults of the
+  official main.py, with which its README trains the released model; :class:`~ssl_zoo.utils.optim.LARS`).
+  PTB needs an accuracy, which Barlow Twins has not: our reading is the in-batch top-1 retrieval z1 -> z2
+  (each first view's projection retrieves, by cosine similarity, its own second view among the global batch).
 
 With ``num_projectors=1`` the module *is* the plain baseline (PCR is undefined for one projector and PTB's
 weight of one projector is 1).
@@ -139,7 +140,7 @@ FLAVOUR_DEFAULTS: dict[str, dict[str, Any]] = {
         "moco_vit_init": False,
         "optimizer": "lars",
         "base_lr": 0.2,
-        "weight_decay": 1.5e-6,
+        "weight_decay": 1e-6,  # main.py's --weight-decay default
         "warmup_epochs": 10,
         "bias_lr_scale": 0.0048 / 0.2,
         "final_lr_ratio": 0.001,
@@ -248,7 +249,7 @@ class MPCL(LightningModule):
             (mocov2: 0.03, mocov3: 1.5e-4, barlowtwins: 0.2).
         lr_batch_size: batch used for lr scaling; ``None`` = the global batch.
         weight_decay: mocov2: 1e-4 (on every parameter, as MoCo), mocov3: 0.1 (AdamW on every
-            parameter, as MoCo v3), barlowtwins: 1.5e-6 (LARS excludes biases and norms).
+            parameter, as MoCo v3), barlowtwins: 1e-6 (Barlow Twins' main.py; LARS excludes biases and norms).
         sgd_momentum: momentum of SGD and LARS (0.9).
         warmup_epochs: linear lr warmup before the cosine decay (mocov2: 0, mocov3: 40, barlowtwins: 10).
         bias_lr_scale: LARS only: lr of the biases and norms relative to the weights' (barlowtwins:
