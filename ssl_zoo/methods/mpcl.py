@@ -21,8 +21,9 @@ Projector layout (``shared_hidden``): the paper's parameter counts (ResNet-50 + 
 each owning one Linear(2048 -> 128): 23,508,032 (ResNet-50 without its classifier) + 4,196,352 (the shared
 Linear(2048 -> 2048) with bias) + Mp x 262,272 (Linear(2048 -> 128) with bias). Counted are the trainable
 query-side parameters, not the momentum encoder, the queues or a classifier (:meth:`MPCL.num_query_parameters`).
-Separate MLPs would give 27.97 / 32.43 / 41.34 / 59.18 M. The "Same" / "Different" hidden-width rows
-(Tables I, VII) use separate MLPs (``shared_hidden: false``), one width per projector.
+Separate MLPs would give 27.97 / 32.43 / 41.34 / 59.18 M. The "Different" hidden-width rows (Tables I, VII)
+use separate MLPs (``shared_hidden: false``), one width per projector; "Same" is the shared layout without PCR
+and PTB (Table I's "Same" and Table II's "MPH" print the same run).
 
 ``flavour`` picks the framework:
 

@@ -4,8 +4,8 @@ Each projector ``g^m`` is ``hidden layers -> output layer``. With ``shared_hidde
 hidden layers and own only their output layer, so every extra projector adds one ``Linear(H, out)``: this is
 the layout whose size the MPCL paper reports (ResNet-50 + projectors: 27.97 / 28.23 / 28.75 / 29.80 M
 parameters for 1 / 2 / 4 / 8 projectors, i.e. one shared 2048 -> 2048 layer and one 2048 -> 128 layer per
-projector). Without it every projector is a whole MLP of its own (the paper's "Same" / "Different" hidden
-width rows, which need one width per projector).
+projector). Without it every projector is a whole MLP of its own (the paper's "Different" hidden width rows,
+which need one width per projector).
 
 The Table II alternatives to PCR that act on the projectors live here too: dropout in front of each output
 layer (an independent mask per projector), mixed initialisation (Kaiming and Xavier, alternating over the
