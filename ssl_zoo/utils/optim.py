@@ -84,8 +84,7 @@ def split_weight_decay(named_params: Iterable[tuple[str, torch.nn.Parameter]], w
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# Our own LARS: torch has none, and lightly's (from Lightning Bolts) divides by ||g|| + wd * ||p|| and skips the
-# trust ratio when the weight decay is 0, where the official one divides by ||g + wd * p|| and always applies it.
+# Our own LARS: torch has none, and lightly's trust ratio is not the official eta * ||p|| / ||g + wd * p||.
 class LARS(Optimizer):
     """SGD with momentum and the layer-wise trust ratio, as MoCo v3 (``moco/optimizer.py``) and Barlow Twins
     (``main.py``, ``weight_decay_filter`` and ``lars_adaptation_filter`` on) implement it.
