@@ -19,10 +19,10 @@ from ssl_zoo.eval.finetune import FineTune, layer_ids
 from ssl_zoo.eval.knn import KNNMonitor
 from ssl_zoo.eval.linear import LinearProbe
 from ssl_zoo.eval.module import first_occurrences
-from ssl_zoo.eval.optim import LARS
 from ssl_zoo.eval.results import append_eval_record, read_eval_records, results_file_for
 from ssl_zoo.eval.transforms import SingleView, center_crop_transform, finetune_train_transform
 from ssl_zoo.models import Backbone
+from ssl_zoo.utils.optim import LARS
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "experiments" / "eval").glob("*.yaml"))
@@ -335,6 +335,38 @@ def test_lars_step_matches_hand_computation():
     torch.testing.assert_close(w.detach(), w1 - 0.5 * (0.9 * d + d2))
 
 
+def test_lars_matches_the_official_update_on_hand_computed_steps():
+    """MoCo v3 / Barlow Twins LARS: d = g + wd * p, trust ratio eta * ||p|| / ||g + wd * p|| on matrices; a bias
+    takes neither (numbers worked out by hand; lightly's ||g|| + wd * ||p|| would give ratio 0.01 x 5 / 4.49)."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = LARS([w, b], lr=0.5, weight_decay=0.2, momentum=0.9, trust_coefficient=0.01)
+    gw, gb = torch.tensor([[3.4, -0.8]], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # d = [3.4, -0.8] + 0.2 x [3, 4] = [4, 0], ||d|| = 4; ratio 0.01 x 5 / 4 = 0.0125; step 0.5 x [0.05, 0]
+    torch.testing.assert_close(w.detach(), torch.tensor([[2.975, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(b.detach(), torch.tensor([0.75, -2.25], dtype=torch.float64))  # b - 0.5 g
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # w: d2 = [3.4 + 0.595, -0.8 + 0.8] = [3.995, 0], ratio 0.01 ||w1|| / 3.995, v = 0.9 [0.05, 0] + d2 x ratio
+    ratio = 0.01 * math.sqrt(2.975**2 + 4.0**2) / 3.995
+    expected = torch.tensor([[2.975 - 0.5 * (0.9 * 0.05 + 3.995 * ratio), 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(w.detach(), expected)
+    # b: v = 0.9 x 0.5 + 0.5 = 0.95, b - 0.5 x 0.95
+    torch.testing.assert_close(b.detach(), torch.tensor([0.275, -2.725], dtype=torch.float64))
+
+
+def test_lars_is_the_one_the_methods_and_probes_use():
+    """One LARS for the project, in the utilities room; the linear probe and MPCL import it."""
+    import ssl_zoo.eval.linear
+    import ssl_zoo.methods.mpcl
+    import ssl_zoo.utils.optim
+
+    assert ssl_zoo.eval.linear.LARS is ssl_zoo.methods.mpcl.LARS is ssl_zoo.utils.optim.LARS is LARS
+    assert ssl_zoo.eval.LARS is LARS
+
+
 def test_lars_scales_even_without_weight_decay():
     """Linear probes use weight decay 0: the trust ratio must still apply (lightly's LARS skips it)."""
     w = torch.nn.Parameter(torch.ones(2, 2))
@@ -419,6 +451,63 @@ def test_finetune_layer_decay_follows_beit():
     assert scale_of[id(model.head.bias)][2] == 0.0
     assert scale_of[id(vit.pos_embed)][2] == 0.0 and scale_of[id(vit.cls_token)][2] == 0.0
     assert len(scale_of) == sum(1 for _ in model.parameters())  # every parameter is optimised once
+
+
+# ------------------------------------------------------------------------ semi-supervised (MPCL Table V)
+@pytest.mark.parametrize("pct", [1, 10])
+def test_semisup_configs_follow_barlow_twins_evaluate(pct):
+    """MPCL's footnote 2: Barlow Twins' evaluate.py (README: --epochs 20 --lr-backbone 0.005 --lr-classifier 0.5
+    --weight-decay 0; batch 256, SGD momentum 0.9, CosineAnnealingLR over the epochs), same values for 1 % and 10 %."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "experiments" / "eval" / f"semisup_in1k_r50_{pct}pct.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(buf.getvalue())
+    init = cfg["model"]["init_args"]
+    assert cfg["trainer"]["max_epochs"] == 20
+    assert cfg["trainer"]["devices"] * cfg["data"]["init_args"]["batch_size"] == 256
+    assert cfg["data"]["init_args"]["train_subset"] == f"{pct}percent.txt"
+    assert (init["optimizer"], init["momentum"], init["nesterov"], init["weight_decay"]) == ("sgd", 0.9, False, 0.0)
+    assert (init["base_lr"], init["head_base_lr"], init["lr_batch_size"]) == (0.005, 0.5, 256)
+    assert (init["lr_interval"], init["warmup_epochs"], init["min_lr_ratio"]) == ("epoch", 0, 0.0)
+    assert init["head_init_std"] == 0.01 and init["label_smoothing"] == 0.0 and init["mixup"] == init["cutmix"] == 0.0
+    assert init["auto_augment"] is None and init["color_jitter"] is None and init["re_prob"] == 0.0
+
+
+def test_semisup_optimiser_has_two_lrs_and_a_per_epoch_cosine():
+    """The head at --lr-classifier, the backbone at --lr-backbone, both following CosineAnnealingLR(opt, 20)."""
+    from types import SimpleNamespace
+
+    model = FineTune(backbone="resnet18", num_classes=5, img_size=32, optimizer="sgd", nesterov=False, base_lr=0.005,
+                     head_base_lr=0.5, lr_batch_size=256, weight_decay=0.0, layer_decay=1.0, warmup_epochs=0,
+                     min_lr_ratio=0.0, lr_interval="epoch")
+    model._trainer = SimpleNamespace(max_epochs=20, estimated_stepping_batches=20 * 7)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    assert isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults["nesterov"]
+    head = {id(p) for p in model.head.parameters()}
+    lrs = {}
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == 0.0
+        for p in group["params"]:
+            lrs[id(p)] = group["lr"]
+    assert len(lrs) == sum(1 for _ in model.parameters())
+    assert {lrs[i] for i in head} == {0.5} and {v for i, v in lrs.items() if i not in head} == {0.005}
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)],
+                                                                           lr=1.0), 20)
+    for _ in range(20):  # one scheduler step per epoch, as evaluate.py's scheduler.step()
+        factor = reference.get_last_lr()[0]
+        assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.005 * factor, 0.5 * factor])
+        optimizer.step()
+        scheduler.step()
+        reference.optimizer.step()
+        reference.step()
+    with pytest.raises(ValueError, match="model.lr_interval"):
+        FineTune(backbone="resnet18", lr_interval="iteration")
 
 
 def _simmim_swin_layer(name: str, depths: list[int]) -> int:

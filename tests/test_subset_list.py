@@ -63,9 +63,9 @@ def test_data_module_trains_on_the_subset_and_validates_on_the_whole_split(tmp_p
     names = _tree(tmp_path)
     (tmp_path / "10percent.txt").write_text("\n".join(names[::3]) + "\n")  # 4 of the 12 training images
     finetune = FineTune(backbone="resnet18", backbone_kwargs={"model_kwargs": {"layers": [1, 1, 1, 1]}}, img_size=32,
-                        optimizer="sgd", base_lr=0.05, weight_decay=0.0,
-                        layer_decay=1.0, warmup_epochs=0, drop_path_rate=0.0, mixup=0.0, cutmix=0.0,
-                        label_smoothing=0.0, auto_augment=None, re_prob=0.0, color_jitter=None)
+                        optimizer="sgd", nesterov=False, base_lr=0.005, head_base_lr=0.5, lr_batch_size=256,
+                        weight_decay=0.0, layer_decay=1.0, warmup_epochs=0, lr_interval="epoch", drop_path_rate=0.0,
+                        mixup=0.0, cutmix=0.0, label_smoothing=0.0, auto_augment=None, re_prob=0.0, color_jitter=None)
     data = ImageFolderDataModule(root=str(tmp_path), train_subset="10percent.txt", batch_size=2, num_workers=0)
     trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, default_root_dir=str(tmp_path / "run"))
@@ -74,7 +74,7 @@ def test_data_module_trains_on_the_subset_and_validates_on_the_whole_split(tmp_p
     assert trainer.num_training_batches == 2  # 4 subset images / batch 2
     assert trainer.num_val_batches[0] == 6  # the whole validation split: 12 images / batch 2
     optimizer = trainer.optimizers[0]
-    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]  # SimCLR's fine-tuning
+    assert isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults["nesterov"]  # Barlow Twins' evaluate.py
     assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
     steps = [type(t).__name__ for t in finetune.train_transform().transform.transforms]
     assert "ColorJitter" not in steps and steps[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]

@@ -14,9 +14,9 @@ from ssl_zoo.eval.finetune import FineTune
 from ssl_zoo.eval.knn import KNNMonitor, KNNProbe, knn_evaluate, knn_predict
 from ssl_zoo.eval.linear import LinearProbe, MultiLabelLinearProbe
 from ssl_zoo.eval.metrics import average_precision, multilabel_metrics
-from ssl_zoo.eval.optim import LARS
 from ssl_zoo.eval.pooling import FeaturePooling, gamp, gap, gmp, pool_map
 from ssl_zoo.eval.results import append_eval_record, read_eval_records, results_file_for
+from ssl_zoo.utils.optim import LARS
 
 __all__ = [
     "LARS",

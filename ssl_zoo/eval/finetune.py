@@ -117,6 +117,12 @@ class FineTune(EvalModule):
         optimizer: ``adamw`` (BEiT) or ``sgd`` (SimCLR's semi-supervised fine-tuning: SGD with Nesterov
             momentum; ``betas`` then unused).
         momentum, nesterov: SGD momentum (0.9) and Nesterov (on); ``optimizer: sgd`` only.
+        head_base_lr: the head's own lr for 256 images (scaled as ``base_lr``); ``None``: the backbone's (with
+            layer decay, that of the last layer). Barlow Twins' semi-supervised recipe (``evaluate.py``:
+            ``--lr-classifier`` 0.5 for the head, ``--lr-backbone`` 0.005 for the ResNet) sets both.
+        lr_interval: ``step`` (warmup + cosine per optimiser step) or ``epoch`` (the cosine moves once per
+            epoch, ``CosineAnnealingLR(optimizer, epochs)`` stepped after each epoch, as Barlow Twins'
+            ``evaluate.py``; with ``warmup_epochs`` 0).
         color_jitter: timm's colour jitter strength, applied when ``auto_augment`` is ``None`` (0.4, timm's
             default); ``None``: crop and flip only.
         crop_scale: area fraction range of the training RandomResizedCrop ((0.08, 1), timm's default). Small
@@ -158,6 +164,8 @@ class FineTune(EvalModule):
         nesterov: bool = True,
         color_jitter: float | None = 0.4,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        head_base_lr: float | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
         check_pooling(pooling, "model.pooling")
@@ -179,6 +187,10 @@ class FineTune(EvalModule):
             raise ValueError(f"model.val_interpolation must be 'bilinear' or 'bicubic', got '{val_interpolation}'")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
+        if head_base_lr is not None and head_base_lr <= 0:
+            raise ValueError(f"model.head_base_lr must be > 0 (or null: the backbone's lr), got {head_base_lr}")
+        if lr_interval not in ("step", "epoch"):
+            raise ValueError(f"model.lr_interval must be 'step' or 'epoch', got '{lr_interval}'")
         if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"model.crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
         self.save_hyperparameters()
@@ -258,8 +270,9 @@ class FineTune(EvalModule):
         self.accumulate(logits, targets, index)
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self, lr: float) -> list[dict]:
-        """AdamW groups with layer-wise lr decay (BEiT §2.6) and no weight decay on 1-D parameters/tokens.
+    def param_groups(self, lr: float, head_lr: float | None = None) -> list[dict]:
+        """AdamW groups with layer-wise lr decay (BEiT §2.6) and no weight decay on 1-D parameters/tokens; with a
+        ``head_lr``, the head's parameters form their own groups at that lr.
 
         Layer ids as BEiT's and MAE's code number them: 0 for the embeddings, 1..L for the blocks (timm's
         ``group_matcher``; stages' blocks for Swin and ResNet), L + 1 for what follows them (final norm,
@@ -272,14 +285,15 @@ class FineTune(EvalModule):
         no_decay = set(self.backbone.model.no_weight_decay()) if hasattr(self.backbone.model, "no_weight_decay") else set()
         named = [(f"model.{n}", p, ids[n]) for n, p in self.backbone.model.named_parameters()]
         named += [(f"head.{n}", p, last) for n, p in self.head.named_parameters()]
-        groups: dict[tuple[int, bool], dict] = {}
+        groups: dict[tuple[int, bool, bool], dict] = {}
         for name, param, layer in named:
             if not param.requires_grad:
                 continue
             decay = not (param.ndim <= 1 or name.removeprefix("model.") in no_decay)
-            scale = hp.layer_decay ** (last - layer)
-            group = groups.setdefault((layer, decay), {
-                "params": [], "param_names": [], "lr_scale": scale, "lr": lr * scale,
+            own_lr = head_lr is not None and name.startswith("head.")
+            scale = 1.0 if own_lr else hp.layer_decay ** (last - layer)
+            group = groups.setdefault((layer, decay, own_lr), {
+                "params": [], "param_names": [], "lr_scale": scale, "lr": (head_lr if own_lr else lr) * scale,
                 "weight_decay": hp.weight_decay if decay else 0.0,
             })
             group["params"].append(param)
@@ -288,12 +302,18 @@ class FineTune(EvalModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
-        if hp.get("optimizer", "adamw") == "sgd":  # SimCLR semi-supervised: SGD, Nesterov momentum 0.9
-            optimizer = torch.optim.SGD(self.param_groups(lr), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        batch = hp.lr_batch_size or global_batch_size(self.trainer)
+        lr = scaled_lr(hp.base_lr, batch)
+        head_lr = scaled_lr(hp.head_base_lr, batch) if hp.get("head_base_lr") is not None else None
+        groups = self.param_groups(lr, head_lr)
+        if hp.get("optimizer", "adamw") == "sgd":  # SimCLR / Barlow Twins semi-supervised: SGD, momentum 0.9
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
-            optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=tuple(hp.betas))
-        total = self.trainer.estimated_stepping_batches
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        interval = hp.get("lr_interval", "step")
+        if interval == "epoch" and not (self.trainer.max_epochs or 0) > 0:
+            raise ValueError("model.lr_interval 'epoch' runs the cosine over trainer.max_epochs, which is not set")
+        total = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
         scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

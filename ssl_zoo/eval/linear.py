@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, embed, split_batch
 from ssl_zoo.eval.module import EvalModule
-from ssl_zoo.eval.optim import LARS
 from ssl_zoo.eval.transforms import (
     NoImage,
     SingleView,
@@ -34,7 +33,7 @@ from ssl_zoo.eval.transforms import (
     resize_flip_transform,
     resize_transform,
 )
-from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
+from ssl_zoo.utils.optim import LARS, global_batch_size, scaled_lr, warmup_cosine_scheduler
 
 __all__ = ["LinearProbe", "MultiLabelLinearProbe"]
 

@@ -1,4 +1,4 @@
-"""Multi-projector contrastive learning terms of MPCL (Eq. 2-4), and the orthogonality alternative to PCR.
+"""Multi-projector contrastive learning terms of MPCL (Eq. 2-4), and the weight-orthogonality alternative to PCR.
 
 The three contract functions (:func:`projector_contrastive_regularization`, :func:`ptb_weights` = the bare
 softmax of Eq. 3, :func:`mpcl_total_loss` = Eq. 4 as printed) are used as they stand; :func:`ptb_loss_weights`
@@ -7,6 +7,7 @@ is the loss-scale reading of Eq. 3-4 the method trains with (see its docstring).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ from ssl_zoo.losses.precision import float32_math
 __all__ = [
     "mpcl_total_loss",
     "projector_contrastive_regularization",
-    "projector_orthogonality",
+    "projector_weight_orthogonality",
     "ptb_loss_weights",
     "ptb_weights",
 ]
@@ -40,18 +41,13 @@ def projector_contrastive_regularization(z: Tensor) -> Tensor:
     Returns:
         ``[Mp]`` float32 batch averages over this rank's batch.
     """
-    return _mean_over_other_projectors(z, lambda cos: cos)
-
-
-def _mean_over_other_projectors(z: Tensor, of_cosine) -> Tensor:
-    """``mean_b (1/(Mp-1)) * sum_{l != m} of_cosine(cos(z_b^m, z_b^l))`` per projector m: the pairs of Eq. 2."""
     if z.ndim != 3 or z.shape[0] < 2:
         raise ValueError(f"z must have shape [Mp, B, D] with Mp >= 2 projectors, got {tuple(z.shape)}")
     num_proj = z.shape[0]
     z = F.normalize(z.float(), dim=-1)  # [Mp, B, D]
     cos = torch.einsum("mbd,lbd->bml", z, z)  # [B, Mp, Mp] per-sample projector similarities
     off_diagonal = ~torch.eye(num_proj, dtype=torch.bool, device=z.device)  # [Mp, Mp], l != m
-    per_sample = torch.where(off_diagonal, of_cosine(cos), 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
+    per_sample = torch.where(off_diagonal, cos, 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
     return per_sample.mean(dim=0)
 
 
@@ -80,21 +76,47 @@ def ptb_weights(acc: Tensor, epsilon: float = 0.5) -> Tensor:
 
 
 @float32_math
-def projector_orthogonality(z: Tensor) -> Tensor:
-    """Orthogonality constraint between projectors (the MPCL Table II alternative to PCR), one value per projector.
+def projector_weight_orthogonality(weights: Sequence[Tensor]) -> Tensor:
+    """Orthogonality constraint on the projectors' weights (the MPCL Table II alternative to PCR), one value per
+    projector.
 
-    ``orth_m = mean_b (1/(Mp-1)) * sum_{l != m} cos(z_b^m, z_b^l)^2``: the same pairs as Eq. 2, but the squared
-    cosine, so minimising it drives different projectors' outputs for one sample towards *orthogonal* rather
-    than towards opposite directions as PCR does. (Our reading of the paper's "orthogonality constraint":
-    imposed on the projector outputs, like PCR, so the two differ only in the target geometry.)
+    Table II: "'Orth.' means weights of MPHs were constrained to be orthogonal". The constraint is *between*
+    projectors (the table compares ways of making the projectors differ), on the first layer each projector owns,
+    the one that reads the input all projectors share: the output layer ``W_m [d_m, H]`` when the projectors
+    share their hidden layers (it reads the shared hidden feature), the first hidden layer ``[H_m, D]`` of each
+    separate MLP (it reads the backbone feature). Two projectors' weights are orthogonal when every row of one is
+    orthogonal to every row of the other, i.e. they read orthogonal subspaces of the common input:
+
+        orth_m = (1/(Mp-1)) * sum_{l != m} mean_{i, j} cos(W_m[i], W_l[j])^2
+               = (1/(Mp-1)) * sum_{l != m} ||U_m U_l^T||_F^2 / (d_m d_l),   U = W with unit-norm rows
+
+    The squared Frobenius norm of the cross-Gram matrix is the usual soft orthogonality penalty; taking it on
+    unit-norm rows and averaging over the ``d_m d_l`` pairs makes it depend only on the directions (a penalty on
+    raw weights could also be lowered by shrinking them, which is weight decay, not orthogonality) and keeps it
+    in [0, 1], PCR's scale, so that it fills Eq. 4's regulariser slot with the same lambda. It is 0 exactly for
+    mutually orthogonal projectors (possible when ``sum_m d_m <= D``), 1 when all rows are parallel.
 
     Args:
-        z: ``[Mp, B, D]`` outputs of ``Mp >= 2`` projectors (computed in float32).
+        weights: ``Mp >= 2`` matrices ``[d_m, D]`` with the same input width ``D`` (computed in float32). It
+            reads no batch, so it is the same on every process.
 
     Returns:
-        ``[Mp]`` float32 batch averages over this rank's batch.
+        ``[Mp]`` float32 penalties.
     """
-    return _mean_over_other_projectors(z, lambda cos: cos.pow(2))
+    if len(weights) < 2:
+        raise ValueError(f"the orthogonality constraint needs Mp >= 2 projectors' weights, got {len(weights)}")
+    if any(w.ndim != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
+        raise ValueError(f"weights must be matrices [d_m, D] reading one input width D, got "
+                         f"{[tuple(w.shape) for w in weights]}")
+    units = [F.normalize(w.float(), dim=1) for w in weights]  # [d_m, D], unit rows
+    num_proj = len(units)
+    zero = units[0].new_zeros(())
+    pair = [[zero] * num_proj for _ in range(num_proj)]  # mean squared cosine between projectors m and o
+    for m in range(num_proj):
+        for o in range(m + 1, num_proj):
+            pair[m][o] = pair[o][m] = (units[m] @ units[o].T).pow(2).mean()  # ||U_m U_o^T||_F^2 / (d_m d_o)
+    pair = torch.stack([torch.stack(row) for row in pair])  # [Mp, Mp], zero diagonal
+    return pair.sum(dim=1) / (num_proj - 1)
 
 
 @torch.no_grad()

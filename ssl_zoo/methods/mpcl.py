@@ -21,8 +21,9 @@ Projector layout (``shared_hidden``): the paper's parameter counts (ResNet-50 + 
 each owning one Linear(2048 -> 128): 23,508,032 (ResNet-50 without its classifier) + 4,196,352 (the shared
 Linear(2048 -> 2048) with bias) + Mp x 262,272 (Linear(2048 -> 128) with bias). Counted are the trainable
 query-side parameters, not the momentum encoder, the queues or a classifier (:meth:`MPCL.num_query_parameters`).
-Separate MLPs would give 27.97 / 32.43 / 41.34 / 59.18 M. The "Same" / "Different" hidden-width rows
-(Tables I, VII) use separate MLPs (``shared_hidden: false``), one width per projector.
+Separate MLPs would give 27.97 / 32.43 / 41.34 / 59.18 M. The "Different" hidden-width rows (Tables I, VII)
+use separate MLPs (``shared_hidden: false``), one width per projector; "Same" is the shared layout without PCR
+and PTB (Table I's "Same" and Table II's "MPH" print the same run).
 
 ``flavour`` picks the framework:
 
@@ -36,17 +37,19 @@ Separate MLPs would give 27.97 / 32.43 / 41.34 / 59.18 M. The "Same" / "Differen
   :mod:`ssl_zoo.models.moco_vit`).
 * ``barlowtwins`` (Zbontar et al. 2021, paper Table VII): no momentum encoder; 3-layer projectors
   8192-8192-8192 with BN, the Barlow Twins loss per projector (lambda 0.0051), LARS lr 0.2 * B / 256 (biases
-  and norms 0.0048 * B / 256), weight decay 1.5e-6, 10 warmup epochs, cosine to 1/1000. PTB needs an
-  accuracy, which Barlow Twins has not: our reading is the in-batch top-1 retrieval z1 -> z2 (each first
-  view's projection retrieves, by cosine similarity, its own second view among the global batch).
+  and norms 0.0048 * B / 256), weight decay 1e-6, 10 warmup epochs, cosine to 1/1000 (the defaults of the
+  official main.py, with which its README trains the released model; :class:`~ssl_zoo.utils.optim.LARS`).
+  PTB needs an accuracy, which Barlow Twins has not: our reading is the in-batch top-1 retrieval z1 -> z2
+  (each first view's projection retrieves, by cosine similarity, its own second view among the global batch).
 
 With ``num_projectors=1`` the module *is* the plain baseline (PCR is undefined for one projector and PTB's
 weight of one projector is 1).
 
 Table II alternatives to PCR (options, all off by default): ``projector_dropout`` (dropout in front of each
 projector's output layer, an independent mask per projector, query side only), ``projector_init: mixed``
-(a different init scheme per projector) and ``orthogonality`` (squared cosine between projectors' outputs,
-:func:`~ssl_zoo.losses.mpcl.projector_orthogonality`, in Eq. 4's regulariser slot, weight ``lam``).
+(Kaiming and Xavier, alternating over the projectors) and ``orthogonality`` (the projectors' weights constrained
+to be mutually orthogonal, :func:`~ssl_zoo.losses.mpcl.projector_weight_orthogonality`, in Eq. 4's regulariser
+slot, weight ``lam``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightly.utils.debug import std_of_l2_normalized
-from lightly.utils.lars import LARS
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -72,7 +74,7 @@ from ssl_zoo.losses import (
     ptb_weights,
 )
 from ssl_zoo.losses.barlow_twins import barlow_twins_loss, in_batch_retrieval_accuracy
-from ssl_zoo.losses.mpcl import projector_orthogonality
+from ssl_zoo.losses.mpcl import projector_weight_orthogonality
 from ssl_zoo.models import Backbone, MLPHead
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.heads import NORM_LAYERS, norm_layer_by_name
@@ -80,7 +82,13 @@ from ssl_zoo.models.moco_vit import init_moco_v3_vit
 from ssl_zoo.models.multi_projector import MultiProjector, count_parameters
 from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
 from ssl_zoo.utils.ema import OncePerOptimizerStep, cosine_schedule, init_teacher, update_ema
-from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
+from ssl_zoo.utils.optim import (
+    LARS,
+    global_batch_size,
+    scaled_lr,
+    split_weight_decay,
+    warmup_cosine_scheduler,
+)
 
 __all__ = ["MPCL", "batch_shuffle", "batch_unshuffle"]
 
@@ -133,7 +141,7 @@ FLAVOUR_DEFAULTS: dict[str, dict[str, Any]] = {
         "moco_vit_init": False,
         "optimizer": "lars",
         "base_lr": 0.2,
-        "weight_decay": 1.5e-6,
+        "weight_decay": 1e-6,  # main.py's --weight-decay default
         "warmup_epochs": 10,
         "bias_lr_scale": 0.0048 / 0.2,
         "final_lr_ratio": 0.001,
@@ -209,16 +217,18 @@ class MPCL(LightningModule):
         projector_dropout: Table II alternative: dropout probability in front of each projector's output
             layer, an independent mask per projector, on the query side only (the momentum keys are the
             targets and stay deterministic). 0 = off.
-        projector_init: Table II alternative: ``mixed`` initialises projector ``m`` with the scheme
-            ``MIXED_INITS[m % 4]`` of :mod:`ssl_zoo.models.multi_projector`; ``default`` = PyTorch's.
+        projector_init: Table II alternative: ``mixed`` initialises projector ``m`` with Kaiming (even ``m``) or
+            Xavier (odd ``m``), ``MIXED_INITS`` of :mod:`ssl_zoo.models.multi_projector`; ``default`` = PyTorch's.
         temperature: tau of every InfoNCE loss (0.2 for both MoCo flavours).
         queue_size: keys in each projector's negative queue (65,536); mocov2 only.
         symmetric: contrast both (view 1 -> view 2) and (view 2 -> view 1). mocov2: ``False`` (MoCo v2
             code; the two directions are averaged when on), mocov3: ``True`` (the two terms are summed,
             as in MoCo v3's code). Unused by barlowtwins.
         pcr: add the projector contrastive regulariser (Eq. 2); needs ``num_projectors >= 2``.
-        orthogonality: Table II alternative: add the orthogonality constraint between projectors' outputs
-            (:func:`~ssl_zoo.losses.mpcl.projector_orthogonality`) in Eq. 4's regulariser slot, weight ``lam``.
+        orthogonality: Table II alternative: add the orthogonality constraint between the projectors' weights
+            (:func:`~ssl_zoo.losses.mpcl.projector_weight_orthogonality` of
+            :meth:`~ssl_zoo.models.multi_projector.MultiProjector.distinct_weights`) in Eq. 4's regulariser slot,
+            weight ``lam``.
         ptb: weight the projectors' losses by PTB (Eq. 3); ``False`` keeps ``w_m = 1``.
         ptb_scale: ``projectors`` (``w = Mp * softmax``, re-weighting at the PTB-off loss scale) or
             ``literal`` (``w = softmax`` of Eq. 3 as printed, which divides the contrastive part by ``Mp``).
@@ -240,7 +250,7 @@ class MPCL(LightningModule):
             (mocov2: 0.03, mocov3: 1.5e-4, barlowtwins: 0.2).
         lr_batch_size: batch used for lr scaling; ``None`` = the global batch.
         weight_decay: mocov2: 1e-4 (on every parameter, as MoCo), mocov3: 0.1 (AdamW on every
-            parameter, as MoCo v3), barlowtwins: 1.5e-6 (LARS excludes biases and norms).
+            parameter, as MoCo v3), barlowtwins: 1e-6 (Barlow Twins' main.py; LARS excludes biases and norms).
         sgd_momentum: momentum of SGD and LARS (0.9).
         warmup_epochs: linear lr warmup before the cosine decay (mocov2: 0, mocov3: 40, barlowtwins: 10).
         bias_lr_scale: LARS only: lr of the biases and norms relative to the weights' (barlowtwins:
@@ -472,15 +482,15 @@ class MPCL(LightningModule):
         return torch.stack(losses), torch.stack(accs)
 
     def regularizer(self, zs: list[Tensor]) -> dict[str, Tensor]:
-        """Eq. 2 (PCR) and / or the orthogonality alternative, averaged over the views' projections ``zs``
-        (each ``[Mp, B, D]``, before any predictor); ``{}`` with one projector, where both are undefined."""
+        """Eq. 2 (PCR), averaged over the views' projections ``zs`` (each ``[Mp, B, D]``, before any predictor),
+        and / or the Table II weight-orthogonality alternative; ``{}`` with one projector, where both are undefined."""
         hp, terms = self.hparams, {}
         if zs[0].shape[0] < 2:
             return terms
         if hp.pcr:
             terms["pcr"] = torch.stack([projector_contrastive_regularization(z) for z in zs]).mean(dim=0)
         if hp.orthogonality:
-            terms["orthogonality"] = torch.stack([projector_orthogonality(z) for z in zs]).mean(dim=0)
+            terms["orthogonality"] = projector_weight_orthogonality(self.projectors.distinct_weights())  # [Mp]
         return terms
 
     def loss_weights(self) -> Tensor:

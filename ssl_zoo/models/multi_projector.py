@@ -4,11 +4,12 @@ Each projector ``g^m`` is ``hidden layers -> output layer``. With ``shared_hidde
 hidden layers and own only their output layer, so every extra projector adds one ``Linear(H, out)``: this is
 the layout whose size the MPCL paper reports (ResNet-50 + projectors: 27.97 / 28.23 / 28.75 / 29.80 M
 parameters for 1 / 2 / 4 / 8 projectors, i.e. one shared 2048 -> 2048 layer and one 2048 -> 128 layer per
-projector). Without it every projector is a whole MLP of its own (the paper's "Same" / "Different" hidden
-width rows, which need one width per projector).
+projector). Without it every projector is a whole MLP of its own (the paper's "Different" hidden width rows,
+which need one width per projector).
 
 The Table II alternatives to PCR that act on the projectors live here too: dropout in front of each output
-layer (an independent mask per projector) and mixed initialisation (a different init scheme per projector).
+layer (an independent mask per projector), mixed initialisation (Kaiming and Xavier, alternating over the
+projectors) and the weights that the orthogonality constraint reads (:meth:`MultiProjector.distinct_weights`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from ssl_zoo.models.heads import _non_affine
 __all__ = ["MIXED_INITS", "MultiProjector", "count_parameters"]
 
 ProjectorInit = Literal["default", "mixed"]
-# Projector m of a "mixed" initialisation uses scheme m mod 4 for its own layers (our reading of the paper's
-# "mixed initialisation": the common schemes, one per projector; biases zero except for PyTorch's default).
-MIXED_INITS = ("default", "xavier_uniform", "kaiming_normal", "orthogonal")
+# Table II, 'Mix Init.': "different projectors use different initialization methods ..., namely Kaiming [29] and
+# Xavier [30]". Projector m initialises its own layers with scheme m mod 2, each in the form its paper proposes:
+# He et al. 2015's zero-mean Gaussian with std sqrt(2 / fan_in) (ReLU gain), Glorot & Bengio 2010's "normalized
+# initialization" U(+-sqrt(6 / (fan_in + fan_out))); biases zero.
+MIXED_INITS = ("kaiming_normal", "xavier_uniform")
 
 
 def _hidden_stack(input_dim: int, width: int, depth: int, norm_layer: type[nn.Module] | None) -> nn.Sequential:
@@ -45,17 +48,14 @@ def _hidden_stack(input_dim: int, width: int, depth: int, norm_layer: type[nn.Mo
 
 @torch.no_grad()
 def _init_linears(module: nn.Module, scheme: str) -> None:
-    if scheme == "default":  # PyTorch's own (kaiming-uniform with a = sqrt(5)), as built
-        return
+    """Initialise every ``nn.Linear`` of ``module`` with one of :data:`MIXED_INITS`, biases zero."""
     for layer in module.modules():
         if not isinstance(layer, nn.Linear):
             continue
-        if scheme == "xavier_uniform":
+        if scheme == "kaiming_normal":  # He et al. 2015: N(0, 2 / fan_in)
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+        elif scheme == "xavier_uniform":  # Glorot & Bengio 2010: U(+-sqrt(6 / (fan_in + fan_out)))
             nn.init.xavier_uniform_(layer.weight)
-        elif scheme == "kaiming_normal":
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-        elif scheme == "orthogonal":
-            nn.init.orthogonal_(layer.weight)
         else:
             raise ValueError(f"unknown init scheme '{scheme}'")
         if layer.bias is not None:
@@ -77,7 +77,9 @@ class MultiProjector(nn.Module):
         dropout: dropout probability on each projector's input to its output layer, drawn independently per
             projector (only in training mode, and only while :attr:`dropout` is above 0: the momentum copy of
             a key encoder sets it to 0).
-        init: ``default`` (PyTorch's) or ``mixed`` (projector ``m`` with scheme ``MIXED_INITS[m % 4]``).
+        init: ``default`` (PyTorch's) or ``mixed`` (projector ``m`` with scheme ``MIXED_INITS[m % 2]``: Kaiming,
+            Xavier, Kaiming, ...; with shared hidden layers only the output layers are the projectors' own, and
+            the shared ones keep PyTorch's init).
     """
 
     def __init__(
@@ -137,6 +139,14 @@ class MultiProjector(nn.Module):
                 x = F.dropout(x, self.dropout, training=True)
             out.append(layer(x))
         return torch.stack(out)
+
+    def distinct_weights(self) -> list[Tensor]:
+        """Per projector, the weight ``[d_m, D]`` of the first layer it owns, which reads the input common to all
+        projectors: the output layer with shared hidden layers, the first hidden layer of a separate MLP (the
+        weights the Table II orthogonality constraint acts on)."""
+        if self.shared_hidden:
+            return [out[0].weight for out in self.outputs]
+        return [stack[0].weight for stack in self.hidden]
 
     def extra_repr(self) -> str:
         return f"num_projectors={self.num_projectors}, shared_hidden={self.shared_hidden}, dropout={self.dropout}"

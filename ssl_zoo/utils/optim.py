@@ -1,12 +1,17 @@
-"""Learning-rate scaling and schedules shared by the methods (per-step, warmup + cosine)."""
+"""Learning-rate scaling, schedules (per-step, warmup + cosine) and the LARS optimiser shared by the methods
+and the evaluation protocols."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from torch import Tensor
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["LARS", "global_batch_size", "scaled_lr", "split_weight_decay", "warmup_cosine", "warmup_cosine_scheduler"]
 
 
 def scaled_lr(base_lr: float, batch_size: int, reference: int = 256) -> float:
@@ -77,3 +82,64 @@ def split_weight_decay(named_params: Iterable[tuple[str, torch.nn.Parameter]], w
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# Our own LARS: torch has none, and lightly's trust ratio is not the official eta * ||p|| / ||g + wd * p||.
+class LARS(Optimizer):
+    """SGD with momentum and the layer-wise trust ratio, as MoCo v3 (``moco/optimizer.py``) and Barlow Twins
+    (``main.py``, ``weight_decay_filter`` and ``lars_adaptation_filter`` on) implement it.
+
+    For each parameter with ``ndim > 1`` (a weight matrix or a convolution kernel)::
+
+        d = grad + weight_decay * p
+        d = d * (trust_coefficient * ||p|| / ||d||)      (ratio 1 when ||p|| or ||d|| is 0)
+
+    Biases and normalisation parameters (``ndim <= 1``) take neither the weight decay nor the trust ratio:
+    ``d = grad``. Then ``v = momentum * v + d`` and ``p = p - lr * v``. The trust ratio applies whatever the
+    weight decay, also at 0 (linear probes). Per-group ``lr`` (Barlow Twins' separate lr for biases and norms),
+    ``weight_decay``, ``momentum`` and ``trust_coefficient`` override the defaults.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        if trust_coefficient <= 0:
+            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:  # not a bias or a norm parameter
+                    d = d.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = torch.norm(p), torch.norm(d)
+                    one = torch.ones_like(p_norm)
+                    ratio = torch.where((p_norm > 0) & (d_norm > 0), group["trust_coefficient"] * p_norm / d_norm, one)
+                    d = d.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
