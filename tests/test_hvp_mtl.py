@@ -447,7 +447,7 @@ CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "tables.yam
 PAPER = {"swinb_tencentml_30ep.yaml": "swin_base_patch4_window7_224", "vitb_tencentml_30ep.yaml": "vit_base_patch16_224",
          "swint_tencentml_30ep.yaml": "swin_tiny_patch4_window7_224",
          "swins_tencentml_30ep.yaml": "swin_small_patch4_window7_224"}
-# Overlays: the loss-term ablations of Table 5 (on ViT-B) and the multi-label-only baseline of Table 6, each with
+# Overlays: the loss-term ablations of Table 5 (on ViT-B) and the multi-label-only row (beside Table 5), each with
 # the alphas it runs.
 PAPER_ALPHAS = {"mcls": 0.001, "cl": 0.02, "mim": 1.0, "mom": 10.0}
 OVERLAYS = {**{f"ablations/no_{t}.yaml": {**PAPER_ALPHAS, t: 0.0} for t in ALPHAS},

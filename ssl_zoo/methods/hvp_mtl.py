@@ -96,8 +96,8 @@ class HVPMTL(LightningModule):
     """Multi-label classification + clustering + SimMIM + momentum distillation on one encoder (Eq. 7).
 
     Args:
-        backbone: timm Swin or ViT (``swin_base_patch4_window7_224`` in the paper; ViT-B and Swin-T/S in
-            Table 6). ResNets work only with ``alpha_mim=0`` (no patch embedding to mask).
+        backbone: timm Swin or ViT (``swin_base_patch4_window7_224`` in the paper; ViT-B in Tables 1 and 5,
+            Swin-T/S in Table 6). ResNets work only with ``alpha_mim=0`` (no patch embedding to mask).
         backbone_kwargs: extra :class:`~ssl_zoo.models.Backbone` arguments; ``img_size`` must equal
             ``img_size`` below (``model_kwargs: {window_size: ...}`` for small Swin inputs).
         num_classes: C, labels of the multi-label data (11,166 for Tencent ML-Images).
