@@ -1,5 +1,6 @@
-"""HVP-MTL: Query2Label head, every loss term against a float64 brute force, the leave-one-out switches, the EMA
-teacher, the demo config through the CLI and every config under experiments/hvp_mtl.
+"""HVP-MTL: the Query2Label head's wiring (its layout: tests/test_query2label.py), every loss term against a
+float64 brute force, the leave-one-out switches, the EMA teacher, the demo config through the CLI and every config
+under experiments/hvp_mtl.
 
 Models are tiny (2-block ViT-Tiny at 32 px = 2 x 2 patches, 16-wide decoder, 7 prototypes, LayerNorm heads, no
 dropout), so the file runs in well under a minute on 2 CPU cores. DDP equivalence: tests/test_distributed.py.
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ssl_zoo.methods import HVPMTL
 from ssl_zoo.methods import hvp_mtl as hvp_module
-from ssl_zoo.models.query2label import GroupWiseLinear, Query2LabelDecoder, sine_position_embedding_2d
+from ssl_zoo.models.query2label import GroupWiseLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments" / "hvp_mtl"
@@ -166,31 +167,23 @@ def test_group_wise_linear_is_one_classifier_per_class():
         head(torch.randn(3, 5, 6))
 
 
-def test_sine_position_code_layout():
-    code = sine_position_embedding_2d(3, 4, 8)  # [12, 8]: row code in the first half, column code in the second
-    assert code.shape == (12, 8)
-    grid = code.view(3, 4, 8)
-    torch.testing.assert_close(grid[:, 0, :4], grid[:, 3, :4])  # same row -> same first half
-    torch.testing.assert_close(grid[0, :, 4:], grid[2, :, 4:])  # same column -> same second half
-    y = 2 * np.pi * 2 / 3  # row 1 (of 3), lowest frequency: sin, then cos
-    np.testing.assert_allclose(_np(grid[1, 0, [0, 2]]), [np.sin(y), np.cos(y)], rtol=1e-5)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        sine_position_embedding_2d(2, 2, 6)
-
-
-def test_query2label_shapes_and_every_parameter_trained():
-    torch.manual_seed(0)
-    dec = Query2LabelDecoder(in_dim=12, num_classes=C, dim=16, num_layers=2, num_heads=2, ffn_dim=24, dropout=0.0)
-    logits, tokens = dec(torch.randn(3, 12, 2, 3))
-    assert logits.shape == (3, C) and tokens.shape == (3, C, 16)
-    (logits.sum() + tokens.square().mean()).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
-    # Images are decoded independently (no batch statistics): permuting the batch permutes the outputs.
-    x = torch.randn(2, 12, 2, 2)
-    torch.testing.assert_close(dec(x.flip(0))[0], dec(x)[0].flip(0))
-    assert Query2LabelDecoder(12, C, dim=16, num_heads=2, classifier=False)(x)[0] is None
-    with pytest.raises(ValueError, match="num_heads"):
-        Query2LabelDecoder(12, C, dim=16, num_heads=3)
+def test_decoder_options_reach_the_query2label_head():
+    """The head's layout is Query2Label's by default (tests/test_query2label.py); the constructor passes every
+    decoder option through, and the distillation reads Q0 and the memory of that head."""
+    model = _model()
+    dec = model.decoder
+    assert len(dec.encoder) == 1 and len(dec.layers) == 2
+    assert all(layer.self_attn is None for layer in dec.layers)  # no self-attention among the label queries
+    dense = _model(decoder_self_attention=True, decoder_encoder_layers=0, decoder_layers=1, decoder_norm_first=True)
+    assert len(dense.decoder.encoder) == 0 and len(dense.decoder.layers) == 1
+    assert dense.decoder.layers[0].self_attn is not None and dense.decoder.layers[0].norm_first
+    assert dense.teacher_decoder.layers[0].self_attn is not None  # the teacher is a copy of the same head
+    loss, _ = _step(dense, _batch(2))
+    assert torch.isfinite(loss)
+    memory = _model(distill_embedding="memory_mean")
+    f = memory.backbone.forward_map(_batch(2)["views"][:, 1])
+    torch.testing.assert_close(memory.image_embedding(memory.decoder, f, None),
+                               memory.decoder.encode(f)[0].mean(dim=1))
 
 
 # ---------------------------------------------------------------------- the four terms and Eq. 7
@@ -454,7 +447,7 @@ CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "tables.yam
 PAPER = {"swinb_tencentml_30ep.yaml": "swin_base_patch4_window7_224", "vitb_tencentml_30ep.yaml": "vit_base_patch16_224",
          "swint_tencentml_30ep.yaml": "swin_tiny_patch4_window7_224",
          "swins_tencentml_30ep.yaml": "swin_small_patch4_window7_224"}
-# Overlays: the loss-term ablations of Table 5 (on ViT-B) and the multi-label-only baseline of Table 6, each with
+# Overlays: the loss-term ablations of Table 5 (on ViT-B) and the multi-label-only row (beside Table 5), each with
 # the alphas it runs.
 PAPER_ALPHAS = {"mcls": 0.001, "cl": 0.02, "mim": 1.0, "mom": 10.0}
 OVERLAYS = {**{f"ablations/no_{t}.yaml": {**PAPER_ALPHAS, t: 0.0} for t in ALPHAS},

@@ -31,7 +31,8 @@ Which view feeds which head (``HVPTransform`` gives two augmented views and one 
 Choices the paper leaves open (options of the constructor):
 
 * g, the image embedding of S(g, Q0): the mean of the decoder's C output tokens (``distill_embedding=
-  "decoder_mean"``), or the mean of the projected encoder tokens fed to the decoder (``"memory_mean"``);
+  "decoder_mean"``), or the mean of the decoder's memory, the projected and encoded image tokens
+  (``"memory_mean"``);
 * the softmax temperature of S (``distill_temperature``): Eq. 6 writes none, so 1.0 (S is a cosine in
   [-1, 1], so the softmax is soft; 0.1 would spread it over a logit range of 20, an option for other
   readings);
@@ -95,16 +96,19 @@ class HVPMTL(LightningModule):
     """Multi-label classification + clustering + SimMIM + momentum distillation on one encoder (Eq. 7).
 
     Args:
-        backbone: timm Swin or ViT (``swin_base_patch4_window7_224`` in the paper; ViT-B and Swin-T/S in
-            Table 6). ResNets work only with ``alpha_mim=0`` (no patch embedding to mask).
+        backbone: timm Swin or ViT (``swin_base_patch4_window7_224`` in the paper; ViT-B in Tables 1 and 5,
+            Swin-T/S in Table 6). ResNets work only with ``alpha_mim=0`` (no patch embedding to mask).
         backbone_kwargs: extra :class:`~ssl_zoo.models.Backbone` arguments; ``img_size`` must equal
             ``img_size`` below (``model_kwargs: {window_size: ...}`` for small Swin inputs).
         num_classes: C, labels of the multi-label data (11,166 for Tencent ML-Images).
         img_size: side of both views (224).
         alpha_mcls, alpha_cl, alpha_mim, alpha_mom: a1..a4 of Eq. 7 (0.001, 0.02, 1.0, 10.0); 0 removes the task.
-        decoder_dim: d, width of the Query2Label decoder (F0 is projected to it).
-        decoder_layers, decoder_heads, decoder_ffn_dim, decoder_dropout: the decoder's transformer layers.
-        decoder_position_embedding: add a 2-D sine position code to the decoder memory (Query2Label).
+        decoder_dim, decoder_layers, decoder_encoder_layers, decoder_heads, decoder_ffn_dim, decoder_dropout,
+            decoder_norm_first, decoder_self_attention, decoder_input_proj, decoder_position_embedding: the
+            Query2Label head (:class:`~ssl_zoo.models.query2label.Query2LabelDecoder`, where each default's source
+            is written): Query2Label's training defaults, d = 2048, 2 decoder and 1 encoder layers, 4 heads,
+            feed-forward 8192, dropout 0.1, post-norm, no self-attention among the label queries (cost linear in
+            C), sine position code on the keys; plus the linear projection d0 -> d that §3.2 adds.
         asl_eta, asl_gamma_pos, asl_gamma_neg: eta, gamma+, gamma- of the weighted asymmetric loss (Eq. 1).
         num_prototypes: K, clustering prototypes (3000).
         cluster_hidden_dim, cluster_dim: SwAV projection MLP d0 -> 2048 -> 128.
@@ -142,11 +146,15 @@ class HVPMTL(LightningModule):
         alpha_cl: float = 0.02,
         alpha_mim: float = 1.0,
         alpha_mom: float = 10.0,
-        decoder_dim: int = 512,
+        decoder_dim: int = 2048,
         decoder_layers: int = 2,
-        decoder_heads: int = 8,
-        decoder_ffn_dim: int = 2048,
+        decoder_encoder_layers: int = 1,
+        decoder_heads: int = 4,
+        decoder_ffn_dim: int = 8192,
         decoder_dropout: float = 0.1,
+        decoder_norm_first: bool = False,
+        decoder_self_attention: bool = False,
+        decoder_input_proj: bool = True,
         decoder_position_embedding: bool = True,
         asl_eta: float = 10.0,
         asl_gamma_pos: float = 4.0,
@@ -208,13 +216,16 @@ class HVPMTL(LightningModule):
         self._check_img_size(img_size)
         d0 = self.backbone.num_features
 
-        # Multi-label head (Eq. 1): input projection d0 -> d + label-query decoder + group-wise classifier.
-        # Distillation (Eq. 6) needs the projection and the label embeddings Q0 even without L_mcls.
+        # Multi-label head (Eq. 1): input projection d0 -> d + Query2Label's encoder and label-query decoder +
+        # group-wise classifier. Distillation (Eq. 6) needs the decoder and the label embeddings Q0 even without
+        # L_mcls.
         self.decoder = None
         if alpha_mcls > 0 or alpha_mom > 0:
             self.decoder = Query2LabelDecoder(
-                d0, num_classes, dim=decoder_dim, num_layers=decoder_layers, num_heads=decoder_heads,
-                ffn_dim=decoder_ffn_dim, dropout=decoder_dropout, position_embedding=decoder_position_embedding,
+                d0, num_classes, dim=decoder_dim, num_layers=decoder_layers,
+                num_encoder_layers=decoder_encoder_layers, num_heads=decoder_heads, ffn_dim=decoder_ffn_dim,
+                dropout=decoder_dropout, norm_first=decoder_norm_first, self_attention=decoder_self_attention,
+                input_proj=decoder_input_proj, position_embedding=decoder_position_embedding,
                 classifier=alpha_mcls > 0,
             )
         self.asl = WeightedAsymmetricLoss(asl_eta, asl_gamma_pos, asl_gamma_neg) if alpha_mcls > 0 else None
@@ -297,7 +308,7 @@ class HVPMTL(LightningModule):
             w.copy_(F.normalize(w, dim=1))
 
     def image_embedding(self, decoder: Query2LabelDecoder, feature_map: Tensor, tokens: Tensor | None) -> Tensor:
-        """g of Eq. 6, ``[B, d]``: mean of the decoder's class tokens or of its projected memory."""
+        """g of Eq. 6, ``[B, d]``: mean of the decoder's class tokens or of its memory (the encoded image tokens)."""
         if self.hparams.distill_embedding == "decoder_mean":
             return tokens.mean(dim=1)  # [B, C, d] -> [B, d]
         return decoder.memory(feature_map).mean(dim=1)  # [B, H*W, d] -> [B, d]
