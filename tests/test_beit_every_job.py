@@ -62,7 +62,7 @@ def test_a_beit_mvp_checkpoint_goes_through_every_job(beit_mvp_checkpoint, demo_
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert "backbone.model.rel_pos_bias.relative_position_bias_table" in state  # the paper's layout
     assert not any(k.startswith("backbone.model.pos_embed") for k in state)
-    for job, (protocol, short) in JOBS.items():
+    for job, (_protocol, short) in JOBS.items():
         match = re.search(rf"make {job} CKPT=(\S+)", printed)
         assert match and match.group(1) == str(ckpt), (job, printed)
         command = make_command(job, f"CKPT={ckpt}")

@@ -1,5 +1,5 @@
 """The published baselines of experiments/hvp_mtl/tables.yaml that the converter loads, in the layouts their files
-use (MoCo v3, DINO and MAE ViTs: tests/test_eval_convert.py), and the one it refuses:
+use (MoCo v3, DINO and MAE ViTs: tests/test_checkpoints_official.py), and the one it refuses:
 
 * SimMIM's ViT-B (``{'model': {'encoder.*' BEiT names, shared relative position bias, mask_token, 'decoder.*'}}``)
   into timm's BEiT with mean pooling, as Table 1's SimMIM row evaluates it;
@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 
-from ssl_zoo.eval.checkpoint import backbone_from_weights, read_backbone_weights
+from ssl_zoo.checkpoints import backbone_from_weights, read_backbone_weights
 
 BEIT_SMALL = {"depth": 2, "embed_dim": 192, "num_heads": 3}
 SWIN_SMALL = {"depths": (1, 1, 1, 1), "embed_dim": 32, "num_heads": (1, 2, 4, 8)}
