@@ -24,6 +24,8 @@ layout          what the file holds                     backbone taken from     
                 ``gamma_1``, relative position tables)  ``mask_token`` / ``cls_pt_*``     L 16 heads; layer scale,
                 (BEiT and BEiT v2)                      (BEiT v2's CLS decoder)           shared or per-block bias
 ``torchvision`` ``conv_proj``, ``encoder.layers.*``     renamed to timm's                 ViT-B 12, L/H 16 heads
+``simmim``      ``model``: ``encoder.*`` (a ViT, BEiT's  ``encoder.*`` without             as ``beit`` (SimMIM's ViT is
+                names), ``decoder.*``                   ``mask_token``                    BEiT's: 12 / 16 heads)
 ``openai_clip`` ``visual.*`` (or the tower alone):      renamed to timm's; ``proj`` (the  heads = width / 64,
                 ``conv1``, ``transformer.resblocks``    joint-embedding projection)       QuickGELU, LayerNorm eps 1e-5
                                                         dropped                           before the blocks (ln_pre)
@@ -79,6 +81,7 @@ _HEADS = {
     "dino": ({192: 3, 384: 6, 768: 12}, "dino vision_transformer.py"),
     "mae": ({768: 12, 1024: 16, 1280: 16}, "mae models_vit.py"),
     "beit": ({768: 12, 1024: 16}, "unilm beit modeling_pretrain.py / modeling_finetune.py"),
+    "simmim": ({768: 12, 1024: 16}, "SimMIM models/vision_transformer.py (BEiT's ViT)"),
     "torchvision": ({768: 12, 1024: 16, 1280: 16}, "torchvision vision_transformer.py vit_b/l/h"),
 }
 _MOCOV3_ARCH_HEADS = {"vit_small": 12, "vit_base": 12, "vit_large": 16, "vit_huge": 16}
@@ -297,7 +300,7 @@ def _vit_architecture(state: Mapping[str, Tensor], layout: str, arch_hint: str |
     facts = {"num_heads": heads, "norm_eps": 1e-6, "act": "GELU", "pre_norm": False,
              "global_pool": "avg" if pooled_mean else "token"}
     described = f"a {layout} {size} with {heads} heads ({official})"
-    if layout == "beit":
+    if layout in ("beit", "simmim") and is_beit_named(state):
         name = {768: "beit_base_patch16_224", 1024: "beit_large_patch16_224"}[width]
         shared = "rel_pos_bias.relative_position_bias_table" in state
         model_kwargs = {
@@ -398,6 +401,8 @@ def recognise(obj: Mapping[str, Any], source: str = "checkpoint", teacher: bool 
                     prefix = teacher_prefix if teacher and teacher_prefix else student
                     encoder = f"{'teacher' if teacher and teacher_prefix else 'student'}: {prefix}*"
                     state, dropped = _take(state, prefix, heads)
+                    if name == "simsiam" and "patch_embed.proj.weight" in state:
+                        layout = "simmim"  # SimMIM saves its ViT as encoder.* next to its decoder.*
                     break
         elif "mask_token" in state or any(k.startswith("decoder_") for k in state):
             layout = "mae"  # a full MAE pre-training file: encoder + decoder
