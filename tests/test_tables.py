@@ -42,6 +42,21 @@ def test_manifest_rows_resolve_with_the_papers_settings(manifest):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.parent.name)
+def test_every_row_has_the_papers_numbers_or_is_marked_as_an_extension(manifest):
+    """Every printed cell is copied (no null), a row without paper numbers says why the project runs it, and no
+    note leaves a number unread."""
+    loaded = load_manifest(manifest)
+    assert not unfilled_cells(loaded), unfilled_cells(loaded)
+    for table, row in loaded.rows():
+        assert (bool(row.paper) and all(isinstance(v, int | float) for v in row.paper.values())) != bool(row.extension), \
+            (table.id, row.name)
+    text = manifest.read_text().lower()
+    for phrase in ("recalled", "not checked", "not transcribed", "could not be recovered", "left for later",
+                   "fill them in", "fill it in"):
+        assert phrase not in text, f"{manifest}: '{phrase}'"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.parent.name)
 def test_manifest_rows_have_commands(manifest):
