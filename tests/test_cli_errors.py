@@ -194,6 +194,28 @@ def test_file_that_is_not_a_checkpoint(tmp_path, demo_root):
     assert "runs/<name>/<stamp>/checkpoints/last.ckpt" in line
 
 
+@pytest.mark.parametrize("job", ["detect", "segment"])
+def test_dense_transfer_jobs_refuse_a_wrong_or_unknown_file_in_one_line(job, tmp_path, demo_root):
+    """``make detect`` / ``make segment`` end like every other job: one line, exit status 2."""
+    config = f"experiments/transfer/{job}_demo.yaml"
+    root = demo_root if job == "detect" else f"{demo_root}/ADEChallengeData2016"
+    line = one_error_line(ssl_zoo(tmp_path, "fit", "--config", config, "--model.init_args.ckpt", NOT_A_CHECKPOINT,
+                                  "--data.init_args.root", root))
+    assert f"'{NOT_A_CHECKPOINT}' is not a checkpoint" in line
+    unknown = tmp_path / "mystery.pth"
+    torch.save({"net": {"stem.conv.weight": torch.zeros(4, 3, 3, 3)}}, unknown)
+    line = one_error_line(ssl_zoo(tmp_path, "fit", "--config", config, "--model.init_args.ckpt", str(unknown),
+                                  "--data.init_args.root", root))
+    assert "unknown weight layout" in line and "net (tensors)" in line
+    vit = tmp_path / "bare_vit.pth"  # a bare ViT state dict: its heads are not in its shapes, so it must be named
+    torch.save({"cls_token": torch.zeros(1, 1, 192), "pos_embed": torch.zeros(1, 5, 192),
+                "patch_embed.proj.weight": torch.zeros(192, 3, 16, 16),
+                "blocks.0.norm1.weight": torch.zeros(192)}, vit)
+    line = one_error_line(ssl_zoo(tmp_path, "fit", "--config", config, "--model.init_args.ckpt", str(vit),
+                                  "--data.init_args.root", root))
+    assert "pass backbone=<timm name> (--model.init_args.backbone)" in line
+
+
 def test_debug_mode_shows_the_traceback(tmp_path):
     result = ssl_zoo(tmp_path, "fit", "--config", "experiments/eval/linear_demo.yaml", "--model.init_args.ckpt",
                      str(tmp_path / "nope.ckpt"), debug=True)
