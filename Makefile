@@ -47,6 +47,8 @@ help:
 	@echo "  make detect|segment CKPT=runs/<method>/<stamp>/checkpoints/last.ckpt [CONFIG=experiments/transfer/<config>.yaml] [ARGS=...]"
 	@echo "  configs: $(notdir $(wildcard experiments/transfer/*.yaml))"
 	@echo "  without CKPT (evaluation and transfer): a randomly initialised BACKBONE=resnet18 (at IMG_SIZE=64 for evaluation), the baseline"
+	@echo "Published checkpoints (SimSiam, MoCo, DINO, MAE, BEiT, SimMIM, OpenAI CLIP, timm, torchvision) go in as CKPT=...; to see what"
+	@echo "  one holds and write it as an ssl_zoo checkpoint: $(PYTHON) -m ssl_zoo.checkpoints.convert IN.pth OUT.pth"
 	@echo "Other jobs:    make sweep SWEEP=experiments/sweeps/<file>.yaml [LOCAL=1] [COUNT=N] | demo-data | demo-shards | bench | bench-quality"
 	@echo "Development:   make test | test-fast | test-ddp | lint | mutants (planted bugs against the fast suite)"
 	@echo "More:          $(PYTHON) -m ssl_zoo --help (methods, configs, jobs); $(PYTHON) -m ssl_zoo fit --help (every option)"

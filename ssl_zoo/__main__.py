@@ -99,6 +99,7 @@ def catalogue(experiments: Path | None = None) -> str:
         ("sweep", f"python -m ssl_zoo.sweep {rel(experiments)}/sweeps/<file>.yaml [--local]", "make sweep SWEEP=..."
          if "sweep" in targets else "", []),
         ("export", "python -m ssl_zoo.export --ckpt CKPT --to timm|torchvision|detectron2 --out FILE", "", []),
+        ("convert", "python -m ssl_zoo.checkpoints.convert IN.pth OUT.pth (a published checkpoint -> CKPT)", "", []),
         ("tables", f"python -m ssl_zoo.tables {rel(experiments)}/<method>/tables.yaml [--runs runs/ [--format md|csv|json]] [--check]",
          "", []),
         ("plot", "python -m ssl_zoo.plot RUN_DIR [RUN_DIR ...] [--keys train/loss_sim] [--out fig.png]", "", []),

@@ -217,3 +217,53 @@ def test_unknown_layout_lists_the_key_prefixes_it_found(tmp_path):
     # A known wrapper around something that is no backbone: the layout is named and the prefixes listed.
     with pytest.raises(UnknownCheckpointLayout, match=r"simsiam backbone part.*module\.encoder\.\* \(1\)"):
         recognise({"state_dict": {"module.encoder.stem.weight": torch.randn(2)}}, source="s.pth")
+
+
+# ---------------------------------------------------------------------------------------------- BEiT windows
+def _beit_geometric_offsets(src: int, dst: int) -> list[float]:
+    """BEiT's source offsets (unilm beit/semantic_segmentation/backbone/beit.py ``init_weights``): the (2k-1)
+    offsets of the small window placed on a geometric progression whose half-span reaches the large one's."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(dis)] + [0.0] + dis
+
+
+def test_a_shared_relative_position_table_is_copied_into_each_block_and_interpolated_as_beit_does(tmp_path):
+    """MVP's shared table (a 4 x 4 window at 64 px) into BEiT's segmentation layout at 128 px (8 x 8, one table
+    per block): each block's table is BEiT's geometric-progression interpolation of the shared one (linear between
+    the points, as timm does it; BEiT's code used SciPy's cubic interp2d), the three class-token entries kept."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    mvp = {"img_size": 64, "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 3, "init_values": 0.1,
+                                            "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
+                                            "use_abs_pos_emb": False}}
+    source = _random_state("beit_base_patch16_224", 3, **mvp)
+    shared = source["rel_pos_bias.relative_position_bias_table"]  # [(2*4-1)^2 + 3, heads]
+    path = tmp_path / "mvp.pth"
+    torch.save({"state_dict": {f"backbone.model.{k}": v for k, v in source.items()},
+                "hyper_parameters": {"backbone": "beit_base_patch16_224", "backbone_kwargs": mvp}}, path)
+    segmentation = {"img_size": 128, "model_kwargs": {"use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}}
+    loaded = load_backbone(path, backbone_kwargs=segmentation).model.state_dict()
+
+    src, dst = 7, 15  # table sides: 2 * window - 1
+    offsets = _beit_geometric_offsets(src, dst)
+    targets = torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(targets, targets, indexing="ij"), dim=-1).reshape(-1, 2).numpy()
+    expected = torch.stack([
+        torch.from_numpy(RegularGridInterpolator((offsets, offsets), shared[:-3, h].reshape(src, src).double().numpy(),
+                                                 bounds_error=False, fill_value=None)(grid))
+        for h in range(shared.shape[1])], dim=1).float()
+    for block in range(2):
+        table = loaded[f"blocks.{block}.attn.relative_position_bias_table"]
+        assert table.shape == (dst * dst + 3, shared.shape[1])
+        torch.testing.assert_close(table[:-3], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(table[-3:], shared[-3:])  # cls->token, token->cls, cls->cls
