@@ -281,3 +281,17 @@ def test_convert_writes_a_checkpoint_every_job_takes_without_a_name(tmp_path, ca
     assert convert_main([str(bad), str(tmp_path / "x.pth")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint") and err.count("\n") == 1
+
+
+def test_timm_state_dicts_named_by_the_user(tmp_path):
+    """timm's own files (its model code is the official one): a bare ViT state dict does not state its heads, so
+    the name is given; with it, the features are timm's."""
+    import timm
+
+    torch.manual_seed(8)
+    reference = timm.create_model("vit_small_patch16_224", img_size=IMG, depth=2, num_classes=10).eval()
+    path = tmp_path / "vit_small_patch16_224.augreg_in21k.bin"
+    torch.save(reference.state_dict(), path)
+    loaded = load_backbone(path, backbone="vit_small_patch16_224",
+                           backbone_kwargs={"img_size": IMG, "model_kwargs": {"depth": 2}}).eval()
+    _close(loaded(_images()), _timm_features(reference, _images()))
