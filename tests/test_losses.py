@@ -338,6 +338,23 @@ def test_sinkhorn_survives_underflow_and_extreme_scores():
         _close(codes.sum(dim=1), np.ones(8), rtol=1e-4)
 
 
+def test_lightly_sinkhorn_equals_ours_in_range_but_turns_an_underflow_into_nan():
+    """Why ``sinkhorn_knopp`` is not a wrapper over lightly's ``sinkhorn``: on the clamped scores lightly gives
+    the same codes wherever ``exp(scores / epsilon)`` stays in float32's range (cosines at the paper's
+    epsilon = 0.05), but it iterates on ``Q`` itself, so one sample whose column underflows makes 0/0 and the
+    NaN spreads through the row sums to every sample's codes (under DDP, every rank's). Ours iterates on log Q."""
+    from lightly.loss.swav_loss import sinkhorn as lightly_sinkhorn
+
+    cosines = F.normalize(torch.randn(64, 16, generator=_rng(24)), dim=1) @ F.normalize(
+        torch.randn(30, 16, generator=_rng(25)), dim=1).T  # [B, K] sample-prototype cosines
+    clamped = (cosines / 0.05).clamp(max=10.0)
+    _close(lightly_sinkhorn(clamped, iterations=3, epsilon=1.0), sinkhorn_knopp(cosines).numpy(), atol=1e-6)
+    scores = torch.randn(5, 4, generator=_rng(17)) * 0.1
+    scores[0] -= 6.0  # exp(-120) underflows in float32
+    assert torch.isnan(lightly_sinkhorn(scores / 0.05, iterations=3, epsilon=1.0)).all()
+    assert torch.isfinite(sinkhorn_knopp(scores, clamp_max=None)).all()
+
+
 def test_sinkhorn_float32_from_bfloat16_without_grad():
     scores = torch.randn(6, 5, generator=_rng(19)).bfloat16().requires_grad_(True)
     codes = sinkhorn_knopp(scores)
