@@ -138,6 +138,31 @@ def test_beit_masked_forward_replaces_exactly_the_masked_patch_embeddings(backbo
     assert not torch.allclose(masked[0, 1], masked[0, 2])
 
 
+def test_vit_masked_tokens_equal_a_forward_written_from_public_attributes(backbones):
+    """The masked ViT forward against one written out by hand: patch embeddings with the masked ones overwritten
+    by the token, CLS prepended, absolute position embeddings added, blocks, final norm (BEiT Eq. 1)."""
+    b = backbones["vit_tiny_patch16_224"]
+    m = b.model
+    x, token = torch.randn(2, 3, 64, 64), torch.randn(192)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[0, 1, :2] = True
+    mask[1, 3, 3] = True
+    with torch.no_grad():
+        patches = m.patch_embed(x)  # [B, 16, D]
+        patches[mask.flatten(1)] = token
+        tokens = torch.cat([m.cls_token.expand(2, -1, -1), patches], dim=1) + m.pos_embed  # [B, 1+16, D]
+        expected = m.norm(m.blocks(tokens))
+    torch.testing.assert_close(b.forward_tokens(x, mask, token), expected)
+    torch.testing.assert_close(b.forward_map(x, mask, token)[:, :, 1, 0], expected[:, 1 + 1 * 4 + 0])
+
+
+def test_unmasked_maps_are_timms_last_stage_features(backbones):
+    x = torch.randn(2, 3, 64, 64)
+    resnet, swin = backbones["resnet18"], backbones["swin_tiny_patch4_window7_224"]
+    torch.testing.assert_close(resnet.forward_map(x), resnet.model.forward_features(x))  # C5
+    torch.testing.assert_close(swin.forward_map(x), swin.model.forward_features(x).permute(0, 3, 1, 2))
+
+
 def test_mask_shape_mismatch_is_clear(backbones):
     b = backbones["vit_tiny_patch16_224"]
     with pytest.raises(ValueError, match="patch grid"):

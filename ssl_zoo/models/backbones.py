@@ -24,10 +24,11 @@ Only timm's public API and documented module attributes are used. Nothing is eve
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import timm
-import torch
 from torch import Tensor, nn
 
 from ssl_zoo.utils.safe_load import read_checkpoint
@@ -197,67 +198,47 @@ class Backbone(nn.Module):
         w = mask.unsqueeze(-1).to(x.dtype)
         return x * (1.0 - w) + mask_token.to(x.dtype).reshape(1, *([1] * (x.dim() - 2)), -1) * w
 
+    @contextmanager
+    def _masked_patch_embeddings(self, mask: Tensor | None, mask_token: Tensor | None) -> Iterator[None]:
+        """Inside the ``with`` block, timm's patch embedding hands the masked patches' embeddings over as the
+        mask token, so timm's own forward (position embeddings, blocks, final norm) runs on the masked input.
+
+        ``mask``: ``Bool[B, h, w]`` or ``Bool[B, N]`` over the patch grid; ``None`` masks nothing.
+        """
+        if mask is None:
+            yield
+            return
+        if self.family == "resnet":
+            raise ValueError(f"masked inputs need a ViT or Swin backbone, '{self.name}' is a ResNet")
+
+        def replace(_module: nn.Module, _inputs: Any, embeddings: Tensor) -> Tensor:
+            # ViT/BEiT embeddings are [B, N, D], Swin's channels-last [B, h, w, C]
+            grid_mask = mask.flatten(1) if embeddings.dim() == 3 else mask
+            return self._apply_mask(embeddings, grid_mask, mask_token)
+
+        handle = self.model.patch_embed.register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def forward_tokens(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
-        """ViT / BEiT token sequence ``[B, 1+N, D]`` (CLS first, after the final norm).
+        """ViT / BEiT token sequence ``[B, 1+N, D]`` (CLS first, after the final norm): timm's ``forward_features``.
 
         ``mask``: ``Bool[B, h, w]`` or ``Bool[B, N]`` over the patch grid; masked patch embeddings are
         replaced by ``mask_token`` (``[D]``) before position embeddings are added, as in BEiT.
         """
         if self.family not in TOKEN_FAMILIES:
             raise ValueError(f"forward_tokens needs a ViT or BEiT backbone, '{self.name}' is a {self.family}")
-        m = self.model
-        tokens = m.patch_embed(x)  # [B, N, D]
-        if mask is not None:
-            tokens = self._apply_mask(tokens, mask.flatten(1), mask_token)
-        if self.family == "beit":
-            return self._beit_blocks(tokens)
-        tokens = m._pos_embed(tokens)  # adds CLS + position embeddings  # noqa: SLF001 (timm has no public alias)
-        tokens = m.patch_drop(tokens)
-        tokens = m.norm_pre(tokens)
-        tokens = m.blocks(tokens)
-        return m.norm(tokens)
-
-    def _beit_blocks(self, tokens: Tensor) -> Tensor:
-        """timm ``Beit.forward_features`` after the patch embedding: CLS, optional absolute position
-        embedding, blocks with the shared relative position bias (when the model has one), final norm.
-
-        ``tokens``: ``[B, N, D]`` patch embeddings (masked ones already replaced) -> ``[B, 1+N, D]``.
-        """
-        m = self.model
-        tokens = torch.cat([m.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+N, D]
-        if m.pos_embed is not None:
-            tokens = tokens + m.pos_embed
-        tokens = m.pos_drop(tokens)
-        shared_bias = m.rel_pos_bias() if m.rel_pos_bias is not None else None  # [heads, 1+N, 1+N]
-        for block in m.blocks:
-            tokens = block(tokens, shared_rel_pos_bias=shared_bias)
-        return m.norm(tokens)
-
-    def tokens_to_map(self, tokens: Tensor) -> Tensor:
-        """ViT tokens ``[B, P+N, D]`` -> patch map ``[B, D, h, w]`` (prefix tokens dropped)."""
-        patches = tokens[:, self.num_prefix_tokens :]
-        b, n, d = patches.shape
-        h = w = int(round(n**0.5))
-        if h * w != n:
-            raise ValueError(f"{n} patch tokens do not form a square grid")
-        return patches.transpose(1, 2).reshape(b, d, h, w)
+        with self._masked_patch_embeddings(mask, mask_token):
+            return self.model.forward_features(x)
 
     def forward_map(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
-        """Last-stage spatial feature map ``[B, C, H, W]`` for every family.
+        """Last-stage spatial feature map ``[B, C, H, W]`` for every family: timm's ``forward_intermediates``.
 
-        ResNet: C5. ViT/BEiT: patch tokens after the final norm, reshaped to the grid. Swin: stage-4 output
-        after the final norm. ``mask`` (ViT/BEiT/Swin): ``Bool[B, h, w]`` over the patch-embedding grid.
+        ResNet: C5. ViT/BEiT: patch tokens after the final norm on the patch grid. Swin: stage-4 output after
+        the final norm. ``mask`` (ViT/BEiT/Swin): ``Bool[B, h, w]`` over the patch-embedding grid.
         """
-        if self.family == "resnet":
-            if mask is not None:
-                raise ValueError(f"masked inputs need a ViT or Swin backbone, '{self.name}' is a ResNet")
-            return self.model.forward_features(x)
-        if self.family in TOKEN_FAMILIES:
-            return self.tokens_to_map(self.forward_tokens(x, mask, mask_token))
-        m = self.model
-        tokens = m.patch_embed(x)  # [B, h, w, C] (timm Swin is channels-last)
-        if mask is not None:
-            tokens = self._apply_mask(tokens, mask, mask_token)
-        tokens = m.norm(m.layers(tokens))  # [B, H, W, C]
-        return tokens.permute(0, 3, 1, 2).contiguous()
-
+        with self._masked_patch_embeddings(mask, mask_token):
+            (feature_map,) = self.model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        return feature_map
