@@ -16,9 +16,9 @@ viridis (dark = low, yellow = high).
 
 Any ViT or BEiT checkpoint that :func:`ssl_zoo.checkpoints.load_backbone` reads works: ssl_zoo
 pre-training checkpoints (MVP, MoCo v3 / MPCL-ViT, HVP-MTL-ViT; ``--teacher`` draws the EMA teacher) and
-plain timm state dicts (``--backbone`` names the architecture). The attention weights are read from timm's
-own attention module (its unfused path, which applies the softmax explicitly), so they are exactly what the
-model computes, relative position biases of BEiT included.
+plain timm state dicts (``--backbone`` names the architecture). The attention weights are read by timm's
+``AttentionExtract`` at the softmax of timm's own attention module (its unfused path), so they are exactly what
+the model computes, relative position biases of BEiT included.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from timm.utils import AttentionExtract
 from torch import Tensor
 
 from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
@@ -94,27 +95,25 @@ def cls_attention(backbone: Backbone, images: Tensor, block: int = -1) -> Tensor
     """Attention of the CLS query over the patch keys in ``block``: ``[B, heads, h, w]``.
 
     The row of the softmax attention matrix that belongs to the CLS token, with the prefix columns (CLS,
-    register tokens) left out, reshaped to the patch grid. Read from the block's attention module while it
-    runs its unfused path (timm ViT and BEiT apply ``softmax`` and then ``attn_drop`` there), in eval mode.
+    register tokens) left out, reshaped to the patch grid. Read by timm's ``AttentionExtract`` at the block's
+    ``softmax`` (traced on the unfused path, which applies the softmax explicitly), in eval mode.
     """
     if backbone.family not in TOKEN_FAMILIES:
         raise ValueError(f"attention maps need a ViT or BEiT backbone, '{backbone.name}' is a {backbone.family}")
     blocks = backbone.model.blocks
     if not -len(blocks) <= block < len(blocks):
         raise ValueError(f"block {block} does not exist: '{backbone.name}' has {len(blocks)} blocks")
-    attn = blocks[block].attn
-    captured: list[Tensor] = []
-    hook = attn.attn_drop.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
-    fused, was_training = attn.fused_attn, backbone.training
-    attn.fused_attn = False
-    backbone.eval()
+    node = f"blocks.{block % len(blocks)}.attn.softmax"
+    attn, was_training = blocks[block].attn, backbone.training
+    fused = attn.fused_attn
+    attn.fused_attn = False  # the fused kernel (scaled_dot_product_attention) has no softmax to read
     try:
-        backbone.forward_features(images)
+        extract = AttentionExtract(backbone.model, names=[node], mode="eval")  # an fx trace sharing the weights
+        attn.fused_attn = fused
+        weights = extract(images)[node].float()  # [B, heads, T, T], rows sum to 1
     finally:
         attn.fused_attn = fused
         backbone.train(was_training)
-        hook.remove()
-    weights = captured[0].float()  # [B, heads, T, T], rows sum to 1
     prefix = backbone.num_prefix_tokens
     cls_row = weights[:, :, 0, prefix:]  # [B, heads, N]
     h, w = backbone.model.patch_embed.grid_size

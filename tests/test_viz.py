@@ -70,6 +70,9 @@ def test_cls_attention_equals_brute_force(name, kwargs):
     assert (attention.flatten(2).sum(-1) < 1).all()
     # An earlier block is drawn on request.
     assert not torch.allclose(cls_attention(backbone, x, block=0), attention)
+    backbone.train()  # drawn in eval mode, and the module's own mode is given back
+    torch.testing.assert_close(cls_attention(backbone, x), attention)
+    assert backbone.training and backbone.model.blocks[-1].training
 
 
 def brute_force_head_mean_cls_attention(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
