@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import AttentionExtract
 from torch import Tensor
 
-from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_zoo.models.backbones import TOKEN_FAMILIES, Backbone
 
 __all__ = ["VIRIDIS", "cls_attention", "colorize", "head_averaged_cls_attention", "load_images", "main",
@@ -86,7 +86,7 @@ def load_images(paths: Sequence[str | Path], size: int) -> tuple[list[Image.Imag
         left, top = (w - size) // 2, (h - size) // 2
         crops.append(image.crop((left, top, left + size, top + size)))
     pixels = torch.stack([torch.from_numpy(np.asarray(c, dtype=np.float32) / 255.0).permute(2, 0, 1) for c in crops])
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return crops, (pixels - mean) / std
 
 

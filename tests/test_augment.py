@@ -20,10 +20,6 @@ from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 from ssl_zoo.augment import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BEiTMaskGenerator,
     BlockwiseAugmentation,
     BlockwiseMaskGenerator,
@@ -39,6 +35,11 @@ from ssl_zoo.augment import (
     shuffle_pairs,
     simsiam_view,
 )
+
+# The published statistics the views normalise with: torchvision's / timm's ImageNet ones, and OpenAI CLIP's
+# preprocessing (CLIP's clip/clip.py), written out here rather than read from the libraries.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,6 @@ Transforms take one decoded PIL image (the SimSiam / MoCo / BAM ones also an und
 from ssl_zoo.augment.blocks import BlockwiseAugmentation, block_boxes, shuffle_pairs
 from ssl_zoo.augment.masking import BEiTMaskGenerator, BlockwiseMaskGenerator, RandomPatchMaskGenerator
 from ssl_zoo.augment.views import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     NORMALIZATIONS,
     HVPTransform,
     MultiViewTransform,
@@ -32,10 +28,6 @@ from ssl_zoo.augment.views import (
 )
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "NORMALIZATIONS",
     "BEiTMaskGenerator",
     "BlockwiseAugmentation",

@@ -34,7 +34,9 @@ from typing import Literal
 
 import numpy as np
 import torch
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageFilter, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
 from torchvision import transforms as T
@@ -50,11 +52,7 @@ __all__ = [
     "ViewPipeline",
     "gaussian_blur_separable",
     "largest_reduction",
-    "CLIP_MEAN",
-    "CLIP_STD",
     "HVPTransform",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MVPTransform",
     "MultiViewTransform",
     "NORMALIZATIONS",
@@ -69,16 +67,12 @@ __all__ = [
     "simsiam_view",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# OpenAI CLIP's preprocessing statistics: the MVP teacher sees its input normalised as in CLIP training.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 Normalization = Literal["imagenet", "clip"]
+#: Per-channel (mean, std) of timm's ImageNet statistics and of OpenAI CLIP's preprocessing (open_clip's): the
+#: MVP teacher sees its input normalised as in CLIP training.
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (CLIP_MEAN, CLIP_STD),
+    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "clip": (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
 }
 
 

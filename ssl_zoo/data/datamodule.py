@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_zoo.data.io import check_bad_sample_policy
 from ssl_zoo.data.sampler import ResumableSampler, SampleKey, sample_seed, seeded_rng
 from ssl_zoo.utils.distributed import rank, world_size
@@ -46,7 +46,7 @@ def eval_transform(size: int = 224, resize_ratio: float = 0.875) -> Callable:
             T.Resize(int(round(size / resize_ratio)), antialias=True),
             T.CenterCrop(size),
             T.ToDtype(torch.float32, scale=True),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ]
     )
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import v2 as T
 
 from ssl_zoo.augment.views import safe_posterize
-from ssl_zoo.data.datamodule import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ssl_zoo.data.datamodule import eval_transform
 
 __all__ = [
     "NoImage",
@@ -49,7 +50,7 @@ class NoImage:
 
 
 def _to_normalised_tensor() -> list:
-    return [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
 
 
 def random_resized_crop_transform(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ssl_zoo.augment import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from ssl_zoo.augment import NORMALIZATIONS
 from ssl_zoo.models.backbones import TOKEN_FAMILIES, Backbone
 from ssl_zoo.utils.distributed import rank
 
@@ -36,10 +36,6 @@ __all__ = ["CLIPTeacher", "FrozenTeacher", "TimmTeacher", "build_teacher"]
 log = logging.getLogger(__name__)
 
 Normalization = Literal["clip", "imagenet"]
-_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "clip": (CLIP_MEAN, CLIP_STD),
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-}
 
 
 def _warn_random_init(what: str) -> None:
@@ -135,7 +131,7 @@ class CLIPTeacher(FrozenTeacher):
         import open_clip
         from open_clip.transformer import VisionTransformer
 
-        if input_normalization not in _STATS:
+        if input_normalization not in NORMALIZATIONS:
             raise ValueError(f"input_normalization must be 'clip' or 'imagenet', got '{input_normalization}'")
         kwargs = dict(model_cfg or {})
         if image_size is not None and "vision_cfg" in kwargs:
@@ -180,10 +176,10 @@ class CLIPTeacher(FrozenTeacher):
         self.out_dim = int(visual.proj.shape[1]) if project_targets else int(width)
 
         # Affine map from the pipeline's normalisation to the tower's own: x' = x * scale + shift.
-        in_mean, in_std = (torch.tensor(v).view(1, 3, 1, 1) for v in _STATS[input_normalization])
+        in_mean, in_std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS[input_normalization])
         pp = getattr(visual, "preprocess_cfg", None) or {}
-        own_mean = torch.tensor(pp.get("mean", CLIP_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
-        own_std = torch.tensor(pp.get("std", CLIP_STD), dtype=torch.float32).view(1, 3, 1, 1)
+        own_mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
+        own_std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("input_scale", in_std / own_std, persistent=False)
         self.register_buffer("input_shift", (in_mean - own_mean) / own_std, persistent=False)
         self.freeze()
@@ -232,7 +228,7 @@ class TimmTeacher(FrozenTeacher):
         backbone_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        if input_normalization not in _STATS:
+        if input_normalization not in NORMALIZATIONS:
             raise ValueError(f"input_normalization must be 'clip' or 'imagenet', got '{input_normalization}'")
         self.backbone = Backbone(name, pretrained=pretrained, img_size=image_size, **(backbone_kwargs or {}))
         if self.backbone.family not in TOKEN_FAMILIES:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -31,7 +32,6 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_zoo.transfer.metrics import VOCDetectionMetric, coco_detection_metric, coco_metric_names
 from ssl_zoo.transfer.module import DenseTransferModule, build_dense_backbone
 from ssl_zoo.transfer.pyramids import (
@@ -91,8 +91,8 @@ def build_rcnn(body: nn.Module, pyramid: DetectionPyramid, num_classes: int, wit
     ``rpn_post_nms_train``: proposals kept per image in training (``None``: 2000 C4, 1000 FPN).
     """
     classes = num_classes + 1  # torchvision counts the background as class 0
-    common = dict(min_size=tuple(min_size), max_size=max_size, image_mean=list(IMAGENET_MEAN),
-                  image_std=list(IMAGENET_STD), box_detections_per_img=detections_per_image)
+    common = dict(min_size=tuple(min_size), max_size=max_size, image_mean=list(IMAGENET_DEFAULT_MEAN),
+                  image_std=list(IMAGENET_DEFAULT_STD), box_detections_per_img=detections_per_image)
     if pyramid == "c4":
         res5 = body.backbone.model.layer4
         channels = int(body.backbone.model.feature_info[4]["num_chs"])

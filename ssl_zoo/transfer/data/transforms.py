@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
-
-from ssl_zoo.augment.views import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DetectionEvalTransform",
@@ -120,8 +119,8 @@ def photometric_distortion(image: Tensor, brightness_delta: float = 32, contrast
 
 def _normalize(image: Tensor) -> Tensor:
     """[3, H, W] in [0, 255] -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255.0
     return (image - mean) / std
 
 
