@@ -32,6 +32,7 @@ import difflib
 import inspect
 import os
 import pickle
+import pydoc
 import re
 import sys
 import textwrap
@@ -79,13 +80,11 @@ def debug_mode() -> bool:
 # ---------------------------------------------------------------------------------------- errors, one line
 def accepted_options(class_path: str) -> list[str]:
     """The init arguments the CLI accepts for ``class_path`` (through ``**kwargs`` up the class tree)."""
-    from jsonargparse._util import import_object
-
     try:
-        cls = import_object(class_path)
-    except Exception:  # the name itself is wrong: reported elsewhere
+        cls = pydoc.locate(class_path)  # the standard library's importer of a dotted path (jsonargparse's is private)
+    except Exception:  # the module fails to import: reported elsewhere
         return []
-    return list(init_parameters(cls))
+    return list(init_parameters(cls)) if isinstance(cls, type) else []  # None: the name itself is wrong
 
 
 def _did_you_mean(name: str, candidates: Sequence[str], render=repr) -> str:
@@ -329,8 +328,6 @@ def check_data_root(data_cfg: Any) -> None:
     """A dataset root that is missing or empty fails before anything is built, naming the key and the layout
     the data module reads. Roots that are not local paths (URLs, shard patterns) are the data module's to check."""
     global _data_root
-    from jsonargparse._util import import_object
-
     from ssl_zoo.data.datamodule import PretrainDataModule
 
     _data_root = None
@@ -341,7 +338,7 @@ def check_data_root(data_cfg: Any) -> None:
     if not isinstance(root, str) or re.match(r"^\w+://", root) or any(c in root for c in "*?{["):
         return
     try:
-        cls = import_object(data_cfg["class_path"])
+        cls = pydoc.locate(data_cfg["class_path"])
     except Exception:
         return
     if not (isinstance(cls, type) and issubclass(cls, PretrainDataModule)):

@@ -45,6 +45,7 @@ def test_cli_and_evaluation_read_the_same_tree():
 
     options = accepted_options("ssl_zoo.data.ImageFolderDataModule")
     assert "eval_size" in options and "root" in options
+    assert accepted_options("ssl_zoo.data.NoSuchDataModule") == accepted_options("ssl_zoo.no_such_room.X") == []
     assert _declared_default(ImageFolderDataModule, "eval_size") == init_parameters(ImageFolderDataModule)[
         "eval_size"].default
     assert _declared_default(ImageFolderDataModule, "no_such_option") is inspect.Parameter.empty
