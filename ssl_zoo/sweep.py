@@ -61,6 +61,8 @@ __all__ = [
     "run_local",
     "suggest_params",
     "validate_sweep",
+    "wandb_private_sweep_macros",
+    "write_params_file",
 ]
 
 #: The macros the wandb agent expands in ``command`` (``wandb_agent.Agent._command_run``); ``${envvar:NAME}``
@@ -171,6 +173,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def wandb_private_sweep_macros(command: list | None, params: dict[str, Any]) -> tuple[list, dict[str, Any]]:
+    """``command`` with its ``${envvar:X}`` macros filled in and the ``${args...}`` macros' values for ``params``,
+    by wandb's agent's own helpers: the one reach into wandb's private ``wandb.sdk`` (no public API does this);
+    ``test_render_command_matches_the_wandb_agent`` fails when wandb changes them."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    return sweep_utils.create_sweep_command(copy.deepcopy(command)), sweep_utils.create_sweep_command_args(
+        {"args": {name: {"value": _plain(value)} for name, value in params.items()}})
+
+
+def write_params_file(path: Path, params: dict[str, Any]) -> None:
+    """``params`` in wandb's documented ``config-defaults.yaml`` format, read by ``wandb.init`` from
+    ``WANDB_SWEEP_PARAM_PATH``."""
+    content = {"wandb_version": 1, **{name: {"value": value} for name, value in params.items()}}
+    path.write_text(yaml.safe_dump(content, allow_unicode=True, sort_keys=False))
+
+
 def render_command(config: dict[str, Any], params: dict[str, Any], interpreter: str = "python",
                    args_json_file: str | None = None) -> list[str]:
     """The trial command the wandb agent would run for ``params`` (``{"model.init_args.lam": 4, ...}``).
@@ -180,11 +199,7 @@ def render_command(config: dict[str, Any], params: dict[str, Any], interpreter: 
     ``${interpreter}`` -> ``python`` (here: ``interpreter``), ``${program}`` -> the file's ``program``, and any
     other ``${macro}`` -> nothing. Items that are not a whole macro are kept verbatim.
     """
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
-
-    command = sweep_utils.create_sweep_command(copy.deepcopy(config.get("command")))
-    sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args(
-        {"args": {name: {"value": _plain(value)} for name, value in params.items()}})
+    command, sweep_vars = wandb_private_sweep_macros(config.get("command"), params)
     sweep_vars["interpreter"] = [interpreter]
     sweep_vars["program"] = [config["program"]] if config.get("program") else []
     sweep_vars["args_json_file"] = [args_json_file] if args_json_file else []
@@ -453,11 +468,9 @@ def _run_trial(index: int, params: dict[str, Any], command: list[str], run_dir: 
     """One trial as the agent would start it: the params file in ``WANDB_SWEEP_PARAM_PATH`` (wandb.init
     copies it into the run's config), ``${args_json_file}`` written, then the command. These files and the
     trial's output log lie next to the run directory (``trial-NNN.*``), which stays the CLI's own."""
-    from wandb.sdk.lib import config_util
-
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     param_file = run_dir.with_name(f"{run_dir.name}.params.yaml")
-    config_util.save_config_file_from_dict(str(param_file), {k: {"value": v} for k, v in params.items()})
+    write_params_file(param_file, params)
     run_dir.with_name(f"{run_dir.name}.args.json").write_text(json.dumps(params) + "\n")
     env = dict(os.environ, WANDB_MODE=mode, WANDB_SWEEP_PARAM_PATH=str(param_file),
                WANDB_RUN_GROUP=group)

@@ -132,6 +132,17 @@ def test_render_command_matches_the_wandb_agent(monkeypatch, tmp_path):
     assert "--model.init_args.lam=0.5" in ours and "--tag=from-env" in ours
 
 
+def test_params_file_is_what_wandb_init_reads(tmp_path):
+    """The trial's params file, read back by the loader ``wandb.init`` applies to ``WANDB_SWEEP_PARAM_PATH``."""
+    from wandb.sdk.lib import config_util
+
+    params = {"model.init_args.lam": 0.5, "model.init_args.loss_on": "masked", "model.init_args.bam": False,
+              "data.init_args.batch_size": 8, "model.init_args.note": "é, no ascii"}
+    path = tmp_path / "trial-000.params.yaml"
+    sweep.write_params_file(path, params)
+    assert config_util.dict_from_config_file(str(path), must_exist=True) == params
+
+
 def _valid_config() -> dict:
     return sweep.load_sweep(SWEEP_DIR / "mvp_loss_on_demo.yaml")
 
