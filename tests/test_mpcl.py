@@ -24,6 +24,7 @@ from lightning.pytorch import Callback, Trainer
 
 from ssl_zoo.methods import MPCL
 from ssl_zoo.methods.mpcl import batch_shuffle, batch_unshuffle
+from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -342,7 +343,7 @@ class _EpochEndSpy(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # callbacks run before the module's hook
         self.seen.append({"correct": pl_module.ptb_correct.clone(), "count": pl_module.ptb_count.clone(),
-                          "processed": trainer.fit_loop.epoch_loop.batch_progress.current.processed})
+                          "processed": lightning_private_batches_done(trainer)})
 
 
 @pytest.mark.slow

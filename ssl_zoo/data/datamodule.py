@@ -36,6 +36,7 @@ from torchvision.transforms import v2 as T
 from ssl_zoo.data.io import check_bad_sample_policy
 from ssl_zoo.data.sampler import ResumableSampler, SampleKey, sample_seed, seeded_rng
 from ssl_zoo.utils.distributed import rank, world_size
+from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 
 
 def eval_transform(size: int = 224, resize_ratio: float = 0.875) -> Callable:
@@ -264,7 +265,7 @@ class PretrainDataModule(LightningDataModule):
         if trainer is None or sampler is None or trainer.state.fn != "fit":
             return {}
         epoch = trainer.current_epoch
-        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        batches_done = lightning_private_batches_done(trainer)
         if batches_done >= trainer.num_training_batches:
             epoch, batches_done = epoch + 1, 0
         return {"train_sampler": {"epoch": epoch, "start": batches_done * self.batch_size,

@@ -82,6 +82,7 @@ from ssl_zoo.models.moco_vit import init_moco_v3_vit
 from ssl_zoo.models.multi_projector import MultiProjector, count_parameters
 from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
 from ssl_zoo.utils.ema import OncePerOptimizerStep, cosine_schedule, init_teacher, update_ema
+from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 from ssl_zoo.utils.optim import (
     LARS,
     global_batch_size,
@@ -589,8 +590,7 @@ class MPCL(LightningModule):
         trainer = self._trainer
         if trainer is None:
             return True
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        return bool(progress.is_last_batch) or progress.current.processed >= trainer.num_training_batches
+        return trainer.is_last_batch or lightning_private_batches_done(trainer) >= trainer.num_training_batches
 
     def on_train_epoch_start(self) -> None:
         """A fresh epoch starts its own counts. Counts left over here come from an epoch that was cut short and

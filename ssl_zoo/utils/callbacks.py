@@ -29,7 +29,9 @@ def batch_num_images(batch) -> int:
 class ThroughputMonitor(Callback):
     """Logs ``train/images_per_s`` (per process, exponentially smoothed) to the progress bar and loggers.
 
-    The time of a step is measured from one batch's end to the next, so data loading is included.
+    The time of a step is measured from one batch's end to the next, so data loading is included. Ours, not
+    Lightning's ``ThroughputMonitor``, which logs to the loggers only (no progress bar, nothing in the
+    ``callback_metrics`` the run summary prints) and after a window of 100 batches (``test_library_contracts.py``).
     """
 
     def __init__(self, smoothing: float = 0.9) -> None:

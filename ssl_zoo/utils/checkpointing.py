@@ -32,6 +32,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ssl_zoo.utils.loop_progress import lightning_private_batches_done
+
 __all__ = [
     "AtomicCheckpointIO",
     "BetweenStepsSaver",
@@ -210,7 +212,7 @@ class LastCheckpoint(Checkpoint, BetweenStepsSaver):
         # A complete epoch: the loop state of the next epoch's start (see next_epoch_loop_state), resumed with
         # the next epoch. An epoch cut short (max_steps, max_time, should_stop): the state of its last batch
         # end, so that a resumed run trains the rest of the epoch.
-        complete = trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+        complete = lightning_private_batches_done(trainer) >= trainer.num_training_batches
         if complete:
             next_epoch = BatchEndLoopState()
             next_epoch.state = next_epoch_loop_state(trainer.fit_loop.state_dict())

@@ -81,15 +81,16 @@ def stopped_by_time_limit(trainer: Any) -> str | None:
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.trainer.states import RunningStage
 
+    from ssl_zoo.utils.loop_progress import lightning_private_batches_done, lightning_private_epochs_started
+
     timer = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer)), None)
     remaining = timer.time_remaining(RunningStage.TRAINING) if timer is not None else None
     if remaining is None or remaining > 0:
         return None
     # Lightning counts the epoch that the time limit cut short as completed (``current_epoch`` is one past
     # it), so the epoch reached and its share of batches come from the fit loop's progress counters.
-    loop = trainer.fit_loop
-    epoch = loop.epoch_progress.current.started  # 1-based: the epoch being trained when the time ran out
-    batches_done = loop.epoch_loop.batch_progress.current.completed
+    epoch = lightning_private_epochs_started(trainer)  # 1-based: the epoch being trained when the time ran out
+    batches_done = lightning_private_batches_done(trainer)
     batches = trainer.num_training_batches
     whole = math.isfinite(batches)  # inf for an iterable dataset without a length
     max_epochs = trainer.max_epochs
