@@ -165,16 +165,26 @@ def explain_parse_error(message: str, command_line: Sequence[str] = (), options:
     return textwrap.dedent("\n".join(lines)).strip() or message
 
 
+def argparse_private_subparsers(parser: Any) -> list[Any]:
+    """The parsers of ``parser``'s subcommands (``fit``, ``validate``...), and ``argparse_private_option_strings``
+    the option strings of one parser: argparse and jsonargparse keep both in private attributes and have no public
+    accessor. ``test_cli_errors.py`` (a misspelt ``--trainer`` option and a bad key named with its config file)
+    fails when they move."""
+    subcommands = getattr(parser, "_subcommands_action", None)
+    return list((getattr(subcommands, "_name_parser_map", None) or {}).values())
+
+
+def argparse_private_option_strings(parser: Any) -> list[str]:
+    return list(parser._option_string_actions)  # see argparse_private_subparsers
+
+
 class SSLZooArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors are one message (:func:`explain_parse_error`) without the usage."""
 
     command_line: Sequence[str] = ()
 
     def _all_option_strings(self) -> list[str]:
-        options = list(self._option_string_actions)
-        subcommands = getattr(self, "_subcommands_action", None)
-        for parser in (getattr(subcommands, "_name_parser_map", None) or {}).values():
-            options += list(parser._option_string_actions)
+        options = [o for p in (self, *argparse_private_subparsers(self)) for o in argparse_private_option_strings(p)]
         return [o for o in options if o.startswith("--")]
 
     def error(self, message: str, ex: Exception | None = None):
@@ -431,7 +441,7 @@ class SSLZooCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # The parsers name the config files and where a bad key was given in their error messages.
         command_line = [] if isinstance(args, Mapping) else [str(a) for a in (sys.argv[1:] if args is None else args)]
-        for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+        for each in (parser, *argparse_private_subparsers(parser)):
             each.command_line = command_line
         super().parse_arguments(parser, args)
 
