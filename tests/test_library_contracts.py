@@ -14,7 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_zoo.utils.callbacks import ThroughputMonitor, batch_num_images
-from ssl_zoo.utils.loop_progress import lightning_private_batches_done, lightning_private_epochs_started
+from ssl_zoo.utils.loop_progress import (
+    lightning_private_batches_done,
+    lightning_private_epochs_started,
+    lightning_private_fit_loop_state,
+    lightning_private_next_epoch_loop_state,
+)
 
 BATCHES = 5  # per epoch
 
@@ -81,3 +86,26 @@ def test_lightning_throughput_monitor_does_not_give_what_ours_does(tmp_path):
         shown = set(theirs.progress_bar_metrics) | set(theirs.callback_metrics)
         assert not any("per_sec" in name for name in shown)
         assert ("train/device/samples_per_sec" in logged_columns(theirs)) is rate_logged
+
+
+def test_next_epoch_loop_state_reads_lightnings_fit_loop_layout(tmp_path):
+    """The loop state a checkpoint written at a complete epoch's end carries: that epoch completed, the batch,
+    scheduler and optimiser counters of the current epoch back at zero, totals kept, the captured state untouched."""
+
+    class CaptureAtEpochEnd(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.state = lightning_private_fit_loop_state(trainer)
+
+    capture = CaptureAtEpochEnd()
+    fit(tmp_path, [capture], max_epochs=1)
+    before = capture.state
+    after = lightning_private_next_epoch_loop_state(before)
+    assert before["epoch_progress"]["current"]["completed"] == 0 and before["epoch_progress"]["current"]["processed"] == 1
+    assert after["epoch_progress"]["current"]["completed"] == after["epoch_progress"]["current"]["processed"] == 1
+    assert before["epoch_loop.batch_progress"]["current"]["processed"] == BATCHES
+    assert set(after["epoch_loop.batch_progress"]["current"].values()) == {0}
+    assert after["epoch_loop.batch_progress"]["total"]["processed"] == BATCHES
+    assert after["epoch_loop.batch_progress"]["is_last_batch"] is False
+    optimiser = after["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    assert optimiser and all(set(p["current"].values()) == {0} for p in optimiser.values())
+    assert optimiser["step"]["total"]["completed"] == BATCHES

@@ -32,7 +32,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ssl_zoo.utils.loop_progress import lightning_private_batches_done
+from ssl_zoo.utils.loop_progress import (
+    lightning_private_batches_done,
+    lightning_private_fit_loop_state,
+    lightning_private_next_epoch_loop_state,
+)
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -42,7 +46,6 @@ __all__ = [
     "RNGStateCheckpoint",
     "find_resume_checkpoint",
     "keep_previous_metrics",
-    "next_epoch_loop_state",
     "save_between_steps",
 ]
 
@@ -95,37 +98,11 @@ class BatchEndLoopState:
         self.state: dict[str, Any] | None = None
 
     def capture(self, trainer: Trainer) -> None:
-        self.state = trainer.fit_loop.state_dict()  # freshly built dicts of counters (~0.1 ms)
+        self.state = lightning_private_fit_loop_state(trainer)  # freshly built dicts of counters (~0.1 ms)
 
     def apply(self, checkpoint: dict[str, Any]) -> None:
         if self.state is not None:
             checkpoint["loops"]["fit_loop"] = copy.deepcopy(self.state)
-
-
-def next_epoch_loop_state(fit_loop_state: dict[str, Any]) -> dict[str, Any]:
-    """The fit loop's state at the start of the next epoch, from its state in ``on_train_epoch_end`` of a
-    complete epoch (the epoch counted processed, not yet completed; its batch counters at the epoch's end).
-
-    Lightning restores a checkpoint written at that point as "the epoch has finished" only in epoch-based
-    training: with ``max_steps`` set it keeps the restored loops restarting, counts one more batch in the finished
-    epoch and then starts the next one late. A checkpoint carrying the next epoch's start resumes at its first
-    batch in both cases, where the data module's sampler position points.
-    """
-    state = copy.deepcopy(fit_loop_state)
-
-    def zero(tracker: dict[str, Any]) -> None:
-        for key in tracker:
-            tracker[key] = 0
-
-    for tracker in state["epoch_progress"].values():
-        tracker["completed"] = tracker["processed"]
-    batches = state["epoch_loop.batch_progress"]
-    zero(batches["current"])
-    batches["is_last_batch"] = False
-    zero(state["epoch_loop.scheduler_progress"]["current"])
-    for progress in state.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).values():
-        zero(progress["current"])
-    return state
 
 
 def save_between_steps(trainer: Trainer, filepath: str, loop_state: BatchEndLoopState,
@@ -209,13 +186,13 @@ class LastCheckpoint(Checkpoint, BetweenStepsSaver):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs with the other checkpoint callbacks, after the module's on_train_epoch_end (MPCL's PTB update).
-        # A complete epoch: the loop state of the next epoch's start (see next_epoch_loop_state), resumed with
-        # the next epoch. An epoch cut short (max_steps, max_time, should_stop): the state of its last batch
+        # A complete epoch: the loop state of the next epoch's start (lightning_private_next_epoch_loop_state),
+        # resumed with the next epoch. An epoch cut short (max_steps, max_time, should_stop): the state of its last batch
         # end, so that a resumed run trains the rest of the epoch.
         complete = lightning_private_batches_done(trainer) >= trainer.num_training_batches
         if complete:
             next_epoch = BatchEndLoopState()
-            next_epoch.state = next_epoch_loop_state(trainer.fit_loop.state_dict())
+            next_epoch.state = lightning_private_next_epoch_loop_state(lightning_private_fit_loop_state(trainer))
             self._save(trainer, next_epoch)
         else:
             self._save(trainer, self.loop_state)
