@@ -160,8 +160,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "SimSiam's fixed predictor lr"),
     # ------------------------------------------------------------------ evaluation
     Mutant("threshold_strict", "ssl_zoo/eval/metrics.py",
-           "predicted = (scores >= threshold).to(torch.float64)",
-           "predicted = (scores > threshold).to(torch.float64)",
+           "predicted = (scores >= threshold).long()",
+           "predicted = (scores > threshold).long()",
            "a label is predicted when its score is >= the threshold"),
     Mutant("knn_vote_unweighted", "ssl_zoo/eval/knn.py",
            "weights = (sims / temperature).softmax(dim=1)",
