@@ -6,6 +6,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score
+from torchmetrics.functional.classification import (
+    multilabel_average_precision,
+    multilabel_f1_score,
+    multilabel_stat_scores,
+)
 
 from ssl_zoo.eval.features import embed, extract_features
 from ssl_zoo.eval.knn import knn_evaluate, knn_predict
@@ -51,10 +56,15 @@ def reference_multilabel(scores: np.ndarray, targets: np.ndarray, threshold: flo
             "CF1": 100 * f1(cp, cr), "OP": 100 * op, "OR": 100 * orr, "OF1": 100 * f1(op, orr)}
 
 
+#: AP comes from torchmetrics, whose precision curve is float32 (a few float32 rounding steps, relative);
+#: the other metrics are ratios of integer counts in float64.
+AP_TOLERANCE = dict(rel=1e-6, abs=1e-9)
+
+
 def assert_metrics_close(got: dict, want: dict) -> None:
     assert set(got) == set(MULTILABEL_METRIC_NAMES) == set(want)
     for key in want:
-        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+        assert got[key] == pytest.approx(want[key], **(AP_TOLERANCE if key == "mAP" else dict(abs=1e-9))), key
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -75,7 +85,7 @@ def test_average_precision_matches_sklearn_with_and_without_ties():
     for scores in (rng.random((60, 5)), np.round(rng.random((60, 5)), 1)):  # the second has many ties
         ap = average_precision(torch.from_numpy(scores), torch.from_numpy(targets)).numpy()
         want = [average_precision_score(targets[:, j], scores[:, j]) for j in range(5)]
-        np.testing.assert_allclose(ap, want, atol=1e-12)
+        np.testing.assert_allclose(ap, want, rtol=AP_TOLERANCE["rel"], atol=1e-12)
 
 
 def test_average_precision_closed_form():
@@ -101,6 +111,9 @@ def test_class_without_positives_is_left_out_of_map_and_counts_zero_recall():
     assert got["OP"] == pytest.approx(100 * 2 / 3)
     assert got["OR"] == pytest.approx(100.0)
     assert_metrics_close(got, reference_multilabel(scores.numpy(), targets.numpy(), 0.5))
+    # torchmetrics' macro AP counts the class without positives as 0
+    with pytest.warns(UserWarning, match="No positive samples"):
+        assert multilabel_average_precision(scores, targets.long(), num_labels=2, average="macro").item() == 0.5
 
 
 def test_class_never_predicted_has_precision_zero_not_nan():
@@ -123,6 +136,39 @@ def test_score_equal_to_threshold_counts_as_positive():
     assert got["OR"] == pytest.approx(50.0)
     strict = multilabel_metrics(scores, targets, threshold=0.50001)
     assert strict["OR"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="num_labels"):  # torchmetrics' multi-label functions need two labels
+        multilabel_stat_scores(scores, targets.long(), num_labels=1)
+
+
+def test_threshold_boundary_is_inclusive_where_torchmetrics_is_strict():
+    """score == threshold is a prediction (the contract); torchmetrics' own threshold is ``score > t``, so ours
+    equals torchmetrics' at the next float below t, and differs from it at t."""
+    scores = torch.tensor([[0.5, 0.25], [0.25, 0.75], [0.75, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([[1, 1], [0, 1], [1, 0]])
+    got = multilabel_metrics(scores, targets, threshold=0.5)
+    # predicted (>=): class 0 rows 0, 2 (both right); class 1 rows 1 (right), 2 (wrong)
+    assert (got["OP"], got["OR"], got["CP"], got["CR"]) == pytest.approx((75.0, 75.0, 75.0, 75.0))
+    assert_metrics_close(got, reference_multilabel(scores.numpy(), targets.numpy(), 0.5))
+
+    def true_and_predicted(threshold):
+        stats = multilabel_stat_scores(scores, targets, num_labels=2, threshold=threshold, average=None)
+        return stats[:, 0].sum().item(), (stats[:, 0] + stats[:, 1]).sum().item()
+
+    assert true_and_predicted(0.5) == (2, 2)  # the scores equal to 0.5 are not predicted
+    assert true_and_predicted(math.nextafter(0.5, 0.0)) == (3, 4)  # ours: OP = 3 / 4
+    assert got["OP"] == pytest.approx(100 * 3 / 4)
+
+
+def test_scores_a_rounding_step_above_one_are_not_taken_for_logits():
+    """A kNN vote can exceed 1 by a rounding step. torchmetrics takes any score outside [0, 1] for a logit and passes
+    every score through a sigmoid (0.1 -> 0.52, predicted at 0.5); the scores are thresholded here as given."""
+    scores = torch.tensor([[1.0 + 1e-6, 0.2], [0.2, 0.9], [0.1, 0.1]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    got = multilabel_metrics(scores, targets)
+    assert (got["mAP"], got["OP"], got["OR"], got["CF1"]) == pytest.approx((100.0, 100.0, 100.0, 100.0))
+    assert_metrics_close(got, reference_multilabel(scores.numpy(), targets.numpy(), 0.5))
+    false_positives = multilabel_stat_scores(scores, targets.long(), num_labels=2, average=None)[:, 1]
+    assert false_positives.tolist() == [2, 2]
 
 
 def test_nothing_predicted_gives_zero_f1_not_nan():
@@ -138,6 +184,8 @@ def test_cf1_is_not_mean_of_per_class_f1():
     cp, cr = (1 + 1 / 3) / 2, 1.0
     assert got["CF1"] == pytest.approx(100 * 2 * cp * cr / (cp + cr))
     assert got["CF1"] != pytest.approx(75.0)
+    # torchmetrics' macro F1 is that mean of per-class F1
+    assert multilabel_f1_score(scores, targets.long(), num_labels=2, average="macro").item() == pytest.approx(0.75)
 
 
 def test_metrics_reject_bad_inputs():

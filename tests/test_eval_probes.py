@@ -542,6 +542,39 @@ def test_finetune_layer_decay_follows_simmim_for_swin():
     assert scale_of[id(model.head.weight)] == 1.0
 
 
+def test_layer_ids_depart_from_timms_matcher_only_where_beit_and_simmim_do():
+    """timm's ``group_matcher`` (what ``param_groups_layer_decay`` numbers by) merges the final norm into the last
+    block (BEiT / MAE: L + 1, with the head) and numbers Swin's patch merging with the next stage's first block
+    (SimMIM: with the block before it). Everything else, ResNet and mean-pooled BEiT included, is timm's."""
+    import timm
+    from timm.models import group_parameters
+
+    swin = {"img_size": 32, "depths": [1, 2, 1, 1], "embed_dim": 24, "num_heads": [1, 1, 1, 1], "window_size": 1}
+    expected = {
+        "vit_tiny_patch16_224": ({"depth": 3, "img_size": 32}, {"norm.weight": +1, "norm.bias": +1}),
+        "beit_base_patch16_224": ({"depth": 2, "embed_dim": 96, "num_heads": 3, "img_size": 32}, {}),
+        "resnet18": ({}, {}),
+        "swin_tiny_patch4_window7_224": (swin, {"norm.weight": +1, "norm.bias": +1,
+                                                **{f"layers.{i}.downsample.{p}": -1 for i in (1, 2, 3)
+                                                   for p in ("norm.weight", "norm.bias", "reduction.weight")}}),
+    }
+    for name, (kwargs, moved) in expected.items():
+        model = timm.create_model(name, num_classes=5, **kwargs)
+        timm_ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        ours = layer_ids(model)
+        assert {n: ours[n] - timm_ids[n] for n in ours if ours[n] != timm_ids[n]} == moved, name
+
+
+def test_finetune_resnet_head_sits_one_layer_after_the_last_block():
+    """The headless ResNet's ids stop at its last block (L); the fine-tuning head is L + 1 (BEiT's numbering), so
+    the last block already takes one decay step."""
+    model = FineTune(backbone="resnet18", img_size=32, num_classes=5, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in model.param_groups(lr=1.0) for p in g["params"]}
+    resnet = model.backbone.model
+    assert scale_of[id(model.head.weight)] == 1.0
+    assert scale_of[id(resnet.layer4[1].conv1.weight)] == 0.5 and scale_of[id(resnet.conv1.weight)] == 0.5 ** 9
+
+
 def test_probe_requires_a_backbone_without_checkpoint():
     with pytest.raises(ValueError, match="model.backbone"):
         LinearProbe()

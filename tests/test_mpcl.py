@@ -481,7 +481,7 @@ def test_barlow_twins_optimiser_is_the_projects_lars_with_main_py_groups():
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert type(optimizer) is LARS
     weights, others = optimizer.param_groups
-    # main.py's split by ndim (biases and BN parameters apart); the tiny ViT's tokens also go without weight decay
+    # main.py's split by ndim (biases and BN parameters apart; the tiny ViT's tokens, ndim 3, are weights)
     assert all(p.ndim > 1 for p in weights["params"])
     assert {id(p) for p in model.parameters() if p.ndim <= 1} <= {id(p) for p in others["params"]}
     assert len(weights["params"]) + len(others["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
@@ -489,6 +489,14 @@ def test_barlow_twins_optimiser_is_the_projects_lars_with_main_py_groups():
     assert scheduler.base_lrs == pytest.approx([0.2 * 1024 / 256, 0.0048 * 1024 / 256])
     # 10 warmup epochs = 100 steps, then cosine to 1/1000 of the peak
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.8 / 100, 0.0192 / 100])
+    # The split holds whatever the weight decay; timm's param_groups_weight_decay (the AdamW recipes' groups) puts
+    # every parameter into one group at weight decay 0, where it could not carry the biases' own lr.
+    from timm.optim import param_groups_weight_decay
+
+    assert len(param_groups_weight_decay(model, 0.0)) == 1
+    model.hparams.weight_decay = 0.0
+    weights, others = model.configure_optimizers()["optimizer"].param_groups
+    assert (weights["initial_lr"], others["initial_lr"]) == pytest.approx((0.2 * 1024 / 256, 0.0048 * 1024 / 256))
 
 
 def test_table_i_alignment_is_wang_and_isola_with_alpha_2():

@@ -236,7 +236,7 @@ def test_teacher_is_bit_identical_after_several_optimizer_steps():
     assert not torch.equal(model.backbone.model.patch_embed.proj.weight, student_before)
     optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert not optimised & {id(p) for p in model.teacher_backbone.parameters()}
-    no_decay = trainer.optimizers[0].param_groups[1]
+    no_decay = trainer.optimizers[0].param_groups[0]  # timm's param_groups_weight_decay: [no decay, decay]
     assert no_decay["weight_decay"] == 0.0 and any(p is model.mask_token for p in no_decay["params"])
     assert trainer.optimizers[0].defaults["betas"] == (0.9, 0.98)
 
@@ -306,9 +306,11 @@ def test_beit_student_trains_with_the_shared_relative_position_bias():
     assert shared.grad is not None and shared.grad.abs().sum() > 0
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
     # no weight decay on the relative position bias table (BEiT's no_weight_decay list)
-    from ssl_zoo.utils.optim import split_weight_decay
+    from timm.optim import param_groups_weight_decay
 
-    decay, no_decay = split_weight_decay(model.named_parameters(), 0.05)
+    from ssl_zoo.utils.optim import NO_WEIGHT_DECAY
+
+    no_decay, decay = param_groups_weight_decay(model, 0.05, no_weight_decay_list=NO_WEIGHT_DECAY)
     assert any(p is shared for p in no_decay["params"]) and not any(p is shared for p in decay["params"])
 
 

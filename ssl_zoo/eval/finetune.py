@@ -12,12 +12,15 @@ towards 0.5) and reports the multi-label metrics.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Literal
 
 import timm
 import timm.data
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling, embed, split_batch
@@ -30,7 +33,7 @@ from ssl_zoo.eval.transforms import (
 )
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine_scheduler
 
-__all__ = ["FineTune", "check_mean_pooling", "layer_ids", "with_mean_pooling"]
+__all__ = ["FineTune", "backbone_layer_matcher", "check_mean_pooling", "layer_ids", "timm_prefix", "with_mean_pooling"]
 
 
 def with_mean_pooling(backbone_kwargs: dict | None) -> dict:
@@ -52,32 +55,51 @@ def check_mean_pooling(backbone) -> None:
         )
 
 
+#: Parameter-name prefixes of what follows the blocks in a timm model: final norm, pooled norm, classifier.
+_AFTER_BLOCKS = ("norm.", "fc_norm.", "head.", "fc.")
+
+
 def layer_ids(model: nn.Module) -> dict[str, int]:
-    """BEiT / MAE layer ids of a timm model's parameters: 0 embeddings, 1..L blocks, L + 1 the rest.
+    """BEiT / MAE layer ids of a timm model's parameters: 0 embeddings, 1..L blocks, L + 1 what follows them.
 
-    The blocks come from timm's ``group_matcher(coarse=False)`` (ViT blocks, Swin blocks, ResNet blocks);
-    the final norm (``norm``/``fc_norm``) and any head are put after the last block; a Swin patch-merging
-    layer goes with the block before it, as SimMIM's fine-tuning numbers it.
+    timm's ``group_matcher(coarse=False)`` numbers the embeddings and the blocks (ViT / BEiT blocks, Swin blocks
+    across stages, ResNet blocks); ours departs from it where the recipes do (``test_eval_probes.py`` names each):
+
+    * the final ``norm`` goes after the last block, with the head: BEiT's ``get_num_layer_for_vit`` and MAE's
+      ``get_layer_id_for_vit`` give it L + 1, timm's matcher merges it into block L (``MATCH_PREV_GROUP``);
+    * a Swin patch-merging layer goes with the block *before* it, as SimMIM numbers it
+      (``optimizer.get_swin_layer``: ``layers.i.downsample`` -> ``sum(depths[:i + 1])``, the last block of stage
+      i). SimMIM's Swin merges patches at the end of a stage, timm's at the start of the next one
+      (``layers.{i+1}.downsample``), which timm's matcher numbers with that stage's first block.
     """
-    from timm.models import group_parameters
-
     ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
-    after = ("norm.", "fc_norm.", "head.", "fc.")
-    last = max((i for n, i in ids.items() if not n.startswith(after)), default=0) + 1
-    out = {n: (last if n.startswith(after) else ids.get(n, last)) for n, _ in model.named_parameters()}
-    return _swin_patch_merging_with_previous_block(model, out)
+    after = _last_block(ids) + 1
+    ids = {n: after if n.startswith(_AFTER_BLOCKS) else ids.get(n, after) for n, _ in model.named_parameters()}
+    if type(model).__name__.startswith("SwinTransformer"):
+        ids = {n: i - 1 if n.startswith("layers.") and n.split(".")[2] == "downsample" else i for n, i in ids.items()}
+    return ids
 
 
-def _swin_patch_merging_with_previous_block(model: nn.Module, ids: dict[str, int]) -> dict[str, int]:
-    """Swin: a patch-merging layer takes the id of the block *before* it, as SimMIM numbers them
-    (``optimizer.get_swin_layer``: ``layers.i.downsample`` -> ``sum(depths[:i + 1])``, the last block of stage i).
+def _last_block(ids: dict[str, int]) -> int:
+    return max((i for n, i in ids.items() if not n.startswith(_AFTER_BLOCKS)), default=0)
 
-    SimMIM's Swin merges patches at the end of a stage; timm's does it at the start of the next one
-    (``layers.{i+1}.downsample``), so ``group_matcher`` numbers it with that stage's first block, one
-    decay step higher. Other models are returned unchanged."""
-    if not type(model).__name__.startswith("SwinTransformer"):
-        return ids
-    return {n: i - 1 if n.startswith("layers.") and n.split(".")[2] == "downsample" else i for n, i in ids.items()}
+
+def timm_prefix(model: nn.Module, backbone) -> str:
+    """The name prefix of ``backbone``'s timm model inside ``model`` (``backbone.model.`` in a :class:`FineTune`)."""
+    for name, module in model.named_modules():
+        if module is backbone:
+            return f"{name}.model." if name else "model."
+    raise ValueError("the backbone is not a submodule of the model")
+
+
+def backbone_layer_matcher(model: nn.Module, backbone) -> Callable[[str], int]:
+    """:func:`layer_ids` as a timm ``group_matcher`` of ``model``, which holds ``backbone``: the backbone's
+    parameters take their ids, everything else in ``model`` (head, neck) the id after the last block, L + 1
+    (also for a headless ResNet, whose own ids stop at its last block)."""
+    prefix = timm_prefix(model, backbone)
+    ids = layer_ids(backbone.model)
+    after = _last_block(ids) + 1
+    return lambda name: ids[name[len(prefix):]] if name.startswith(prefix) else after
 
 
 class FineTune(EvalModule):
@@ -270,35 +292,29 @@ class FineTune(EvalModule):
         self.accumulate(logits, targets, index)
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self, lr: float, head_lr: float | None = None) -> list[dict]:
-        """AdamW groups with layer-wise lr decay (BEiT §2.6) and no weight decay on 1-D parameters/tokens; with a
-        ``head_lr``, the head's parameters form their own groups at that lr.
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's grouping hook, read by ``param_groups_layer_decay``: a parameter name's layer id
+        (:func:`backbone_layer_matcher`: BEiT's numbering of the backbone, the head at L + 1)."""
+        return backbone_layer_matcher(self, self.backbone)
 
-        Layer ids as BEiT's and MAE's code number them: 0 for the embeddings, 1..L for the blocks (timm's
-        ``group_matcher``; stages' blocks for Swin and ResNet), L + 1 for what follows them (final norm,
-        head); the lr of id l is ``lr * layer_decay^(L + 1 - l)``. (timm's ``param_groups_layer_decay``
-        groups the final norm with the last block and so gives every layer one decay step less.)
-        """
+    def param_groups(self, lr: float, head_lr: float | None = None) -> list[dict]:
+        """timm's ``param_groups_layer_decay`` over this module, numbered by :meth:`group_matcher`: the lr of layer
+        id l is ``lr * layer_decay^(L + 1 - l)`` (BEiT §2.6), no weight decay on 1-D parameters (biases, norms) and
+        on the backbone's ``no_weight_decay()`` tensors (position embeddings, tokens, relative position tables).
+        With a ``head_lr``, the head's parameters form their own groups at that lr."""
         hp = self.hparams
-        ids = layer_ids(self.backbone.model)
-        last = max(ids.values())
-        no_decay = set(self.backbone.model.no_weight_decay()) if hasattr(self.backbone.model, "no_weight_decay") else set()
-        named = [(f"model.{n}", p, ids[n]) for n, p in self.backbone.model.named_parameters()]
-        named += [(f"head.{n}", p, last) for n, p in self.head.named_parameters()]
-        groups: dict[tuple[int, bool, bool], dict] = {}
-        for name, param, layer in named:
-            if not param.requires_grad:
-                continue
-            decay = not (param.ndim <= 1 or name.removeprefix("model.") in no_decay)
-            own_lr = head_lr is not None and name.startswith("head.")
-            scale = 1.0 if own_lr else hp.layer_decay ** (last - layer)
-            group = groups.setdefault((layer, decay, own_lr), {
-                "params": [], "param_names": [], "lr_scale": scale, "lr": (head_lr if own_lr else lr) * scale,
-                "weight_decay": hp.weight_decay if decay else 0.0,
-            })
-            group["params"].append(param)
-            group["param_names"].append(name)
-        return list(groups.values())
+        timm_model = self.backbone.model
+        no_decay = [f"backbone.model.{n}" for n in getattr(timm_model, "no_weight_decay", set)()]
+        groups = param_groups_layer_decay(self, hp.weight_decay, no_weight_decay_list=no_decay,
+                                          layer_decay=hp.layer_decay)
+        for group in groups:
+            group["lr"] = lr * group["lr_scale"]
+        if head_lr is not None:
+            head = {id(p) for p in self.head.parameters()}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) not in head]} for g in groups]
+            groups = [g for g in groups if g["params"]] + [
+                {**g, "lr": head_lr, "lr_scale": 1.0} for g in param_groups_weight_decay(self.head, hp.weight_decay)]
+        return groups
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,14 +1,17 @@
 """Multi-label classification metrics in the form the multi-label literature reports them.
 
 COCO / VOC multi-label papers (ML-GCN, ASL, BAM+IA-CLoss, HVP-MTL) report mAP plus the per-class (C*) and
-overall (O*) precision, recall and F1 at a fixed score threshold. Two details differ from torchmetrics and
-are the reason this module exists (see the contract, ``ssl_zoo.eval.metrics.multilabel_metrics``):
+overall (O*) precision, recall and F1 at a fixed score threshold. torchmetrics does the counting: the per-class
+AP (``multilabel_average_precision(average=None)``, the functional form of ``MultilabelAveragePrecision``) and
+the per-class true / false positives (``multilabel_stat_scores(average=None)``). What the contract
+(``ssl_zoo.eval.metrics.multilabel_metrics``) fixes differently from torchmetrics stays here, each tested in
+``tests/test_eval_metrics.py``:
 
-* a prediction is positive when ``score >= threshold`` (torchmetrics uses ``>``);
-* CF1 is the harmonic mean of CP and CR, not the mean of per-class F1 scores, and mAP averages only the
-  classes that have at least one positive (torchmetrics' macro AP counts the others as 0).
-
-Everything is computed in float64 on the CPU: a validation set is at most a few hundred thousand scores.
+* a prediction is positive when ``score >= threshold``: torchmetrics thresholds with ``>`` (and takes scores
+  outside [0, 1] for logits, which it passes through a sigmoid), so it is given the 0/1 predictions;
+* mAP averages only the classes that have at least one positive (torchmetrics' macro AP counts the others as 0);
+* CF1 is the harmonic mean of CP and CR, not the mean of per-class F1 scores;
+* torchmetrics' multi-label functions refuse a single label, which is then evaluated twice and counted once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 
 import torch
 from torch import Tensor
+from torchmetrics.functional.classification import multilabel_average_precision, multilabel_stat_scores
 
 __all__ = ["MULTILABEL_METRIC_NAMES", "average_precision", "multilabel_metrics"]
 
@@ -34,35 +38,34 @@ def _check_inputs(scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("scores contain NaN")
     if not ((targets == 0) | (targets == 1)).all():
         raise ValueError("targets must be multi-hot: every entry 0 or 1")
-    return scores, targets
+    return scores, targets.long()
+
+
+def _two_labels_at_least(x: Tensor) -> Tensor:
+    """``[N, 1] -> [N, 2]`` (the column twice): torchmetrics' multi-label functions refuse a single label."""
+    return x.repeat(1, 2) if x.shape[1] == 1 else x
 
 
 def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     """Per-class average precision ``[C]`` (float64); NaN for a class without positives.
 
     AP_c = (1/|P_c|) * sum_{i in P_c} precision_c(s_ic), where P_c are the positives of class c and
-    precision_c(t) = |{j in P_c : s_jc >= t}| / |{j : s_jc >= t}| is the precision at the rank of sample i.
-    Samples with equal scores share one rank (all of them count as retrieved together), which makes AP
-    independent of the order of ties; without ties this is the familiar mean of precision@rank over the
-    positives (and equals scikit-learn's ``average_precision_score``).
+    precision_c(t) = |{j in P_c : s_jc >= t}| / |{j : s_jc >= t}| is the precision at the rank of sample i:
+    samples with equal scores share one rank, as in scikit-learn's ``average_precision_score``. torchmetrics'
+    ``multilabel_average_precision(average=None)`` on the classes with positives (its precision is float32).
 
     Args:
-        scores: ``[N, C]`` scores (any monotone scale: probabilities or logits).
+        scores: ``[N, C]`` probabilities (torchmetrics passes scores outside [0, 1] through a sigmoid).
         targets: ``[N, C]`` in ``{0, 1}``.
     """
     scores, targets = _check_inputs(scores, targets)
-    s = scores.t().contiguous()  # [C, N]
-    y = targets.t().contiguous()
-    order = s.argsort(dim=1, descending=True)
-    s_sorted = s.gather(1, order)  # [C, N], descending
-    y_sorted = y.gather(1, order)
-    tp_cum = y_sorted.cumsum(dim=1)  # positives among the first r+1 ranked samples
-    # Number of samples scoring >= s_sorted[c, r]: the end of r's tie group (searchsorted on ascending -s).
-    neg_sorted = (-s_sorted).contiguous()
-    n_retrieved = torch.searchsorted(neg_sorted, neg_sorted, right=True)  # [C, N], >= 1
-    precision = tp_cum.gather(1, n_retrieved - 1) / n_retrieved  # precision at each sample's rank
-    num_pos = y.sum(dim=1)  # [C]
-    return (precision * y_sorted).sum(dim=1) / num_pos  # 0/0 = NaN for classes without positives
+    has_pos = targets.sum(dim=0) > 0
+    ap = torch.full((scores.shape[1],), math.nan, dtype=torch.float64)
+    if has_pos.any():
+        s, y = _two_labels_at_least(scores[:, has_pos]), _two_labels_at_least(targets[:, has_pos])
+        per_class = multilabel_average_precision(s, y, num_labels=s.shape[1], average=None, validate_args=False)
+        ap[has_pos] = per_class[: int(has_pos.sum())].double()
+    return ap
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -94,19 +97,19 @@ def multilabel_metrics(scores: Tensor, targets: Tensor, threshold: float = 0.5) 
     Returns:
         ``{"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"}`` as Python floats in percent.
     """
-    ap = average_precision(scores, targets)
+    mean_ap = average_precision(scores, targets).nanmean().item()  # NaN-free exactly for the classes with positives
     scores, targets = _check_inputs(scores, targets)
-    has_pos = targets.sum(dim=0) > 0
-    mean_ap = ap[has_pos].mean().item() if has_pos.any() else math.nan
 
-    predicted = (scores >= threshold).to(torch.float64)  # [N, C]
-    tp = (predicted * targets).sum(dim=0)  # [C]
-    n_pred = predicted.sum(dim=0)
-    n_true = targets.sum(dim=0)
-    cp = _ratio(tp, n_pred).mean().item()
-    cr = _ratio(tp, n_true).mean().item()
-    op = _ratio(tp.sum(), n_pred.sum()).item()
-    or_ = _ratio(tp.sum(), n_true.sum()).item()
+    predicted = (scores >= threshold).long()  # the contract's inclusive threshold (torchmetrics' is score > t)
+    num_classes = targets.shape[1]
+    stats = multilabel_stat_scores(_two_labels_at_least(predicted), _two_labels_at_least(targets),
+                                   num_labels=max(num_classes, 2), average=None, validate_args=False)
+    stats = stats[:num_classes].double()
+    tp, fp, fn = stats[:, 0], stats[:, 1], stats[:, 3]  # [C] each: torchmetrics' (tp, fp, tn, fn, support)
+    cp = _ratio(tp, tp + fp).mean().item()
+    cr = _ratio(tp, tp + fn).mean().item()
+    op = _ratio(tp.sum(), (tp + fp).sum()).item()
+    or_ = _ratio(tp.sum(), (tp + fn).sum()).item()
     return {
         "mAP": 100.0 * mean_ap,
         "CP": 100.0 * cp,

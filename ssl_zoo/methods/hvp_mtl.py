@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from lightly.utils.debug import std_of_l2_normalized
 from lightning.pytorch import LightningModule
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from ssl_zoo.augment import HVPTransform
@@ -70,7 +71,7 @@ from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.query2label import Query2LabelDecoder
 from ssl_zoo.utils.ema import OncePerOptimizerStep, init_teacher, update_ema
-from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
+from ssl_zoo.utils.optim import NO_WEIGHT_DECAY, global_batch_size, scaled_lr, warmup_cosine_scheduler
 
 __all__ = ["HVPMTL", "label_similarity"]
 
@@ -433,8 +434,8 @@ class HVPMTL(LightningModule):
         hp = self.hparams
         lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer), reference=hp.lr_reference)
         # AdamW, no weight decay on norms, biases and tokens; the teacher (requires_grad=False) is skipped.
-        optimizer = torch.optim.AdamW(split_weight_decay(self.named_parameters(), hp.weight_decay), lr=lr,
-                                      betas=tuple(hp.betas))
+        groups = param_groups_weight_decay(self, hp.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
         scheduler = warmup_cosine_scheduler(optimizer, total, warmup, final_ratio=hp.final_lr_ratio)

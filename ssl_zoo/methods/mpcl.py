@@ -87,7 +87,6 @@ from ssl_zoo.utils.optim import (
     LARS,
     global_batch_size,
     scaled_lr,
-    split_weight_decay,
     warmup_cosine_scheduler,
 )
 
@@ -654,15 +653,16 @@ class MPCL(LightningModule):
         hp = self.hparams
         lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
         # The momentum encoder, the fixed position embedding and the frozen patch projection need no gradient.
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
+        params = [p for p in self.parameters() if p.requires_grad]
         if hp.optimizer == "sgd":  # MoCo v2: weight decay on every parameter
             optimizer = torch.optim.SGD(params, lr=lr, momentum=hp.sgd_momentum, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adamw":  # MoCo v3 ViT: AdamW, weight decay on every parameter
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay)
-        else:  # MoCo v3 ResNet, Barlow Twins: LARS; biases and norms get neither weight decay nor LARS scaling
-            groups = split_weight_decay(named, hp.weight_decay)  # [weights, biases and norms]
-            groups[1]["lr"] = lr * hp.bias_lr_scale  # Barlow Twins: 0.0048 instead of 0.2 per 256 images
+        else:  # MoCo v3 ResNet, Barlow Twins: LARS; biases and norms (ndim 1) get neither weight decay nor LARS scaling
+            # Barlow Twins main.py's groups, split by ndim whatever the weight decay: [weights, biases and norms],
+            # the latter at 0.0048 instead of 0.2 per 256 images
+            groups = [{"params": [p for p in params if p.ndim > 1]},
+                      {"params": [p for p in params if p.ndim <= 1], "lr": lr * hp.bias_lr_scale, "weight_decay": 0.0}]
             optimizer = LARS(groups, lr=lr, momentum=hp.sgd_momentum, weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from lightly.utils.debug import std_of_l2_normalized
 from lightning.pytorch import LightningModule
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from ssl_zoo.augment import MVPTransform
@@ -34,7 +35,7 @@ from ssl_zoo.models import Backbone
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.backbones import TOKEN_FAMILIES
 from ssl_zoo.models.teachers import build_teacher
-from ssl_zoo.utils.optim import global_batch_size, scaled_lr, split_weight_decay, warmup_cosine_scheduler
+from ssl_zoo.utils.optim import NO_WEIGHT_DECAY, global_batch_size, scaled_lr, warmup_cosine_scheduler
 
 
 class MVP(LightningModule):
@@ -206,8 +207,8 @@ class MVP(LightningModule):
         hp = self.hparams
         batch = hp.lr_batch_size or global_batch_size(self.trainer)
         lr = scaled_lr(hp.base_lr, batch, reference=hp.lr_reference)  # 1.5e-3 x batch / 2048
-        # The frozen teacher has requires_grad=False and is skipped by split_weight_decay.
-        groups = split_weight_decay(self.named_parameters(), hp.weight_decay)
+        # The frozen teacher has requires_grad=False and is skipped by timm's param_groups_weight_decay.
+        groups = param_groups_weight_decay(self, hp.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))

@@ -173,7 +173,8 @@ class ObjectDetection(DenseTransferModule):
             with the global batch.
         weight_decay, momentum, betas: optimiser settings (detectron2: 1e-4, 0.9).
         layer_decay: layer-wise lr decay of ViT blocks (1 = off; ViTDet B: 0.7).
-        decay_biases: weight decay on biases (detectron2 / mmdet: yes).
+        decay_biases: weight decay on biases and the other 1-D tensors (detectron2 / mmdet: yes; BEiT's
+            segmentation recipe: none on any 1-D tensor, see :mod:`ssl_zoo.transfer.optim`).
         lr_schedule: ``multistep`` (decay by ``lr_gamma`` at ``lr_milestones``, fractions of the run) or
             ``poly``; ``warmup_steps`` / ``warmup_ratio``: linear warmup (detectron2: 1000 steps from 0.001).
     """

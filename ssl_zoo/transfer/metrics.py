@@ -51,6 +51,7 @@ def coco_metric_names(result: dict[str, Any], with_masks: bool) -> dict[str, flo
 
 
 # ------------------------------------------------------------------------------------------ VOC
+# Ours: torchmetrics' MeanAveragePrecision is COCO's 101-point AP; VOC2007's 11-point AP (detectron2's) is not in it.
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
     """AP from a precision / recall curve (detectron2's ``voc_ap``): VOC2007's mean of the interpolated
     precision at recall 0, 0.1, ..., 1, or the area under the monotone precision envelope."""

@@ -5,11 +5,13 @@ step schedules, and the ``eval.json`` record (:class:`~ssl_zoo.eval.module.EvalM
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ssl_zoo.checkpoints import read_backbone_weights
+from ssl_zoo.eval.finetune import backbone_layer_matcher
 from ssl_zoo.eval.module import EvalModule, build_eval_backbone
 from ssl_zoo.models.backbones import Backbone
 from ssl_zoo.transfer.optim import dense_param_groups, lr_scheduler
@@ -101,6 +103,11 @@ class DenseTransferModule(EvalModule):
                                 filename="best-step{step:06d}")]
 
     # ------------------------------------------------------------------ optimisation
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's grouping hook, read by ``param_groups_layer_decay``: a parameter name's layer id (BEiT's numbering
+        of the backbone, the neck and heads at L + 1; :func:`~ssl_zoo.eval.finetune.backbone_layer_matcher`)."""
+        return backbone_layer_matcher(self, self.backbone)
+
     def peak_lr(self) -> float:
         """``lr`` is the recipe's lr for ``lr_reference_batch`` images per step; it scales with the global batch."""
         hp = self.hparams

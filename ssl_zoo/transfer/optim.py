@@ -1,14 +1,17 @@
 """Parameter groups and lr schedules of the dense transfer recipes.
 
 Layer-wise lr decay (BEiT §2.6 and its ``LayerDecayOptimizerConstructor``, ViTDet's ``get_vit_lr_decay_rate``):
-the backbone's parameters get layer ids 0 (patch embedding, position embedding, class token), 1..L (block
-l - 1), and everything else in the model (the backbone's final norm, the neck, the heads) L + 1; the lr of id l
-is ``lr * decay^(L + 1 - l)``. Ids come from :func:`ssl_zoo.eval.finetune.layer_ids` (timm's
-``group_matcher``), the same numbering the classification fine-tuning uses.
+timm's ``param_groups_layer_decay`` over the whole model, numbered by the model's ``group_matcher``
+(:func:`ssl_zoo.eval.finetune.backbone_layer_matcher`, the numbering the classification fine-tuning uses): the
+backbone's parameters get layer ids 0 (patch embedding, position embedding, class token), 1..L (block l - 1), and
+everything else in the model (the backbone's final norm, the neck, the heads) L + 1; the lr of id l is
+``lr * decay^(L + 1 - l)``.
 
-Weight decay: none on normalisation layers and on the backbone's ``no_weight_decay()`` tensors (position
-embeddings, class token, Swin's relative position bias tables) in every recipe; biases are decayed as
-detectron2 and mmdet / mmseg do unless ``decay_biases=False`` (BEiT's segmentation recipe excludes them).
+Weight decay: none on normalisation layers (by module type, detectron2's ``weight_decay_norm``) and on the
+backbone's ``no_weight_decay()`` tensors (position embeddings, class token, Swin's relative position bias tables)
+in every recipe. Biases and the other 1-D tensors are decayed as detectron2 and mmdet / mmseg do; with
+``decay_biases=False`` no 1-D tensor is (BEiT's segmentation recipe: ``len(param.shape) == 1 or
+name.endswith(".bias")``, layer-scale gammas and q / v biases included), timm's ``weight_decay_exclude_1d``.
 
 Schedules are per optimiser step: a linear warmup from ``warmup_ratio`` (detectron2's ``WarmupMultiStepLR``
 with ``WARMUP_FACTOR``, mmcv's ``warmup='linear'`` with ``warmup_ratio``) times either step decay at fractions
@@ -21,11 +24,12 @@ import bisect
 from collections.abc import Sequence
 from typing import Literal
 
+from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.optim.lr_scheduler import LambdaLR
 
-from ssl_zoo.eval.finetune import layer_ids
+from ssl_zoo.eval.finetune import timm_prefix
 from ssl_zoo.models.backbones import Backbone
 
 __all__ = ["dense_param_groups", "lr_multiplier", "lr_scheduler"]
@@ -33,41 +37,22 @@ __all__ = ["dense_param_groups", "lr_multiplier", "lr_scheduler"]
 _NORMS = (nn.LayerNorm, nn.GroupNorm, _NormBase)
 
 
-def _backbone_prefix(model: nn.Module, backbone: Backbone) -> str:
-    for name, module in model.named_modules():
-        if module is backbone:
-            return f"{name}.model." if name else "model."
-    raise ValueError("the backbone is not a submodule of the model")
-
-
 def dense_param_groups(model: nn.Module, backbone: Backbone, lr: float, weight_decay: float,
                        layer_decay: float = 1.0, decay_biases: bool = True) -> list[dict]:
-    """Optimiser groups of ``model`` (which contains ``backbone``) with layer-wise lr decay and weight-decay
-    exclusions (see the module docstring). Each group carries ``lr``, ``lr_scale``, ``weight_decay``,
-    ``layer_id`` and the ``param_names`` it holds."""
+    """Optimiser groups of ``model`` (which contains ``backbone`` and numbers its layers with ``group_matcher``)
+    with layer-wise lr decay and weight-decay exclusions (see the module docstring): timm's
+    ``param_groups_layer_decay``, each group's ``lr`` set to ``lr * lr_scale``."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"model.layer_decay must lie in (0, 1], got {layer_decay}")
-    prefix = _backbone_prefix(model, backbone)
-    ids = layer_ids(backbone.model)
-    last = max(ids.values())
-    no_decay_names = set(backbone.model.no_weight_decay()) if hasattr(backbone.model, "no_weight_decay") else set()
-    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():  # shared parameters are listed once
-        if not param.requires_grad:
-            continue
-        timm_name = name[len(prefix):] if name.startswith(prefix) else None
-        layer = ids.get(timm_name, last) if timm_name is not None else last
-        no_decay = (id(param) in norm_params or (timm_name in no_decay_names)
-                    or (name.endswith(".bias") and not decay_biases))
-        scale = layer_decay ** (last - layer)
-        group = groups.setdefault((layer, not no_decay), {
-            "params": [], "param_names": [], "lr_scale": scale, "lr": lr * scale, "layer_id": layer,
-            "weight_decay": 0.0 if no_decay else weight_decay,
-        })
-        group["params"].append(param)
-        group["param_names"].append(name)
-    return list(groups.values())
+    prefix = timm_prefix(model, backbone)
+    no_decay = {prefix + n for n in getattr(backbone.model, "no_weight_decay", set)()}
+    no_decay |= {f"{name}.{p}" if name else p for name, m in model.named_modules() if isinstance(m, _NORMS)
+                 for p, _ in m.named_parameters(recurse=False)}
+    groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay,
+                                      weight_decay_exclude_1d=not decay_biases)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return groups
 
 
 def lr_multiplier(step: int, total_steps: int, schedule: Literal["multistep", "poly"], warmup_steps: int = 0,

@@ -1,5 +1,5 @@
-"""Learning-rate scaling, schedules (per-step, warmup + cosine) and the LARS optimiser shared by the methods
-and the evaluation protocols."""
+"""Learning-rate scaling, schedules (per-step, warmup + cosine), the weight-decay exemptions and the LARS optimiser
+shared by the methods and the evaluation protocols (parameter groups: timm's ``param_groups_weight_decay``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["LARS", "global_batch_size", "scaled_lr", "split_weight_decay", "warmup_cosine", "warmup_cosine_scheduler"]
+__all__ = ["LARS", "NO_WEIGHT_DECAY", "global_batch_size", "scaled_lr", "warmup_cosine", "warmup_cosine_scheduler"]
+
+#: Parameters without weight decay beyond timm's 1-D rule (biases, norms): class and mask tokens, position embeddings
+#: and relative position bias tables, as BEiT, MAE and timm's ``no_weight_decay()`` exempt them. Patterns for
+#: ``timm.optim.param_groups_weight_decay(module, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)``.
+NO_WEIGHT_DECAY: tuple[str, ...] = ("*token", "*pos_embed", "*relative_position_bias_table")
 
 
 def scaled_lr(base_lr: float, batch_size: int, reference: int = 256) -> float:
@@ -19,6 +24,7 @@ def scaled_lr(base_lr: float, batch_size: int, reference: int = 256) -> float:
     return base_lr * batch_size / reference
 
 
+# Ours: BEiT's warmup linspace(start, peak, n) peaks on its last step; timm's CosineLRScheduler (t / n) does not.
 def warmup_cosine(
     step: int,
     total_steps: int,
@@ -68,20 +74,6 @@ def global_batch_size(trainer) -> int:
     if per_process is None:
         raise ValueError("lr scaling needs the per-process batch size: train with an ssl_zoo data module")
     return int(per_process) * trainer.world_size * trainer.accumulate_grad_batches
-
-
-def split_weight_decay(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two param groups: weight decay on matrices, none on biases, norms, tokens and embeddings (1-D / 0-D
-    tensors and names ending in ``token``/``pos_embed``), as BEiT, MAE and timm do."""
-    decay, no_decay = [], []
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(("token", "pos_embed", "relative_position_bias_table")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # Our own LARS: torch has none, and lightly's trust ratio is not the official eta * ||p|| / ||g + wd * p||.
