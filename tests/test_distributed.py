@@ -31,7 +31,6 @@ import yaml
 from torch import nn
 
 from ssl_zoo.methods import BAMIA, HVPMTL, MPCL, MVP
-from ssl_zoo.methods.mpcl import batch_shuffle, batch_unshuffle
 from ssl_zoo.models import Backbone
 from ssl_zoo.utils import distributed as D
 from tests.ddp_utils import ddp_average_step, named_gradients, run_distributed
@@ -146,6 +145,18 @@ def _mpcl_state(model: MPCL) -> dict[str, Any]:
     return state
 
 
+class _KeyEncoderSpy(nn.Module):
+    """Stands in for MPCL's key encoder: records what it encodes and returns it as one projector's keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return x.unsqueeze(0)  # [1, B, ...]: Mp = 1
+
+
 # ---------------------------------------------------------------------- the runs
 def _per_rank(rank: int, world_size: int, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -158,10 +169,13 @@ def _per_rank(rank: int, world_size: int, batches: dict[str, dict[str, torch.Ten
     model = _bam_ia()
     model.contrastive_loss.gather_distributed = False
     out["bam_ia_without_gather"] = ddp_average_step(model, batches["bam_ia"], rank, world_size)
-    # Shuffled BN: the ranks' slices form a permutation of the global batch; unshuffling restores each rank's rows.
-    x = torch.arange(world_size * 4, dtype=torch.float32).reshape(-1, 1)[rank * 4 : (rank + 1) * 4]
-    shuffled, unshuffle = batch_shuffle(x)
-    out["shuffle"] = {"x": x, "all": D.gather_no_grad(shuffled), "unshuffled": batch_unshuffle(shuffled, unshuffle)}
+    # Shuffled BN in MPCL.keys (MoCo v2): the key encoder of each rank sees a slice of one permutation of the global
+    # batch; the keys come back in each rank's own order. A strided input, as views[:, 1] is.
+    model = METHODS["mpcl_mocov2"]()
+    model.teacher_backbone, model.teacher_projectors = _KeyEncoderSpy(), nn.Identity()
+    x = torch.arange(world_size * 4 * 2, dtype=torch.float32).reshape(-1, 2, 1)[rank * 4 : (rank + 1) * 4, 1]
+    keys = model.keys(x)  # [1, 4, 1]
+    out["shuffle"] = {"x": x, "all": D.gather_no_grad(model.teacher_backbone.inputs[0]), "unshuffled": keys[0]}
     return out
 
 
@@ -237,7 +251,8 @@ def test_ptb_statistics_are_all_reduced_and_weights_agree_across_ranks(results, 
 def test_shuffled_bn_permutes_the_global_batch_and_unshuffles(results):
     per_rank, _ = results
     shuffled = [r["shuffle"] for r in per_rank]
-    assert sorted(shuffled[0]["all"].flatten().tolist()) == list(range(WORLD * 4))
+    assert sorted(shuffled[0]["all"].flatten().tolist()) == list(range(1, WORLD * 4 * 2, 2))
+    assert not torch.equal(shuffled[0]["all"].flatten(), torch.arange(1.0, WORLD * 4 * 2, 2))  # seeded: not the identity
     torch.testing.assert_close(shuffled[0]["all"], shuffled[1]["all"])  # one permutation for all ranks
     for s in shuffled:
         torch.testing.assert_close(s["unshuffled"], s["x"])

@@ -308,7 +308,7 @@ REMOVED = {
     "mim": (["mask_token", "mim_decoder"],
             [(hvp_module, "masked_l1_loss"), (hvp_module.Backbone, "_apply_mask"), (torch.nn.PixelShuffle, "forward")]),
     "mom": (["teacher_backbone", "teacher_decoder"],
-            [(HVPMTL, "teacher_similarity"), (hvp_module, "symmetric_kl_divergence"), (hvp_module, "update_ema")]),
+            [(HVPMTL, "teacher_similarity"), (hvp_module, "symmetric_kl_divergence"), (hvp_module, "update_momentum")]),
 }
 
 
@@ -355,6 +355,8 @@ def test_alpha_validation():
         HVPMTL(**{**TINY, "img_size": 64})
     with pytest.raises(ValueError, match="alpha_mim: 0"):
         HVPMTL(**{**TINY, "backbone": "resnet18", "backbone_kwargs": None})
+    with pytest.raises(ValueError, match="ema_momentum"):
+        HVPMTL(**{**TINY, "ema_momentum": 1.5})
 
 
 # ---------------------------------------------------------------------- teacher

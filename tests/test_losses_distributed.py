@@ -66,7 +66,7 @@ def _step(
     loss.backward()
     out = {"loss": loss.detach().clone(), "z_grad": z.grad.clone()}
     out["param_grads"] = [p.grad.clone() for p in lin.parameters()]
-    if D.is_distributed():
+    if D.world_size() > 1:
         # What DDP does: mean of the losses for logging, mean of the parameter gradients.
         out["loss_mean"] = D.all_reduce_sum(out["loss"]) / D.world_size()
         out["param_grads"] = [D.all_reduce_sum(g) / D.world_size() for g in out["param_grads"]]

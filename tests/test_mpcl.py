@@ -14,16 +14,17 @@ import functools
 import inspect
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import Callback, Trainer
 
 from ssl_zoo.methods import MPCL
-from ssl_zoo.methods.mpcl import batch_shuffle, batch_unshuffle
 from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -602,6 +603,17 @@ def test_mocov3_momentum_is_cosine_from_099_to_1():
     assert model.ema_momentum_at(50, 100) == pytest.approx(0.995)
     assert model.ema_momentum_at(100, 100) == pytest.approx(1.0)
     assert model.ema_momentum_at(25, 100) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
+    total = 100
+    values = [model.ema_momentum_at(k, total) for k in range(total + 1)]
+    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
+    for k in (10, 33, 77, total - 1):  # MoCo v3: m = 1 - (1 - m0) * (1 + cos(pi k / K)) / 2
+        assert values[k] == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi * k / total)) / 2, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lightly warns past max_steps: a longer run holds 1 silently
+        assert model.ema_momentum_at(total + 50, total) == 1.0
+    assert model.ema_momentum_at(0, 0) == 0.99  # no trainer: one step
+    # lightly's schedule on its own reaches the end one step early (step / (max_steps - 1)): hence K + 1 steps.
+    assert cosine_schedule(total - 1, total, 0.99, 1.0) == 1.0 != values[total - 1]
     v2 = _tiny("mocov2")
     assert v2.ema_momentum_at(0, 100) == v2.ema_momentum_at(70, 100) == 0.999
 
@@ -623,6 +635,8 @@ def test_flavour_defaults_and_argument_errors():
         _tiny(projector_hidden_dims=[16, 16])
     with pytest.raises(ValueError, match="num_projectors"):
         _tiny(num_projectors=0)
+    with pytest.raises(ValueError, match="ema_momentum"):
+        _tiny(ema_momentum=1.5)
     with pytest.raises(ValueError, match="epsilon"):
         _tiny(epsilon=0.0)
     with pytest.raises(ValueError, match="flavour"):
@@ -631,10 +645,17 @@ def test_flavour_defaults_and_argument_errors():
         _tiny(ptb_scale="sum")
 
 
-def test_batch_shuffle_is_identity_on_one_process():
-    x = torch.randn(5, 3)
-    shuffled, unshuffle = batch_shuffle(x)
-    assert unshuffle is None and torch.equal(shuffled, x) and torch.equal(batch_unshuffle(x, None), x)
+def test_shuffled_bn_leaves_one_process_alone():
+    """MoCo's shuffled BN acts across processes only: on one, the key encoder sees the batch as it is and no
+    permutation is drawn (the 2-process shuffle is checked in tests/test_distributed.py)."""
+    model = _tiny("mocov2")
+    assert model.hparams.shuffle_bn
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.teacher_projectors(model.teacher_backbone(x))  # [Mp, 4, D]
+    rng = torch.get_rng_state()
+    torch.testing.assert_close(model.keys(x), expected)
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 # ---------------------------------------------------------------------- configs

@@ -48,10 +48,12 @@ optimiser step, the forward pass is unchanged), and ``train/sinkhorn_clamped`` l
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightly.models.utils import update_momentum
 from lightly.utils.debug import std_of_l2_normalized
 from lightning.pytorch import LightningModule
 from timm.optim import param_groups_weight_decay
@@ -70,7 +72,7 @@ from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.models import Backbone, MLPHead, norm_layer_by_name
 from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.query2label import Query2LabelDecoder
-from ssl_zoo.utils.ema import OncePerOptimizerStep, init_teacher, update_ema
+from ssl_zoo.utils.ema import OncePerOptimizerStep
 from ssl_zoo.utils.optim import NO_WEIGHT_DECAY, global_batch_size, scaled_lr, warmup_cosine_scheduler
 
 __all__ = ["HVPMTL", "label_similarity"]
@@ -256,8 +258,8 @@ class HVPMTL(LightningModule):
         # Momentum teacher: EMA of encoder + projection + decoder, never back-propagated.
         self.teacher_backbone = self.teacher_decoder = None
         if alpha_mom > 0:
-            self.teacher_backbone = init_teacher(self.backbone).eval()
-            self.teacher_decoder = init_teacher(self.decoder).eval()
+            self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+            self.teacher_decoder = copy.deepcopy(self.decoder).requires_grad_(False).eval()
         self._ema_due = OncePerOptimizerStep()
 
     def _check_img_size(self, img_size: int) -> None:
@@ -414,13 +416,20 @@ class HVPMTL(LightningModule):
                 teacher.eval()
         return self
 
+    @torch.no_grad()
     def update_teacher(self) -> None:
-        """theta_t <- m * theta_t + (1 - m) * theta_s for encoder, projection and decoder (teacher of L_mom)."""
+        """theta_t <- m * theta_t + (1 - m) * theta_s for encoder, projection and decoder (teacher of L_mom).
+
+        The teacher runs in eval mode, so its BatchNorm layers (a ResNet encoder; ViT and Swin have none) never
+        compute statistics of their own, unlike MoCo's train-mode key encoder: they take the student's.
+        """
         if self.teacher_backbone is None:
             return
         m = self.hparams.ema_momentum
-        update_ema(self.teacher_backbone, self.backbone, m)
-        update_ema(self.teacher_decoder, self.decoder, m)
+        for teacher, student in ((self.teacher_backbone, self.backbone), (self.teacher_decoder, self.decoder)):
+            update_momentum(student, teacher, m)
+            for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+                t.copy_(s)
 
     def on_train_start(self) -> None:
         self._ema_due.start(self.global_step)

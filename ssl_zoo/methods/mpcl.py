@@ -54,11 +54,13 @@ slot, weight ``lam``).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
+from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed, update_momentum
 from lightly.utils.debug import std_of_l2_normalized
+from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -80,8 +82,8 @@ from ssl_zoo.models.acceleration import accelerate_backbones
 from ssl_zoo.models.heads import NORM_LAYERS, norm_layer_by_name
 from ssl_zoo.models.moco_vit import init_moco_v3_vit
 from ssl_zoo.models.multi_projector import MultiProjector, count_parameters
-from ssl_zoo.utils.distributed import all_reduce_sum, gather_no_grad, rank, world_size
-from ssl_zoo.utils.ema import OncePerOptimizerStep, cosine_schedule, init_teacher, update_ema
+from ssl_zoo.utils.distributed import all_reduce_sum, world_size
+from ssl_zoo.utils.ema import OncePerOptimizerStep
 from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 from ssl_zoo.utils.optim import (
     LARS,
@@ -90,7 +92,7 @@ from ssl_zoo.utils.optim import (
     warmup_cosine_scheduler,
 )
 
-__all__ = ["MPCL", "batch_shuffle", "batch_unshuffle"]
+__all__ = ["MPCL"]
 
 Flavour = Literal["mocov2", "mocov3", "barlowtwins"]
 MOCO_FLAVOURS = ("mocov2", "mocov3")
@@ -147,50 +149,6 @@ FLAVOUR_DEFAULTS: dict[str, dict[str, Any]] = {
         "final_lr_ratio": 0.001,
     },
 }
-
-
-# ---------------------------------------------------------------------- shuffled BN (MoCo §3.3)
-@torch.no_grad()
-def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Shuffle the global batch across ranks before the key encoder (MoCo's ``_batch_shuffle_ddp``).
-
-    Every rank then normalises a random subset of the global batch with BatchNorm, so the batch
-    statistics of a query and of its positive key come from different samples and cannot leak the
-    positive (MoCo §3.3, "Shuffling BN"). On one process the batch statistics do not depend on the
-    order, so this is the identity.
-
-    Args:
-        x: ``[B, ...]`` this rank's key-encoder input; every rank passes the same shape.
-
-    Returns:
-        ``(x_shuffled [B, ...], unshuffle)``: this rank's slice of the permuted global batch and the
-        inverse permutation ``[W*B]`` for :func:`batch_unshuffle` (``None`` on one process).
-    """
-    if world_size() == 1:
-        return x, None
-    x_all = gather_no_grad(x)  # [W*B, ...], rank order
-    perm = torch.randperm(x_all.shape[0], device=x.device)  # [W*B]
-    dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
-    b, r = x.shape[0], rank()
-    return x_all[perm[r * b : (r + 1) * b]], torch.argsort(perm)
-
-
-@torch.no_grad()
-def batch_unshuffle(y: Tensor, unshuffle: Tensor | None) -> Tensor:
-    """Undo :func:`batch_shuffle` on the key encoder's output (MoCo's ``_batch_unshuffle_ddp``).
-
-    Args:
-        y: ``[B, ...]`` outputs for this rank's shuffled slice.
-        unshuffle: the inverse permutation returned by :func:`batch_shuffle` (``None``: identity).
-
-    Returns:
-        ``[B, ...]`` outputs in the order of this rank's original batch.
-    """
-    if unshuffle is None:
-        return y
-    y_all = gather_no_grad(y)  # [W*B, ...] in shuffled order
-    b, r = y.shape[0], rank()
-    return y_all[unshuffle[r * b : (r + 1) * b]]
 
 
 class MPCL(LightningModule):
@@ -381,8 +339,8 @@ class MPCL(LightningModule):
             else None
         )
         if flavour in MOCO_FLAVOURS:
-            self.teacher_backbone = init_teacher(self.backbone)  # f_xi
-            self.teacher_projectors = init_teacher(self.projectors)  # g^m_xi
+            self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(False)  # f_xi
+            self.teacher_projectors = copy.deepcopy(self.projectors).requires_grad_(False)  # g^m_xi
             self.teacher_projectors.dropout = 0.0  # the keys are targets: no dropout noise on them
         else:  # Barlow Twins: both views go through f_theta and g^m_theta
             self.teacher_backbone = None
@@ -443,12 +401,19 @@ class MPCL(LightningModule):
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
-        """Momentum keys g^m_xi(f_xi(x)) ``[Mp, B, proj_dim]``, with shuffled BN when configured."""
-        unshuffle = None
-        if self.hparams.shuffle_bn:
-            x, unshuffle = batch_shuffle(x)  # [B, 3, S, S], a random slice of the global batch
+        """Momentum keys g^m_xi(f_xi(x)) ``[Mp, B, proj_dim]``, with shuffled BN when configured.
+
+        Shuffled BN (MoCo §3.3, lightly's port of MoCo's ``_batch_shuffle_ddp``): every rank encodes a random slice
+        of the global batch, so a query and its positive key are not normalised with the same samples' statistics.
+        On one process the batch statistics do not depend on the order: nothing is shuffled.
+        """
+        shuffle = self.hparams.shuffle_bn and world_size() > 1
+        if shuffle:  # all_gather needs contiguous tensors under NCCL; views[:, 1] is strided
+            x, unshuffle = batch_shuffle_distributed(x.contiguous())  # [B, 3, S, S], a slice of the global batch
         k = self.teacher_projectors(self.teacher_backbone(x)).transpose(0, 1)  # [B, Mp, proj_dim]
-        return batch_unshuffle(k, unshuffle).transpose(0, 1)  # [Mp, B, proj_dim], original order
+        if shuffle:
+            k = batch_unshuffle_distributed(k.contiguous(), unshuffle)  # this rank's rows, original order
+        return k.transpose(0, 1)  # [Mp, B, proj_dim]
 
     def num_query_parameters(self) -> int:
         """Trainable parameters of the query side: backbone + projectors (+ MoCo v3 predictors).
@@ -627,7 +592,9 @@ class MPCL(LightningModule):
         ``m = 1 - (1 - m0) * (1 + cos(pi * step / total)) / 2``."""
         if not self.hparams.ema_cosine:
             return self.hparams.ema_momentum
-        return cosine_schedule(step, max(total_steps, 1), self.hparams.ema_momentum, 1.0)
+        # lightly's schedule reaches its end value at step max_steps - 1, MoCo v3's reaches 1 at step K: K + 1 steps.
+        total = max(total_steps, 1)
+        return cosine_schedule(min(step, total), total + 1, self.hparams.ema_momentum, 1.0)
 
     def on_train_start(self) -> None:
         self._total_steps = int(self.trainer.estimated_stepping_batches)
@@ -644,8 +611,10 @@ class MPCL(LightningModule):
             return
         total = self._total_steps if self._total_steps is not None else 1
         m = self.ema_momentum_at(self.global_step, total)
-        update_ema(self.teacher_backbone, self.backbone, m)
-        update_ema(self.teacher_projectors, self.projectors, m)
+        # Parameters only (MoCo's _momentum_update_key_encoder): the key encoder's BatchNorm statistics are its
+        # own, computed in its train-mode forward.
+        update_momentum(self.backbone, self.teacher_backbone, m)
+        update_momentum(self.projectors, self.teacher_projectors, m)
         self.log("train/ema_momentum", m, on_step=True, on_epoch=False, batch_size=1)
 
     # ------------------------------------------------------------------ optimisation

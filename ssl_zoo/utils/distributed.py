@@ -1,13 +1,17 @@
-"""Process-group queries and collectives used inside the losses.
+"""Collectives used inside the losses and MPCL: lightly's gathers, and the no-gradient all-reduces lightly lacks.
 
-Every function here is a no-op (or returns the single-process answer) when ``torch.distributed``
-is unavailable or not initialised, so losses can call them unconditionally.
+Every function here returns the single-process answer when no process group is initialised, so losses can
+call them unconditionally. ``rank`` and ``world_size`` are lightly's (``lightly.utils.dist``).
 
-Gradient semantics of :func:`gather`: like ``torch.distributed.nn.functional.all_gather`` (which
-now warns that it is deprecated in favour of a private module, hence the small autograd function
-below built on the public collectives), its backward *sums* the gradients that all ranks send back
-to a rank's slice. If every rank returns a loss ``L_r`` computed on the gathered tensor, the
-gradient that reaches rank ``r``'s local slice is
+:func:`gather` is lightly's ``GatherLayer`` (``lightly.utils.dist.gather``) and :func:`gather_no_grad` lightly's
+``concat_all_gather``. Ours adds what the callers need and lightly's do not do (``tests/test_losses.py``): they
+require an initialised process group and return one tensor per rank; ours return the input on one process and
+one tensor in rank order, and hand the collective a contiguous tensor (NCCL refuses strided ones, and MPCL's
+keys ``k[m]`` of ``[Mp, B, D]`` are strided).
+
+Gradient semantics of :func:`gather`: ``GatherLayer``'s backward *sums* the gradients that all ranks send back
+to a rank's slice (an all-reduce of the full gradient, then this rank's rows). If every rank returns a loss
+``L_r`` computed on the gathered tensor, the gradient that reaches rank ``r``'s local slice is
 ``sum_r' dL_r' / dx_r``; after DDP averages parameter gradients over the ``W`` ranks, the effective
 objective is ``mean_r L_r``. Losses built on :func:`gather` therefore scale their per-rank value so
 that the mean over ranks equals the loss of the concatenated global batch.
@@ -15,60 +19,18 @@ that the mean over ranks equals the loss of the concatenated global batch.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
+from lightly.models.utils import concat_all_gather
+from lightly.utils import dist as lightly_dist
+from lightly.utils.dist import rank, world_size
 from torch import Tensor
 
-__all__ = [
-    "all_reduce_max",
-    "all_reduce_sum",
-    "gather",
-    "gather_no_grad",
-    "is_distributed",
-    "rank",
-    "world_size",
-]
-
-
-def is_distributed() -> bool:
-    """True when a default process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    """Number of processes in the default group (1 without a process group)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    """Rank of this process in the default group (0 without a process group)."""
-    return dist.get_rank() if is_distributed() else 0
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """``all_gather`` whose backward returns, to each rank, the sum over ranks of the gradient of
-    its own slice (all-reduce of the full gradient, then this rank's rows)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.rows = x.shape[0]
-        return torch.cat(parts, dim=0)  # [W*N, ...]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()  # [W*N, ...]; all_reduce works in place
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = dist.get_rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+__all__ = ["all_reduce_max", "all_reduce_sum", "gather", "gather_no_grad", "rank", "world_size"]
 
 
 def gather(x: Tensor) -> Tensor:
-    """All-gather ``x`` along dim 0 in rank order, keeping the autograd graph.
+    """All-gather ``x`` along dim 0 in rank order, keeping the autograd graph (lightly's ``GatherLayer``).
 
     Args:
         x: ``[N, ...]`` local tensor; every rank must pass the same shape.
@@ -80,21 +42,15 @@ def gather(x: Tensor) -> Tensor:
     """
     if world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return torch.cat(lightly_dist.gather(x.contiguous()), dim=0)
 
 
-@torch.no_grad()
 def gather_no_grad(x: Tensor) -> Tensor:
-    """All-gather ``x`` along dim 0 in rank order without autograd (keys, queues, labels).
-
-    Returns a detached ``[W * N, ...]`` tensor; ``x.detach()`` on one process.
-    """
+    """All-gather ``x`` along dim 0 in rank order without autograd (keys, queues, labels): lightly's
+    ``concat_all_gather``. Returns a detached ``[W * N, ...]`` tensor; ``x.detach()`` on one process."""
     if world_size() == 1:
         return x.detach()
-    x = x.detach().contiguous()
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out, dim=0)
+    return concat_all_gather(x.detach().contiguous())
 
 
 @torch.no_grad()
