@@ -21,9 +21,6 @@ from ssl_zoo.data.io import (
 from ssl_zoo.data.streaming import ShardDataset, StreamingDataModule
 from ssl_zoo.data.tencent import TencentClass, TencentML, parse_tencent_line, read_tencent_dictionary
 
-# ImageNet-100 is a class-per-folder tree of 100 ImageNet classes: the same reader.
-ImageNet100 = ImageFolderDataset
-
 _DEMO_NAMES = ("DEMO_CLASSES", "SUPERCLASSES", "make_demo_dataset")
 
 
@@ -52,7 +49,6 @@ __all__ = [
     "eval_transform",
     "ImageFolderDataset",
     "ImageListDataset",
-    "ImageNet100",
     "TencentClass",
     "TencentML",
     "load_image",

@@ -196,15 +196,6 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
-    """HSV in [0, 1] to an RGB float array in [0, 255]."""
-    i = int(h * 6.0) % 6
-    f = h * 6.0 - int(h * 6.0)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return np.asarray(rgb, dtype=np.float32) * 255.0
-
-
 #: The photographs behind the objects: scikit-image's bundled colour photographs (no download). Their
 #: content (a face, a cat, coffee, a rocket, stained tissue, a retina, deep space) has nothing to do with
 #: the classes, and a random network sees mostly them.

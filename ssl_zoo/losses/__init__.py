@@ -16,7 +16,7 @@ from ssl_zoo.losses.ia_closs import (
     supervised_contrastive_loss,
 )
 from ssl_zoo.losses.mim import masked_l1_loss
-from ssl_zoo.losses.moco import KeyQueue, MoCoV2Loss, MoCoV3Loss, moco_v2_info_nce, moco_v3_info_nce
+from ssl_zoo.losses.moco import KeyQueue, moco_v2_info_nce, moco_v3_info_nce
 from ssl_zoo.losses.mpcl import mpcl_total_loss, projector_contrastive_regularization, ptb_weights
 from ssl_zoo.losses.mvp import mvp_alignment_loss
 from ssl_zoo.losses.sinkhorn import (
@@ -29,8 +29,6 @@ from ssl_zoo.losses.sinkhorn import (
 __all__ = [
     "ImageAwareContrastiveLoss",
     "KeyQueue",
-    "MoCoV2Loss",
-    "MoCoV3Loss",
     "SupConLoss",
     "SwappedPredictionLoss",
     "SymmetricKLDivergence",

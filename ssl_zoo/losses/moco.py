@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ssl_zoo.losses.precision import float32_math
 from ssl_zoo.utils.distributed import gather_no_grad, rank, world_size
 
-__all__ = ["KeyQueue", "MoCoV2Loss", "MoCoV3Loss", "moco_v2_info_nce", "moco_v3_info_nce"]
+__all__ = ["KeyQueue", "moco_v2_info_nce", "moco_v3_info_nce"]
 
 
 class KeyQueue(nn.Module):
@@ -154,47 +154,3 @@ def moco_v3_info_nce(
     loss = F.cross_entropy(logits, labels) * (2.0 * temperature)
     acc = (logits.detach().argmax(dim=1) == labels).float().mean()
     return loss, acc
-
-
-class MoCoV2Loss(nn.Module):
-    """MoCo v2 InfoNCE against a queue; see :func:`moco_v2_info_nce`.
-
-    Args:
-        temperature: ``tau > 0``.
-    """
-
-    def __init__(self, temperature: float = 0.2) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    def forward(self, q: Tensor, k: Tensor, queue_keys: Tensor) -> tuple[Tensor, Tensor]:
-        """``q, k: [B, D]``, ``queue_keys: [Nq, D]`` -> ``(loss, acc)``."""
-        return moco_v2_info_nce(q, k, queue_keys, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
-
-
-class MoCoV3Loss(nn.Module):
-    """MoCo v3 InfoNCE with global in-batch negatives; see :func:`moco_v3_info_nce`.
-
-    Args:
-        temperature: ``tau > 0``.
-        gather_distributed: use the keys of all ranks as negatives (no-op on one process).
-    """
-
-    def __init__(self, temperature: float = 0.2, gather_distributed: bool = True) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.gather_distributed = gather_distributed
-
-    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """``q, k: [B, D]`` -> ``(loss, acc)``."""
-        return moco_v3_info_nce(q, k, self.temperature, self.gather_distributed)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"

@@ -37,7 +37,7 @@ Family = Literal["resnet", "vit", "beit", "swin"]
 #: Families whose output is a token sequence with a CLS token first (``forward_tokens``).
 TOKEN_FAMILIES: tuple[str, ...] = ("vit", "beit")
 
-# The architectures the project is tested with; any timm model of these three families works.
+# The architectures the project is tested with; any timm model of these four families works.
 SUPPORTED_EXAMPLES = (
     "resnet18",
     "resnet50",

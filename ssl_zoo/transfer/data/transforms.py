@@ -17,7 +17,6 @@ Random draws come from torch's global generator; the data modules seed it per sa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -190,8 +189,3 @@ class SegmentationEvalTransform:
             image = image.resize(rescale_size(image.width, image.height, self.scale), Image.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
         return _normalize(pixels), torch.from_numpy(label.astype(np.int64))
-
-
-def num_windows(length: int, crop: int, stride: int) -> int:
-    """Sliding-window positions along one side (mmseg's ``slide_inference``)."""
-    return max(math.ceil((length - crop) / stride), 0) + 1
