@@ -61,6 +61,7 @@ from torch.utils.flop_counter import (
 
 aten = torch.ops.aten
 TEACHER_ATTRS = ("teacher_backbone", "teacher_projectors", "teacher_decoder")
+TAG = "paper_cost_part"  # autograd-node metadata: the part whose forward created the node
 LOSS_ATTRS = ("similarity_loss", "contrastive_loss", "asl", "swapped_prediction", "queues")
 
 
@@ -294,7 +295,6 @@ class _ForwardHooks(TorchFunctionMode):
     def __init__(self, profiler: StepProfiler) -> None:
         super().__init__()
         self.profiler = profiler
-        self.tagged: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -313,9 +313,9 @@ class _ForwardHooks(TorchFunctionMode):
         stack = [node]
         while stack:  # the nodes this call created: everything reachable and not tagged before
             node = stack.pop()
-            if node is None or id(node) in self.tagged:
+            if node is None or TAG in node.metadata:  # the tag lives on the node, not on its Python wrapper
                 continue
-            self.tagged.add(id(node))
+            node.metadata[TAG] = part
             node.register_prehook(self.profiler.entering(part))
             stack.extend(next_node for next_node, _ in node.next_functions)
 
