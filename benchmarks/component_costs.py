@@ -160,8 +160,8 @@ def _rss_mib() -> float:
     return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_rss_mib() -> float:
-    """Peak resident set of this process's own address space since start or the last :func:`_reset_peak_rss`.
+def peak_rss_mib() -> float:
+    """Peak resident set of this process's own address space since start or the last :func:`reset_peak_rss`.
 
     ``VmHWM`` rather than ``ru_maxrss``: the latter is preserved across ``execve``, so in a fresh subprocess
     it starts at the parent's peak.
@@ -170,7 +170,7 @@ def _peak_rss_mib() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current resident set (Linux >= 4.0); False where that is not possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -195,8 +195,8 @@ def peak_memory_child(method: str, batch_size: int | None, steps: int, device: t
     model.to(device).train()
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     optimizer = method_optimizer(model, n)
-    peak_built = _peak_rss_mib()
-    reset = _reset_peak_rss()
+    peak_built = peak_rss_mib()
+    reset = reset_peak_rss()
     rss_built = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -208,7 +208,7 @@ def peak_memory_child(method: str, batch_size: int | None, steps: int, device: t
             step()
     report = {"method": method, "batch_size": n, "device": str(device), "precision": precision,
               "rss_after_import_mib": rss_import, "peak_rss_while_building_mib": peak_built,
-              "rss_before_steps_mib": rss_built, "peak_rss_mib": _peak_rss_mib(), "peak_reset_before_steps": reset}
+              "rss_before_steps_mib": rss_built, "peak_rss_mib": peak_rss_mib(), "peak_reset_before_steps": reset}
     report["step_rss_increase_mib"] = report["peak_rss_mib"] - rss_built
     if device.type == "cuda":
         report["cuda_allocated_before_steps_mib"] = allocated_built / 2**20

@@ -17,6 +17,7 @@ BENCHMARKS = [
     ["-m", "benchmarks.step_overhead", "--method", "all"],
     ["-m", "benchmarks.data_pipeline"],
     ["-m", "benchmarks.component_costs"],
+    ["-m", "benchmarks.paper_cost"],
 ]
 
 

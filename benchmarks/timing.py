@@ -20,18 +20,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # Dense (no sparsity) peak throughput in TFLOP/s per GPU, from the vendors' data sheets, by precision.
-# "32" is the plain FP32 (non-tensor-core) figure: PyTorch keeps TF32 matmuls off by default. The first
+# "32" is the plain FP32 (non-tensor-core) figure: PyTorch keeps TF32 matmuls off by default ("tf32", the
+# tensor-core figure, is what cuDNN's convolutions use, TF32 being on by default for them). The first
 # entry whose key is contained in ``torch.cuda.get_device_name()`` wins, so specific names come first.
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bf16": 756.0, "32": 51.0}),
-    ("H100 NVL", {"bf16": 835.0, "32": 60.0}),
-    ("H100", {"bf16": 989.0, "32": 67.0}),  # SXM5
-    ("H200", {"bf16": 989.0, "32": 67.0}),
-    ("GH200", {"bf16": 989.0, "32": 67.0}),
-    ("A100", {"bf16": 312.0, "32": 19.5}),
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "32": 60.0}),
+    ("H100", {"bf16": 989.0, "tf32": 494.7, "32": 67.0}),  # SXM5
+    ("H200", {"bf16": 989.0, "tf32": 494.7, "32": 67.0}),
+    ("GH200", {"bf16": 989.0, "tf32": 494.7, "32": 67.0}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "32": 19.5}),
     ("L40S", {"bf16": 362.0, "32": 91.6}),
     ("A10G", {"bf16": 70.0, "32": 31.2}),
     ("L4", {"bf16": 121.0, "32": 30.3}),
+    ("V100", {"fp16": 125.0, "32": 15.7}),  # SXM2; no bf16
 ]
 
 
@@ -44,7 +46,7 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAK_TFLOPS:
         if key in name:
-            return peaks[precision] * 1e12
+            return peaks[precision] * 1e12 if precision in peaks else None
     return None
 
 

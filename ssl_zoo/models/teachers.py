@@ -150,6 +150,9 @@ class CLIPTeacher(FrozenTeacher):
             force_image_size=image_size,
             # The tags record the activation they were trained with (OpenAI's CLIP uses QuickGELU).
             force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            # open_clip moves the model to `device` (default "cpu"); the default device keeps a model built
+            # under `torch.device("meta")` on meta (benchmarks.paper_cost sizes paper configs that way).
+            device=torch.get_default_device(),
             **kwargs,
         )
         visual = clip.visual
