@@ -24,6 +24,12 @@ CLIP knows them from captions; ``--mvp-teacher mocov3`` takes the same seed's Mo
 (``experiments/mocov3/cpu_vit.yaml``, trained as the teacher and not reported: the uni-modal guidance of MVP's
 Table 5; the ``mocov3`` rows are the MoCo v3 CPU recipe's, a ResNet).
 
+Peers (``--peers``, on by default): for each method lightly implements (MoCo v2, SimSiam; :mod:`benchmarks.peers`),
+lightly's own training step on the same recipe -- backbone, views, batch, schedule, optimizer, time guard, data --
+trained and probed exactly as ours into ``<work>/peer_lightly/<method>/seedN``: rows ``backbone: peer_lightly``,
+a ``<method> (lightly)`` line under the method's in the table, a second table of ours against lightly's, and its
+curve on the method's figure. They tell a method that does not learn from an implementation that does not.
+
 ``--root`` takes the demo layout (``folder/``, COCO ``annotations/``, ``tencent/`` lists), a plain image folder
 (``train/<class>/``, ``val/<class>/``: single-label probes only, BAM/SimSiam pre-train on it through
 ``ImageFolderDataModule``, HVP-MTL is skipped as it needs multi-label targets) or a COCO-format root
@@ -32,8 +38,9 @@ Table 5; the ``mocov3`` rows are the MoCo v3 CPU recipe's, a ResNet).
 ``quality.json`` holds ``{"rows": [{"method", "probe", "backbone", "mean", "std", "values", "pretrain_s"}],
 "machine": {...}, "curves": {...}}``, rewritten after every stage (an interrupted run keeps what it measured and
 a new one skips the pre-training runs that finished). ``--table`` prints the Markdown table, ``--figures DIR``
-draws one PNG per method: the kNN monitor of its pre-training runs (``val/knn_top1`` or ``val/knn_mAP``, mean and
-range over seeds) against the step, with random init and the supervised network as horizontal lines.
+draws one PNG per method: the kNN monitor of its pre-training runs and of its peer's (``val/knn_top1`` or
+``val/knn_mAP``, mean and range over seeds) against the step, with random init and the supervised network as
+horizontal lines.
 """
 
 from __future__ import annotations
@@ -58,16 +65,20 @@ from benchmarks.quality_report import (  # noqa: F401 (PROBES, MIN_SEEDS, verdic
     draw_figures,
     markdown_table,
     merge_report,
+    peer_comparison,
     verdicts,
 )
 from benchmarks.recipes import (  # noqa: F401 (METHODS, recipe: the benchmark's public names)
     METHODS,
+    PEER,
+    PEERS,
     ROOT,
     DataViews,
     architecture,
     architecture_key,
     data_overrides,
     find_views,
+    peer_config,
     recipe,
 )
 
@@ -453,8 +464,10 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
     rows = build_rows(state, args.methods, args.seeds)
     report = {"rows": rows, "machine": machine, "root": str(args.root), "views": views.__dict__,
               "methods": args.methods, "seeds": args.seeds, "verdicts": verdicts(rows),
-              "curves": {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
-                         for m in args.methods},
+              # lightly's step on the recipe of each method it implements, against random init and against ours.
+              "peer_verdicts": verdicts(rows, PEER), "peer_comparison": peer_comparison(rows),
+              "curves": {name: {"key": state["monitor_keys"].get(name), "runs": state["runs"].get(name, {})}
+                         for m in args.methods for name in (m, f"{PEER}/{m}") if name == m or name in state["runs"]},
               "skipped": state["skipped"],
               # MVP's teacher per seed: [--mvp-teacher, the exported timm state dict it loaded]
               "teachers": state["teachers"],
@@ -473,6 +486,33 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, out)  # parallel processes never leave a half-written file
     return report
+
+
+def pretrain_and_probe(state: dict, name: str, method: str, config: str, seed: int, extra: list[str],
+                       views: DataViews, work: Path) -> None:
+    """Pre-train run ``name`` (``method``'s recipe, or lightly's peer of it) for ``seed`` into ``<work>/<name>/seedN``
+    unless a finished run of the same recipe exists, and probe its student unless ``state`` holds its scores."""
+    s, arch = str(seed), architecture(method)
+    run_dir = work / name / f"seed{seed}"
+    record = fit(config, run_dir, seed, extra)
+    state["runs"].setdefault(name, {})[s] = str(run_dir)
+    record_run(state, name, s, run_dir, record)
+    if s not in state["scores"].get(name, {}):
+        student = load_student(record["ckpt"], arch)
+        state["scores"].setdefault(name, {})[s] = probe_backbone(student, arch, views, seed, run_dir / "probes")
+        monitor = monitor_metric(student, method, views)
+        if monitor:
+            state["monitor_keys"][name] = monitor[0]
+        print(f"seed {seed} {name}: {state['scores'][name][s]} ({record['seconds']:.0f} s)", flush=True)
+
+
+def write_peer_config(method: str, work: Path) -> str:
+    """lightly's peer of ``method`` on its CPU recipe (:func:`benchmarks.peers.peer_config`), written to
+    ``<work>/peer_lightly/<method>/cpu.yaml``: the config its runs are trained from (and their digest read)."""
+    path = work / PEER / method / "cpu.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(peer_config(method), sort_keys=False))
+    return str(path)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -524,18 +564,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 teacher = export_teacher(teacher_dir)
                 state["teachers"].setdefault(method, {})[s] = [args.mvp_teacher, str(teacher)]
                 extra += ["--model.init_args.teacher_pretrained", str(teacher)]
-            run_dir = work / method / f"seed{seed}"
-            record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
-            state["runs"].setdefault(method, {})[s] = str(run_dir)
-            record_run(state, method, s, run_dir, record)
-            if s not in state["scores"].get(method, {}):
-                student = load_student(record["ckpt"], arch)
-                state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
-                                                                           run_dir / "probes")
-                monitor = monitor_metric(student, method, views)
-                if monitor:
-                    state["monitor_keys"][method] = monitor[0]
-                print(f"seed {seed} {method}: {state['scores'][method][s]} ({record['seconds']:.0f} s)", flush=True)
+            pretrain_and_probe(state, method, method, f"experiments/{method}/cpu.yaml", seed,
+                               extra + args.pretrain_args, views, work)
             save()
         kinds = ("random", "supervised") if key not in baselines_done else ()
         baselines_done.add(key)
@@ -569,6 +599,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         lines[s] = votes[view]
                 save()
                 print(f"seed {seed} {name}: {state['scores'][name][s]}", flush=True)
+        if args.peers and method in PEERS:  # lightly's step on the same recipe, data and budget
+            config = write_peer_config(method, work)
+            for seed in args.seeds:
+                pretrain_and_probe(state, f"{PEER}/{method}", method, config, seed, extra_base + args.pretrain_args,
+                                   views, work)
+                save()
     return write_report(args, views, machine, figures=True)
 
 
@@ -582,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", default="benchmarks/results", help="folder of the per-method PNGs ('' = none)")
     parser.add_argument("--mvp-teacher", choices=MVP_TEACHERS, default=MVP_TEACHERS[0],
                         help="MVP's timm teacher: the same seed's supervised ViT (default) or MoCo v3 run on MVP's ViT (experiments/mocov3/cpu_vit.yaml)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train lightly's own step on the recipe of each method lightly implements "
+                             f"({', '.join(PEERS)}; rows 'backbone: {PEER}')")
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")

@@ -8,7 +8,7 @@ import os
 import statistics
 from pathlib import Path
 
-from benchmarks.recipes import METHODS, architecture, architecture_key
+from benchmarks.recipes import METHODS, PEER, architecture, architecture_key
 
 PROBES = ("knn_top1", "linear_top1", "gamp_mAP")
 MIN_SEEDS = 3  # a verdict needs the mean and spread of at least this many seeds on both sides
@@ -22,7 +22,9 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
     """One row per (method, probe, backbone) over the seeds that have a value, in order (an interrupted run's
-    rows hold fewer seeds; :func:`verdicts` passes none with fewer than :data:`MIN_SEEDS`)."""
+    rows hold fewer seeds; :func:`verdicts` passes none with fewer than :data:`MIN_SEEDS`). ``backbone`` is
+    ``pretrained`` (the method's recipe), ``random``, ``supervised`` or ``peer_lightly`` (lightly's step on the
+    same recipe, :mod:`benchmarks.peers`)."""
     rows = []
     for method in methods:
         arch = architecture_key(architecture(method))
@@ -31,6 +33,7 @@ def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
             "random": (state["scores"].get(f"random/{arch}", {}), {}),
             "supervised": (state["scores"].get(f"supervised/{arch}", {}),
                            state["seconds"].get(f"supervised/{arch}", {})),
+            PEER: (state["scores"].get(f"{PEER}/{method}", {}), state["seconds"].get(f"{PEER}/{method}", {})),
         }
         for probe in PROBES:
             for backbone, (scores, seconds) in sources.items():
@@ -45,11 +48,12 @@ def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
     return rows
 
 
-def verdicts(rows: list[dict]) -> list[dict]:
-    """Per (method, probe): the gain over random init and whether it clears 10 points and 3x the larger std."""
+def verdicts(rows: list[dict], backbone: str = "pretrained") -> list[dict]:
+    """Per (method, probe): the gain of the ``backbone`` rows (the recipe's, or lightly's peer) over random init and
+    whether it clears 10 points and 3x the larger std."""
     out = []
     for row in rows:
-        if row["backbone"] != "pretrained":
+        if row["backbone"] != backbone:
             continue
         random = next((r for r in rows if r["backbone"] == "random" and r["method"] == row["method"]
                        and r["probe"] == row["probe"]), None)
@@ -65,6 +69,22 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+def peer_comparison(rows: list[dict]) -> list[dict]:
+    """Per (method, probe) with a peer: our recipe's mean against lightly's on the same recipe; ``holds`` when ours
+    is within the peer's standard deviation below its mean, or above it."""
+    out = []
+    for ours in (r for r in rows if r["backbone"] == "pretrained"):
+        peer = next((r for r in rows if r["backbone"] == PEER and r["method"] == ours["method"]
+                     and r["probe"] == ours["probe"]), None)
+        if peer is None:
+            continue
+        out.append({"method": ours["method"], "probe": ours["probe"], "ours": ours["mean"], "peer": peer["mean"],
+                    "peer_std": peer["std"], "difference": round(ours["mean"] - peer["mean"], 2),
+                    "seeds": min(len(ours["values"]), len(peer["values"])),
+                    "holds": ours["mean"] >= peer["mean"] - peer["std"]})
+    return out
+
+
 def markdown_table(report: dict) -> str:
     rows = report["rows"]
     lines = ["| method | probe | random init | CPU recipe | supervised | gain | passes | pretrain s (per seed) |",
@@ -75,20 +95,35 @@ def markdown_table(report: dict) -> str:
         seeds = len(row["values"])
         return f"{row['mean']:.1f} ± {row['std']:.1f}" + (f" ({seeds} seed{'s' * (seeds > 1)})" if seeds < MIN_SEEDS
                                                             else "")
+    # Each method's row, then lightly's peer on the same recipe (``<method> (lightly)``) right below it.
+    peers = {(v["method"], v["probe"]): v for v in verdicts(rows, PEER)}
     for verdict in verdicts(rows):
-        find = lambda kind, v=verdict: next((r for r in rows if r["method"] == v["method"]
-                                             and r["probe"] == v["probe"] and r["backbone"] == kind), None)
-        pretrained = find("pretrained")
-        seconds = ", ".join(f"{s:.0f}" for s in pretrained["pretrain_s"] if s is not None)
-        limited = sorted(s for s, hit in report.get("stopped_at_time_limit", {}).get(verdict["method"], {}).items()
-                         if hit and (not report.get("seeds") or int(s) in report["seeds"]))
-        if limited:  # trained fewer steps than the recipe: the wall-clock guard ended it, not the schedule
-            seconds += f" (seed{'s' * (len(limited) > 1)} {', '.join(limited)} stopped at max_time)"
-        passes = "yes" if verdict["passes"] else "no"
-        if verdict["seeds"] < MIN_SEEDS:
-            passes += f" ({verdict['seeds']} seed{'s' if verdict['seeds'] > 1 else ''})"
-        lines.append(f"| {verdict['method']} | {verdict['probe']} | {fmt(find('random'))} | {fmt(pretrained)} | "
-                     f"{fmt(find('supervised'))} | {verdict['gain']:+.1f} | {passes} | {seconds} |")
+        for backbone, v in (("pretrained", verdict), (PEER, peers.get((verdict["method"], verdict["probe"])))):
+            if v is None:
+                continue
+            find = lambda kind, v=v: next((r for r in rows if r["method"] == v["method"]
+                                           and r["probe"] == v["probe"] and r["backbone"] == kind), None)
+            trained = find(backbone)
+            run = v["method"] if backbone == "pretrained" else f"{PEER}/{v['method']}"
+            seconds = ", ".join(f"{s:.0f}" for s in trained["pretrain_s"] if s is not None)
+            limited = sorted(s for s, hit in report.get("stopped_at_time_limit", {}).get(run, {}).items()
+                             if hit and (not report.get("seeds") or int(s) in report["seeds"]))
+            if limited:  # trained fewer steps than the recipe: the wall-clock guard ended it, not the schedule
+                seconds += f" (seed{'s' * (len(limited) > 1)} {', '.join(limited)} stopped at max_time)"
+            passes = "yes" if v["passes"] else "no"
+            if v["seeds"] < MIN_SEEDS:
+                passes += f" ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})"
+            name = v["method"] if backbone == "pretrained" else f"{v['method']} (lightly)"
+            lines.append(f"| {name} | {v['probe']} | {fmt(find('random'))} | {fmt(trained)} | "
+                         f"{fmt(find('supervised'))} | {v['gain']:+.1f} | {passes} | {seconds} |")
+    comparison = peer_comparison(rows)
+    if comparison:
+        lines += ["", "| method | probe | ours | lightly | ours - lightly | within lightly's 1 std or above |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for c in comparison:
+            seeds = f" ({c['seeds']} seed{'s' * (c['seeds'] > 1)})" if c["seeds"] < MIN_SEEDS else ""
+            lines.append(f"| {c['method']} | {c['probe']} | {c['ours']:.1f} | {c['peer']:.1f} ± {c['peer_std']:.1f} | "
+                         f"{c['difference']:+.1f} | {'yes' if c['holds'] else 'no'}{seeds} |")
     origins: dict[tuple, list[str]] = {}  # methods taken from earlier files (--merge), grouped by origin
     for method, origin in report.get("merged", {}).items():
         origins.setdefault((origin.get("measured"), origin.get("command"), origin.get("file")), []).append(method)
@@ -98,8 +133,8 @@ def markdown_table(report: dict) -> str:
 
 
 def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -> list[Path]:
-    """One PNG per method: its kNN monitor against the step (mean, min-max over seeds), random and supervised
-    as horizontal lines."""
+    """One PNG per method: its kNN monitor against the step (mean, min-max over seeds), lightly's peer on the same
+    recipe likewise where it ran, random and supervised as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,24 +142,31 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
 
     from ssl_zoo.plot import read_run, resolve_key
 
-    written = []
-    for method in methods:
+    def monitor_curves(name: str, key: str | None) -> list[dict]:  # one {step: value} per seed of run ``name``
         curves = []
-        key = state["monitor_keys"].get(method)
-        for _seed, run_dir in sorted(state["runs"].get(method, {}).items()):
+        for _seed, run_dir in sorted(state["runs"].get(name, {}).items()):
             run = read_run(run_dir)
             column = resolve_key(key, run.curves) if key else None
             if column:
                 curves.append(dict(run.curves[column]))
-        if not curves:
+        return curves
+
+    written = []
+    for method in methods:
+        key = state["monitor_keys"].get(method) or state["monitor_keys"].get(f"{PEER}/{method}")
+        series = [(label, curves) for label, curves in (
+            (f"{method} CPU recipe", monitor_curves(method, key)),
+            ("lightly's step, same recipe", monitor_curves(f"{PEER}/{method}", key))) if curves]
+        if not series:
             continue
-        steps = sorted(set().union(*curves))
         figure, axis = plt.subplots(figsize=(5.2, 3.4))
-        common = [s for s in steps if all(s in c for c in curves)]
-        mean = [statistics.fmean(c[s] for c in curves) for s in common]
-        axis.plot(common, mean, marker="o", markersize=3, label=f"{method} CPU recipe (mean of {len(curves)} seeds)")
-        axis.fill_between(common, [min(c[s] for c in curves) for s in common],
-                          [max(c[s] for c in curves) for s in common], alpha=0.2)
+        for label, curves in series:
+            steps = sorted(set().union(*curves))
+            common = [s for s in steps if all(s in c for c in curves)]
+            mean = [statistics.fmean(c[s] for c in curves) for s in common]
+            line, = axis.plot(common, mean, marker="o", markersize=3, label=f"{label} (mean of {len(curves)} seeds)")
+            axis.fill_between(common, [min(c[s] for c in curves) for s in common],
+                              [max(c[s] for c in curves) for s in common], alpha=0.2, color=line.get_color())
         arch = architecture_key(architecture(method))
         for kind, style in (("random", ":"), ("supervised", "--")):
             values = [v for v in state["monitor_lines"].get(f"{kind}/{arch}/{method}", {}).values() if v is not None]
@@ -145,7 +187,8 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
     return written
 
 
-#: ``<random|supervised>/<architecture>``), carried over with the rows by :func:`merge_report`.
+#: What ``quality.json`` keeps per method besides its rows (keys of the runs it names: ``<method>``,
+#: ``peer_lightly/<method>`` or ``<random|supervised>/<architecture>``), carried over with the rows by :func:`merge_report`.
 _PER_RUN_KEYS = ("teachers", "pretrain_cpu_s_and_load", "stopped_at_time_limit")
 
 
@@ -173,18 +216,22 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
                       + [row for row in old["rows"] if row["method"] in taken])
     report["rows"].sort(key=lambda row: METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
     report["verdicts"] = verdicts(report["rows"])
+    report["peer_verdicts"] = verdicts(report["rows"], PEER)
+    report["peer_comparison"] = peer_comparison(report["rows"])
     report["methods"] = [m for m in METHODS if m in set(report["methods"]) | set(taken)]
     origin = {"file": str(earlier), "measured": old.get("machine", {}).get("date"), "command": old.get("command")}
     merged = report.setdefault("merged", {})
     for method in taken:
         merged[method] = old.get("merged", {}).get(method, origin)
         report.setdefault("curves", {})[method] = old.get("curves", {}).get(method)
-    # A taken method's entries come with its rows; a baseline's (``random/<arch>``, ``supervised/<arch>``) only
-    # where this report has none.
+        if f"{PEER}/{method}" in old.get("curves", {}):
+            report["curves"][f"{PEER}/{method}"] = old["curves"][f"{PEER}/{method}"]
+    # A taken method's entries (and its peer's, ``peer_lightly/<method>``) come with its rows; a baseline's
+    # (``random/<arch>``, ``supervised/<arch>``) only where this report has none.
     for key in _PER_RUN_KEYS:
         entries = report.setdefault(key, {})
         for name, value in old.get(key, {}).items():
-            if name in taken:
+            if name in taken or name.removeprefix(f"{PEER}/") in taken:
                 entries[name] = value
             elif "/" in name:
                 entries.setdefault(name, value)

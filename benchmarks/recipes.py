@@ -3,15 +3,25 @@ the overrides that point it at a root, and the architecture its random-init and 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("bam_ia", "simsiam", "mpcl", "mocov2", "mocov3", "mvp", "hvp_mtl")
+#: The ``backbone`` value of a peer's rows in ``quality.json``, and the prefix of its runs (``peer_lightly/<method>``).
+PEER = "peer_lightly"
+#: lightly's peer of each method it implements (:mod:`benchmarks.peers`), and the recipe settings that make our
+#: module that method (the peer is that method and takes no such argument): they must hold in the recipe.
+PEERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mocov2": ("benchmarks.peers.LightlyMoCoV2", {"flavour": "mocov2", "num_projectors": 1}),
+    "simsiam": ("benchmarks.peers.LightlySimSiam", {"bam": False, "ia_loss": "none"}),
+}
 _DATA_CLASSES = {"folder": "ssl_zoo.data.ImageFolderDataModule", "coco": "ssl_zoo.data.CocoDataModule",
                  "tencent": "ssl_zoo.data.TencentMLDataModule"}
 
@@ -111,3 +121,26 @@ def architecture_key(arch: dict) -> str:
 
     parts += [f"{name}{text(value)}" for name, value in sorted(kwargs.items())]
     return "_".join(parts) + f"_{arch['img_size']}px"
+
+
+def peer_config(method: str) -> dict:
+    """``experiments/<method>/cpu.yaml`` with its model replaced by lightly's peer (:data:`PEERS`): the same trainer,
+    data and settings; raises when the recipe sets something the peer cannot follow."""
+    import importlib
+
+    if method not in PEERS:
+        raise ValueError(f"{method}: lightly implements no peer of it; peers: {', '.join(PEERS)}")
+    class_path, own = PEERS[method]
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    cfg = recipe(method)
+    init = dict(cfg["model"]["init_args"])
+    for key, value in own.items():
+        if init.pop(key, value) != value:
+            raise ValueError(f"experiments/{method}/cpu.yaml: model.init_args.{key} is not {value!r}, so the recipe "
+                             f"is not the method {name} implements")
+    unknown = sorted(set(init) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise ValueError(f"experiments/{method}/cpu.yaml: {name} has no setting {', '.join(unknown)} "
+                         "(model.init_args); give the peer that setting or leave it at the method's default")
+    return {**cfg, "name": f"{cfg['name']}_{PEER}", "model": {"class_path": class_path, "init_args": init}}
