@@ -544,7 +544,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             continue
         arch = architecture(method)
         key = architecture_key(arch)
-        for seed in args.seeds:
+        for seed in [] if args.baselines_only else args.seeds:
             s = str(seed)
             extra = list(extra_base)
             if method == "mvp":
@@ -599,7 +599,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         lines[s] = votes[view]
                 save()
                 print(f"seed {seed} {name}: {state['scores'][name][s]}", flush=True)
-        if args.peers and method in PEERS:  # lightly's step on the same recipe, data and budget
+        if args.peers and method in PEERS and not args.baselines_only:  # lightly's step on the same recipe, data and budget
             config = write_peer_config(method, work)
             for seed in args.seeds:
                 pretrain_and_probe(state, f"{PEER}/{method}", method, config, seed, extra_base + args.pretrain_args,
@@ -621,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also train lightly's own step on the recipe of each method lightly implements "
                              f"({', '.join(PEERS)}; rows 'backbone: {PEER}')")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="random init and the supervised ceiling of each method's architecture only: whether a "
+                             "new dataset can be learnt at all at the recipes' resolution, before pre-training on it")
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")

@@ -116,6 +116,15 @@ def markdown_table(report: dict) -> str:
             name = v["method"] if backbone == "pretrained" else f"{v['method']} (lightly)"
             lines.append(f"| {name} | {v['probe']} | {fmt(find('random'))} | {fmt(trained)} | "
                          f"{fmt(find('supervised'))} | {v['gain']:+.1f} | {passes} | {seconds} |")
+    # Baselines of a method that has no pre-trained row yet (``--baselines-only``, or an interrupted run).
+    shown = {(v["method"], v["probe"]) for v in verdicts(rows)}
+    for method, probe in dict.fromkeys((r["method"], r["probe"]) for r in rows if r["backbone"] in ("random",
+                                                                                                  "supervised")):
+        if (method, probe) in shown:
+            continue
+        find = lambda kind, m=method, p=probe: next((r for r in rows if r["method"] == m and r["probe"] == p
+                                                     and r["backbone"] == kind), None)
+        lines.append(f"| {method} | {probe} | {fmt(find('random'))} | — | {fmt(find('supervised'))} | — | — | |")
     comparison = peer_comparison(rows)
     if comparison:
         lines += ["", "| method | probe | ours | lightly | ours - lightly | within lightly's 1 std or above |",
