@@ -107,8 +107,9 @@ def split_digits(targets: np.ndarray, seed: int, val_fraction: float = VAL_FRACT
     return {split: np.asarray(sorted(indices)) for split, indices in splits.items()}
 
 
-def _background(rng: np.random.Generator, photos: Sequence[str]) -> np.ndarray:
-    photo = photograph(photos[int(rng.integers(len(photos)))])
+def _background(rng: np.random.Generator, photos: Sequence[str]) -> tuple[np.ndarray, str]:
+    name = photos[int(rng.integers(len(photos)))]
+    photo = photograph(name)
     height, width = photo.shape[:2]
     side = rng.uniform(*CROP_SHARE) * min(height, width)
     x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
@@ -117,7 +118,7 @@ def _background(rng: np.random.Generator, photos: Sequence[str]) -> np.ndarray:
     if rng.random() < 0.5:
         image = image[:, ::-1]
     mean = image.mean(axis=(0, 1), keepdims=True)
-    return mean + FADE * (image - mean)
+    return mean + FADE * (image - mean), name
 
 
 def _digit_alpha(rng: np.random.Generator, cells: np.ndarray) -> np.ndarray:
@@ -145,26 +146,30 @@ def ink_colour(rng: np.random.Generator, luminance: float) -> np.ndarray:
     return np.clip(np.asarray(rgb, dtype=np.float32) * value / max(lum, 1e-3), 0.0, 1.0) * 255.0
 
 
-def render_image(seed: int, split: str, index: int, cells: np.ndarray) -> tuple[Image.Image, list[float]]:
-    """Image ``index`` of ``split``, showing the digit ``cells`` (``[8, 8]``, 0-16), and its box ``[x, y, w, h]``."""
+def render_image(seed: int, split: str, index: int, cells: np.ndarray) -> tuple[Image.Image, list[float], str]:
+    """Image ``index`` of ``split``, showing the digit ``cells`` (``[8, 8]``, 0-16), its box ``[x, y, w, h]`` and
+    the photograph behind it."""
     rng = np.random.default_rng([seed, _SPLITS[split], index])
-    background = _background(rng, TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)  # [S, S, 3]
+    background, photo = _background(rng, TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)  # [S, S, 3]
     alpha = _digit_alpha(rng, cells)  # [S, S]
     under = alpha > 0.3
     luminance = float((background @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32))[under].mean())
     image = background * (1.0 - alpha[..., None]) + ink_colour(rng, luminance) * alpha[..., None]
     ys, xs = np.nonzero(alpha > 0.25)
     box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-    return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)), box
+    return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)), box, photo
 
 
-def _coco(split: str, records: list[tuple[int, str, int, list[float]]], seed: int) -> dict:
+def _coco(split: str, records: list[tuple[int, str, int, list[float], str, int]], seed: int) -> dict:
     return {
         "info": {"description": f"photo_digits ({split}), seed {seed}", "version": "1.0", "year": 2017},
         "licenses": [],
-        "images": [{"id": i, "file_name": name, "width": SIZE, "height": SIZE} for i, name, _, _ in records],
+        # Besides COCO's keys: the photograph behind the digit and the digit's index in load_digits (what a
+        # network's nearest neighbours may share besides the class).
+        "images": [{"id": i, "file_name": name, "width": SIZE, "height": SIZE, "photo": photo, "digit_index": k}
+                   for i, name, _, _, photo, k in records],
         "annotations": [{"id": i, "image_id": i, "category_id": digit + 1, "bbox": box, "area": box[2] * box[3],
-                         "iscrowd": 0} for i, _, digit, box in records],
+                         "iscrowd": 0} for i, _, digit, box, _, _ in records],
         "categories": [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)],
     }
 
@@ -190,14 +195,14 @@ def make_photo_digits(out: str | os.PathLike = "data/photo_digits", seed: int = 
         (staging / f"{split}2017").mkdir()
         records = []
         for index, digit_index in enumerate(np.repeat(members, copies)):
-            image, box = render_image(seed, split, index, digits.images[digit_index])
+            image, box, photo = render_image(seed, split, index, digits.images[digit_index])
             digit = int(digits.target[digit_index])
             name = f"{image_id:06d}.png"
             image.save(staging / f"{split}2017" / name)
             folder = staging / "folder" / split / str(digit)
             folder.mkdir(parents=True, exist_ok=True)
             os.link(staging / f"{split}2017" / name, folder / name)
-            records.append((image_id, name, digit, box))
+            records.append((image_id, name, digit, box, photo, int(digit_index)))
             image_id += 1
         (staging / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(_coco(split, records, seed)))
         counts[split] = {"images": len(records), "digits": len(members)}
