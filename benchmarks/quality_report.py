@@ -125,6 +125,14 @@ def markdown_table(report: dict) -> str:
         find = lambda kind, m=method, p=probe: next((r for r in rows if r["method"] == m and r["probe"] == p
                                                      and r["backbone"] == kind), None)
         lines.append(f"| {method} | {probe} | {fmt(find('random'))} | — | {fmt(find('supervised'))} | — | — | |")
+    # A ceiling the 10-minute guard stopped trained fewer epochs than its recipe: a low ceiling may be that.
+    flags = report.get("stopped_at_time_limit", {})
+    for key in dict.fromkeys(architecture_key(architecture(m)) for m in dict.fromkeys(r["method"] for r in rows)):
+        limited = sorted(s for s, hit in flags.get(f"supervised/{key}", {}).items()
+                         if hit and (not report.get("seeds") or int(s) in report["seeds"]))
+        if limited:
+            lines.append(f"\nSupervised ceiling of {key}: seed{'s' * (len(limited) > 1)} {', '.join(limited)} "
+                         "stopped at max_time, before the end of its schedule.")
     comparison = peer_comparison(rows)
     if comparison:
         lines += ["", "| method | probe | ours | lightly | ours - lightly | within lightly's 1 std or above |",

@@ -304,3 +304,12 @@ def test_a_benchmark_run_of_mocov2_trains_and_reports_its_peer(demo_root, tmp_pa
     assert quality.main(["--root", root, "--methods", "mocov2", "--seeds", "0", "--work", str(work),
                          "--out", str(out), "--figures", "", "--no-peers"]) == 0
     assert len(configs) == 3
+
+
+def test_table_names_a_supervised_ceiling_stopped_by_the_guard():
+    """A ceiling near chance may be a run the 10-minute guard ended early: the table says which seeds."""
+    rows = build_rows(_state_with_peer(), ["mocov2"], [0, 1, 2])
+    key = architecture_key(architecture("mocov2"))
+    report = {"rows": rows, "stopped_at_time_limit": {f"supervised/{key}": {"0": True, "1": False, "2": True}}}
+    assert f"Supervised ceiling of {key}: seeds 0, 2 stopped at max_time" in markdown_table(report)
+    assert "Supervised ceiling" not in markdown_table({"rows": rows})
