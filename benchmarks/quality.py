@@ -30,6 +30,11 @@ trained and probed exactly as ours into ``<work>/peer_lightly/<method>/seedN``: 
 a ``<method> (lightly)`` line under the method's in the table, a second table of ours against lightly's, and its
 curve on the method's figure. They tell a method that does not learn from an implementation that does not.
 
+``--baselines-only`` trains and probes only random init and the supervised ceiling of each recipe's architecture:
+on a new dataset (e.g. ``benchmarks/photo_digits.py``'s), whether the labels can be learnt at the recipes'
+resolution at all, before hours of pre-training; :mod:`benchmarks.quality_misses` then tells, for any backbone the
+benchmark trained, whether its nearest neighbours share the object or the background.
+
 ``--root`` takes the demo layout (``folder/``, COCO ``annotations/``, ``tencent/`` lists), a plain image folder
 (``train/<class>/``, ``val/<class>/``: single-label probes only, BAM/SimSiam pre-train on it through
 ``ImageFolderDataModule``, HVP-MTL is skipped as it needs multi-label targets) or a COCO-format root
@@ -58,7 +63,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.quality_report import (  # noqa: F401 (PROBES, MIN_SEEDS, verdicts: the benchmark's public names)
+from benchmarks.quality_report import (  # noqa: F401 (PROBES, MIN_SEEDS: the benchmark's public names)
     MIN_SEEDS,
     PROBES,
     build_rows,
@@ -68,7 +73,7 @@ from benchmarks.quality_report import (  # noqa: F401 (PROBES, MIN_SEEDS, verdic
     peer_comparison,
     verdicts,
 )
-from benchmarks.recipes import (  # noqa: F401 (METHODS, recipe: the benchmark's public names)
+from benchmarks.recipes import (
     METHODS,
     PEER,
     PEERS,
