@@ -313,3 +313,65 @@ def test_table_names_a_supervised_ceiling_stopped_by_the_guard():
     report = {"rows": rows, "stopped_at_time_limit": {f"supervised/{key}": {"0": True, "1": False, "2": True}}}
     assert f"Supervised ceiling of {key}: seeds 0, 2 stopped at max_time" in markdown_table(report)
     assert "Supervised ceiling" not in markdown_table({"rows": rows})
+
+
+# ============================================================================ ours and lightly's: one step apart?
+def _recipe_models(method: str):
+    from ssl_zoo.methods import BAMIA, MPCL
+
+    torch.manual_seed(0)
+    ours = {"mocov2": MPCL, "simsiam": BAMIA}[method](**recipe(method)["model"]["init_args"])
+    peer_class = {"mocov2": LightlyMoCoV2, "simsiam": LightlySimSiam}[method]
+    return ours, peer_class(**peer_config(method)["model"]["init_args"])
+
+
+def _backbone_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.backbone.named_parameters()}
+
+
+def _assert_same_grads(ours: dict, peer: dict) -> None:
+    assert ours.keys() == peer.keys()
+    for name in ours:
+        scale = ours[name].abs().max().item() + 1e-12
+        assert torch.allclose(ours[name], peer[name], atol=1e-4 * scale, rtol=1e-3), name
+
+
+def test_our_moco_v2_step_is_lightlys_on_the_same_weights_bank_and_batch():
+    """The recipe's MPCL (MoCo v2, one projector) and lightly's step, given the same weights, the same negatives
+    and the same batch, give the same loss, the same backbone gradients and the same keys in the queue: whatever
+    separates their rows is the seeds, not the method."""
+    ours, peer = _recipe_models("mocov2")
+    peer.backbone.load_state_dict(ours.backbone.state_dict())
+    hidden, output = ours.projectors.hidden[0][0], ours.projectors.outputs[0][0]  # Linear-ReLU-Linear
+    with torch.no_grad():
+        for mine, theirs in ((hidden, peer.projection_head.layers[0]), (output, peer.projection_head.layers[2])):
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+        peer.backbone_momentum.load_state_dict(peer.backbone.state_dict())  # key encoder = query encoder at step 0
+        peer.projection_head_momentum.load_state_dict(peer.projection_head.state_dict())
+        peer.criterion.memory_bank.bank.copy_(ours.queues[0].keys)
+    views = torch.randn(16, 2, 3, 32, 32)
+    loss_ours = ours.training_step({"views": views}, 0)
+    loss_peer = peer.training_step({"views": views.flip(1)}, 0)  # lightly's query is views[:, 1], ours views[:, 0]
+    assert loss_ours.item() == pytest.approx(loss_peer.item(), rel=1e-5)
+    loss_ours.backward()
+    loss_peer.backward()
+    _assert_same_grads(_backbone_grads(ours), _backbone_grads(peer))
+    assert torch.allclose(ours.queues[0].keys[:16], peer.criterion.memory_bank.bank[:16], atol=1e-5)
+
+
+def test_our_simsiam_step_is_lightlys_on_the_same_weights_and_batch():
+    """The recipe's BAMIA without blocks and IA-CLoss (SimSiam) and lightly's step, given the same weights and the
+    same batch: the same loss and backbone gradients (ours shuffles the pairs, which neither BN nor the mean sees)."""
+    ours, peer = _recipe_models("simsiam")
+    peer.backbone.load_state_dict(ours.backbone.state_dict())
+    peer.projection_head.layers.load_state_dict(ours.projector.state_dict())
+    peer.prediction_head.layers.load_state_dict(ours.predictor.state_dict())
+    views = torch.randn(16, 2, 3, 32, 32)
+    batch = {"views": views, "block_ids": torch.zeros(16, 2, dtype=torch.long), "index": torch.arange(16)}
+    loss_ours = ours.training_step(batch, 0)
+    loss_peer = peer.training_step({"views": views}, 0)
+    assert loss_ours.item() == pytest.approx(loss_peer.item(), abs=1e-5)
+    loss_ours.backward()
+    loss_peer.backward()
+    _assert_same_grads(_backbone_grads(ours), _backbone_grads(peer))
