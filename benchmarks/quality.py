@@ -24,6 +24,17 @@ CLIP knows them from captions; ``--mvp-teacher mocov3`` takes the same seed's Mo
 (``experiments/mocov3/cpu_vit.yaml``, trained as the teacher and not reported: the uni-modal guidance of MVP's
 Table 5; the ``mocov3`` rows are the MoCo v3 CPU recipe's, a ResNet).
 
+Peers (``--peers``, on by default): for each method lightly implements (MoCo v2, SimSiam; :mod:`benchmarks.peers`),
+lightly's own training step on the same recipe -- backbone, views, batch, schedule, optimizer, time guard, data --
+trained and probed exactly as ours into ``<work>/peer_lightly/<method>/seedN``: rows ``backbone: peer_lightly``,
+a ``<method> (lightly)`` line under the method's in the table, a second table of ours against lightly's, and its
+curve on the method's figure. They tell a method that does not learn from an implementation that does not.
+
+``--baselines-only`` trains and probes only random init and the supervised ceiling of each recipe's architecture:
+on a new dataset (e.g. ``benchmarks/photo_digits.py``'s), whether the labels can be learnt at the recipes'
+resolution at all, before hours of pre-training; :mod:`benchmarks.quality_misses` then tells, for any backbone the
+benchmark trained, whether its nearest neighbours share the object or the background.
+
 ``--root`` takes the demo layout (``folder/``, COCO ``annotations/``, ``tencent/`` lists), a plain image folder
 (``train/<class>/``, ``val/<class>/``: single-label probes only, BAM/SimSiam pre-train on it through
 ``ImageFolderDataModule``, HVP-MTL is skipped as it needs multi-label targets) or a COCO-format root
@@ -32,8 +43,9 @@ Table 5; the ``mocov3`` rows are the MoCo v3 CPU recipe's, a ResNet).
 ``quality.json`` holds ``{"rows": [{"method", "probe", "backbone", "mean", "std", "values", "pretrain_s"}],
 "machine": {...}, "curves": {...}}``, rewritten after every stage (an interrupted run keeps what it measured and
 a new one skips the pre-training runs that finished). ``--table`` prints the Markdown table, ``--figures DIR``
-draws one PNG per method: the kNN monitor of its pre-training runs (``val/knn_top1`` or ``val/knn_mAP``, mean and
-range over seeds) against the step, with random init and the supervised network as horizontal lines.
+draws one PNG per method: the kNN monitor of its pre-training runs and of its peer's (``val/knn_top1`` or
+``val/knn_mAP``, mean and range over seeds) against the step, with random init and the supervised network as
+horizontal lines.
 """
 
 from __future__ import annotations
@@ -44,18 +56,37 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("bam_ia", "simsiam", "mpcl", "mocov2", "mocov3", "mvp", "hvp_mtl")
-PROBES = ("knn_top1", "linear_top1", "gamp_mAP")
+from benchmarks.quality_report import (  # noqa: F401 (PROBES, MIN_SEEDS: the benchmark's public names)
+    MIN_SEEDS,
+    PROBES,
+    build_rows,
+    draw_figures,
+    markdown_table,
+    merge_report,
+    peer_comparison,
+    verdicts,
+)
+from benchmarks.recipes import (
+    METHODS,
+    PEER,
+    PEERS,
+    ROOT,
+    DataViews,
+    architecture,
+    architecture_key,
+    data_overrides,
+    find_views,
+    peer_config,
+    recipe,
+)
+
 #: MVP's guidance on a machine without CLIP weights (``--mvp-teacher``), a run of the same seed exported to timm:
 #: ``supervised``: the supervised ViT ceiling of MVP's architecture. CLIP's tower carries what captions taught it
 #: about the objects; on the demo the labels are the only such knowledge, so a label-trained teacher plays its part.
@@ -71,81 +102,6 @@ WORK = "benchmarks/runs/quality"
 # Probe settings of experiments/eval/{linear,gamp,knn}_demo.yaml.
 KNN_K, KNN_T = 20, 0.07
 PROBE_EPOCHS, PROBE_BATCH = 10, 64
-MIN_SEEDS = 3  # a verdict needs the mean and spread of at least this many seeds on both sides
-_DATA_CLASSES = {"folder": "ssl_zoo.data.ImageFolderDataModule", "coco": "ssl_zoo.data.CocoDataModule",
-                 "tencent": "ssl_zoo.data.TencentMLDataModule"}
-
-
-# ---------------------------------------------------------------------------------------------- data views
-@dataclass(frozen=True)
-class DataViews:
-    """Where each label format of ``--root`` lives (``None``: that view is missing)."""
-
-    folder: str | None  # class-per-folder tree with train/ and val/ (single-label)
-    coco: str | None  # COCO root: annotations/instances_{train,val}2017.json (multi-label)
-    tencent: str | None  # root of tencent/{train,val}.txt (multi-label lists)
-    tencent_classes: int | None = None
-
-
-def find_views(root: str | os.PathLike) -> DataViews:
-    """The label formats under ``root`` (see the module docstring); raises when it holds none."""
-    root = Path(root)
-    folder = None
-    if (root / "folder" / "train").is_dir() and (root / "folder" / "val").is_dir():
-        folder = root / "folder"
-    elif (root / "train").is_dir() and (root / "val").is_dir() and not (root / "annotations").is_dir():
-        folder = root
-    coco = root if (root / "annotations" / "instances_train2017.json").is_file() else None
-    tencent, classes = None, None
-    dictionary = root / "tencent" / "dictionary_and_semantic_hierarchy.txt"
-    if (root / "tencent" / "train.txt").is_file() and dictionary.is_file():
-        tencent = root
-        classes = sum(1 for line in dictionary.read_text().splitlines() if line.strip())
-    if not (folder or coco or tencent):
-        raise FileNotFoundError(
-            f"--root {root}: no class-per-folder tree (train/ and val/, or folder/train and folder/val), no COCO "
-            "annotations/instances_train2017.json and no tencent/train.txt; generate the demo with "
-            "`python -m ssl_zoo.data.demo --out data/demo`")
-    return DataViews(*(str(p) if p else None for p in (folder, coco, tencent)), tencent_classes=classes)
-
-
-def recipe(method: str, config: str | None = None) -> dict:
-    """``method``'s CPU recipe (``experiments/<method>/cpu.yaml``, or ``config``), parsed."""
-    return yaml.safe_load((ROOT / (config or f"experiments/{method}/cpu.yaml")).read_text())
-
-
-def data_overrides(method: str, views: DataViews, config: str | None = None) -> list[str] | None:
-    """CLI overrides pointing ``method``'s recipe (or ``config``, another recipe of it) at the views of ``--root``
-    (None: it cannot run on them).
-
-    A recipe reads its own format when present; self-supervised recipes switch to another format otherwise
-    (they ignore the labels); HVP-MTL needs multi-label targets (Tencent lists, else COCO).
-    """
-    cfg = recipe(method, config)
-    wanted = next(kind for kind, path in _DATA_CLASSES.items() if cfg["data"]["class_path"] == path)
-    if method == "hvp_mtl":
-        order = ("tencent", "coco")
-    else:
-        order = (wanted, *(k for k in ("folder", "coco", "tencent") if k != wanted))
-    for kind in order:
-        root = getattr(views, kind)
-        if root is None:
-            continue
-        args = ["--data.init_args.root", root]
-        if kind != wanted:
-            args = ["--data", _DATA_CLASSES[kind], *args]
-        if method == "hvp_mtl":
-            classes = views.tencent_classes if kind == "tencent" else _coco_classes(root)
-            args += ["--model.init_args.num_classes", str(classes)]
-            if kind == "tencent":
-                args += ["--data.init_args.num_classes", str(classes)]
-        return args
-    return None
-
-
-def _coco_classes(root: str) -> int:
-    data = json.loads((Path(root) / "annotations" / "instances_train2017.json").read_text())
-    return len(data["categories"])
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -262,32 +218,6 @@ def fit(config: str, run_dir: Path, seed: int, extra: list[str]) -> dict:
               "recipe_sha256": digest}
     done.write_text(json.dumps(record, indent=1))
     return {**record, "trained": True}
-
-
-def architecture(method: str, config: str | None = None) -> dict:
-    """Backbone name, Backbone kwargs and input size of a recipe (``method``'s CPU recipe, or ``config``): what
-    random init and the ceiling copy."""
-    init = recipe(method, config)["model"]["init_args"]
-    return {"backbone": init["backbone"], "backbone_kwargs": init.get("backbone_kwargs") or {},
-            "img_size": int(init.get("img_size", 224))}
-
-
-def architecture_key(arch: dict) -> str:
-    """Name of an architecture's baselines: the backbone, the ``model_kwargs`` that change it, the input size.
-
-    Two recipes share random-init and supervised baselines exactly when their keys are equal, so every
-    architecture keyword is in the key (``p8_depth6_embed_dim96_num_heads3``, ``channels16x32x64x128``).
-    """
-    kwargs = dict(arch["backbone_kwargs"].get("model_kwargs") or {})
-    parts = [arch["backbone"]]
-    if "patch_size" in kwargs:
-        parts.append(f"p{kwargs.pop('patch_size')}")
-
-    def text(value) -> str:
-        return "x".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
-
-    parts += [f"{name}{text(value)}" for name, value in sorted(kwargs.items())]
-    return "_".join(parts) + f"_{arch['img_size']}px"
 
 
 # ---------------------------------------------------------------------------------------------- probes
@@ -452,137 +382,6 @@ def machine_info() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": list(os.getloadavg())}
 
 
-def summarise(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = statistics.fmean(values)
-    return round(mean, 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
-
-
-def build_rows(state: dict, methods: list[str], seeds: list[int]) -> list[dict]:
-    """One row per (method, probe, backbone) over the seeds that have a value, in order (an interrupted run's
-    rows hold fewer seeds; :func:`verdicts` passes none with fewer than :data:`MIN_SEEDS`)."""
-    rows = []
-    for method in methods:
-        arch = architecture_key(architecture(method))
-        sources = {
-            "pretrained": (state["scores"].get(method, {}), state["seconds"].get(method, {})),
-            "random": (state["scores"].get(f"random/{arch}", {}), {}),
-            "supervised": (state["scores"].get(f"supervised/{arch}", {}),
-                           state["seconds"].get(f"supervised/{arch}", {})),
-        }
-        for probe in PROBES:
-            for backbone, (scores, seconds) in sources.items():
-                done = [s for s in seeds if scores.get(str(s), {}).get(probe) is not None]
-                if not done:
-                    continue
-                values = [scores[str(s)][probe] for s in done]
-                mean, std = summarise(values)
-                rows.append({"method": method, "probe": probe, "backbone": backbone, "mean": mean, "std": std,
-                             "values": values,
-                             "pretrain_s": [seconds.get(str(s)) for s in done] if seconds else []})
-    return rows
-
-
-def verdicts(rows: list[dict]) -> list[dict]:
-    """Per (method, probe): the gain over random init and whether it clears 10 points and 3x the larger std."""
-    out = []
-    for row in rows:
-        if row["backbone"] != "pretrained":
-            continue
-        random = next((r for r in rows if r["backbone"] == "random" and r["method"] == row["method"]
-                       and r["probe"] == row["probe"]), None)
-        if random is None:
-            continue
-        gain = row["mean"] - random["mean"]
-        bar = max(10.0, 3 * max(row["std"], random["std"]))
-        seeds = min(len(row["values"]), len(random["values"]))
-        out.append({"method": row["method"], "probe": row["probe"], "gain": round(gain, 2),
-                    "bar": round(bar, 2), "seeds": seeds,
-                    "passes": seeds >= MIN_SEEDS and gain >= 10.0 and gain > 3 * max(row["std"], random["std"]),
-                    "max_pretrain_s": max((s for s in row["pretrain_s"] if s is not None), default=None)})
-    return out
-
-
-def markdown_table(report: dict) -> str:
-    rows = report["rows"]
-    lines = ["| method | probe | random init | CPU recipe | supervised | gain | passes | pretrain s (per seed) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    def fmt(row: dict | None) -> str:
-        if row is None:
-            return "—"
-        seeds = len(row["values"])
-        return f"{row['mean']:.1f} ± {row['std']:.1f}" + (f" ({seeds} seed{'s' * (seeds > 1)})" if seeds < MIN_SEEDS
-                                                            else "")
-    for verdict in verdicts(rows):
-        find = lambda kind, v=verdict: next((r for r in rows if r["method"] == v["method"]
-                                             and r["probe"] == v["probe"] and r["backbone"] == kind), None)
-        pretrained = find("pretrained")
-        seconds = ", ".join(f"{s:.0f}" for s in pretrained["pretrain_s"] if s is not None)
-        limited = sorted(s for s, hit in report.get("stopped_at_time_limit", {}).get(verdict["method"], {}).items()
-                         if hit and (not report.get("seeds") or int(s) in report["seeds"]))
-        if limited:  # trained fewer steps than the recipe: the wall-clock guard ended it, not the schedule
-            seconds += f" (seed{'s' * (len(limited) > 1)} {', '.join(limited)} stopped at max_time)"
-        passes = "yes" if verdict["passes"] else "no"
-        if verdict["seeds"] < MIN_SEEDS:
-            passes += f" ({verdict['seeds']} seed{'s' if verdict['seeds'] > 1 else ''})"
-        lines.append(f"| {verdict['method']} | {verdict['probe']} | {fmt(find('random'))} | {fmt(pretrained)} | "
-                     f"{fmt(find('supervised'))} | {verdict['gain']:+.1f} | {passes} | {seconds} |")
-    origins: dict[tuple, list[str]] = {}  # methods taken from earlier files (--merge), grouped by origin
-    for method, origin in report.get("merged", {}).items():
-        origins.setdefault((origin.get("measured"), origin.get("command"), origin.get("file")), []).append(method)
-    for (measured, command, file), methods in origins.items():
-        lines.append(f"\nRows of {', '.join(methods)}: measured {measured} (`{command}`), taken from {file}.")
-    return "\n".join(lines)
-
-
-def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -> list[Path]:
-    """One PNG per method: its kNN monitor against the step (mean, min-max over seeds), random and supervised
-    as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ssl_zoo.plot import read_run, resolve_key
-
-    written = []
-    for method in methods:
-        curves = []
-        key = state["monitor_keys"].get(method)
-        for _seed, run_dir in sorted(state["runs"].get(method, {}).items()):
-            run = read_run(run_dir)
-            column = resolve_key(key, run.curves) if key else None
-            if column:
-                curves.append(dict(run.curves[column]))
-        if not curves:
-            continue
-        steps = sorted(set().union(*curves))
-        figure, axis = plt.subplots(figsize=(5.2, 3.4))
-        common = [s for s in steps if all(s in c for c in curves)]
-        mean = [statistics.fmean(c[s] for c in curves) for s in common]
-        axis.plot(common, mean, marker="o", markersize=3, label=f"{method} CPU recipe (mean of {len(curves)} seeds)")
-        axis.fill_between(common, [min(c[s] for c in curves) for s in common],
-                          [max(c[s] for c in curves) for s in common], alpha=0.2)
-        arch = architecture_key(architecture(method))
-        for kind, style in (("random", ":"), ("supervised", "--")):
-            values = [v for v in state["monitor_lines"].get(f"{kind}/{arch}/{method}", {}).values() if v is not None]
-            if values:
-                axis.axhline(statistics.fmean(values), linestyle=style, color="grey" if kind == "random" else "black",
-                             label=f"{kind} ({statistics.fmean(values):.1f})")
-        axis.set_xlabel("pre-training step")
-        axis.set_ylabel(key)
-        axis.set_title(f"{method}: kNN monitor during pre-training\n{arch}", fontsize=8)  # long keys: own line
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-        figure.tight_layout()
-        out = figures / f"quality_{method}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out, dpi=110)
-        plt.close(figure)
-        written.append(out)
-    return written
-
-
 # ---------------------------------------------------------------------------------------------- main
 STATE_KEYS = ("scores", "seconds", "cpu_seconds", "runs", "monitor_keys", "monitor_lines", "skipped", "trained_from",
               "teachers")
@@ -670,8 +469,10 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
     rows = build_rows(state, args.methods, args.seeds)
     report = {"rows": rows, "machine": machine, "root": str(args.root), "views": views.__dict__,
               "methods": args.methods, "seeds": args.seeds, "verdicts": verdicts(rows),
-              "curves": {m: {"key": state["monitor_keys"].get(m), "runs": state["runs"].get(m, {})}
-                         for m in args.methods},
+              # lightly's step on the recipe of each method it implements, against random init and against ours.
+              "peer_verdicts": verdicts(rows, PEER), "peer_comparison": peer_comparison(rows),
+              "curves": {name: {"key": state["monitor_keys"].get(name), "runs": state["runs"].get(name, {})}
+                         for m in args.methods for name in (m, f"{PEER}/{m}") if name == m or name in state["runs"]},
               "skipped": state["skipped"],
               # MVP's teacher per seed: [--mvp-teacher, the exported timm state dict it loaded]
               "teachers": state["teachers"],
@@ -692,51 +493,31 @@ def write_report(args: argparse.Namespace, views: DataViews, machine: dict, figu
     return report
 
 
-#: What ``quality.json`` keeps per method besides its rows (keys of the runs it names: ``<method>`` or
-#: ``<random|supervised>/<architecture>``), carried over with the rows by :func:`merge_report`.
-_PER_RUN_KEYS = ("teachers", "pretrain_cpu_s_and_load", "stopped_at_time_limit")
+def pretrain_and_probe(state: dict, name: str, method: str, config: str, seed: int, extra: list[str],
+                       views: DataViews, work: Path) -> None:
+    """Pre-train run ``name`` (``method``'s recipe, or lightly's peer of it) for ``seed`` into ``<work>/<name>/seedN``
+    unless a finished run of the same recipe exists, and probe its student unless ``state`` holds its scores."""
+    s, arch = str(seed), architecture(method)
+    run_dir = work / name / f"seed{seed}"
+    record = fit(config, run_dir, seed, extra)
+    state["runs"].setdefault(name, {})[s] = str(run_dir)
+    record_run(state, name, s, run_dir, record)
+    if s not in state["scores"].get(name, {}):
+        student = load_student(record["ckpt"], arch)
+        state["scores"].setdefault(name, {})[s] = probe_backbone(student, arch, views, seed, run_dir / "probes")
+        monitor = monitor_metric(student, method, views)
+        if monitor:
+            state["monitor_keys"][name] = monitor[0]
+        print(f"seed {seed} {name}: {state['scores'][name][s]} ({record['seconds']:.0f} s)", flush=True)
 
 
-def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
-    """Add to ``report`` the methods that an earlier ``quality.json`` measured and ``report`` did not (no row of
-    that method's pre-trained runs here): their rows (their baselines' included), curves, teachers, times and
-    time-limit flags, each method's origin under ``report["merged"]`` (the file, its measurement date and command;
-    a method the earlier file had itself merged keeps its first origin). A method measured in both keeps this report's rows: a rerun of some methods
-    (e.g. after their recipe changed) replaces only those. Returns the methods taken over."""
-    path = Path(earlier)
-    if not path.is_file():
-        raise FileNotFoundError(f"--merge {earlier}: no such file (an earlier quality.json)")
-    old = json.loads(path.read_text())
-    if "rows" not in old:
-        raise ValueError(f"--merge {earlier}: not a quality.json (no 'rows' key)")
-    # Measured here: a method with rows of its own pre-trained runs. Baseline rows alone do not count: random
-    # init and the ceiling are shared by every recipe of an architecture, so a rerun of one ResNet method
-    # writes baseline rows for all the others.
-    measured = {row["method"] for row in report["rows"] if row["backbone"] == "pretrained"}
-    taken = [m for m in dict.fromkeys(row["method"] for row in old["rows"]) if m not in measured]
-    if not taken:
-        return []
-    # A taken method comes with its own baselines, measured with its runs.
-    report["rows"] = ([row for row in report["rows"] if row["method"] not in taken]
-                      + [row for row in old["rows"] if row["method"] in taken])
-    report["rows"].sort(key=lambda row: METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
-    report["verdicts"] = verdicts(report["rows"])
-    report["methods"] = [m for m in METHODS if m in set(report["methods"]) | set(taken)]
-    origin = {"file": str(earlier), "measured": old.get("machine", {}).get("date"), "command": old.get("command")}
-    merged = report.setdefault("merged", {})
-    for method in taken:
-        merged[method] = old.get("merged", {}).get(method, origin)
-        report.setdefault("curves", {})[method] = old.get("curves", {}).get(method)
-    # A taken method's entries come with its rows; a baseline's (``random/<arch>``, ``supervised/<arch>``) only
-    # where this report has none.
-    for key in _PER_RUN_KEYS:
-        entries = report.setdefault(key, {})
-        for name, value in old.get(key, {}).items():
-            if name in taken:
-                entries[name] = value
-            elif "/" in name:
-                entries.setdefault(name, value)
-    return taken
+def write_peer_config(method: str, work: Path) -> str:
+    """lightly's peer of ``method`` on its CPU recipe (:func:`benchmarks.peers.peer_config`), written to
+    ``<work>/peer_lightly/<method>/cpu.yaml``: the config its runs are trained from (and their digest read)."""
+    path = work / PEER / method / "cpu.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(peer_config(method), sort_keys=False))
+    return str(path)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -768,7 +549,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             continue
         arch = architecture(method)
         key = architecture_key(arch)
-        for seed in args.seeds:
+        for seed in [] if args.baselines_only else args.seeds:
             s = str(seed)
             extra = list(extra_base)
             if method == "mvp":
@@ -788,18 +569,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 teacher = export_teacher(teacher_dir)
                 state["teachers"].setdefault(method, {})[s] = [args.mvp_teacher, str(teacher)]
                 extra += ["--model.init_args.teacher_pretrained", str(teacher)]
-            run_dir = work / method / f"seed{seed}"
-            record = fit(f"experiments/{method}/cpu.yaml", run_dir, seed, extra + args.pretrain_args)
-            state["runs"].setdefault(method, {})[s] = str(run_dir)
-            record_run(state, method, s, run_dir, record)
-            if s not in state["scores"].get(method, {}):
-                student = load_student(record["ckpt"], arch)
-                state["scores"].setdefault(method, {})[s] = probe_backbone(student, arch, views, seed,
-                                                                           run_dir / "probes")
-                monitor = monitor_metric(student, method, views)
-                if monitor:
-                    state["monitor_keys"][method] = monitor[0]
-                print(f"seed {seed} {method}: {state['scores'][method][s]} ({record['seconds']:.0f} s)", flush=True)
+            pretrain_and_probe(state, method, method, f"experiments/{method}/cpu.yaml", seed,
+                               extra + args.pretrain_args, views, work)
             save()
         kinds = ("random", "supervised") if key not in baselines_done else ()
         baselines_done.add(key)
@@ -833,6 +604,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         lines[s] = votes[view]
                 save()
                 print(f"seed {seed} {name}: {state['scores'][name][s]}", flush=True)
+        if args.peers and method in PEERS and not args.baselines_only:  # lightly's step on the same recipe, data and budget
+            config = write_peer_config(method, work)
+            for seed in args.seeds:
+                pretrain_and_probe(state, f"{PEER}/{method}", method, config, seed, extra_base + args.pretrain_args,
+                                   views, work)
+                save()
     return write_report(args, views, machine, figures=True)
 
 
@@ -846,6 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", default="benchmarks/results", help="folder of the per-method PNGs ('' = none)")
     parser.add_argument("--mvp-teacher", choices=MVP_TEACHERS, default=MVP_TEACHERS[0],
                         help="MVP's timm teacher: the same seed's supervised ViT (default) or MoCo v3 run on MVP's ViT (experiments/mocov3/cpu_vit.yaml)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train lightly's own step on the recipe of each method lightly implements "
+                             f"({', '.join(PEERS)}; rows 'backbone: {PEER}')")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="random init and the supervised ceiling of each method's architecture only: whether a "
+                             "new dataset can be learnt at all at the recipes' resolution, before pre-training on it")
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="CLI overrides for every pre-training run (last option: takes the rest of the line)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")

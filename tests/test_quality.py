@@ -549,7 +549,7 @@ def test_results_json_in_the_repository_follows_the_schema():
     assert set(report) >= {"rows", "machine"}
     for row in report["rows"]:
         assert row["method"] in quality.METHODS and row["probe"] in quality.PROBES
-        assert row["backbone"] in ("pretrained", "random", "supervised")
+        assert row["backbone"] in ("pretrained", "random", "supervised", quality.PEER)
         assert len(row["values"]) >= 1 and row["mean"] == pytest.approx(statistics.fmean(row["values"]), abs=0.01)
 
 
