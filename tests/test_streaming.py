@@ -163,10 +163,15 @@ def _take(loader, batches: int, key: str | None = "index") -> list[list[int]]:
     return [(b[key] if key else b).tolist() for b in itertools.islice(iter(loader), batches)]
 
 
-def _rank_epochs(rank: int, world_size: int, split_dir: str) -> dict[int, list[list[int]]]:
-    """This rank's samples in epochs 0 and 1, with 0 and with 2 DataLoader workers."""
+def _rank_epochs(rank: int, world_size: int, split_dir: str) -> dict[int | str, list]:
+    """This rank's samples in epochs 0 and 1, with 0 and with 2 DataLoader workers, and the labelled split as this
+    rank reads it by index."""
     loaders = {workers: _loader(Path(split_dir), workers) for workers in (0, 2)}
-    return {workers: [sum(_take(loader, len(loader)), []) for _ in range(2)] for workers, loader in loaders.items()}
+    epochs: dict[int | str, list] = {workers: [sum(_take(loader, len(loader)), []) for _ in range(2)]
+                                     for workers, loader in loaders.items()}
+    shards = ShardDataset(split_dir)
+    epochs["by_index"] = [shards.record(i)["source_index"] for i in range(len(shards))]
+    return epochs
 
 
 @pytest.mark.distributed
@@ -181,6 +186,8 @@ def test_ranks_read_disjoint_equal_parts_of_every_epoch(shard_root):
             assert [len(p) for p in parts] == [n // BATCH_OF_4 // world * BATCH_OF_4] * world
             assert not set(parts[0]) & set(parts[1]) and all(len(set(p)) == len(p) for p in parts)
         assert per_rank[0][workers][0] != per_rank[0][workers][1]  # reshuffled every epoch
+    every_record = [r["source_index"] for r in _records(split_dir)]
+    assert all(part["by_index"] == every_record for part in per_rank)  # the probes' splits: every record, by index
 
 
 def test_the_loader_serves_whole_batches_of_distinct_samples_reshuffled_every_epoch(shard_root):
