@@ -151,10 +151,10 @@ def _no_views(image) -> dict[str, torch.Tensor]:
     return {"views": torch.zeros(1)}
 
 
-def _loader(split_dir: Path, workers: int = 0, seed: int = 7, transform=_no_views) -> StreamingDataLoader:
+def _loader(split_dir: Path, workers: int = 0, seed: int = 7, transform=_no_views, **kwargs) -> StreamingDataLoader:
     shards = ShardDataset(str(split_dir), transform=transform)
     return StreamingDataLoader(StreamingViewDataset(ViewDataset(shards), seed=seed), batch_size=BATCH_OF_4,
-                               num_workers=workers)
+                               num_workers=workers, **kwargs)
 
 
 def _take(loader, batches: int, key: str | None = "index") -> list[list[int]]:
@@ -261,8 +261,31 @@ def test_litdata_alone_persistent_workers_repeat_an_epoch_cut_short(shard_root):
     split_dir = shard_root / "folder" / "train"
     persistent = _litdata_alone(split_dir, 2, persistent=True)
     assert _take(persistent, 2, key=None) == _take(persistent, 2, key=None)
-    ours = _loader(split_dir, 2)
+    ours = _loader(split_dir, 2, persistent_workers=True)  # asked for, not granted
     assert _take(ours, 2) != _take(ours, 2)
+
+
+def test_litdata_alone_loaded_twice_moves_its_worker_cycle_twice(shard_root):
+    """Why :class:`StreamingDataLoader` ignores ``load_state_dict`` (Lightning's, in runs where it hands one back
+    after the data module's ``resume``): litdata's loader, handed the same state twice, credits the next batches to
+    the wrong workers, which its next checkpoint would carry."""
+    split_dir = shard_root / "folder" / "train"
+    saved = _litdata_alone(split_dir, 2)
+    iterator = iter(saved)
+    next(iterator)
+    state = saved.state_dict()
+    del iterator
+    once, twice = _litdata_alone(split_dir, 2), _litdata_alone(split_dir, 2)
+    once.load_state_dict(state)
+    twice.load_state_dict(state), twice.load_state_dict(state)
+    next(iter(once)), next(iter(twice))
+    assert once.state_dict()["latest_worker_idx"] == 1 != twice.state_dict()["latest_worker_idx"]
+
+    full, ours = _loader(split_dir, 2), _loader(split_dir, 2)
+    ours.resume(0, 1)
+    ours.load_state_dict(state), ours.load_state_dict(state)
+    assert _take(ours, len(ours) - 1) == _take(full, len(full))[1:]
+    assert ours.state_dict()["latest_worker_idx"] == full.state_dict()["latest_worker_idx"]
 
 
 def _source_index(record: dict) -> float:
