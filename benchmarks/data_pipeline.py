@@ -24,9 +24,11 @@ machine's load hits both sides of it.
 **Shards.** ``--shard-copies`` copies of the photographs as a class-per-folder tree (one class per photograph),
 converted with ``python -m ssl_zoo.data.shard`` (conversion images/s with 1 worker and with all cores), then
 read in interleaved rounds from the files (open + read + header, and + full decode) and from the shards
-(record reads + header, and + full decode), the same images in the same order on both paths: each chunk's
-records permuted, as a streaming worker serves its window. The page cache holds both after the first round:
-this is the CPU cost of each path, not a network file system's latency.
+(litdata's ``StreamingDataset`` iterated with the training stream's settings, + header, and + full decode), the
+same images in the same order on both paths: the order litdata serves an epoch in (chunks permuted, each chunk's
+records permuted). Each image is timed on both paths back to back (the order alternating from image to image), so
+that the load of a shared machine hits both paths alike. The page cache holds both after the first round: this
+is the CPU cost of each path, not a network file system's latency.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -185,11 +186,14 @@ def summarise(timings: list[dict[str, Any]], chosen: list[str], kinds: list[str]
 
 
 # ----------------------------------------------------------------------------------------- shards vs files
-def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    """Convert ``copies`` copies of the photographs and time reading them from files and from the shards."""
+def shard_benchmark(copies: int, rounds: int, workdir: Path, batch_decode: int | str | None = None) -> dict[str, Any]:
+    """Convert ``copies`` copies of the photographs and time reading them from files and from the shards
+    (``batch_decode``: litdata's setting for the shard reader; default the training stream's)."""
+    import litdata
+
     from ssl_zoo.data.io import EncodedImage
     from ssl_zoo.data.shard import convert_split, read_source
-    from ssl_zoo.data.streaming import ShardSplit, keep_freed_buffers, record_image
+    from ssl_zoo.data.streaming import READ_SETTINGS, keep_freed_buffers, record_image
 
     paths = photograph_paths()
     tree = workdir / "photos" / "train"
@@ -205,45 +209,49 @@ def shard_benchmark(copies: int, rounds: int, workdir: Path) -> dict[str, Any]:
         report = convert_split(source, str(out), num_workers=workers, chunk_bytes="64MB")
         conversion.append({"num_workers": workers, "images": report.num_source, "seconds": report.seconds,
                            "images_per_s": report.images_per_s})
-    split = ShardSplit(str(workdir / f"shards-{conversion[0]['num_workers']}"))
-    # Both paths serve the same images in the same order: each chunk's records permuted, as a streaming worker
-    # serves its window (the files of those records, one at a time, as a map-style loader reads them).
-    rng = np.random.default_rng(0)
-    chunks = [(int(split.chunk_starts[c]), int(split.chunk_starts[c + 1])) for c in range(split.num_chunks)]
-    order = [[int(i) for i in rng.permutation(np.arange(start, stop))] for start, stop in chunks]
-    file_of = {i: source.paths[split.read(i)["source_index"]] for i in range(len(split))}
-    file_paths = [file_of[i] for indices in order for i in indices]
+    split = workdir / f"shards-{conversion[0]['num_workers']}"
+    settings = {**READ_SETTINGS, **({} if batch_decode is None else {"batch_decode": batch_decode})}
+    stream = litdata.StreamingDataset(str(split), shuffle=True, seed=0, **settings)
 
-    def from_files(full: bool) -> None:
-        for p in file_paths:
-            image = EncodedImage.read(p)
-            if full:
-                image.decode()
+    def shard_records() -> Any:
+        stream.set_epoch(1)  # the same epoch, so the same order, every round
+        return iter(stream)
 
-    def from_shards(full: bool) -> None:
-        for (start, stop), indices in zip(chunks, order, strict=True):
-            with split.open_range(start, stop) as records:
-                for i in indices:
-                    image = record_image(records[i], "benchmark")
-                    if full:
-                        image.decode()
+    # Both paths serve the same images in the same order, the stream's (the files of its records, one at a time,
+    # as a map-style loader reads them).
+    file_paths = [source.paths[record["source_index"]] for record in shard_records()]
+
+    def paired_round(full: bool) -> tuple[float, float]:
+        """Seconds on the file path and on the shard path over all images, timed image by image in pairs (the
+        file then the record, or the record then the file, alternately), so that a change in the load of the
+        (shared) machine hits both paths alike."""
+        records, seconds = shard_records(), [0.0, 0.0]
+        for k, path in enumerate(file_paths):
+            for shard in ((False, True) if k % 2 else (True, False)):
+                start = time.perf_counter()
+                image = record_image(next(records), "benchmark") if shard else EncodedImage.read(path)
+                if full:
+                    image.decode()
+                seconds[shard] += time.perf_counter() - start
+        assert next(records, None) is None
+        return seconds[0], seconds[1]
 
     keep_freed_buffers()  # what a streaming DataLoader worker does; the file path runs in the same allocator
     reads: dict[str, list[float]] = {"files": [], "shards": [], "files+decode": [], "shards+decode": []}
-    from_files(False), from_shards(False)  # warm the page cache for both
+    paired_round(False)  # warm the page cache for both
     for _ in range(rounds):
-        for name, fn, full in (("files", from_files, False), ("shards", from_shards, False),
-                               ("files+decode", from_files, True), ("shards+decode", from_shards, True)):
-            start = time.perf_counter()
-            fn(full)
-            reads[name].append(time.perf_counter() - start)
+        for suffix, full in (("", False), ("+decode", True)):
+            files_s, shards_s = paired_round(full)
+            reads[f"files{suffix}"].append(files_s)
+            reads[f"shards{suffix}"].append(shards_s)
     n = len(file_paths)
     ratio = statistics.median(f / s for f, s in zip(reads["files"], reads["shards"], strict=True))
     ratio_decode = statistics.median(f / s for f, s in zip(reads["files+decode"], reads["shards+decode"], strict=True))
     return {
         "images": n,
         "bytes": sum(p.stat().st_size for p in paths) * copies,
-        "chunks": split.num_chunks,
+        "chunks": len(json.loads((split / "index.json").read_text())["chunks"]),
+        "litdata_settings": settings,
         "conversion": conversion,
         "read_images_per_s": {name: n / statistics.median(s) for name, s in reads.items()},
         "shards_vs_files": ratio,
@@ -287,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--processes", type=int, default=1, help="processes timing at once (one per core)")
     parser.add_argument("--shard-copies", type=int, default=100,
                         help="copies of each photograph for the shards-vs-files read test (0 skips it)")
+    parser.add_argument("--shard-batch-decode", type=lambda v: int(v) if v.lstrip("-").isdigit() else v,
+                        default=None, help="litdata's batch_decode for the shard reader (default: the training "
+                        "stream's, 0; 'auto' is litdata's own default)")
     parser.add_argument("--json", default="benchmarks/results/data_pipeline.json")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of --json and exit")
     args = parser.parse_args(argv)
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shards = None
     if args.shard_copies > 0:
         with tempfile.TemporaryDirectory(prefix="ssl_zoo-bench-shards-") as workdir:
-            shards = shard_benchmark(args.shard_copies, max(3, args.rounds), Path(workdir))
+            shards = shard_benchmark(args.shard_copies, max(3, args.rounds), Path(workdir), args.shard_batch_decode)
     report = {
         "command": "python -m benchmarks.data_pipeline " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(),

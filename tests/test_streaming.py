@@ -1,5 +1,6 @@
-"""Streaming shards: conversion round trips, bad images at conversion, the epoch's parts per rank and worker,
+"""Streaming shards: conversion round trips, bad images at conversion, litdata's parts per rank and worker,
 exact resume of the stream, the data module in place of the file-based ones, and a SIGKILLed streaming run.
+Where our layer differs from litdata's own loader, a test runs litdata alone and shows the difference.
 
 The shards are converted once per session from the tiny demo set (48 + 16 images, 64 px) with small chunks
 (16 KB: a few images each), so that every test sees many chunks.
@@ -7,8 +8,8 @@ The shards are converted once per session from the tiny demo set (48 + 16 images
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import lightning
+import litdata
 import numpy as np
 import pytest
 import torch
@@ -27,14 +30,13 @@ from ssl_zoo.data.io import BadImageError, EncodedImage
 from ssl_zoo.data.shard import BAD_SAMPLES_FILE, META_FILE, convert_split, main, read_source
 from ssl_zoo.data.streaming import (
     ShardDataset,
-    ShardSplit,
     StreamingDataLoader,
     StreamingDataModule,
     StreamingViewDataset,
-    rank_segments,
+    litdata_loader_state,
     record_image,
-    worker_pieces,
 )
+from tests.ddp_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = "16KB"
@@ -53,8 +55,8 @@ def shard_root(demo_root, tmp_path_factory) -> Path:
 
 
 def _records(location: Path) -> list[dict]:
-    split = ShardSplit(str(location))
-    return [split.read(i) for i in range(len(split))]
+    split = ShardDataset(str(location))
+    return [split.record(i) for i in range(len(split))]
 
 
 # ------------------------------------------------------------------------------------------ round trips
@@ -76,7 +78,7 @@ def test_round_trip_same_images_labels_and_order(kind, demo_root, shard_root):
         assert sorted(order) == list(range(len(source)))
         expected = np.random.default_rng(np.random.SeedSequence([0])).permutation(len(source)).tolist()
         assert order == expected
-        shards = ShardDataset(ShardSplit(str(shard_root / kind / split)))
+        shards = ShardDataset(str(shard_root / kind / split))
         assert len(shards) == len(source)
         for position, record in enumerate(records):
             i = record["source_index"]
@@ -96,7 +98,7 @@ def test_round_trip_same_images_labels_and_order(kind, demo_root, shard_root):
 def test_tencent_confidences_travel_with_the_images(demo_root, shard_root):
     source = TencentML(demo_root, f"{demo_root}/tencent/train.txt", num_classes=12, soft_targets=True,
                        min_confidence=0.95)
-    shards = ShardDataset(ShardSplit(str(shard_root / "tencent" / "train")), soft_targets=True, min_confidence=0.95)
+    shards = ShardDataset(str(shard_root / "tencent" / "train"), soft_targets=True, min_confidence=0.95)
     for position in range(len(shards)):
         record = shards.record(position)
         pairs = list(zip(record["labels"].tolist(), record["confidences"].tolist(), strict=True))
@@ -142,79 +144,212 @@ def test_broken_images_are_left_out_and_listed(demo_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ ranks and workers
-def _stream(split_dir: Path, rank: int = 0, world: int = 1, workers: int = 0, batch: int = 4, window: int = 2,
-            seed: int = 7) -> StreamingViewDataset:
-    identity = ShardDataset(ShardSplit(str(split_dir)), transform=lambda img: {"views": torch.zeros(1)})
-    return StreamingViewDataset(ViewDataset(identity), seed=seed, rank=rank, world_size=world, batch_size=batch,
-                                num_workers=workers, shuffle_window=window)
+BATCH_OF_4 = 4
 
 
-def _served(stream: StreamingViewDataset, workers: int, epoch: int) -> list[int]:
-    stream.set_epoch(epoch)
-    loader = StreamingDataLoader(stream, batch_size=stream.batch_size, drop_last=True, num_workers=workers)
-    return torch.cat([batch["index"] for batch in loader]).tolist()
+def _no_views(image) -> dict[str, torch.Tensor]:
+    return {"views": torch.zeros(1)}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_read_disjoint_parts_that_cover_the_epoch(world, shard_root):
+def _loader(split_dir: Path, workers: int = 0, seed: int = 7, transform=_no_views, **kwargs) -> StreamingDataLoader:
+    shards = ShardDataset(str(split_dir), transform=transform)
+    return StreamingDataLoader(StreamingViewDataset(ViewDataset(shards), seed=seed), batch_size=BATCH_OF_4,
+                               num_workers=workers, **kwargs)
+
+
+def _take(loader, batches: int, key: str | None = "index") -> list[list[int]]:
+    """The next ``batches`` batches of a new iteration, then stop without exhausting it (as Lightning's fit loop
+    stops at ``len(loader)``)."""
+    return [(b[key] if key else b).tolist() for b in itertools.islice(iter(loader), batches)]
+
+
+def _rank_epochs(rank: int, world_size: int, split_dir: str) -> dict[int | str, list]:
+    """This rank's samples in epochs 0 and 1, with 0 and with 2 DataLoader workers, and the labelled split as this
+    rank reads it by index."""
+    loaders = {workers: _loader(Path(split_dir), workers) for workers in (0, 2)}
+    epochs: dict[int | str, list] = {workers: [sum(_take(loader, len(loader)), []) for _ in range(2)]
+                                     for workers, loader in loaders.items()}
+    shards = ShardDataset(split_dir)
+    epochs["by_index"] = [shards.record(i)["source_index"] for i in range(len(shards))]
+    return epochs
+
+
+@pytest.mark.distributed
+def test_ranks_read_disjoint_equal_parts_of_every_epoch(shard_root):
+    """Two gloo processes: litdata gives each the same number of whole batches and no sample twice."""
     split_dir = shard_root / "folder" / "train"
-    n = len(ShardSplit(str(split_dir)))
-    for epoch in (0, 1):
-        parts = [set(_stream(split_dir, r, world).epoch_indices(epoch)) for r in range(world)]
-        for a in range(world):
-            for b in range(a + 1, world):
-                assert not parts[a] & parts[b]
-        covered = set().union(*parts)
-        # every sample but those of the last incomplete batch of each rank; the part sizes are equal
-        per_rank = n // world
-        assert all(len(p) == per_rank // 4 * 4 for p in parts)
-        assert len(covered) == world * (per_rank // 4 * 4) and covered <= set(range(n))
-    # the segments themselves partition N - N mod W samples
-    sizes = ShardSplit(str(split_dir)).chunk_sizes
-    segments = [rank_segments(sizes, 7, 0, r, world) for r in range(world)]
-    samples = [i for part in segments for s in part for i in range(s.start, s.stop)]
-    assert len(samples) == len(set(samples)) == n - n % world
-
-
-def test_each_worker_reads_its_own_chunks_and_the_loader_serves_the_plan(shard_root):
-    split_dir = shard_root / "folder" / "train"
-    segments = rank_segments(ShardSplit(str(split_dir)).chunk_sizes, 7, 0, 0, 1)
-    pieces = worker_pieces(segments, batch_size=4, num_workers=2)
-    samples = [[i for s in piece for i in range(s.start, s.stop)] for piece in pieces]
-    assert not set(samples[0]) & set(samples[1]) and all(len(s) % 4 == 0 for s in samples)
+    n, world = len(ShardDataset(str(split_dir))), 2
+    per_rank = run_distributed(_rank_epochs, world_size=world, split_dir=str(split_dir))
     for workers in (0, 2):
-        stream = _stream(split_dir, workers=workers)
         for epoch in (0, 1):
-            assert _served(stream, workers, epoch) == stream.epoch_indices(epoch)
-    a, b = _stream(split_dir, workers=2).epoch_indices(0), _stream(split_dir, workers=2).epoch_indices(1)
-    assert a != b and sorted(a) != a  # reshuffled every epoch
+            parts = [part[workers][epoch] for part in per_rank]
+            assert [len(p) for p in parts] == [n // BATCH_OF_4 // world * BATCH_OF_4] * world
+            assert not set(parts[0]) & set(parts[1]) and all(len(set(p)) == len(p) for p in parts)
+        assert per_rank[0][workers][0] != per_rank[0][workers][1]  # reshuffled every epoch
+    every_record = [r["source_index"] for r in _records(split_dir)]
+    assert all(part["by_index"] == every_record for part in per_rank)  # the probes' splits: every record, by index
+
+
+def test_the_loader_serves_whole_batches_of_distinct_samples_reshuffled_every_epoch(shard_root):
+    split_dir = shard_root / "folder" / "train"
+    n = len(ShardDataset(str(split_dir)))
+    for workers in (0, 2):
+        loader = _loader(split_dir, workers)
+        assert len(loader) == n // BATCH_OF_4
+        epochs = [sum(_take(loader, len(loader)), []) for _ in range(2)]
+        for served in epochs:
+            assert len(served) == len(set(served)) == n // BATCH_OF_4 * BATCH_OF_4
+        assert epochs[0] != epochs[1] and sorted(epochs[0]) != epochs[0]
 
 
 @pytest.mark.parametrize("done", [1, 2])
 def test_stream_resumes_after_the_batches_done(done, shard_root):
+    """Resumed after ``done`` batches of epoch 1: the rest of that epoch, then a fresh epoch 2, taking exactly
+    ``len(loader)`` batches of each iteration as Lightning does."""
     split_dir = shard_root / "folder" / "train"
-    full = _stream(split_dir, workers=2).epoch_indices(1)
-    resumed = _stream(split_dir, workers=2)
-    resumed.resume(epoch=1, batches_done=done)
-    loader = StreamingDataLoader(resumed, batch_size=4, drop_last=True, num_workers=2)
-    assert torch.cat([b["index"] for b in loader]).tolist() == full[4 * done:]
-    resumed.set_epoch(2)  # the next epoch is complete again
-    assert _served(resumed, 2, 2) == _stream(split_dir, workers=2).epoch_indices(2)
+    for workers in (0, 2):
+        full = _loader(split_dir, workers)
+        epochs = [_take(full, len(full)) for _ in range(3)]
+        resumed = _loader(split_dir, workers)
+        resumed.resume(epoch=1, batches_done=done)
+        assert _take(resumed, len(resumed) - done) == epochs[1][done:]
+        assert _take(resumed, len(resumed)) == epochs[2]  # the next epoch is complete again
+
+
+def test_resume_hands_litdata_the_state_its_own_loader_would_have(shard_root):
+    """``litdata_loader_state`` builds litdata's own format: equal to ``state_dict()`` of litdata's loader after
+    the same batches (a change of litdata's format fails here)."""
+    split_dir = shard_root / "folder" / "train"
+    for workers, done in ((0, 1), (0, 3), (2, 1), (2, 2), (2, 5)):
+        reference = _loader(split_dir, workers)
+        iterator = iter(reference)
+        for _ in range(done):
+            next(iterator)
+        expected = reference.state_dict()
+        del iterator
+        assert litdata_loader_state(_loader(split_dir, workers), 1, done) == expected
+
+
+def _litdata_alone(split_dir: Path, workers: int, persistent: bool = False) -> litdata.StreamingDataLoader:
+    dataset = litdata.StreamingDataset(str(split_dir), shuffle=True, seed=7, drop_last=True, item_shuffle_window=0,
+                                       transform=lambda record: record["source_index"])
+    return litdata.StreamingDataLoader(dataset, batch_size=BATCH_OF_4, num_workers=workers,
+                                       persistent_workers=persistent)
+
+
+def test_litdata_alone_repeats_a_resumed_epoch_that_the_trainer_left_at_its_length(shard_root):
+    """Why :class:`StreamingDataLoader` leaves litdata's resume mode on every new iteration: after
+    ``load_state_dict`` litdata leaves it only when an epoch is iterated to exhaustion, which Lightning never does
+    when the loader has a length; litdata's next epoch then replays the resumed one."""
+    split_dir = shard_root / "folder" / "train"
+    full = _litdata_alone(split_dir, 0)
+    epochs = [_take(full, len(full), key=None) for _ in range(2)]
+    saved = _litdata_alone(split_dir, 0)
+    iterator = iter(saved)
+    next(iterator), next(iterator)
+    state = saved.state_dict()
+    resumed = _litdata_alone(split_dir, 0)
+    resumed.load_state_dict(state)
+    assert _take(resumed, len(resumed) - 2, key=None) == epochs[0][2:]  # the resume itself is exact
+    assert _take(resumed, len(resumed), key=None) == epochs[0][2:] != epochs[1]  # litdata: the same batches again
+
+
+def test_litdata_alone_persistent_workers_repeat_an_epoch_cut_short(shard_root):
+    """Why :class:`StreamingDataLoader` starts its workers every epoch: persistent litdata workers count epochs
+    when they reach the end of their part, so after an epoch cut short (``limit_train_batches``) the next one is
+    served in the same order."""
+    split_dir = shard_root / "folder" / "train"
+    persistent = _litdata_alone(split_dir, 2, persistent=True)
+    assert _take(persistent, 2, key=None) == _take(persistent, 2, key=None)
+    ours = _loader(split_dir, 2, persistent_workers=True)  # asked for, not granted
+    assert _take(ours, 2) != _take(ours, 2)
+
+
+def test_litdata_alone_loaded_twice_moves_its_worker_cycle_twice(shard_root):
+    """Why :class:`StreamingDataLoader` ignores ``load_state_dict`` (Lightning's, in runs where it hands one back
+    after the data module's ``resume``): litdata's loader, handed the same state twice, credits the next batches to
+    the wrong workers, which its next checkpoint would carry."""
+    split_dir = shard_root / "folder" / "train"
+    saved = _litdata_alone(split_dir, 2)
+    iterator = iter(saved)
+    next(iterator)
+    state = saved.state_dict()
+    del iterator
+    once, twice = _litdata_alone(split_dir, 2), _litdata_alone(split_dir, 2)
+    once.load_state_dict(state)
+    twice.load_state_dict(state), twice.load_state_dict(state)
+    next(iter(once)), next(iter(twice))
+    assert once.state_dict()["latest_worker_idx"] == 1 != twice.state_dict()["latest_worker_idx"]
+
+    full, ours = _loader(split_dir, 2), _loader(split_dir, 2)
+    ours.resume(0, 1)
+    ours.load_state_dict(state), ours.load_state_dict(state)
+    assert _take(ours, len(ours) - 1) == _take(full, len(full))[1:]
+    assert ours.state_dict()["latest_worker_idx"] == full.state_dict()["latest_worker_idx"]
+
+
+def _source_index(record: dict) -> float:
+    return float(record["source_index"])
+
+
+class _RecordingLoader(litdata.StreamingDataLoader):
+    loaded: list[int] = []
+
+    def load_state_dict(self, obj: dict) -> None:
+        _RecordingLoader.loaded.append(obj["num_samples_yielded"])
+        super().load_state_dict(obj)
+
+
+class _TinyModule(lightning.LightningModule):
+    def __init__(self, asks_for_total_steps: bool) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.asks_for_total_steps = asks_for_total_steps
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return (self.w * batch).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.asks_for_total_steps:  # as every method's warmup-cosine schedule does
+            assert self.trainer.estimated_stepping_batches > 0
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_hands_litdata_its_state_back_only_without_estimated_stepping_batches(shard_root, tmp_path):
+    """Why the data module, not Lightning, resumes the loader: a mid-epoch checkpoint's loader state reaches
+    litdata's loader only when ``configure_optimizers`` did not ask for ``estimated_stepping_batches`` (Lightning
+    builds the loader then, before restoring the loops, and does not build it again)."""
+    settings = {"max_epochs": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "accelerator": "cpu"}
+
+    def loader() -> _RecordingLoader:
+        return _RecordingLoader(litdata.StreamingDataset(str(shard_root / "folder" / "train"), shuffle=True,
+                                                         drop_last=True, transform=_source_index), batch_size=4)
+
+    handed_back = {}
+    for asks in (True, False):
+        trainer = lightning.Trainer(max_steps=2, **settings)
+        trainer.fit(_TinyModule(asks), loader())
+        trainer.save_checkpoint(tmp_path / "mid_epoch.ckpt")
+        _RecordingLoader.loaded = []
+        lightning.Trainer(max_steps=4, **settings).fit(_TinyModule(asks), loader(), ckpt_path=tmp_path / "mid_epoch.ckpt")
+        handed_back[asks] = _RecordingLoader.loaded
+    assert handed_back == {True: [], False: [8]}  # 2 batches of 4 samples
 
 
 def test_views_are_functions_of_seed_epoch_and_index(shard_root):
     from ssl_zoo.augment import mocov2_transform
 
-    def views_by_index(workers: int) -> dict[int, torch.Tensor]:
-        shards = ShardDataset(ShardSplit(str(shard_root / "folder" / "train")), transform=mocov2_transform(16))
-        stream = StreamingViewDataset(ViewDataset(shards), seed=5, rank=0, world_size=1, batch_size=4,
-                                      num_workers=workers)
-        loader = StreamingDataLoader(stream, batch_size=4, drop_last=True, num_workers=workers)
-        return {int(i): v for batch in loader for i, v in zip(batch["index"], batch["views"], strict=True)}
+    def views_by_index(workers: int) -> dict[tuple[int, int], torch.Tensor]:
+        loader = _loader(shard_root / "folder" / "train", workers, seed=5, transform=mocov2_transform(16))
+        return {(epoch, int(i)): v for epoch in (0, 1) for batch in itertools.islice(iter(loader), len(loader))
+                for i, v in zip(batch["index"], batch["views"], strict=True)}
 
     one, two = views_by_index(0), views_by_index(2)
     assert one.keys() == two.keys()
-    assert all(torch.equal(one[i], two[i]) for i in one)
+    assert all(torch.equal(one[k], two[k]) for k in one)  # whatever worker served the sample
+    both = next(i for epoch, i in one if epoch == 0 and (1, i) in one)
+    assert not torch.equal(one[0, both], one[1, both])  # another epoch, other views
 
 
 # ------------------------------------------------------------------------------------------ the data module
@@ -254,22 +389,23 @@ def test_missing_or_foreign_root_names_the_folder(tmp_path):
 
 
 def test_object_store_url_is_read_through_the_cache(shard_root, tmp_path):
-    """A URL (here fsspec's in-memory file system) is copied chunk by chunk into the cache and released after use."""
-    fsspec = pytest.importorskip("fsspec")
-    memory = fsspec.filesystem("memory")
-    for path in (shard_root / "folder" / "train").iterdir():
-        memory.pipe(f"/shards/train/{path.name}", path.read_bytes())
-    remote = ShardSplit("memory://shards/train", cache_dir=str(tmp_path / "cache"))
-    assert remote.remote and remote.local_dir.startswith(str(tmp_path / "cache"))
-    local = ShardSplit(str(shard_root / "folder" / "train"))
-    identity = ShardDataset(remote, transform=lambda img: {"views": torch.zeros(1)})
-    stream = StreamingViewDataset(ViewDataset(identity), seed=1, rank=0, world_size=1, batch_size=4, num_workers=0)
-    served = [int(item["index"]) for item in stream]
-    assert served == _stream(shard_root / "folder" / "train", seed=1).epoch_indices(0)
-    assert not [f for f in os.listdir(remote.local_dir) if f.endswith(".bin")]  # released after use
-    assert remote.read(5)["image"] == local.read(5)["image"]  # random access fetches the chunk on demand
-    with pytest.raises(FileNotFoundError, match="memory://shards/nothing"):
-        ShardSplit("memory://shards/nothing", cache_dir=str(tmp_path / "cache"))
+    """A URL (litdata's ``local:`` store: the downloader and cache that ``s3://`` and ``gs://`` go through) is
+    copied chunk by chunk into ``cache_dir`` and served as the local folder is; the labelled splits read it by
+    index. A root litdata cannot read is refused in one line."""
+    cache = tmp_path / "cache"
+    settings = {"batch_size": 4, "num_workers": 0, "train_transform": lambda img: {"views": torch.zeros(1)}}
+    remote = StreamingDataModule(root=f"local:{shard_root / 'folder'}", cache_dir=str(cache), **settings)
+    local = StreamingDataModule(root=str(shard_root / "folder"), **settings)
+    assert remote.num_classes == local.num_classes == 10
+    remote_loader, local_loader = remote.train_dataloader(), local.train_dataloader()
+    assert _take(remote_loader, len(remote_loader)) == _take(local_loader, len(local_loader))
+    assert list(cache.rglob("chunk-*.bin"))  # read from copies in the cache
+    val, local_val = remote.labelled_dataset("val"), local.labelled_dataset("val")
+    assert all(torch.equal(val[i][0], local_val[i][0]) for i in range(len(local_val)))
+    with pytest.raises(FileNotFoundError, match=r"data.root: 'local:.*nothing/train/ssl_zoo.json' does not exist"):
+        StreamingDataModule(root=f"local:{tmp_path / 'nothing'}", cache_dir=str(cache)).num_classes  # noqa: B018
+    with pytest.raises(ValueError, match=r"data.root: 'memory://shards': litdata reads s3://"):
+        StreamingDataModule(root="memory://shards").check_root()
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL + resume
@@ -292,7 +428,7 @@ def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
     from test_resume import _env, _load, assert_resumed_run_matches
 
     shards = str(shard_root / "folder")
-    steps_per_epoch = len(ShardSplit(f"{shards}/train")) // BATCH
+    steps_per_epoch = len(ShardDataset(f"{shards}/train")) // BATCH
     every, kill_after, total = steps_per_epoch + 1, steps_per_epoch + 3, 2 * steps_per_epoch
     assert kill_after < total
     full_dir, runs, marker = tmp_path / "full", tmp_path / "runs", tmp_path / "stalled"
@@ -329,35 +465,19 @@ def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
 
 
 def test_batches_collate(shard_root):
-    shards = ShardDataset(ShardSplit(str(shard_root / "coco" / "val")),
+    shards = ShardDataset(str(shard_root / "coco" / "val"),
                           transform=lambda img: {"views": torch.zeros(2, 3, 4, 4)})
     batch = default_collate([ViewDataset(shards)[i] for i in range(3)])
     assert batch["target"].shape == (3, shards.num_classes) and batch["index"].tolist() == [0, 1, 2]
 
 
-def test_open_range_reads_each_record_when_asked_as_litdata_reads_it(shard_root):
-    """The streaming reader's per-record reads (any order) give litdata's own records; closed, it refuses."""
-    split = ShardSplit(str(shard_root / "folder" / "train"))
-    stop = int(split.chunk_starts[1])
-    with split.open_range(0, stop) as records:
-        for i in reversed(range(stop)):  # a shuffled window asks in any order
-            record, expected = records[i], split.read(i)
-            assert bytes(record["image"]) == expected["image"]
-            assert record["source_index"] == expected["source_index"] and record["path"] == expected["path"]
-        assert 0 in records and stop not in records
-        with pytest.raises(IndexError, match="not in"):
-            records[stop]
-    with pytest.raises(ValueError, match="closed"):
-        records[1]
-
-
-def test_records_of_a_range_are_read_in_place_and_decode_as_the_files(demo_root, shard_root):
-    """read_range hands out memoryviews into its reads (no second copy) with the stored header; they decode
-    exactly as the file does, at full and reduced scale. A record without a stored header is parsed."""
-    split = ShardSplit(str(shard_root / "folder" / "train"))
-    stop = int(split.chunk_starts[1])
+def test_records_carry_the_header_and_decode_as_the_files(demo_root, shard_root):
+    """Records read through litdata hold the file's bytes with the stored header; they decode exactly as the file
+    does, at full and reduced scale. A record without a stored header is parsed."""
+    shards = ShardDataset(str(shard_root / "folder" / "train"))
     source = ImageFolderDataset(f"{demo_root}/folder/train")
-    for record in split.read_range(0, min(stop, 5)):
+    for index in range(5):
+        record = shards.record(index)
         image = record_image(record, "test")
         from_file = EncodedImage.read(source.paths[record["source_index"]])
         assert image.size == from_file.size and image.format == from_file.format

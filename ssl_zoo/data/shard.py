@@ -9,9 +9,9 @@ folder or an object store.
 
 Why litdata and not WebDataset tars (both were tried on the demo data and the benchmark photographs):
 
-* random access by sample index: the chunk index gives every chunk's sample count, so a reader can compute
-  its own per-epoch order and each rank's and worker's part without scanning, skip to any point of an epoch
-  on resume, and serve the labelled splits of the probes as ordinary map-style datasets. A tar is a stream:
+* random access by sample index: the chunk index gives every chunk's sample count, so litdata's reader computes
+  each epoch's order and each rank's and worker's part without scanning, skips to any point of an epoch on
+  resume, and serves the labelled splits of the probes as ordinary map-style datasets. A tar is a stream:
   resuming or indexing it needs a separate index (``wids``) or a scan;
 * reading cost: 30 us per sample from a local chunk against 600 us to parse the same sample out of a tar with
   webdataset's pipeline (1,920 demo images, one process);

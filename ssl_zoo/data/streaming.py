@@ -1,341 +1,130 @@
-"""Pre-training from streaming shards (:mod:`ssl_zoo.data.shard`), from a local folder or an object store.
+"""Pre-training from streaming shards (:mod:`ssl_zoo.data.shard`) with litdata's ``StreamingDataset`` and
+``StreamingDataLoader``, from a local folder or an object store.
 
 :class:`StreamingDataModule` replaces the file-based data modules for every method and probe: the same view
 transform hook (``train_transform()``), the same batch keys, the same labelled splits (``labelled_dataset``).
-What changes is how the training set is read:
+litdata reads the training set:
 
-* **Order.** Each epoch permutes the chunks with ``(seed, epoch)``; the permuted sequence of samples is cut
-  into ``world_size`` equal consecutive parts (the ``N mod world_size`` samples at its end sit the epoch
-  out: every rank needs the same number of steps); each rank's part is cut into consecutive pieces of whole
-  batches, one per DataLoader worker, and each worker shuffles its piece ``shuffle_window`` chunks at a time.
-  A worker therefore reads a few chunks, sequentially, and no two ranks or workers read the same sample.
-  The shards were written in a shuffled order (``python -m ssl_zoo.data.shard``), so a chunk is a random
-  sample of the dataset and shuffling chunk by chunk mixes classes within every batch.
-* **Batches.** The DataLoader takes batches from its workers in turn, so batch ``k`` of a rank's epoch is
-  batch ``k // W`` of worker ``k % W``: the order is a function of (seed, epoch, rank, world size, workers,
-  batch size, window), and every sample's views of ``(seed, epoch, sample index)``
-  (:func:`~ssl_zoo.data.sampler.seeded_rng`, as in the file-based path).
-* **Exact resume.** The checkpoint holds the epoch and the batches done (the data module's ``state_dict``);
-  a resumed run's worker ``w`` continues the piece of worker ``(w + done) % W`` after its batches already
-  trained on, so the first batch after the restart is the one the uninterrupted run trained on next.
-  Resuming with another worker count, batch size, world size or window changes the order (a warning says so).
-* **Object stores.** With ``root`` a URL (``s3://...``, ``gs://...``, any fsspec protocol whose package is
-  installed), each process copies the chunks it is about to read into ``cache_dir`` (``prefetch_chunks`` ahead,
-  in a background thread) and deletes them when it is done; the labelled splits keep the chunks they read.
+* **Order.** ``StreamingDataset(shuffle=True, seed=<run seed>, drop_last=True)``: each epoch permutes the chunks
+  with (seed, epoch), gives every process the same number of whole batches (the samples left over sit the epoch
+  out) and every DataLoader worker consecutive whole batches of its process's part, and permutes the samples of
+  each chunk (``item_shuffle_window=0``: the whole chunk). No two processes or workers read the same sample and a
+  worker reads one chunk at a time; the converter stored the samples shuffled, so a chunk is a random sample of
+  the dataset.
+* **Views.** Every sample's views are a function of (seed, epoch, sample index)
+  (:func:`~ssl_zoo.data.sampler.seeded_rng`, as in the file-based path), whatever worker serves it.
+* **Exact resume.** The checkpoint holds the epoch and the batches the trainer finished (the data module's
+  ``state_dict``, as for the file-based modules); :meth:`StreamingDataLoader.resume` hands litdata's loader the
+  state it would have had after those batches, and litdata replays its order from there.
+* **Object stores.** ``root`` may be any URL litdata reads (``s3://``, ``gs://``, ``azure://``, ``r2://``,
+  ``hf://``): litdata copies the chunks each worker is about to read into ``cache_dir`` and reads the labelled
+  splits record by record with ranged reads.
 
-The chunks are read with litdata's own record decoding (``StreamingDataset`` on the local copy); a worker reads
-each record of its window with one ``read()`` from the chunk file when the record's turn comes
-(:class:`ChunkRecords`; litdata's random access across chunks, and copying images out of its memory map, are
-slow, and holding a window's records made their decode slower). Lightning calls ``set_epoch`` only on a
-DataLoader's sampler, which an iterable dataset may not have, so :class:`StreamingDataLoader` exposes one that
-forwards the epoch to the dataset through shared memory (DataLoader workers are forked once and kept between
-epochs).
+Where the layer differs from litdata's own loader, and why (each shown against the library in
+``tests/test_streaming.py``): Lightning hands a loader the state it saved only when it builds the loader after
+restoring the loops, not when ``configure_optimizers`` asked for ``estimated_stepping_batches`` first (every method
+here does), so the data module keeps the position, as the file-based modules do; after ``load_state_dict`` litdata
+stays in its resume mode until an epoch is iterated to exhaustion, which Lightning never does when the loader has
+a length (the next epoch would repeat the resumed one); and persistent litdata workers count epochs themselves, so
+an epoch cut short (``limit_train_batches``) would be served again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
-import threading
+import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 # See ssl_zoo.data.shard: no PyPI version check from every DataLoader worker. Before litdata is imported.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
+import litdata  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info  # noqa: E402
+from litdata.streaming.sampler import ChunkedIndex  # noqa: E402
+from torch.utils.data import Dataset, get_worker_info  # noqa: E402
 
 from ssl_zoo.data.datamodule import PretrainDataModule, ViewDataset, run_seed  # noqa: E402
 from ssl_zoo.data.io import BadSamplePolicy, EncodedImage, Sample, transform_encoded  # noqa: E402
 from ssl_zoo.data.sampler import SampleKey  # noqa: E402
 from ssl_zoo.data.shard import META_FILE, SHARD_FORMAT  # noqa: E402
-from ssl_zoo.utils.distributed import rank, world_size  # noqa: E402
 
 __all__ = [
-    "Segment",
+    "READ_SETTINGS",
     "ShardDataset",
-    "ShardSplit",
     "StreamingDataLoader",
     "StreamingDataModule",
     "StreamingViewDataset",
-    "rank_segments",
-    "worker_pieces",
-    "window_order",
+    "litdata_loader_state",
+    "record_image",
+    "split_meta",
 ]
 
 INDEX_FILE = "index.json"  # litdata's chunk index
+URL_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")  # what litdata's downloaders read
+
+#: litdata's reading settings for our records: each chunk permuted whole (litdata's default permutes blocks of 256
+#: records, which keeps the same images together every epoch), and each record deserialised alone (its "auto"
+#: deserialises windows of up to 256 rows of a bytes field, which made the shards 0.5x as fast as files to read and
+#: 0.9x with the decode; benchmarks/RESULTS.md, "Streaming shards read by litdata").
+READ_SETTINGS = {"item_shuffle_window": 0, "batch_decode": 0}
 
 # Lightning warns that an IterableDataset's __len__ may be wrong when its workers are not configured
-# independently; here each worker serves its own piece of whole batches, so the length is exact.
+# independently; litdata gives each worker its own whole batches, so the length is exact.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-
-def _is_url(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
 
 
 def _local(location: str) -> str:
     return location[len("file://"):] if location.startswith("file://") else location
 
 
-# ----------------------------------------------------------------------------------------- one split's chunks
-class ShardSplit:
-    """One converted split (``<root>/<split>``): its description, chunk table and records.
+def _is_url(location: str) -> bool:
+    location = _local(location)
+    if location.startswith(URL_PREFIXES):
+        return True
+    if "://" in location:
+        raise ValueError(f"'{location}': litdata reads {', '.join(URL_PREFIXES)} URLs or local folders")
+    return False
 
-    Local folders are read in place. For a URL the index and the description are copied into
-    ``<cache_dir>/<hash of the URL>/`` at construction and each chunk when it is first needed
-    (:meth:`fetch`); downloads go to a temporary name and are renamed, so processes sharing the cache never
-    read a partial file.
 
-    Args:
-        location: the split folder or URL.
-        cache_dir: local folder for the chunks of a URL (default ``~/.cache/ssl_zoo/shards``).
-    """
+def split_meta(location: str) -> dict[str, Any]:
+    """The split's ``ssl_zoo.json`` (format, classes, counts), checked; for a URL copied with litdata's downloader."""
+    location = _local(location).rstrip("/")
+    hint = ("convert a dataset with `python -m ssl_zoo.data.shard {folder,coco,tencent} ROOT OUT`; a split is "
+            "OUT/train or OUT/val")
+    if _is_url(location):
+        from litdata.streaming.downloader import get_downloader
 
-    def __init__(self, location: str, cache_dir: str | None = None) -> None:
-        self.location = location.rstrip("/")
-        self.remote = _is_url(self.location)
-        if self.remote:
-            import fsspec
-
-            self._fs, self._remote_root = fsspec.core.url_to_fs(self.location)
-            cache_root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ssl_zoo", "shards")
-            self.local_dir = os.path.join(cache_root, hashlib.sha1(self.location.encode()).hexdigest()[:16])
-            os.makedirs(self.local_dir, exist_ok=True)
-            for name in (META_FILE, INDEX_FILE):
-                self._download(name)
-        else:
-            self.local_dir = _local(self.location)
-        missing = [name for name in (META_FILE, INDEX_FILE) if not os.path.isfile(os.path.join(self.local_dir, name))]
-        if missing:
-            raise FileNotFoundError(
-                f"'{self.location}' is not a converted split: {' and '.join(missing)} missing (convert a dataset "
-                "with `python -m ssl_zoo.data.shard {folder,coco,tencent} ROOT OUT`; a split is OUT/train or OUT/val)")
-        with open(os.path.join(self.local_dir, META_FILE), encoding="utf-8") as f:
-            self.meta: dict[str, Any] = json.load(f)
-        if self.meta.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{self.location}/{META_FILE}: not an ssl_zoo shard description "
-                             f"(format {self.meta.get('format')!r})")
-        with open(os.path.join(self.local_dir, INDEX_FILE), encoding="utf-8") as f:
-            chunks = json.load(f)["chunks"]
-        self.chunk_files = [c["filename"] for c in chunks]
-        self.chunk_sizes = np.asarray([c["chunk_size"] for c in chunks], dtype=np.int64)  # [C]
-        self.chunk_starts = np.concatenate([[0], np.cumsum(self.chunk_sizes)])  # [C+1], global index of each chunk
-        if int(self.chunk_starts[-1]) != int(self.meta["num_samples"]):
-            raise ValueError(f"{self.location}: {INDEX_FILE} lists {int(self.chunk_starts[-1])} samples but "
-                             f"{META_FILE} says {self.meta['num_samples']} (an interrupted conversion?)")
-        self._reset_process_state()
-
-    def _reset_process_state(self) -> None:
-        self._pid = os.getpid()
-        self._reader = None
-        self._loader = None  # litdata's item decoder for the one-read path (False: chunks not plain)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[int, Future] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Readers, threads and locks are per process (DataLoader workers); rebuilt on first use.
-        state = dict(self.__dict__)
-        for key in ("_reader", "_loader", "_pool", "_pending", "_lock"):
-            state.pop(key)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset_process_state()
-
-    def _check_process(self) -> None:
-        if self._pid != os.getpid():  # forked into a DataLoader worker: no reader, pool or lock of the parent
-            self._reset_process_state()
-
-    def __len__(self) -> int:
-        return int(self.chunk_starts[-1])
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self.chunk_files)
-
-    def chunk_of(self, index: int) -> int:
-        return int(np.searchsorted(self.chunk_starts, index, side="right")) - 1
-
-    # ---------------------------------------------------------------- chunk files
-    def _download(self, name: str) -> None:
-        target = os.path.join(self.local_dir, name)
-        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            self._fs.get_file(f"{self._remote_root.rstrip('/')}/{name}", tmp)
-            os.replace(tmp, target)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"'{self.location}/{name}' does not exist") from error
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def _chunk_path(self, chunk: int) -> str:
-        return os.path.join(self.local_dir, self.chunk_files[chunk])
-
-    def fetch(self, chunks: Sequence[int]) -> None:
-        """Start copying ``chunks`` of a URL into the cache in the background (no-op for local folders)."""
-        if not self.remote:
-            return
-        self._check_process()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ssl_zoo-shard-fetch")
-            for chunk in chunks:
-                if chunk not in self._pending and not os.path.isfile(self._chunk_path(chunk)):
-                    self._pending[chunk] = self._pool.submit(self._download, self.chunk_files[chunk])
-
-    def _ensure(self, chunk: int) -> None:
-        if not self.remote:
-            return
-        self._check_process()
-        with self._lock:
-            pending = self._pending.pop(chunk, None)
-        if pending is not None:
-            pending.result()  # raises the download's error, if any
-        if not os.path.isfile(self._chunk_path(chunk)):
-            self._download(self.chunk_files[chunk])
-
-    def release(self, chunk: int) -> None:
-        """Delete a URL's chunk from the cache (another process that still needs it copies it again)."""
-        if self.remote:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, META_FILE)
             try:
-                os.remove(self._chunk_path(chunk))
-            except FileNotFoundError:
-                pass
-
-    # ---------------------------------------------------------------- records
-    def _dataset(self):
-        self._check_process()
-        if self._reader is None:
-            from litdata import StreamingDataset
-
-            self._reader = StreamingDataset(self.local_dir)
-        return self._reader
-
-    def read(self, index: int) -> dict[str, Any]:
-        """Record ``index``: ``image`` (bytes), ``labels``, ``confidences``, ``source_index``, ``path``."""
-        self._ensure(self.chunk_of(index))
-        return _owned(self._dataset()[index])
-
-    def read_range(self, start: int, stop: int) -> list[dict[str, Any]]:
-        """Records ``start..stop-1``, which must lie in one chunk, read in order."""
-        with self.open_range(start, stop) as records:
-            return [records[i] for i in range(start, stop)]
-
-    def open_range(self, start: int, stop: int) -> ChunkRecords:
-        """Records ``start..stop-1`` (inside one chunk) as a :class:`ChunkRecords` that reads each when asked."""
-        chunk = self.chunk_of(start)
-        if not 0 <= start < stop <= self.chunk_starts[chunk + 1]:
-            raise IndexError(f"records {start}..{stop - 1} are not inside one chunk of {self.location}")
-        self._ensure(chunk)
-        dataset = self._dataset()
-        if self._loader is None:
-            self._loader = self._plain_loader(dataset, start) or False
-        return ChunkRecords(self, chunk, start, stop, self._loader or None)
-
-    @staticmethod
-    def _plain_loader(dataset, index: int):
-        """litdata's item decoder when the chunks are plain (uncompressed, unencrypted PyTree items), else None."""
-        dataset[index]  # loads the index and sets the decoder up
-        reader = getattr(getattr(dataset, "cache", None), "_reader", None)
-        config = getattr(getattr(reader, "_config", None), "_config", None) or {}
-        loader = getattr(reader, "_item_loader", None)
-        plain = (config.get("item_loader") == "PyTreeLoader" and not config.get("compression")
-                 and not config.get("encryption") and callable(getattr(loader, "deserialize", None)))
-        return loader if plain else None
+                get_downloader(location, tmp, []).download_file(f"{location}/{META_FILE}", copy)
+                text = Path(copy).read_text(encoding="utf-8")
+            except (FileNotFoundError, OSError) as error:
+                raise FileNotFoundError(f"'{location}/{META_FILE}' does not exist or cannot be read ({error}): "
+                                        f"{hint}") from error
+    else:
+        missing = [name for name in (META_FILE, INDEX_FILE) if not os.path.isfile(os.path.join(location, name))]
+        if missing:
+            raise FileNotFoundError(f"'{location}' is not a converted split: {' and '.join(missing)} missing ({hint})")
+        text = Path(location, META_FILE).read_text(encoding="utf-8")
+    meta = json.loads(text)
+    if meta.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{location}/{META_FILE}: not an ssl_zoo shard description (format {meta.get('format')!r})")
+    return meta
 
 
-class ChunkRecords:
-    """Records ``start..stop-1`` of one chunk of a :class:`ShardSplit`, each read from the chunk file when asked.
-
-    Uncompressed chunks (litdata's ``PyTreeLoader`` without compression or encryption): the range's offset table
-    is read once, then ``records[i]`` is one seek and one ``read()`` of record ``i``'s bytes, decoded by litdata's
-    own item loader; its image is a ``memoryview`` into that read (one copy per image, as from a file). Nothing
-    is held between requests but the last record (a sample's image and target read it twice), so serving a
-    shuffled window costs what reading its files one by one costs. Holding a whole window of records instead
-    (tens of MB) made decoding them ~10 % slower than decoding files read one at a time
-    (``benchmarks/data_pipeline.py``). Other chunks: the range is read through litdata up front and held.
-    A context manager; :meth:`close` closes the chunk file.
-    """
-
-    def __init__(self, split: ShardSplit, chunk: int, start: int, stop: int, loader: Any | None) -> None:
-        self.split, self.chunk, self.start, self.stop = split, chunk, int(start), int(stop)
-        self._loader = loader
-        self._last: tuple[int, dict[str, Any]] | None = None
-        self._file = None
-        self._held: list[dict[str, Any]] | None = None
-        if loader is None:
-            # bytes(): litdata hands out views of its memory map, which it unmaps when it moves to another chunk.
-            dataset = split._dataset()
-            self._held = [_owned(dataset[i]) for i in range(self.start, self.stop)]
-            return
-        self._file = open(split._chunk_path(chunk), "rb")
-        # layout: uint32 num_items, uint32[num_items + 1] absolute offsets of the items, the items
-        first = self.start - int(split.chunk_starts[chunk])
-        self._file.seek(4 * (1 + first))
-        self._offsets = np.frombuffer(self._file.read(4 * (self.stop - self.start + 1)), dtype="<u4").astype(np.int64)
-
-    def __contains__(self, index: int) -> bool:
-        return self.start <= index < self.stop
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not self.start <= index < self.stop:
-            raise IndexError(f"record {index} is not in {self.start}..{self.stop - 1} of {self.split.location}")
-        if self._held is not None:
-            return self._held[index - self.start]
-        if self._last is not None and self._last[0] == index:
-            return self._last[1]
-        if self._file is None:
-            raise ValueError(f"records {self.start}..{self.stop - 1} of {self.split.location} are closed")
-        k = index - self.start
-        self._file.seek(int(self._offsets[k]))
-        record = self._loader.deserialize(memoryview(self._file.read(int(self._offsets[k + 1] - self._offsets[k]))))
-        self._last = (index, record)
-        return record
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._last = None
-
-    def __enter__(self) -> ChunkRecords:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class WindowRecords:
-    """The records of the segments a streaming worker is serving (index -> record), read when asked."""
-
-    def __init__(self, parts: Sequence[ChunkRecords]) -> None:
-        self.parts = list(parts)
-
-    def _part(self, index: int) -> ChunkRecords | None:
-        return next((part for part in self.parts if index in part), None)
-
-    def __contains__(self, index: int) -> bool:
-        return self._part(index) is not None
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        part = self._part(index)
-        if part is None:
-            raise KeyError(index)
-        return part[index]
-
-    def close(self) -> None:
-        for part in self.parts:
-            part.close()
+def record_image(record: dict[str, Any], where: str) -> EncodedImage:
+    """A shard record's image, with the header the converter stored (shards written before it was stored:
+    parsed here)."""
+    name = f"{record['path']} ({where})"
+    if "width" in record:
+        return EncodedImage.with_header(record["image"], name, (record["width"], record["height"]), record["format"])
+    return EncodedImage(record["image"], name)
 
 
 _ALLOCATOR_TUNED = False
@@ -365,60 +154,68 @@ def keep_freed_buffers() -> bool:
     return _ALLOCATOR_TUNED
 
 
-def record_image(record: dict[str, Any], where: str) -> EncodedImage:
-    """A shard record's image, with the header the converter stored (shards written before it was stored:
-    parsed here)."""
-    name = f"{record['path']} ({where})"
-    if "width" in record:
-        return EncodedImage.with_header(record["image"], name, (record["width"], record["height"]), record["format"])
-    return EncodedImage(record["image"], name)
-
-
-def _owned(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "image": bytes(record["image"])}
-
-
 # ----------------------------------------------------------------------------------------- map-style dataset
 class ShardDataset(Dataset):
     """A converted split as a map-style dataset of ``(transform(image), target)``, like the file-based readers.
 
-    Targets: an ``int`` class for a class-per-folder source, a float multi-hot ``Tensor[C]`` for COCO and
-    Tencent (Tencent: labels below ``min_confidence`` dropped; with ``soft_targets`` the values are the
-    confidences, as :class:`~ssl_zoo.data.TencentML` does). A transform with ``accepts_encoded`` gets an
+    Records are read by index through litdata's ``StreamingDataset`` (:attr:`records`). Targets: an ``int`` class
+    for a class-per-folder source, a float multi-hot ``Tensor[C]`` for COCO and Tencent (Tencent: labels below
+    ``min_confidence`` dropped; with ``soft_targets`` the values are the confidences, as
+    :class:`~ssl_zoo.data.TencentML` does). A transform with ``accepts_encoded`` gets an
     :class:`~ssl_zoo.data.io.EncodedImage` (it decodes once, at the JPEG scale its crops allow); any other the
     decoded RGB image. The converter dropped unreadable images, but ``on_bad_sample`` still applies to the
     shards (e.g. converted with ``--verify header``).
 
-    :attr:`buffer` (index -> record), set by the streaming reader to the records of the window it is serving
-    (read when asked), is consulted before reading the split.
+    :attr:`held` ``(index, record)``, set by the training stream to the record litdata just read, is used instead
+    of reading that record again.
+
+    Args:
+        location: the split folder or URL (``<root>/<split>``).
+        cache_dir: where litdata copies a URL's chunks (default: litdata's cache folder).
     """
 
-    def __init__(self, split: ShardSplit, transform: Callable | None = None,
+    def __init__(self, location: str, transform: Callable | None = None,
                  on_bad_sample: Literal["raise", "skip"] = "raise", min_confidence: float | None = None,
-                 soft_targets: bool = False) -> None:
+                 soft_targets: bool = False, cache_dir: str | None = None) -> None:
         if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must lie in [0, 1] or be None, got {min_confidence}")
-        self.split = split
+        self.location = _local(location).rstrip("/")
+        self.cache_dir = cache_dir
+        self.meta = split_meta(self.location)
         self.transform = transform
         self.on_bad_sample = on_bad_sample
         self.bad_sample_policy = BadSamplePolicy(on_bad_sample)
         self.min_confidence = min_confidence
         self.soft_targets = soft_targets
-        self.multilabel = bool(split.meta["multilabel"])
-        self.num_classes = int(split.meta["num_classes"])
-        self.classes: list[str] = list(split.meta.get("classes", []))
-        self.buffer: WindowRecords | None = None
+        self.multilabel = bool(self.meta["multilabel"])
+        self.num_classes = int(self.meta["num_classes"])
+        self.classes: list[str] = list(self.meta.get("classes", []))
+        self.held: tuple[int, dict[str, Any]] | None = None
+        self._records: tuple[int, litdata.StreamingDataset] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_records": None}  # litdata's reader is opened again in each process
+
+    @property
+    def records(self) -> litdata.StreamingDataset:
+        """litdata's dataset of the split, indexed by sample (one per process)."""
+        if self._records is None or self._records[0] != os.getpid():
+            self._records = (os.getpid(), litdata.StreamingDataset(self.location, cache_dir=self.cache_dir,
+                                                                   **READ_SETTINGS))
+        return self._records[1]
 
     def __len__(self) -> int:
-        return len(self.split)
+        return int(self.meta["num_samples"])
 
     def record(self, index: int) -> dict[str, Any]:
-        if self.buffer is not None and index in self.buffer:
-            return self.buffer[index]
-        return self.split.read(index)
+        """Record ``index``: ``image`` (the file's bytes), ``width``, ``height``, ``format``, ``labels``,
+        ``confidences``, ``source_index``, ``path``."""
+        if self.held is not None and self.held[0] == index:
+            return self.held[1]
+        return self.records[int(index)]
 
     def target(self, record: dict[str, Any]) -> int | torch.Tensor:
-        labels, confidences = record["labels"], record["confidences"]
+        labels, confidences = np.asarray(record["labels"]), np.asarray(record["confidences"])
         if not self.multilabel:
             return int(labels[0])
         if self.min_confidence is not None:
@@ -431,7 +228,7 @@ class ShardDataset(Dataset):
         return target
 
     def encoded(self, index: int) -> EncodedImage:
-        return record_image(self.record(index), f"sample {index} of {self.split.location}")
+        return record_image(self.record(index), f"sample {index} of {self.location}")
 
     def load_sample(self, index: int) -> Sample:
         """Sample ``index`` (or under ``"skip"`` the next readable one) with its target and the files passed over."""
@@ -453,222 +250,83 @@ class ShardDataset(Dataset):
         return sample.image, sample.target
 
 
-# ----------------------------------------------------------------------------------------- the epoch's order
-class Segment(NamedTuple):
-    """Samples ``start..stop-1`` (global indices) of chunk ``chunk``."""
-
-    chunk: int
-    start: int
-    stop: int
-
-
-def _rng(*words: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words]))
-
-
-def rank_segments(chunk_sizes: Sequence[int], seed: int, epoch: int, rank: int, world_size: int,
-                  shuffle: bool = True) -> list[Segment]:
-    """This rank's part of the epoch: the chunks permuted with ``(seed, epoch)``, their samples laid end to end
-    and cut into ``world_size`` equal consecutive parts of ``N // world_size`` samples (the rest sit this
-    epoch out). Returns the part as chunk segments, in order."""
-    sizes = np.asarray(chunk_sizes, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    order = _rng(seed, epoch).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
-    per_rank = int(starts[-1]) // world_size
-    low, high = rank * per_rank, (rank + 1) * per_rank
-    segments, position = [], 0
-    for chunk in order:
-        size = int(sizes[chunk])
-        a, b = max(low, position), min(high, position + size)
-        if a < b:
-            segments.append(Segment(int(chunk), int(starts[chunk]) + a - position, int(starts[chunk]) + b - position))
-        position += size
-        if position >= high:
-            break
-    return segments
-
-
-def _cut(segments: Sequence[Segment], counts: Sequence[int]) -> list[list[Segment]]:
-    """Consecutive pieces of ``counts[i]`` samples each (what is left over is dropped)."""
-    pieces: list[list[Segment]] = []
-    stream = iter(segments)
-    current: Segment | None = None
-    for count in counts:
-        piece: list[Segment] = []
-        while count > 0:
-            if current is None:
-                current = next(stream)
-            take = min(count, current.stop - current.start)
-            piece.append(Segment(current.chunk, current.start, current.start + take))
-            count -= take
-            current = Segment(current.chunk, current.start + take, current.stop) if current.start + take < \
-                current.stop else None
-        pieces.append(piece)
-    return pieces
-
-
-def worker_pieces(segments: Sequence[Segment], batch_size: int, num_workers: int) -> list[list[Segment]]:
-    """A rank's part cut into ``num_workers`` consecutive pieces of whole batches.
-
-    The rank has ``B = n // batch_size`` batches; the DataLoader takes batch ``k`` from worker ``k % W``, so
-    worker ``w`` owns ``B // W`` batches, plus one when ``w < B % W`` (the leftover samples are dropped, as
-    ``drop_last`` drops a partial batch).
-    """
-    total = sum(s.stop - s.start for s in segments)
-    batches = total // batch_size
-    counts = [(batches // num_workers + (w < batches % num_workers)) * batch_size for w in range(num_workers)]
-    return _cut(segments, counts)
-
-
-def window_order(piece: Sequence[Segment], window: int, rng: np.random.Generator | None
-                 ) -> list[tuple[list[Segment], np.ndarray]]:
-    """A worker's piece as windows of ``window`` consecutive segments, each with its samples in the order they
-    are served (permuted by ``rng``; in segment order when ``rng`` is None)."""
-    windows = []
-    for first in range(0, len(piece), window):
-        group = list(piece[first:first + window])
-        indices = np.concatenate([np.arange(s.start, s.stop) for s in group])
-        windows.append((group, indices if rng is None else rng.permutation(indices)))
-    return windows
-
-
 # ----------------------------------------------------------------------------------------- the training stream
-class StreamingViewDataset(IterableDataset):
-    """The training stream of one rank: view dicts (as :class:`~ssl_zoo.data.datamodule.ViewDataset` makes them)
-    in the epoch order described in the module docstring.
+class StreamingViewDataset(litdata.StreamingDataset):
+    """litdata's ``StreamingDataset`` over the training split whose items are the view dicts
+    :class:`~ssl_zoo.data.datamodule.ViewDataset` makes, the views of sample ``i`` in epoch ``e`` drawn under
+    ``sample_seed(seed, e, i)`` (``e`` counted from 0 as the trainer counts; litdata counts from 1).
 
     Args:
         views: ``ViewDataset`` over a :class:`ShardDataset` with the method's view transform.
-        seed: run seed.
-        rank, world_size: this process and the number of processes.
-        batch_size: per-process batch size (the DataLoader's).
-        num_workers: the DataLoader's workers (0: the main process serves as the one worker).
+        seed: run seed: litdata's order and the views.
         shuffle: permute chunks and samples every epoch (False: stored order, e.g. for debugging).
-        shuffle_window: chunks whose samples are mixed together within a worker.
-        prefetch_chunks: chunks of a URL copied ahead of the one being read.
+        **kwargs: litdata's ``StreamingDataset`` settings (``max_pre_download``, ``max_cache_size``).
     """
 
-    def __init__(self, views: ViewDataset, seed: int, rank: int, world_size: int, batch_size: int,
-                 num_workers: int, shuffle: bool = True, shuffle_window: int = 2, prefetch_chunks: int = 2) -> None:
-        if shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be >= 1 (chunks), got {shuffle_window}")
+    def __init__(self, views: ViewDataset, seed: int, shuffle: bool = True, **kwargs: Any) -> None:
         if not isinstance(views.dataset, ShardDataset):
             raise TypeError("StreamingViewDataset reads a ViewDataset over a ShardDataset")
+        shards: ShardDataset = views.dataset
+        super().__init__(shards.location, cache_dir=shards.cache_dir, shuffle=shuffle, seed=int(seed), drop_last=True,
+                         **READ_SETTINGS, **kwargs)
         self.views = views
-        self.shards: ShardDataset = views.dataset
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.batch_size = int(batch_size)
-        self.num_roles = max(1, int(num_workers))
-        self.shuffle = shuffle
-        self.shuffle_window = int(shuffle_window)
-        self.prefetch_chunks = int(prefetch_chunks)
-        # [epoch, epoch of the resume point, batches of that epoch already trained on]: shared memory, so that
-        # set_epoch / resume in the main process reach workers forked earlier (persistent workers).
-        self.state = torch.tensor([0, -1, 0], dtype=torch.int64).share_memory_()
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.shards) // self.world_size // self.batch_size
-
-    def __len__(self) -> int:
-        # Whole batches only: len(DataLoader) = batches_per_epoch with drop_last.
-        return self.batches_per_epoch * self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(self.state[1]) != epoch:
-            self.state[1], self.state[2] = -1, 0  # the partly trained epoch is over
-        self.state[0] = epoch
-
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Start ``epoch`` after its first ``batches_done`` batches (a run resumed mid-epoch)."""
-        if not 0 <= batches_done <= self.batches_per_epoch:
-            raise ValueError(f"batches_done must lie in [0, {self.batches_per_epoch}], got {batches_done}")
-        self.state[0], self.state[1], self.state[2] = epoch, epoch, batches_done
-
-    def worker_windows(self, epoch: int, role: int) -> list[tuple[list[Segment], np.ndarray]]:
-        """The windows worker ``role`` serves in ``epoch`` (a pure function of the settings)."""
-        segments = rank_segments(self.shards.split.chunk_sizes, self.seed, epoch, self.rank, self.world_size,
-                                 self.shuffle)
-        piece = worker_pieces(segments, self.batch_size, self.num_roles)[role]
-        rng = _rng(self.seed, epoch, self.rank, role, 1) if self.shuffle else None
-        return window_order(piece, self.shuffle_window, rng)
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """The rank's samples of ``epoch`` in the order the DataLoader yields them (for tests and inspection)."""
-        streams = [np.concatenate([ix for _, ix in self.worker_windows(epoch, role)] or [np.zeros(0, np.int64)])
-                   for role in range(self.num_roles)]
-        out: list[int] = []
-        for k in range(self.batches_per_epoch):
-            role, j = k % self.num_roles, k // self.num_roles
-            out += streams[role][j * self.batch_size:(j + 1) * self.batch_size].tolist()
-        return out
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
+    def __iter__(self) -> StreamingViewDataset:
+        if get_worker_info() is not None:
             keep_freed_buffers()
-        if workers != self.num_roles:
-            raise RuntimeError(f"the streaming dataset was planned for {self.num_roles} DataLoader workers but runs "
-                               f"in {workers}: build the DataLoader with num_workers={self.num_roles}")
-        epoch = int(self.state[0])
-        done = int(self.state[2]) if int(self.state[1]) == epoch else 0
-        # Worker w of a resumed loader continues the piece of worker (w + done) % W: the loader asks worker 0
-        # first, and the next batch of the uninterrupted run is batch `done`, owned by worker done % W.
-        role = (worker + done) % workers
-        skip = (done - role + workers - 1) // workers * self.batch_size if done > role else 0
-        windows = self.worker_windows(epoch, role)
-        while windows and skip >= len(windows[0][1]):  # windows trained on before the interruption
-            skip -= len(windows.pop(0)[1])
-        split = self.shards.split
-        upcoming = [s.chunk for group, _ in windows for s in group]  # the chunks in the order they are read
-        read = 0
+        return super().__iter__()
+
+    def __getitem__(self, index: Any) -> Any:
+        record = super().__getitem__(index)
+        if not isinstance(index, ChunkedIndex):  # random access by index: the record itself
+            return record
+        shards: ShardDataset = self.views.dataset
+        shards.held = (index.index, record)
         try:
-            for group, indices in windows:
-                split.fetch(upcoming[read:read + len(group) + self.prefetch_chunks])  # URL: copy ahead
-                window = WindowRecords([split.open_range(s.start, s.stop) for s in group])
-                read += len(group)
-                self.shards.buffer = window
-                try:
-                    for index in indices[skip:]:
-                        yield self.views[SampleKey(int(index), self.seed, epoch)]
-                finally:
-                    window.close()
-                    self.shards.buffer = None
-                for segment in group:
-                    split.release(segment.chunk)  # URL: a worker reads each chunk once per epoch
-                skip = 0
+            return self.views[SampleKey(index.index, self.seed, self.current_epoch - 1)]
         finally:
-            self.shards.buffer = None
+            shards.held = None
 
 
-class _EpochHook(Sampler):
-    """What a :class:`StreamingDataLoader` shows as its ``sampler``: Lightning's ``set_epoch`` reaches the dataset."""
-
-    def __init__(self, dataset: StreamingViewDataset) -> None:
-        self.dataset = dataset
-
-    def __iter__(self) -> Iterator[None]:
-        return itertools.repeat(None)  # an iterable dataset's sampler yields nothing but "the next item"
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+def litdata_loader_state(loader: litdata.StreamingDataLoader, epoch: int, batches_done: int) -> dict[str, Any]:
+    """What ``loader.state_dict()`` of litdata's fresh loader returns once it has handed out ``batches_done``
+    batches of ``epoch`` (litdata's count, from 1): litdata's own format, built here from the trainer's count
+    (``tests/test_streaming.py`` checks it against litdata's, so a change of that format fails there)."""
+    samples = batches_done * loader.batch_size
+    loader.dataset.set_epoch(epoch)
+    return {"dataset": loader.dataset.state_dict(samples, loader.num_workers, loader.batch_size),
+            "current_epoch": epoch, "num_samples_yielded": samples,
+            "latest_worker_idx": (batches_done - 1) % max(loader.num_workers, 1)}
 
 
-class StreamingDataLoader(DataLoader):
-    """A DataLoader over a :class:`StreamingViewDataset` whose ``sampler`` forwards ``set_epoch`` to it."""
+class StreamingDataLoader(litdata.StreamingDataLoader):
+    """litdata's ``StreamingDataLoader`` that can start part-way through an epoch from the trainer's count of
+    batches (:meth:`resume`), starts a fresh epoch on every new iteration after a resumed one, and starts its
+    workers every epoch (see the module docstring)."""
 
     def __init__(self, dataset: StreamingViewDataset, **kwargs: Any) -> None:
-        self._epoch_hook = _EpochHook(dataset)
-        super().__init__(dataset, **kwargs)
+        # Non-persistent workers: the epoch and resume state reach them from this process at every epoch's start.
+        super().__init__(dataset, **{**kwargs, "persistent_workers": False})
+        self._resume_pending = False
 
-    @property
-    def sampler(self) -> _EpochHook:  # type: ignore[override]
-        return self._epoch_hook
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Start ``epoch`` (the trainer's, from 0) after its first ``batches_done`` batches."""
+        if not 0 <= batches_done <= len(self):
+            raise ValueError(f"batches_done must lie in [0, {len(self)}], got {batches_done}")
+        self.current_epoch = epoch  # litdata's next iteration counts it up to epoch + 1, its count
+        if batches_done:
+            super().load_state_dict(litdata_loader_state(self, epoch + 1, batches_done))
+        self._resume_pending = True
 
-    @sampler.setter
-    def sampler(self, value: Any) -> None:  # DataLoader.__init__ stores its constant sampler here
-        self._constant_sampler = value
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Ignored: the data module places the loader (:meth:`resume`). Lightning hands back the state it saved only
+        in some runs (see the module docstring), and litdata's loader, loaded twice, moves its worker cycle twice."""
+
+    def __iter__(self) -> Any:
+        if not self._resume_pending:
+            self.restore = False  # the resumed epoch is over, exhausted or not
+        self._resume_pending = False
+        yield from super().__iter__()
 
 
 # ----------------------------------------------------------------------------------------- the data module
@@ -683,14 +341,16 @@ class StreamingDataModule(PretrainDataModule):
         root: the converter's output folder or URL, holding ``<train_split>/`` and ``<val_split>/``.
         train_split, val_split: split folder names.
         shuffle: permute chunks and samples every epoch.
-        shuffle_window: chunks mixed together by each worker (memory: about this many chunks per worker).
-        cache_dir: where the chunks of a URL are copied (default ``~/.cache/ssl_zoo/shards``); node-local disk.
-        prefetch_chunks: chunks of a URL copied ahead of the one being read, per worker.
+        cache_dir: where litdata copies the chunks of a URL (default: litdata's cache folder); node-local disk.
+        prefetch_chunks: chunks of a URL each worker copies ahead of the one it reads (litdata's
+            ``max_pre_download``).
+        max_cache_size: disk litdata's cache of a URL may use (``"100GB"``; default: litdata's, 75 % of the free
+            disk); when the dataset fits, the chunks stay there between epochs.
         prefetch_factor: batches each DataLoader worker prepares ahead (torch's ``prefetch_factor``).
         min_confidence, soft_targets: Tencent labels, as in :class:`~ssl_zoo.data.TencentMLDataModule`.
         **kwargs: :class:`~ssl_zoo.data.datamodule.PretrainDataModule`'s loader settings (``batch_size``,
-            ``num_workers``, ``pin_memory``, ``persistent_workers``, ``on_bad_sample``, ``eval_size``,
-            ``train_transform``).
+            ``num_workers``, ``pin_memory``, ``persistent_workers`` (evaluation loaders only: the training
+            workers start every epoch), ``on_bad_sample``, ``eval_size``, ``train_transform``).
     """
 
     def __init__(
@@ -699,57 +359,63 @@ class StreamingDataModule(PretrainDataModule):
         train_split: str = "train",
         val_split: str = "val",
         shuffle: bool = True,
-        shuffle_window: int = 2,
         cache_dir: str | None = None,
         prefetch_chunks: int = 2,
+        max_cache_size: str | None = None,
         prefetch_factor: int = 4,
         min_confidence: float | None = None,
         soft_targets: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(root=root, **kwargs)
-        if shuffle_window < 1:
-            raise ValueError(f"data.shuffle_window must be >= 1 (chunks), got {shuffle_window}")
+        if prefetch_chunks < 1:
+            raise ValueError(f"data.prefetch_chunks must be >= 1, got {prefetch_chunks}")
         if prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {prefetch_factor}")
         self.splits = {"train": train_split, "val": val_split}
         self.shuffle = shuffle
-        self.shuffle_window = shuffle_window
         self.cache_dir = cache_dir
         self.prefetch_chunks = prefetch_chunks
+        self.max_cache_size = max_cache_size
         self.prefetch_factor = prefetch_factor
         self.min_confidence = min_confidence
         self.soft_targets = soft_targets
-        self._split_readers: dict[str, ShardSplit] = {}
-        self.train_stream: StreamingViewDataset | None = None
+        self._metas: dict[str, dict[str, Any]] = {}
+        self.train_loader: StreamingDataLoader | None = None
 
     def _location(self, split: str) -> str:
-        return f"{self.root.rstrip('/')}/{self.splits[split]}"
+        return f"{_local(self.root).rstrip('/')}/{self.splits[split]}"
 
-    def split(self, split: Literal["train", "val"]) -> ShardSplit:
-        if split not in self._split_readers:
+    def meta(self, split: Literal["train", "val"]) -> dict[str, Any]:
+        if split not in self._metas:
             try:
-                self._split_readers[split] = ShardSplit(self._location(split), self.cache_dir)
+                self._metas[split] = split_meta(self._location(split))
             except (FileNotFoundError, ValueError) as error:
                 raise type(error)(f"data.root: {error}") from error
-        return self._split_readers[split]
+        return self._metas[split]
 
     def check_root(self) -> None:
-        if not _is_url(self.root) and not os.path.isdir(_local(self.root)):
+        try:
+            remote = _is_url(self.root)
+        except ValueError as error:
+            raise ValueError(f"data.root: {error}") from error
+        if not remote and not os.path.isdir(_local(self.root)):
             hint = " (`make demo-shards` converts the demo dataset)" if "demo" in self.root else ""
             raise FileNotFoundError(f"data.root: shard folder '{self.root}' does not exist{hint}")
 
     def build_dataset(self, split, transform) -> ShardDataset:
-        return ShardDataset(self.split(split), transform, on_bad_sample=self.on_bad_sample,
-                            min_confidence=self.min_confidence, soft_targets=self.soft_targets)
+        self.meta(split)  # errors name data.root
+        return ShardDataset(self._location(split), transform, on_bad_sample=self.on_bad_sample,
+                            min_confidence=self.min_confidence, soft_targets=self.soft_targets,
+                            cache_dir=self.cache_dir)
 
     @property
     def num_classes(self) -> int:
-        return int(self.split("train").meta["num_classes"])
+        return int(self.meta("train")["num_classes"])
 
     @property
     def multilabel(self) -> bool:
-        return bool(self.split("train").meta["multilabel"])
+        return bool(self.meta("train")["multilabel"])
 
     def check_batch_size(self, num_images: int) -> None:
         super().check_batch_size(num_images)
@@ -760,55 +426,57 @@ class StreamingDataModule(PretrainDataModule):
                              f"data.init_args.batch_size <= {num_images // world}")
 
     def train_dataloader(self) -> StreamingDataLoader:
-        """The rank's stream (see the module docstring), resumed after the batches a checkpoint already holds."""
+        """litdata's stream of this process (see the module docstring), resumed after the batches a checkpoint
+        already holds."""
         if self.train_set is None:
             self.setup("fit")
-        stream = StreamingViewDataset(self.train_set, seed=run_seed(), rank=rank(), world_size=world_size(),
-                                      batch_size=self.batch_size, num_workers=self.num_workers, shuffle=self.shuffle,
-                                      shuffle_window=self.shuffle_window, prefetch_chunks=self.prefetch_chunks)
-        if self.trainer is not None:
-            stream.set_epoch(self.trainer.current_epoch)
-        self.train_stream = stream
-        if self._resume_position is not None:
-            self._apply_resume_position(self._resume_position)
-            self._resume_position = None
+        stream = StreamingViewDataset(self.train_set, seed=run_seed(), shuffle=self.shuffle,
+                                      max_pre_download=self.prefetch_chunks, max_cache_size=self.max_cache_size)
         workers = self.num_workers
-        return StreamingDataLoader(
+        loader = StreamingDataLoader(
             stream,
             batch_size=self.batch_size,
             drop_last=True,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
+        self.train_loader = loader
+        if self.trainer is not None:
+            loader.resume(self.trainer.current_epoch, 0)
+        if self._resume_position is not None:
+            self._apply_resume_position(self._resume_position)
+            self._resume_position = None
+        return loader
 
     def state_dict(self) -> dict[str, Any]:
         """The stream's position, saved in every checkpoint of a fit (see ``PretrainDataModule.state_dict``)."""
-        trainer, stream = self.trainer, self.train_stream
-        if trainer is None or stream is None or trainer.state.fn != "fit":
+        trainer, loader = self.trainer, self.train_loader
+        if trainer is None or loader is None or trainer.state.fn != "fit":
             return {}
         epoch = trainer.current_epoch
         batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches_done >= trainer.num_training_batches:
             epoch, batches_done = epoch + 1, 0
-        return {"train_stream": {"epoch": epoch, "batches": batches_done, **self._order_settings(stream)}}
+        return {"train_stream": {"epoch": epoch, "batches": batches_done, **self._order_settings(loader)}}
 
     @staticmethod
-    def _order_settings(stream: StreamingViewDataset) -> dict[str, Any]:
-        return {"batch_size": stream.batch_size, "num_replicas": stream.world_size, "num_workers": stream.num_roles,
-                "seed": stream.seed, "shuffle": stream.shuffle, "shuffle_window": stream.shuffle_window,
-                "num_samples": len(stream.shards)}
+    def _order_settings(loader: StreamingDataLoader) -> dict[str, Any]:
+        stream: StreamingViewDataset = loader.dataset
+        return {"batch_size": loader.batch_size, "num_replicas": stream.distributed_env.world_size,
+                "num_workers": loader.num_workers, "seed": stream.seed, "shuffle": stream.shuffle,
+                "num_samples": len(stream.views)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_position = state_dict.get("train_stream")
 
     def _apply_resume_position(self, position: dict[str, Any]) -> None:
-        stream = self.train_stream
-        now = self._order_settings(stream)
+        loader = self.train_loader
+        now = self._order_settings(loader)
         changed = [f"{key} {position[key]} -> {value}" for key, value in now.items()
                    if key in position and position[key] != value]
         if changed:
             warnings.warn(f"resuming with a different {', '.join(changed)} than the checkpoint: the run continues "
                           "but does not see the samples an uninterrupted run would have seen", stacklevel=2)
-        stream.resume(int(position["epoch"]), min(int(position["batches"]), stream.batches_per_epoch))
+        loader.resume(int(position["epoch"]), min(int(position["batches"]), len(loader)))
+
