@@ -52,6 +52,7 @@ from ssl_zoo.data.datamodule import PretrainDataModule, ViewDataset, run_seed  #
 from ssl_zoo.data.io import BadSamplePolicy, EncodedImage, Sample, transform_encoded  # noqa: E402
 from ssl_zoo.data.sampler import SampleKey  # noqa: E402
 from ssl_zoo.data.shard import META_FILE, SHARD_FORMAT  # noqa: E402
+from ssl_zoo.utils.loop_progress import lightning_private_batches_done  # noqa: E402
 
 __all__ = [
     "READ_SETTINGS",
@@ -455,7 +456,7 @@ class StreamingDataModule(PretrainDataModule):
         if trainer is None or loader is None or trainer.state.fn != "fit":
             return {}
         epoch = trainer.current_epoch
-        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        batches_done = lightning_private_batches_done(trainer)
         if batches_done >= trainer.num_training_batches:
             epoch, batches_done = epoch + 1, 0
         return {"train_stream": {"epoch": epoch, "batches": batches_done, **self._order_settings(loader)}}
