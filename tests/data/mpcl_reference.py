@@ -185,7 +185,7 @@ def one_step_reference() -> dict[str, Any]:
         record["loss_weights"] = model.loss_weights().tolist()
         logged = _logged(model)
         steps = []
-        for step, seed in enumerate((1, 2)):
+        for seed in (1, 2):
             logged.clear()
             loss = model.training_step(batch(seed), 0)
             loss.backward()
