@@ -24,9 +24,9 @@ from tests.data.mpcl_reference import (
     CASES,
     COMMON,
     COUNT,
-    _overlay_base,
     batch,
     checksum,
+    overlay_base,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_the_recorded_chains_are_every_mpcl_chain_there_is():
                for p in (ROOT / "experiments" / folder).glob("*.yaml") if p.name != "tables.yaml"}
     assert configs <= set(SETTINGS["chains"])
     for overlay in (ROOT / "experiments/mpcl/ablations").glob("*.yaml"):
-        assert f"{_overlay_base(overlay)} + {overlay.relative_to(ROOT)}" in SETTINGS["chains"]
+        assert f"{overlay_base(overlay)} + {overlay.relative_to(ROOT)}" in SETTINGS["chains"]
 
 
 @pytest.mark.slow

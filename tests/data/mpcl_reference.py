@@ -38,7 +38,7 @@ STEP_FILE = Path(__file__).with_name("mpcl_one_step_reference.json")
 
 
 # ---------------------------------------------------------------------------------------------- the chains
-def _overlay_base(overlay: Path) -> str:
+def overlay_base(overlay: Path) -> str:
     """The config an overlay names in its usage line (``python -m ssl_zoo fit --config <base> --config ...``)."""
     line = next(line for line in overlay.read_text().splitlines() if "python -m ssl_zoo fit --config" in line)
     return line.split("--config ")[1].split()[0]
@@ -63,9 +63,9 @@ def mpcl_chains() -> dict[str, dict[str, Any]]:
             if path.name != "tables.yaml":
                 add([str(path.relative_to(ROOT))])
     for overlay in sorted((EXPERIMENTS / "mpcl" / "ablations").glob("*.yaml")):
-        add([_overlay_base(overlay), str(overlay.relative_to(ROOT))])
+        add([overlay_base(overlay), str(overlay.relative_to(ROOT))])
     shards = EXPERIMENTS / "shards" / "mpcl.yaml"
-    add([_overlay_base(shards), str(shards.relative_to(ROOT))])
+    add([overlay_base(shards), str(shards.relative_to(ROOT))])
     for sweep in sorted((EXPERIMENTS / "sweeps").glob("mpcl_*.yaml")):
         spec = yaml.safe_load(sweep.read_text())
         command = spec["command"]
