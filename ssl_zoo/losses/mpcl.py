@@ -128,6 +128,10 @@ class MPCLLoss(nn.Module):
     batch. With one projector PCR and the orthogonality term are undefined and left out, and PTB's weight is 1:
     the loss is the framework's own.
 
+    Distributed: the framework losses come in as the framework computes them (MoCo's and Barlow Twins' see the
+    global batch); PCR compares projectors on the same sample, so it averages over this rank's batch and DDP's
+    gradient average makes it the global mean. PTB's counts and the returned statistics are summed over all ranks.
+
     Args:
         num_projectors: ``Mp >= 1``.
         lam: lambda, the weight of the regulariser in Eq. 4 (0.01).
