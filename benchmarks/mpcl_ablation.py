@@ -1,6 +1,6 @@
 """Demo-scale MPCL ablation: 1 projector vs 4, 4 + PCR, 4 + PCR + PTB (paper Tables I-III in miniature).
 
-Each variant pre-trains ``experiments/mpcl/demo.yaml`` (MoCo v2 flavour, ResNet-18, 64 px) with only the
+Each variant pre-trains ``experiments/mpcl/demo.yaml`` (MPCL on MoCo v2, ResNet-18, 64 px) with only the
 projector options changed, then is scored three ways on the demo validation images:
 
 * the weighted kNN probe (``experiments/eval/knn_demo.yaml``, ``validate``: nothing trained);

@@ -43,7 +43,10 @@ FIRST_FILES: dict[str, tuple[str, ...]] = {
     "ssl_zoo/methods/hvp_mtl.py": ("tests/test_ema_teachers.py", "tests/test_hvp_mtl.py"),
     "ssl_zoo/losses/moco.py": ("tests/test_loss_gradients.py", "tests/test_losses.py"),
     "ssl_zoo/losses/mpcl.py": ("tests/test_loss_gradients.py", "tests/test_losses.py", "tests/test_mpcl.py"),
-    "ssl_zoo/methods/mpcl.py": ("tests/test_ema_teachers.py", "tests/test_mpcl.py"),
+    "ssl_zoo/losses/ptb.py": ("tests/test_ptb.py", "tests/test_losses.py", "tests/test_mpcl.py"),
+    "ssl_zoo/methods/mpcl/parts.py": ("tests/test_ema_teachers.py", "tests/test_mpcl.py"),
+    "ssl_zoo/methods/mpcl/moco_v2.py": ("tests/test_mpcl.py", "tests/test_mpcl_reference.py"),
+    "ssl_zoo/methods/mpcl/moco_v3.py": ("tests/test_ema_teachers.py", "tests/test_mpcl.py"),
     "ssl_zoo/utils/ema.py": ("tests/test_ema_teachers.py", "tests/test_hvp_mtl.py"),
     "ssl_zoo/utils/optim.py": ("tests/test_schedules.py",),
     "ssl_zoo/eval/metrics.py": ("tests/test_eval_metrics.py", "tests/test_eval_probes.py"),
@@ -129,25 +132,39 @@ MUTANTS: tuple[Mutant, ...] = (
            "per_sample = torch.where(off_diagonal, cos, 0.0).sum(dim=2) / (num_proj - 1)",
            "per_sample = cos.sum(dim=2) / (num_proj - 1)",
            "PCR Eq. 2 sums over the other projectors only"),
-    Mutant("ptb_favours_accurate_projectors", "ssl_zoo/losses/mpcl.py",
+    Mutant("ptb_favours_accurate_projectors", "ssl_zoo/losses/ptb.py",
            "return torch.softmax((1.0 - acc) / epsilon, dim=0)",
            "return torch.softmax(acc / epsilon, dim=0)",
            "PTB Eq. 3 up-weights the weaker projectors"),
-    Mutant("mpcl_momentum_backbone_frozen", "ssl_zoo/methods/mpcl.py",
-           "update_momentum(self.backbone, self.teacher_backbone, m)",
+    Mutant("ptb_counts_steps_not_queries", "ssl_zoo/losses/ptb.py",
+           "n = torch.tensor([float(batch_size)], device=acc.device)",
+           "n = torch.ones(1, device=acc.device)",
+           "PTB's acc_m is the epoch's mean accuracy over its queries, not over its steps"),
+    Mutant("mocov2_enqueues_before_the_loss", "ssl_zoo/methods/mpcl/moco_v2.py",
+           "        losses, accs = per_projector(moco_v2_info_nce, q, k, [queue.keys for queue in self.queues],\n"
+           "                                     temperature=self.hparams.temperature)  # [Mp], [Mp]\n"
+           "        for queue, keys in zip(self.queues, k, strict=True):  # each projector's keys into its own queue\n"
+           "            queue.enqueue(keys)\n",
+           "        for queue, keys in zip(self.queues, k, strict=True):  # each projector's keys into its own queue\n"
+           "            queue.enqueue(keys)\n"
+           "        losses, accs = per_projector(moco_v2_info_nce, q, k, [queue.keys for queue in self.queues],\n"
+           "                                     temperature=self.hparams.temperature)  # [Mp], [Mp]\n",
+           "MoCo's negatives are the queue before this batch's keys join it (else each positive is a negative too)"),
+    Mutant("mpcl_momentum_backbone_frozen", "ssl_zoo/methods/mpcl/parts.py",
+           "update_momentum(module.backbone, module.teacher_backbone, momentum)",
            "pass",
            "MoCo Eq. 2: the key encoder's backbone follows the query encoder"),
-    Mutant("ema_weights_swapped", "ssl_zoo/methods/mpcl.py",
-           "update_momentum(self.projectors, self.teacher_projectors, m)",
-           "update_momentum(self.projectors, self.teacher_projectors, 1.0 - m)",
+    Mutant("ema_weights_swapped", "ssl_zoo/methods/mpcl/parts.py",
+           "update_momentum(module.projectors, module.teacher_projectors, momentum)",
+           "update_momentum(module.projectors, module.teacher_projectors, 1.0 - momentum)",
            "theta_t <- m theta_t + (1 - m) theta_s, not the other way round"),
-    Mutant("key_encoder_copies_student_bn_statistics", "ssl_zoo/methods/mpcl.py",
-           "update_momentum(self.projectors, self.teacher_projectors, m)\n",
-           "update_momentum(self.projectors, self.teacher_projectors, m)\n"
-           "        for t, s in zip(self.teacher_backbone.buffers(), self.backbone.buffers(), strict=True):\n"
-           "            t.copy_(s)\n",
+    Mutant("key_encoder_copies_student_bn_statistics", "ssl_zoo/methods/mpcl/parts.py",
+           "update_momentum(module.projectors, module.teacher_projectors, momentum)\n",
+           "update_momentum(module.projectors, module.teacher_projectors, momentum)\n"
+           "    for t, s in zip(module.teacher_backbone.buffers(), module.backbone.buffers(), strict=True):\n"
+           "        t.copy_(s)\n",
            "MoCo's key encoder keeps the BatchNorm statistics of its own forward"),
-    Mutant("mocov3_momentum_one_step_early", "ssl_zoo/methods/mpcl.py",
+    Mutant("mocov3_momentum_one_step_early", "ssl_zoo/methods/mpcl/moco_v3.py",
            "cosine_schedule(min(step, total), total + 1,",
            "cosine_schedule(min(step, total), total,",
            "MoCo v3's momentum reaches 1 after the last step K (lightly's schedule ends at max_steps - 1)"),

@@ -164,19 +164,21 @@ def _bare(timm_model: nn.Module, train: bool = True) -> nn.Module:
 
 def method_limit(model: LightningModule, batch: dict[str, Tensor]) -> ComputeLimit:
     """The views each network of ``model``'s ``training_step`` sees, mirrored on bare timm models."""
-    from ssl_zoo.methods import BAMIA, HVPMTL, MPCL, MVP
+    from ssl_zoo.methods import BAMIA, HVPMTL, MVP, MPCLBarlowTwins, MPCLMoCoV2, MPCLMoCoV3
     from ssl_zoo.models.teachers import CLIPTeacher
 
     views = batch["views"]
     if isinstance(model, BAMIA):  # the two views of every pair, encoded as two batches of P = B*V/2
         return ComputeLimit(_bare(model.backbone.model),
                             [views[:, 0::2].flatten(0, 1), views[:, 1::2].flatten(0, 1)])
-    if isinstance(model, MPCL):  # queries through the student, keys through the momentum encoder (BN in train)
+    if isinstance(model, MPCLMoCoV2 | MPCLMoCoV3):  # queries through the student, keys through the momentum encoder
         x1, x2 = views[:, 0], views[:, 1]
-        teacher = _bare(model.teacher_backbone.model)
-        if model.hparams.symmetric:
+        teacher = _bare(model.teacher_backbone.model)  # BN in train mode, as the key encoder runs
+        if isinstance(model, MPCLMoCoV3):  # both directions
             return ComputeLimit(_bare(model.backbone.model), [x1, x2], [(teacher, x2), (teacher, x1)])
         return ComputeLimit(_bare(model.backbone.model), [x1], [(teacher, x2)])
+    if isinstance(model, MPCLBarlowTwins):  # both views through the one network
+        return ComputeLimit(_bare(model.backbone.model), [views[:, 0], views[:, 1]])
     if isinstance(model, MVP):  # one masked student view; the frozen teacher on the same crop
         frozen = model.teacher_backbone
         tower = frozen.visual if isinstance(frozen, CLIPTeacher) else frozen.backbone.model
@@ -321,7 +323,7 @@ def module_step_fn(model: LightningModule, batch: dict[str, Tensor], optimizer: 
         if isinstance(model, HVPMTL):  # its hook updates only once per Trainer global step
             model.update_teacher()
         else:
-            model.on_train_batch_end(loss, batch, 0)  # MoCo EMA (MPCL); a no-op for the others
+            model.on_train_batch_end(loss, batch, 0)  # MoCo's EMA (MPCL on MoCo); a no-op for the others
 
     return step
 

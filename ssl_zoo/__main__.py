@@ -71,7 +71,8 @@ def catalogue(experiments: Path | None = None) -> str:
         counts = {folder.name: len(list(folder.glob("*.yaml"))) for folder in sorted(method.iterdir()) if folder.is_dir()}
         overlays = "".join(f" + {name}/ ({n} overlay{'s' if n > 1 else ''})" for name, n in counts.items() if n)
         tables = "; paper tables: tables.yaml" if (method / "tables.yaml").is_file() else ""
-        lines.append(f"  {method.name:<{width}}  {_class_of(method / 'demo.yaml')}: {configs}{overlays}{tables}")
+        classes = ", ".join(sorted({_class_of(p) for p in method.glob("*.yaml") if p.name != "tables.yaml"} - {"?"}))
+        lines.append(f"  {method.name:<{width}}  {classes}: {configs}{overlays}{tables}")
     lines.append(f"  {'':<{width}}  overlays go after their base config: --config BASE.yaml --config OVERLAY.yaml")
     if (experiments / "shards").is_dir():
         lines.append(f"  {'':<{width}}  streaming shards: --config {rel(experiments)}/shards/<method>.yaml after the "

@@ -78,7 +78,7 @@ def test_unknown_option_names_the_closest_valid_one():
                              "--model.init_args.lamda", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=600)
     line = one_error_line(result)
-    assert "model.init_args.lamda: 'lamda' is not accepted by ssl_zoo.methods.MPCL" in line
+    assert "model.init_args.lamda: 'lamda' is not accepted by ssl_zoo.methods.MPCLMoCoV2" in line
     assert "on the command line" in line and "did you mean 'lam' (--model.init_args.lam)" in line
 
 
@@ -89,9 +89,10 @@ def test_unknown_option_names_the_closest_valid_one():
         (["--data.init_args.batchsize", "2"],
          "'batchsize' is not accepted by ssl_zoo.data.ImageFolderDataModule, on the command line "
          "(--data.init_args.batchsize); did you mean 'batch_size' (--data.init_args.batch_size)?"),
-        (["--model", "ssl_zoo.methods.MPLC"], "model: ssl_zoo.methods has no class 'MPLC'; did you mean 'MPCL'?"),
-        (["--model.init_args.flavour", "mocov4"],
-         "model.init_args.flavour: Expected a typing.Literal['mocov2', 'mocov3', 'barlowtwins']. Got value: mocov4"),
+        (["--model", "ssl_zoo.methods.MPCLBarlowTwin"],
+         "model: ssl_zoo.methods has no class 'MPCLBarlowTwin'; did you mean 'MPCLBarlowTwins'?"),
+        (["--model.init_args.head_norm", "group"],
+         "model.init_args.head_norm: Expected a typing.Literal['batch', 'layer', 'none']. Got value: group"),
     ],
     ids=["trainer_key", "data_key", "class_name", "value"],
 )
@@ -114,7 +115,7 @@ def test_unknown_key_in_a_config_file_names_the_file(tmp_path, capsys):
         warnings.simplefilter("ignore")
         main(["fit", "--config", str(config), "--print_config"])
     err = capsys.readouterr().err
-    assert f"'queue_sise' is not accepted by ssl_zoo.methods.MPCL, in {config}; did you mean 'queue_size'" in err
+    assert f"'queue_sise' is not accepted by ssl_zoo.methods.MPCLMoCoV2, in {config}; did you mean 'queue_size'" in err
 
 
 # ------------------------------------------------------------------------------------------ dataset root

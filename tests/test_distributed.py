@@ -14,8 +14,8 @@ v2's own projector) and the backbone is a ViT. Everything that crosses ranks is 
 
 Where the cross-rank pieces are tested on their own: ``tests/test_losses_distributed.py`` holds the
 IA-CLoss / SupCon gather, the MoCo v3 global negatives, the MoCo key-queue gather, the Sinkhorn
-all-reduce and the bare collectives; the PTB all-reduce and shuffled BN live in the MPCL method and
-are tested here.
+all-reduce and the bare collectives; PTB's all-reduce (tests/test_ptb.py on its own) and shuffled BN
+(MPCLMoCoV2) are tested here inside the MPCL methods.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from ssl_zoo.methods import BAMIA, HVPMTL, MPCL, MVP
+from ssl_zoo.methods import BAMIA, HVPMTL, MVP, MPCLBarlowTwins, MPCLMoCoV2, MPCLMoCoV3
 from ssl_zoo.models import Backbone
 from ssl_zoo.utils import distributed as D
 from tests.ddp_utils import ddp_average_step, named_gradients, run_distributed
@@ -71,14 +71,19 @@ def _simsiam() -> nn.Module:
                    bam=False, ia_loss="none")
 
 
-def _mpcl(flavour: str) -> nn.Module:
-    return _seeded(MPCL, **TINY_VIT, flavour=flavour, num_projectors=3, projector_hidden_dims=[16, 24, 32],
-                   shared_hidden=False, proj_dim=8, pred_hidden_dim=16, queue_size=20,
-                   head_norm="none" if flavour == "mocov2" else "layer",  # mocov2: MoCo v2's BN-free MLP
-                   # MoCo v3's ViT init starts the class token at ~1e-6 with a zero position: the first LayerNorm
-                   # then sees a ~0 vector and scales float round-off by 1/sqrt(eps) = 1000 in that token's
-                   # gradient. The init has its own test (test_mpcl.py); here it would only blur the comparison.
-                   moco_vit_init=False)
+MPCL_CLASSES = (MPCLMoCoV2, MPCLMoCoV3, MPCLBarlowTwins)
+
+
+def _mpcl(cls: type[nn.Module]) -> nn.Module:
+    heads = dict(num_projectors=3, projector_hidden_dims=[16, 24, 32], shared_hidden=False, proj_dim=8)
+    if cls is MPCLMoCoV2:  # MoCo v2's BN-free MLP
+        return _seeded(cls, **TINY_VIT, **heads, queue_size=20, head_norm="none")
+    if cls is MPCLMoCoV3:
+        # MoCo v3's ViT init starts the class token at ~1e-6 with a zero position: the first LayerNorm then sees a ~0
+        # vector and scales float round-off by 1/sqrt(eps) = 1000 in that token's gradient. The init has its own
+        # test (test_mpcl.py); here it would only blur the comparison.
+        return _seeded(cls, **TINY_VIT, **heads, pred_hidden_dim=16, head_norm="layer", moco_vit_init=False)
+    return _seeded(cls, **TINY_VIT, **heads, head_norm="layer")
 
 
 def _mvp() -> nn.Module:
@@ -126,27 +131,28 @@ def _batch(method: str) -> dict[str, torch.Tensor]:
 METHODS: dict[str, Callable[[], nn.Module]] = {
     "bam_ia": _bam_ia,
     "simsiam": _simsiam,
-    "mpcl_mocov2": lambda: _mpcl("mocov2"),
-    "mpcl_mocov3": lambda: _mpcl("mocov3"),
-    "mpcl_barlowtwins": lambda: _mpcl("barlowtwins"),
+    "mpcl_mocov2": lambda: _mpcl(MPCLMoCoV2),
+    "mpcl_mocov3": lambda: _mpcl(MPCLMoCoV3),
+    "mpcl_barlowtwins": lambda: _mpcl(MPCLBarlowTwins),
     "mvp": _mvp,
     "hvp_mtl": _hvp_mtl,
 }
 
 
-def _mpcl_state(model: MPCL) -> dict[str, Any]:
+def _mpcl_state(model: nn.Module) -> dict[str, Any]:
     """Queues and PTB statistics after the step, then the PTB weights once the epoch is closed."""
-    state = {"ptb_correct": model.ptb_correct.clone(), "ptb_count": model.ptb_count.clone()}
-    if model.queues is not None:
+    ptb = model.mpcl_loss.ptb
+    state = {"ptb_correct": ptb.correct.clone(), "ptb_count": ptb.count.clone()}
+    if isinstance(model, MPCLMoCoV2):
         state["queues"] = [q.keys.clone() for q in model.queues]
     model.on_train_epoch_end()  # acc_m of the epoch -> w_m of Eq. 3
-    state["ptb_last_acc"] = model.ptb_last_acc.clone()
-    state["ptb_weight"] = model.ptb_weight.clone()
+    state["ptb_last_acc"] = ptb.last_acc.clone()
+    state["ptb_weight"] = ptb.weight.clone()
     return state
 
 
 class _KeyEncoderSpy(nn.Module):
-    """Stands in for MPCL's key encoder: records what it encodes and returns it as one projector's keys."""
+    """Stands in for MPCLMoCoV2's key encoder: records what it encodes and returns it as one projector's keys."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -163,13 +169,13 @@ def _per_rank(rank: int, world_size: int, batches: dict[str, dict[str, torch.Ten
     for method, build in METHODS.items():
         model = build()
         out[method] = ddp_average_step(model, batches[method], rank, world_size)
-        if isinstance(model, MPCL):
+        if isinstance(model, MPCL_CLASSES):
             out[method].update(_mpcl_state(model))
     # Sensitivity control: IA-CLoss without its gather sees only the local batch and must differ.
     model = _bam_ia()
     model.contrastive_loss.gather_distributed = False
     out["bam_ia_without_gather"] = ddp_average_step(model, batches["bam_ia"], rank, world_size)
-    # Shuffled BN in MPCL.keys (MoCo v2): the key encoder of each rank sees a slice of one permutation of the global
+    # Shuffled BN in MPCLMoCoV2.keys: the key encoder of each rank sees a slice of one permutation of the global
     # batch; the keys come back in each rank's own order. A strided input, as views[:, 1] is.
     model = METHODS["mpcl_mocov2"]()
     model.teacher_backbone, model.teacher_projectors = _KeyEncoderSpy(), nn.Identity()
@@ -186,7 +192,7 @@ def _single_process(batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, An
         loss = model.training_step(batches[method], 0)
         loss.backward()
         out[method] = {"loss": loss.detach(), "grads": named_gradients(model)}
-        if isinstance(model, MPCL):
+        if isinstance(model, MPCL_CLASSES):
             out[method].update(_mpcl_state(model))
     return out
 
@@ -277,13 +283,13 @@ def _batchnorm_and_shuffled_bn(model_cfg: dict) -> tuple[bool, bool]:
 
     Built on the meta device: the structure without memory.
     """
-    init, name = model_cfg["init_args"], model_cfg["class_path"].rsplit(".", 1)[1]
+    init, name = model_cfg.get("init_args") or {}, model_cfg["class_path"].rsplit(".", 1)[1]
     with torch.device("meta"):
         if name == "MVP":  # only the student trains; the frozen CLIP teacher would be fetched to be built
             model = Backbone(init["backbone"], **(init.get("backbone_kwargs") or {}))
             shuffle_bn = False
         else:
-            model = {"BAMIA": BAMIA, "MPCL": MPCL, "HVPMTL": HVPMTL}[name](**init)
+            model = {c.__name__: c for c in (BAMIA, HVPMTL, *MPCL_CLASSES)}[name](**init)
             shuffle_bn = bool(model.hparams.get("shuffle_bn", False))
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()), shuffle_bn
 

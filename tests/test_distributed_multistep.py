@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from ssl_zoo.methods import MPCL
 from tests.ddp_utils import ddp_average_step, run_distributed
-from tests.test_distributed import METHODS, WORLD, _batch
+from tests.test_distributed import METHODS, MPCL_CLASSES, WORLD, _batch
 
 MULTISTEP_METHODS = ("mpcl_mocov2", "mpcl_mocov3", "hvp_mtl")
 STEPS = 3
@@ -46,7 +45,7 @@ def _train(model, batches: list[dict], step_fn) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.on_train_batch_end(None, batch, batch_idx)  # the EMA teachers follow the stepped student
-    if isinstance(model, MPCL):
+    if isinstance(model, MPCL_CLASSES):
         model.on_train_epoch_end()  # PTB: the epoch's accuracies give the next epoch's weights
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -92,6 +91,6 @@ def test_ptb_weights_after_several_steps_are_those_of_the_global_accuracy(runs):
     per_rank, single = runs
     for method in ("mpcl_mocov2", "mpcl_mocov3"):
         ref = single[method]
-        assert ref["ptb_count"] == 0 and ref["ptb_last_acc"].gt(0).any()  # epoch closed: counters reset
+        assert ref["mpcl_loss.ptb.count"] == 0 and ref["mpcl_loss.ptb.last_acc"].gt(0).any()  # epoch closed
         for got in per_rank:
-            torch.testing.assert_close(got[method]["ptb_weight"], ref["ptb_weight"])
+            torch.testing.assert_close(got[method]["mpcl_loss.ptb.weight"], ref["mpcl_loss.ptb.weight"])

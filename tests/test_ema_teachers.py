@@ -22,10 +22,12 @@ from lightning.pytorch import Callback, Trainer
 
 from ssl_zoo.data import ImageFolderDataModule, TencentMLDataModule
 from ssl_zoo.data.tencent import read_tencent_dictionary
-from ssl_zoo.methods import HVPMTL, MPCL
+from ssl_zoo.methods import HVPMTL, MPCLMoCoV2, MPCLMoCoV3
 
 MOMENTUM = 0.5  # far from 1, so a missing update cannot hide in round-off
-PAIRS = {MPCL: (("teacher_backbone", "backbone"), ("teacher_projectors", "projectors")),
+MOCO = (MPCLMoCoV2, MPCLMoCoV3)
+MOCO_PAIRS = (("teacher_backbone", "backbone"), ("teacher_projectors", "projectors"))
+PAIRS = {MPCLMoCoV2: MOCO_PAIRS, MPCLMoCoV3: MOCO_PAIRS,
          HVPMTL: (("teacher_backbone", "backbone"), ("teacher_decoder", "decoder"))}
 
 
@@ -41,8 +43,8 @@ class Snapshots(Callback):
     """Student and teacher parameters and buffers before every batch, after it and at the end of training.
 
     Callbacks' ``on_train_batch_end`` runs before the module's, so ``after`` is taken before the EMA update. For
-    MPCL, ``replayed`` holds the buffers a copy of the key encoder (as it was before the batch) reaches by
-    encoding the batch's key views, in ``MPCL.keys``'s order (one process: no shuffle).
+    MPCL on MoCo, ``replayed`` holds the buffers a copy of the key encoder (as it was before the batch) reaches by
+    encoding the batch's key views in the training step's order (one process: no shuffle).
     """
 
     def __init__(self, pairs) -> None:
@@ -53,10 +55,11 @@ class Snapshots(Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.taken.append(_state(trainer, module, self.pairs))
-        if isinstance(module, MPCL):
+        if isinstance(module, MOCO):
             backbone, projectors = copy.deepcopy(module.teacher_backbone), copy.deepcopy(module.teacher_projectors)
             views = batch["views"]
-            key_views = [views[:, 1], views[:, 0]] if module.hparams.symmetric else [views[:, 1]]
+            # MoCo v3's step encodes the keys of both views (second, then first), MoCo v2's of the second only
+            key_views = [views[:, 1], views[:, 0]] if isinstance(module, MPCLMoCoV3) else [views[:, 1]]
             with torch.no_grad():
                 for x in key_views:
                     projectors(backbone(x))
@@ -70,10 +73,12 @@ class Snapshots(Callback):
         self.taken.append(_state(trainer, module, self.pairs))
 
 
-def _mpcl(flavour: str) -> MPCL:
-    return MPCL(backbone="test_resnet", img_size=32, flavour=flavour, num_projectors=2, projector_hidden_dims=16,
-                proj_dim=8, pred_hidden_dim=8, queue_size=16, ema_momentum=MOMENTUM, warmup_epochs=0,
-                head_norm="layer" if flavour == "mocov3" else "none", base_lr=0.5 if flavour == "mocov2" else 0.05)
+def _mpcl(cls: type[MPCLMoCoV2 | MPCLMoCoV3]) -> MPCLMoCoV2 | MPCLMoCoV3:
+    common = dict(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=16, proj_dim=8,
+                  ema_momentum=MOMENTUM, warmup_epochs=0)
+    if cls is MPCLMoCoV2:
+        return MPCLMoCoV2(**common, queue_size=16, head_norm="none", base_lr=0.5)
+    return MPCLMoCoV3(**common, pred_hidden_dim=8, head_norm="layer", base_lr=0.05)
 
 
 def _hvp(num_classes: int, **kwargs) -> HVPMTL:
@@ -86,15 +91,15 @@ def _hvp(num_classes: int, **kwargs) -> HVPMTL:
 
 def _momentum(module, step: int, total: int) -> float:
     """The paper's schedule, written out: constant, or MoCo v3's 1 - (1 - m0)(1 + cos(pi k / K)) / 2."""
-    if isinstance(module, MPCL) and module.hparams.flavour == "mocov3":
+    if isinstance(module, MPCLMoCoV3):
         return 1 - (1 - MOMENTUM) * (1 + math.cos(math.pi * step / total)) / 2
     return MOMENTUM
 
 
 CASES = {
-    "mpcl_mocov2": (lambda n: _mpcl("mocov2"), 1),
-    "mpcl_mocov2_accumulate": (lambda n: _mpcl("mocov2"), 2),
-    "mpcl_mocov3_accumulate": (lambda n: _mpcl("mocov3"), 2),
+    "mpcl_mocov2": (lambda n: _mpcl(MPCLMoCoV2), 1),
+    "mpcl_mocov2_accumulate": (lambda n: _mpcl(MPCLMoCoV2), 2),
+    "mpcl_mocov3_accumulate": (lambda n: _mpcl(MPCLMoCoV3), 2),
     "hvp_mtl": (_hvp, 1),
     "hvp_mtl_accumulate": (_hvp, 2),
 }
@@ -126,7 +131,7 @@ def test_every_teacher_module_is_an_ema_of_its_student_once_per_optimizer_step(c
             params = dict(getattr(module, student).named_parameters())
             for name, t_after in after[teacher].items():
                 t_before, s_after = before[teacher][name], after[student][name]
-                if name not in params and isinstance(module, MPCL):  # a buffer of the key encoder: its own
+                if name not in params and isinstance(module, MOCO):  # a buffer of the key encoder: its own
                     torch.testing.assert_close(snapshots.after[i][teacher][name], snapshots.replayed[i][teacher][name],
                                                msg=lambda msg, n=f"{teacher}.{name}": f"{n} (its forward): {msg}")
                     assert torch.equal(t_after, snapshots.after[i][teacher][name]), f"{teacher}.{name} moved"
@@ -144,7 +149,7 @@ def test_every_teacher_module_is_an_ema_of_its_student_once_per_optimizer_step(c
                                            msg=lambda msg, n=f"{teacher}.{name}": f"{n}: {msg}")
                 moves += int(not torch.equal(t_after, t_before))
     assert moves > 0  # the student did train and the teachers did follow
-    assert bn_buffers > 0 or isinstance(module, HVPMTL)  # MPCL's key encoder (test_resnet) has BatchNorm
+    assert bn_buffers > 0 or isinstance(module, HVPMTL)  # MoCo's key encoder (test_resnet) has BatchNorm
 
 
 # ---------------------------------------------------------------------- the same rule without a Trainer (fast)
@@ -157,7 +162,7 @@ def _tiny_hvp_resnet() -> HVPMTL:
     return _hvp(num_classes=4, backbone="test_resnet", backbone_kwargs=None, alpha_mim=0.0)
 
 
-@pytest.mark.parametrize("build", [lambda: _mpcl("mocov2"), lambda: _mpcl("mocov3"), _tiny_hvp, _tiny_hvp_resnet],
+@pytest.mark.parametrize("build", [lambda: _mpcl(MPCLMoCoV2), lambda: _mpcl(MPCLMoCoV3), _tiny_hvp, _tiny_hvp_resnet],
                          ids=["mpcl_mocov2", "mpcl_mocov3", "hvp_mtl", "hvp_mtl_resnet"])
 def test_one_step_moves_every_teacher_module_by_the_ema_rule(build):
     torch.manual_seed(0)
@@ -190,7 +195,7 @@ def test_one_step_moves_every_teacher_module_by_the_ema_rule(build):
         s_buffers = dict(getattr(module, student).named_buffers())
         for name, buf in getattr(module, teacher).named_buffers():
             # MoCo's key encoder keeps its own statistics; HVP-MTL's eval-mode teacher takes the student's.
-            expected = buffers_before[teacher][name] if isinstance(module, MPCL) else s_buffers[name]
+            expected = buffers_before[teacher][name] if isinstance(module, MOCO) else s_buffers[name]
             assert torch.equal(buf, expected), f"{teacher}.{name}"
             bn_buffers += name.endswith("running_mean") and not torch.equal(s_buffers[name],
                                                                             buffers_before[teacher][name])

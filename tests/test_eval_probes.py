@@ -358,12 +358,14 @@ def test_lars_matches_the_official_update_on_hand_computed_steps():
 
 
 def test_lars_is_the_one_the_methods_and_probes_use():
-    """One LARS for the project, in the utilities room; the linear probe and MPCL import it."""
+    """One LARS for the project, in the utilities room; the linear probe and MPCL (Barlow Twins, MoCo v3) import it."""
     import ssl_zoo.eval.linear
-    import ssl_zoo.methods.mpcl
+    import ssl_zoo.methods.mpcl.barlow_twins
+    import ssl_zoo.methods.mpcl.moco_v3
     import ssl_zoo.utils.optim
 
-    assert ssl_zoo.eval.linear.LARS is ssl_zoo.methods.mpcl.LARS is ssl_zoo.utils.optim.LARS is LARS
+    assert ssl_zoo.eval.linear.LARS is ssl_zoo.utils.optim.LARS is LARS
+    assert ssl_zoo.methods.mpcl.barlow_twins.LARS is ssl_zoo.methods.mpcl.moco_v3.LARS is LARS
     assert ssl_zoo.eval.LARS is LARS
 
 

@@ -1,6 +1,8 @@
-"""MPCL / MoCo v2 / MoCo v3 / Barlow Twins flavour: loss wiring against brute force, per-projector queues, the
-shared-hidden projector layout and the paper's parameter counts, PTB's loss scale and its epoch boundary, the
-Table II alternatives, MoCo v3's ViT construction, and every config under experiments/{mpcl,mocov2,mocov3}.
+"""MPCL on MoCo v2 / MoCo v3 / Barlow Twins (MPCLMoCoV2, MPCLMoCoV3, MPCLBarlowTwins): loss wiring against brute
+force, per-projector queues, the shared-hidden projector layout and the paper's parameter counts, PTB's loss scale
+and its epoch boundary, the Table II alternatives, MoCo v3's ViT construction, and every config under
+experiments/{mpcl,mocov2,mocov3}. PTB's state on its own: tests/test_ptb.py; the settings and steps of the former
+flavour-switched class: tests/test_mpcl_reference.py.
 
 Models are tiny (2-block ViT-Tiny at 32 px = 4 patches, small heads) so the whole file runs in about a minute
 on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in tests/test_distributed.py.
@@ -24,7 +26,7 @@ import yaml
 from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import Callback, Trainer
 
-from ssl_zoo.methods import MPCL
+from ssl_zoo.methods import MPCLBarlowTwins, MPCLMoCoV2, MPCLMoCoV3
 from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,25 +34,39 @@ EXPERIMENTS = ROOT / "experiments"
 TAU = 0.2
 LAM = 0.01
 EPS = 0.5
+CLASSES = {"mocov2": MPCLMoCoV2, "mocov3": MPCLMoCoV3, "barlowtwins": MPCLBarlowTwins}
+MPCLModel = MPCLMoCoV2 | MPCLMoCoV3 | MPCLBarlowTwins
 
 
-def _tiny(flavour: str = "mocov2", seed: int = 0, **kwargs) -> MPCL:
+def _tiny(framework: str = "mocov2", seed: int = 0, **kwargs) -> MPCLModel:
     args = dict(
         backbone="vit_tiny_patch16_224",
         backbone_kwargs={"img_size": 32, "model_kwargs": {"depth": 2}},  # 2 blocks: fast to build
-        flavour=flavour,
         img_size=32,
         num_projectors=3,
         projector_hidden_dims=[16, 24, 32],
         shared_hidden=False,
         proj_dim=8,
-        pred_hidden_dim=16,
-        queue_size=20,
-        head_norm="none" if flavour == "mocov2" else "layer",
+        head_norm="none" if framework == "mocov2" else "layer",
+        **({"queue_size": 20} if framework == "mocov2" else {}),
+        **({"pred_hidden_dim": 16} if framework == "mocov3" else {}),
     )
     args.update(kwargs)
     torch.manual_seed(seed)
-    return MPCL(**args)
+    return CLASSES[framework](**args)
+
+
+def _project(model: MPCLModel, x: torch.Tensor) -> torch.Tensor:
+    return model.projectors(model.backbone(x))  # [Mp, B, D]
+
+
+def _record(model: MPCLModel, correct: list[float], count: int) -> None:
+    """Add ``correct`` right queries of each projector out of ``count`` to PTB's epoch."""
+    model.mpcl_loss.ptb.update(torch.tensor(correct) / count, count)
+
+
+def _weights(model: MPCLModel) -> torch.Tensor:
+    return model.mpcl_loss.ptb.loss_weights()
 
 
 def _batch(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -152,15 +168,16 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_step_equals_brute_force_eq4(case):
-    flavour, kwargs = CASES[case]
-    model = _tiny(flavour, **kwargs)
+    framework, kwargs = CASES[case]
+    model = _tiny(framework, **kwargs)
     batch = _batch(4)
     x1, x2 = batch["views"][:, 0], batch["views"][:, 1]
-    queues = [q.keys.clone() for q in model.queues] if flavour == "mocov2" else None
+    queues = [q.keys.clone() for q in model.queues] if framework == "mocov2" else None
     with torch.no_grad():
-        z1, z2 = model.project(x1), model.project(x2)
-        p1, p2 = model.predict(z1), model.predict(z2)
-        if flavour != "barlowtwins":
+        z1, z2 = _project(model, x1), _project(model, x2)
+        if framework == "mocov3":
+            p1, p2 = model.predict(z1), model.predict(z2)
+        if framework != "barlowtwins":
             k1, k2 = model.keys(x1), model.keys(x2)
     loss = model.training_step(batch, 0)
 
@@ -168,22 +185,22 @@ def test_training_step_equals_brute_force_eq4(case):
     losses = np.zeros(mp)
     accs = np.zeros(mp)
     for m in range(mp):
-        if flavour == "mocov2":  # asymmetric, queue negatives
+        if framework == "mocov2":  # asymmetric, queue negatives
             losses[m], accs[m] = _ref_queue_infonce(_np(z1[m]), _np(k2[m]), _np(queues[m]))
-        elif flavour == "mocov3":  # symmetric, the two directions summed
+        elif framework == "mocov3":  # symmetric, the two directions summed
             l12, a12 = _ref_batch_infonce(_np(p1[m]), _np(k2[m]))
             l21, a21 = _ref_batch_infonce(_np(p2[m]), _np(k1[m]))
             losses[m], accs[m] = l12 + l21, (a12 + a21) / 2
         else:  # Barlow Twins per projector, accuracy = in-batch retrieval z1 -> z2
             losses[m], accs[m] = _ref_barlow_twins(_np(z1[m]), _np(z2[m])), _ref_retrieval(_np(z1[m]), _np(z2[m]))
-    views = [z1] if flavour == "mocov2" else [z1, z2]
+    views = [z1] if framework == "mocov2" else [z1, z2]
     reg = np.mean([_ref_pcr(_np(z)) for z in views], axis=0)
     if kwargs.get("orthogonality"):  # on the projectors' own output layers (shared hidden layer)
         reg = reg + _ref_weight_orthogonality([_np(out[0].weight) for out in model.projectors.outputs])
     expected = np.mean(1.0 * losses + LAM * reg)  # Eq. 4; before any completed epoch w_m = 1 (PTB on)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    np.testing.assert_allclose(_np(model.ptb_correct), accs * 4, atol=1e-5)
-    assert model.ptb_count.item() == 4
+    np.testing.assert_allclose(_np(model.mpcl_loss.ptb.correct), accs * 4, atol=1e-5)
+    assert model.mpcl_loss.ptb.count.item() == 4
 
 
 def test_single_projector_is_plain_moco_v2():
@@ -191,7 +208,7 @@ def test_single_projector_is_plain_moco_v2():
     batch = _batch(4)
     queue = model.queues[0].keys.clone()
     with torch.no_grad():
-        z, k = model.project(batch["views"][:, 0]), model.keys(batch["views"][:, 1])
+        z, k = _project(model, batch["views"][:, 0]), model.keys(batch["views"][:, 1])
     loss = model.training_step(batch, 0)
     expected, _ = _ref_queue_infonce(_np(z[0]), _np(k[0]), _np(queue))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -231,8 +248,8 @@ PAPER_PARAMS_M = {1: 27.97, 2: 28.23, 4: 28.75, 8: 29.80}
 def test_shared_hidden_layout_reproduces_the_papers_parameter_counts(num_projectors):
     """Trainable query side (ResNet-50 without classifier + projectors), built on the meta device."""
     with torch.device("meta"):
-        shared = MPCL("resnet50", num_projectors=num_projectors, shared_hidden=True)
-        separate = MPCL("resnet50", num_projectors=num_projectors, shared_hidden=False)
+        shared = MPCLMoCoV2("resnet50", num_projectors=num_projectors, shared_hidden=True)
+        separate = MPCLMoCoV2("resnet50", num_projectors=num_projectors, shared_hidden=False)
     millions = shared.num_query_parameters() / 1e6
     assert abs(millions - PAPER_PARAMS_M[num_projectors]) <= 0.01, millions
     # the counting, term by term: trunk + shared Linear(2048, 2048) + Mp x Linear(2048, 128), biases included
@@ -267,48 +284,49 @@ def _softmax(v: np.ndarray) -> np.ndarray:
 
 def test_ptb_weights_follow_previous_epoch_accuracy_and_survive_resume():
     model = _tiny("mocov2")
-    np.testing.assert_allclose(_np(model.loss_weights()), np.ones(3))  # w_m = 1 before a completed epoch
+    ptb = model.mpcl_loss.ptb
+    np.testing.assert_allclose(_np(_weights(model)), np.ones(3))  # w_m = 1 before a completed epoch
 
     # Epoch 0: two steps of 8 queries with unequal accuracies.
-    model.record_accuracy(torch.tensor([8.0, 4.0, 2.0]), 8)
-    model.record_accuracy(torch.tensor([6.0, 4.0, 0.0]), 8)
-    np.testing.assert_allclose(_np(model.loss_weights()), np.ones(3))  # unchanged mid-epoch
+    _record(model, [8.0, 4.0, 2.0], 8)
+    _record(model, [6.0, 4.0, 0.0], 8)
+    np.testing.assert_allclose(_np(_weights(model)), np.ones(3))  # unchanged mid-epoch
     model.on_train_epoch_end()
     acc0 = np.array([14, 8, 2]) / 16
     w1 = 3 * _softmax((1 - acc0) / EPS)  # Mp * softmax: re-weighting at the PTB-off scale
-    np.testing.assert_allclose(_np(model.loss_weights()), w1, rtol=1e-6)
-    np.testing.assert_allclose(_np(model.ptb_weight), w1 / 3, rtol=1e-6)  # the buffer is Eq. 3's softmax
-    assert model.loss_weights()[2] > model.loss_weights()[1] > model.loss_weights()[0]  # worst gets most
-    np.testing.assert_allclose(_np(model.ptb_last_acc), acc0, rtol=1e-6)
-    assert model.ptb_count.item() == 0 and model.ptb_correct.abs().sum().item() == 0
+    np.testing.assert_allclose(_np(_weights(model)), w1, rtol=1e-6)
+    np.testing.assert_allclose(_np(ptb.weight), w1 / 3, rtol=1e-6)  # the buffer is Eq. 3's softmax
+    assert _weights(model)[2] > _weights(model)[1] > _weights(model)[0]  # worst gets most
+    np.testing.assert_allclose(_np(ptb.last_acc), acc0, rtol=1e-6)
+    assert ptb.count.item() == 0 and ptb.correct.abs().sum().item() == 0
 
     # Epoch 1: only its own accuracies decide the weights of epoch 2 (half an epoch, then resume).
-    model.record_accuracy(torch.tensor([1.0, 3.0, 4.0]), 4)
+    _record(model, [1.0, 3.0, 4.0], 4)
     state = model.state_dict()
     resumed = _tiny("mocov2", seed=123)  # different init: everything must come from the state dict
     resumed.load_state_dict(state)
-    np.testing.assert_allclose(_np(resumed.loss_weights()), w1, rtol=1e-6)
+    np.testing.assert_allclose(_np(_weights(resumed)), w1, rtol=1e-6)
     batch = _batch(4)
     torch.testing.assert_close(resumed.training_step(batch, 0), model.training_step(batch, 0))
     uniform = _tiny("mocov2", seed=123)
-    uniform.load_state_dict({k: v for k, v in state.items() if k != "ptb_weight"}, strict=False)
+    uniform.load_state_dict({k: v for k, v in state.items() if k != "mpcl_loss.ptb.weight"}, strict=False)
     assert not torch.allclose(uniform.training_step(batch, 0), model.training_step(batch, 0))
 
     # The training steps above added their accuracies; close epoch 1 on the resumed model.
-    extra_correct = resumed.ptb_correct - torch.tensor([1.0, 3.0, 4.0])
+    extra_correct = resumed.mpcl_loss.ptb.correct - torch.tensor([1.0, 3.0, 4.0])
     resumed.on_train_epoch_end()
     acc1 = (np.array([1.0, 3.0, 4.0]) + _np(extra_correct)) / 8
-    np.testing.assert_allclose(_np(resumed.loss_weights()), 3 * _softmax((1 - acc1) / EPS), rtol=1e-6)
+    np.testing.assert_allclose(_np(_weights(resumed)), 3 * _softmax((1 - acc1) / EPS), rtol=1e-6)
 
 
 @pytest.mark.parametrize("num_projectors", [2, 3, 4])
 def test_equal_accuracies_with_ptb_give_exactly_the_ptb_off_loss(num_projectors):
     batch = _batch(4)
 
-    def loss_after_an_epoch(**kwargs) -> tuple[torch.Tensor, MPCL]:
+    def loss_after_an_epoch(**kwargs) -> tuple[torch.Tensor, MPCLMoCoV2]:
         model = _tiny("mocov2", num_projectors=num_projectors, projector_hidden_dims=16, shared_hidden=True,
                       backbone="test_resnet", backbone_kwargs={}, **kwargs)  # the backbone does not matter here
-        model.record_accuracy(torch.full((num_projectors,), 3.0), 7)  # every projector 3/7 right
+        _record(model, [3.0] * num_projectors, 7)  # every projector 3/7 right
         model.on_train_epoch_end()
         return model.training_step(batch, 0), model
 
@@ -317,23 +335,23 @@ def test_equal_accuracies_with_ptb_give_exactly_the_ptb_off_loss(num_projectors)
     assert torch.equal(on, off)  # bitwise: w_m = Mp * softmax(equal accuracies) = 1
     # Eq. 3 taken literally (bare softmax, 1/Mp each) divides the contrastive part by Mp (seen with lam = 0)
     literal, model = loss_after_an_epoch(ptb=True, ptb_scale="literal", lam=0.0)
-    np.testing.assert_allclose(_np(model.loss_weights()), np.full(num_projectors, 1 / num_projectors), rtol=1e-6)
+    np.testing.assert_allclose(_np(_weights(model)), np.full(num_projectors, 1 / num_projectors), rtol=1e-6)
     off_no_pcr, _ = loss_after_an_epoch(ptb=False, lam=0.0)
     assert literal.item() == pytest.approx(off_no_pcr.item() / num_projectors, rel=1e-6)
 
 
 def test_ptb_off_keeps_unit_weights_and_epoch_without_batches_keeps_weights():
     model = _tiny("mocov2", ptb=False)
-    model.record_accuracy(torch.tensor([4.0, 0.0, 2.0]), 4)
+    _record(model, [4.0, 0.0, 2.0], 4)
     model.on_train_epoch_end()
-    np.testing.assert_allclose(_np(model.loss_weights()), np.ones(3))
-    np.testing.assert_allclose(_np(model.ptb_last_acc), [1.0, 0.0, 0.5])  # still tracked for the logs
+    np.testing.assert_allclose(_np(_weights(model)), np.ones(3))
+    np.testing.assert_allclose(_np(model.mpcl_loss.ptb.last_acc), [1.0, 0.0, 0.5])  # still tracked for the logs
     on = _tiny("mocov2")
-    on.record_accuracy(torch.tensor([4.0, 0.0, 2.0]), 4)
+    _record(on, [4.0, 0.0, 2.0], 4)
     on.on_train_epoch_end()
-    w = on.loss_weights().clone()
+    w = _weights(on).clone()
     on.on_train_epoch_end()  # nothing recorded: keep the weights
-    torch.testing.assert_close(on.loss_weights(), w)
+    torch.testing.assert_close(_weights(on), w)
 
 
 class _EpochEndSpy(Callback):
@@ -343,7 +361,8 @@ class _EpochEndSpy(Callback):
         self.seen: list[dict[str, torch.Tensor]] = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # callbacks run before the module's hook
-        self.seen.append({"correct": pl_module.ptb_correct.clone(), "count": pl_module.ptb_count.clone(),
+        ptb = pl_module.mpcl_loss.ptb
+        self.seen.append({"correct": ptb.correct.clone(), "count": ptb.count.clone(),
                           "processed": lightning_private_batches_done(trainer)})
 
 
@@ -354,7 +373,7 @@ def test_ptb_updates_only_after_a_completed_epoch(demo_root, tmp_path):
     from ssl_zoo.data import ImageFolderDataModule
 
     torch.manual_seed(0)
-    model = MPCL(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=16, proj_dim=8,
+    model = MPCLMoCoV2(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=16, proj_dim=8,
                  queue_size=16)
     spy = _EpochEndSpy()
     data = ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=8, num_workers=0)
@@ -363,18 +382,19 @@ def test_ptb_updates_only_after_a_completed_epoch(demo_root, tmp_path):
             enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[spy]).fit(model, datamodule=data)
     assert [s["processed"] for s in spy.seen] == [steps, 2]  # epoch 0 complete, epoch 1 cut after 2 batches
     acc0 = _np(spy.seen[0]["correct"] / spy.seen[0]["count"])
-    np.testing.assert_allclose(_np(model.ptb_last_acc), acc0, rtol=1e-6)
-    np.testing.assert_allclose(_np(model.loss_weights()), 2 * _softmax((1 - acc0) / EPS), rtol=1e-5)
+    ptb = model.mpcl_loss.ptb
+    np.testing.assert_allclose(_np(ptb.last_acc), acc0, rtol=1e-6)
+    np.testing.assert_allclose(_np(_weights(model)), 2 * _softmax((1 - acc0) / EPS), rtol=1e-5)
     partial = _np(spy.seen[1]["correct"] / spy.seen[1]["count"])
     assert not np.allclose(partial, acc0)  # the partial epoch's accuracies would have given other weights
     # the cut epoch's counts (2 batches of 8) are kept, not turned into weights ...
-    assert model.ptb_count.item() == 16
-    torch.testing.assert_close(model.ptb_correct, spy.seen[1]["correct"])
+    assert ptb.count.item() == 16
+    torch.testing.assert_close(ptb.correct, spy.seen[1]["correct"])
     # ... and a new epoch starts from zero rather than mixing them into its own accuracy
-    weights = model.loss_weights().clone()
+    weights = _weights(model).clone()
     model.on_train_epoch_start()
-    assert model.ptb_count.item() == 0 and not model.ptb_correct.any()
-    torch.testing.assert_close(model.loss_weights(), weights)
+    assert ptb.count.item() == 0 and not ptb.correct.any()
+    torch.testing.assert_close(_weights(model), weights)
 
 
 # ---------------------------------------------------------------------- Table II alternatives
@@ -463,7 +483,7 @@ def test_orthogonality_reads_each_projectors_own_layer_and_trains_it():
     d = separate.backbone.num_features
     assert [tuple(w.shape) for w in weights] == [(16, d), (24, d), (32, d)]
     assert all(w is stack[0].weight for w, stack in zip(weights, separate.projectors.hidden, strict=True))
-    terms = shared.regularizer([torch.randn(3, 4, 8)])
+    terms = shared.mpcl_loss.regularizers([torch.randn(3, 4, 8)], shared.projectors.distinct_weights())
     assert set(terms) == {"orthogonality"}
     terms["orthogonality"].sum().backward()
     assert all(out[0].weight.grad.abs().sum() > 0 for out in shared.projectors.outputs)
@@ -554,15 +574,15 @@ def test_mocov3_vit_is_built_as_moco_v3_builds_it():
     model.training_step({"views": torch.randn(4, 2, 3, 48, 48), "index": torch.arange(4)}, 0).backward()
     assert vit.pos_embed.grad is None and proj.weight.grad is None
     assert vit.blocks[0].attn.qkv.weight.grad is not None
-    # MoCo v2 / Barlow Twins flavours leave a ViT as timm builds it
+    # MoCo v2 and Barlow Twins leave a ViT as timm builds it
     v2 = _tiny("mocov2")
     assert v2.backbone.model.pos_embed.requires_grad and v2.backbone.model.patch_embed.proj.weight.requires_grad
 
 
 # ---------------------------------------------------------------------- momentum encoder
-@pytest.mark.parametrize("flavour", ["mocov2", "mocov3"])
-def test_teacher_gets_no_gradient_and_follows_ema(flavour):
-    model = _tiny(flavour)
+@pytest.mark.parametrize("framework", ["mocov2", "mocov3"])
+def test_teacher_gets_no_gradient_and_follows_ema(framework):
+    model = _tiny(framework)
     loss = model.training_step(_batch(4), 0)
     assert torch.isfinite(loss)
     loss.backward()
@@ -570,30 +590,29 @@ def test_teacher_gets_no_gradient_and_follows_ema(flavour):
         assert not p.requires_grad and p.grad is None, name
     student = [p for p in model.parameters() if p.requires_grad]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student)
-    if flavour == "mocov3":  # MoCo v3's frozen random patch projection
+    if framework == "mocov3":  # MoCo v3's frozen random patch projection
         assert all(not p.requires_grad for p in model.backbone.model.patch_embed.parameters())
 
     teacher_before = [p.clone() for p in model.teacher_projectors.parameters()]
     torch.optim.SGD(student, lr=0.5).step()
     model._total_steps = 10
     model.on_train_batch_end(None, None, 0)  # global_step 0 without a trainer
-    m = 0.999 if flavour == "mocov2" else 0.99
+    m = 0.999 if framework == "mocov2" else 0.99
     for t_old, t_new, s in zip(teacher_before, model.teacher_projectors.parameters(),
                                model.projectors.parameters(), strict=True):
         torch.testing.assert_close(t_new, m * t_old + (1 - m) * s)
     assert not torch.equal(teacher_before[0], next(model.teacher_projectors.parameters()))
 
 
-def test_barlow_twins_flavour_has_no_momentum_encoder_and_trains_every_projector():
+def test_barlow_twins_has_no_momentum_encoder_and_trains_every_projector():
     model = _tiny("barlowtwins", shared_hidden=True, projector_hidden_dims=16)
-    assert model.teacher_backbone is None and model.queues is None and model.predictors is None
+    assert not any(hasattr(model, name) for name in ("teacher_backbone", "queues", "predictors"))
     assert all(out[0].bias is None for out in model.projectors.outputs)  # Barlow Twins' bias-free last layer
     loss = model.training_step(_batch(4), 0)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
-    model.on_train_batch_end(None, None, 0)  # no EMA to update: a no-op
     hp = model.hparams
-    assert (hp.optimizer, hp.base_lr, hp.weight_decay, hp.warmup_epochs) == ("lars", 0.2, 1e-6, 10)  # main.py
+    assert (hp.base_lr, hp.weight_decay, hp.warmup_epochs) == (0.2, 1e-6, 10)  # main.py
     assert hp.bias_lr_scale == pytest.approx(0.0048 / 0.2) and hp.final_lr_ratio == 0.001
 
 
@@ -614,23 +633,28 @@ def test_mocov3_momentum_is_cosine_from_099_to_1():
     assert model.ema_momentum_at(0, 0) == 0.99  # no trainer: one step
     # lightly's schedule on its own reaches the end one step early (step / (max_steps - 1)): hence K + 1 steps.
     assert cosine_schedule(total - 1, total, 0.99, 1.0) == 1.0 != values[total - 1]
-    v2 = _tiny("mocov2")
-    assert v2.ema_momentum_at(0, 100) == v2.ema_momentum_at(70, 100) == 0.999
 
 
-def test_flavour_defaults_and_argument_errors():
-    v2, v3 = _tiny("mocov2", head_norm=None), _tiny("mocov3", head_norm=None)
-    assert (v2.hparams.optimizer, v2.hparams.base_lr, v2.hparams.weight_decay) == ("sgd", 0.03, 1e-4)
+
+def test_paper_defaults_and_argument_errors():
+    v2 = _tiny("mocov2", head_norm="none")
+    v3 = _tiny("mocov3", head_norm="batch")
+    assert (v2.hparams.base_lr, v2.hparams.weight_decay, v2.hparams.ema_momentum) == (0.03, 1e-4, 0.999)
     assert (v3.hparams.optimizer, v3.hparams.base_lr, v3.hparams.weight_decay) == ("adamw", 1.5e-4, 0.1)
-    assert v2.hparams.shuffle_bn and not v3.hparams.shuffle_bn and v3.hparams.warmup_epochs == 40
-    assert v3.hparams.moco_vit_init and not v2.hparams.moco_vit_init
-    assert v2.predictors is None and len(v3.predictors) == 3 and v3.queues is None
+    assert v2.hparams.shuffle_bn and v3.hparams.warmup_epochs == 40 and v3.hparams.moco_vit_init
+    assert not hasattr(v2, "predictors") and len(v3.predictors) == 3 and not hasattr(v3, "queues")
+    defaults = {name: {key: p.default for key, p in inspect.signature(cls).parameters.items()}
+                for name, cls in CLASSES.items()}
+    assert {name: (d["projector_hidden_dims"], d["proj_dim"], d["head_norm"], d["min_scale"])
+            for name, d in defaults.items()} == {"mocov2": (2048, 128, "none", 0.2), "mocov3": (4096, 256, "batch", 0.08),
+                                                 "barlowtwins": (8192, 8192, "batch", 0.08)}
+    assert {d["backbone"] for d in defaults.values()} == {"resnet50", "vit_base_patch16_224"}
     # "different hidden dims": projector m really has width projector_hidden_dims[m]
     assert [stack[0].out_features for stack in v2.projectors.hidden] == [16, 24, 32]
     assert [stack[0].out_features for stack in v3.projectors.hidden] == [16, 24, 32]
     # 3-layer: two hidden linears, then the output linear
     assert [type(layer).__name__ for layer in v3.projectors.hidden[0]].count("Linear") == 2
-    assert inspect.signature(MPCL).parameters["shared_hidden"].default is True  # the paper's layout
+    assert all(d["shared_hidden"] is True for d in defaults.values())  # the paper's layout
     with pytest.raises(ValueError, match="projector_hidden_dims"):
         _tiny(projector_hidden_dims=[16, 16])
     with pytest.raises(ValueError, match="num_projectors"):
@@ -639,9 +663,9 @@ def test_flavour_defaults_and_argument_errors():
         _tiny(ema_momentum=1.5)
     with pytest.raises(ValueError, match="epsilon"):
         _tiny(epsilon=0.0)
-    with pytest.raises(ValueError, match="flavour"):
-        _tiny(flavour="simclr")
-    with pytest.raises(ValueError, match="ptb_scale"):
+    with pytest.raises(ValueError, match="model.temperature must be > 0"):
+        _tiny("mocov3", temperature=0.0)
+    with pytest.raises(ValueError, match="scale must be 'projectors' or 'literal'"):
         _tiny(ptb_scale="sum")
 
 
@@ -704,9 +728,9 @@ def test_demo_config_fast_dev_run(config, demo_root, tmp_path, monkeypatch):
     assert ((acc >= 0) & (acc <= 1)).all()
     assert "train/z_std_epoch" in metrics
     # The epoch-end hook closed the (one-batch) epoch: its accuracies now set the PTB weights.
-    assert model.ptb_count.item() == 0
-    np.testing.assert_allclose(_np(model.ptb_last_acc), acc, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_np(model.loss_weights()), mp * _softmax((1 - acc) / EPS), rtol=1e-5)
+    assert model.mpcl_loss.ptb.count.item() == 0
+    np.testing.assert_allclose(_np(model.mpcl_loss.ptb.last_acc), acc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(_weights(model)), mp * _softmax((1 - acc) / EPS), rtol=1e-5)
 
 
 @pytest.mark.parametrize("config", OTHER_DEMO_CONFIGS)
@@ -733,11 +757,11 @@ def _parse_cached(configs: tuple[str, ...]) -> dict:
     return yaml.safe_load(buf.getvalue())
 
 
-def _build_on_meta(cfg: dict) -> MPCL:
+def _build_on_meta(cfg: dict) -> MPCLModel:
     """Instantiate the configured model without allocating memory (checks the constructor's validation)."""
-    assert cfg["model"]["class_path"] == "ssl_zoo.methods.MPCL"
+    cls = {f"ssl_zoo.methods.{c.__name__}": c for c in CLASSES.values()}[cfg["model"]["class_path"]]
     with torch.device("meta"):
-        return MPCL(**cfg["model"]["init_args"])
+        return cls(**cfg["model"]["init_args"])
 
 
 @pytest.mark.slow
@@ -751,11 +775,11 @@ def test_paper_configs_parse(config):
     batch, epochs, lr = PAPER_CONFIGS[config]
     assert (global_batch, trainer["max_epochs"]) == (batch, epochs)
     assert model.hparams.base_lr * global_batch / 256 == pytest.approx(lr)
-    if model.hparams.flavour == "mocov2":
+    if isinstance(model, MPCLMoCoV2):
         assert model.hparams.shuffle_bn and len(model.queues[0].keys) == 65536
     else:
         assert trainer["sync_batchnorm"]
-    if model.hparams.flavour == "mocov3":
+    if isinstance(model, MPCLMoCoV3):
         assert model.hparams.warmup_epochs == 40 and model.hparams.moco_vit_init
     assert model.hparams.num_projectors == (1 if config.startswith("moco") else 4)
     assert model.hparams.shared_hidden
@@ -775,30 +799,32 @@ def test_ablation_overlays_parse_on_their_base(name):
     cfg = _parse(base, overlay)
     model = _build_on_meta(cfg)
     ablation = yaml.safe_load(overlay.read_text())
-    for key, value in ablation["model"]["init_args"].items():
+    for key, value in ablation.get("model", {}).get("init_args", {}).items():  # batch_2048.yaml: trainer keys only
         assert model.hparams[key] == value, (name, key)
     assert cfg["name"] == ablation["name"]
     assert cfg["model"]["init_args"]["backbone"] == _parse(base)["model"]["init_args"]["backbone"]
     if name.startswith("hidden_"):  # Tables I / VII 'Different': separate MLPs, no PCR, no PTB
         assert not model.hparams.shared_hidden and not model.hparams.pcr and not model.hparams.ptb
-        assert model.hparams.flavour in name and len(set(model.hparams.projector_hidden_dims)) == 4
+        assert name.endswith({MPCLMoCoV2: "mocov2.yaml", MPCLMoCoV3: "mocov3.yaml"}[type(model)])
+        assert len(set(model.hparams.projector_hidden_dims)) == 4
     if name.startswith("projectors_"):  # Table III: Top-1 column without PTB, '+PTB' column with
         assert model.hparams.shared_hidden and model.hparams.ptb == name.endswith("_ptb.yaml")
 
 
-@pytest.mark.parametrize("flavour, min_scale, expected", [
-    ("mocov2", None, 0.2), ("mocov3", None, 0.08), ("mocov2", 0.5, 0.5), ("mocov3", 0.35, 0.35)])
-def test_min_scale_sets_both_views_crop(flavour, min_scale, expected):
-    """``min_scale`` (None: the flavour's reference) is the lower area bound of both views' crops."""
-    views = _tiny(flavour, min_scale=min_scale).train_transform()
+@pytest.mark.parametrize("framework, min_scale, expected", [
+    ("mocov2", None, 0.2), ("mocov3", None, 0.08), ("barlowtwins", None, 0.08), ("mocov2", 0.5, 0.5),
+    ("mocov3", 0.35, 0.35)])
+def test_min_scale_sets_both_views_crop(framework, min_scale, expected):
+    """``min_scale`` (by default the framework's reference) is the lower area bound of both views' crops."""
+    views = _tiny(framework, **({} if min_scale is None else {"min_scale": min_scale})).train_transform()
     scales = [view.transforms[0].scale for view in views.transforms]
     assert scales == [(expected, 1.0), (expected, 1.0)]
     with pytest.raises(ValueError, match="model.min_scale must lie in"):
-        _tiny(flavour, min_scale=0.0)
+        _tiny(framework, min_scale=0.0)
 
 
-@pytest.mark.parametrize("flavour", ["mocov2", "mocov3"])
-def test_blur_option_reaches_every_view(flavour):
+@pytest.mark.parametrize("framework", ["mocov2", "mocov3"])
+def test_blur_option_reaches_every_view(framework):
     """``blur`` picks the views' Gaussian blur: the reference code's PIL filter by default, SimCLR's ~10 % kernel
     (3 taps at 32 px) with ``kernel``; both views change, nothing else in them does."""
     import torchvision.transforms as T
@@ -809,7 +835,7 @@ def test_blur_option_reaches_every_view(flavour):
         return [step.transforms[0] for view in model.train_transform().transforms for step in view.transforms
                 if isinstance(step, T.RandomApply) and isinstance(step.transforms[0], T.GaussianBlur)]
 
-    reference, kernel = blurs(_tiny(flavour)), blurs(_tiny(flavour, blur="kernel"))
+    reference, kernel = blurs(_tiny(framework)), blurs(_tiny(framework, blur="kernel"))
     assert len(reference) == len(kernel) == 2
     assert all(type(b) is PILGaussianBlur for b in reference)
     assert all(type(b) is SeparableGaussianBlur and tuple(b.kernel_size) == (3, 3) for b in kernel)

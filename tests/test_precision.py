@@ -32,7 +32,7 @@ from ssl_zoo.losses import (
     ptb_weights,
     sinkhorn_knopp,
 )
-from ssl_zoo.methods import BAMIA, HVPMTL, MPCL, MVP
+from ssl_zoo.methods import BAMIA, HVPMTL, MVP, MPCLBarlowTwins, MPCLMoCoV2, MPCLMoCoV3
 from ssl_zoo.methods.hvp_mtl import label_similarity
 from ssl_zoo.models.acceleration import trunk_blocks
 
@@ -117,7 +117,7 @@ DEMO_CONFIGS = sorted(p for d in PRETRAINING_DIRS for p in (EXPERIMENTS / d).glo
 def test_every_method_has_a_demo_config():
     assert {p.parent.name for p in DEMO_CONFIGS} == set(PRETRAINING_DIRS)
     classes = {yaml.safe_load(p.read_text())["model"]["class_path"] for p in DEMO_CONFIGS}
-    assert classes == {f"ssl_zoo.methods.{c.__name__}" for c in (BAMIA, MPCL, MVP, HVPMTL)}
+    assert classes == {f"ssl_zoo.methods.{c.__name__}" for c in (BAMIA, MPCLMoCoV2, MPCLMoCoV3, MVP, HVPMTL)}
 
 
 def _small_model_args(config: Path) -> list[str]:
@@ -213,8 +213,8 @@ def test_channels_last_gives_the_same_loss_and_gradients_on_a_conv_backbone():
 
 def test_channels_last_reaches_the_ema_teacher():
     torch.manual_seed(0)
-    model = MPCL(backbone="resnet18", backbone_kwargs={"model_kwargs": {"layers": [1, 1, 1, 1]}}, img_size=32,
-                 num_projectors=2, projector_hidden_dims=16, proj_dim=8, queue_size=16, channels_last=True)
+    model = MPCLMoCoV2(backbone="resnet18", backbone_kwargs={"model_kwargs": {"layers": [1, 1, 1, 1]}}, img_size=32,
+                       num_projectors=2, projector_hidden_dims=16, proj_dim=8, queue_size=16, channels_last=True)
     model.configure_model()
     for backbone in (model.backbone, model.teacher_backbone):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in backbone.parameters() if p.ndim == 4)
@@ -223,7 +223,7 @@ def test_channels_last_reaches_the_ema_teacher():
     assert seen == [True]
 
 
-@pytest.mark.parametrize("cls", [BAMIA, MPCL, MVP, HVPMTL], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [BAMIA, MPCLMoCoV2, MPCLMoCoV3, MPCLBarlowTwins, MVP, HVPMTL], ids=lambda c: c.__name__)
 def test_every_method_takes_the_speed_options_off_by_default(cls):
     params = inspect.signature(cls.__init__).parameters
     doc = inspect.getdoc(cls)

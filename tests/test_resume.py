@@ -362,11 +362,11 @@ def test_nonfinite_loss_stops_naming_the_term_and_saves_the_last_good_state(tmp_
 
     with pytest.raises(NonFiniteLossError, match=r"global step 3 .*train/loss.*=nan.*last-good\.ckpt"):
         from ssl_zoo.data import ImageFolderDataModule
-        from ssl_zoo.methods import MPCL
+        from ssl_zoo.methods import MPCLMoCoV2
 
         torch.manual_seed(0)
-        model = MPCL(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=32,
-                     queue_size=32)
+        model = MPCLMoCoV2(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=32,
+                           queue_size=32)
         Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
                 default_root_dir=str(tmp_path), callbacks=[Spy(), _PoisonStep(3), guard],
                 enable_checkpointing=False).fit(
@@ -388,11 +388,11 @@ def test_nonfinite_loss_skip_leaves_weights_untouched_and_counts(tmp_path, demo_
 
     guard = NonFiniteGuard(action="skip", max_skips=2)  # the steps all lie in the first epoch (6 steps)
     from ssl_zoo.data import ImageFolderDataModule
-    from ssl_zoo.methods import MPCL
+    from ssl_zoo.methods import MPCLMoCoV2
 
     torch.manual_seed(0)
-    model = MPCL(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=32, queue_size=32,
-                 ema_momentum=1.0)  # a frozen teacher: only the skipped optimiser steps could move anything
+    model = MPCLMoCoV2(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=32, queue_size=32,
+                       ema_momentum=1.0)  # a frozen teacher: only the skipped optimiser steps could move anything
     trainer = Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=str(tmp_path), callbacks=[Spy(), _PoisonStep(2), guard],
                       enable_checkpointing=False)
@@ -410,7 +410,7 @@ def test_nonfinite_loss_skip_leaves_weights_untouched_and_counts(tmp_path, demo_
 def test_skip_under_gradient_accumulation_forgets_the_whole_step(tmp_path, demo_root):
     """A bad first micro-batch: the step is skipped and the good second micro-batch's buffer writes undone."""
     from ssl_zoo.data import ImageFolderDataModule
-    from ssl_zoo.methods import MPCL
+    from ssl_zoo.methods import MPCLMoCoV2
 
     states = {}
 
@@ -421,8 +421,8 @@ def test_skip_under_gradient_accumulation_forgets_the_whole_step(tmp_path, demo_
                 batch["views"].fill_(float("inf"))
 
     torch.manual_seed(0)
-    model = MPCL(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=32, queue_size=32,
-                 ema_momentum=1.0)
+    model = MPCLMoCoV2(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=32, queue_size=32,
+                       ema_momentum=1.0)
     guard = NonFiniteGuard(action="skip")
     Trainer(max_steps=3, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=str(tmp_path), enable_checkpointing=False,
@@ -454,7 +454,8 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path, demo_root):
         first_epoch = _load(tmp_path / "split" / "checkpoints" / "last.ckpt")
         ptb = first_epoch["state_dict"]
         # saved after MPCL's on_train_epoch_end: last epoch's accuracies in, the epoch's counters reset
-        assert first_epoch["epoch"] == 0 and ptb["ptb_last_acc"].gt(0).all() and ptb["ptb_count"] == 0
+        assert first_epoch["epoch"] == 0 and ptb["mpcl_loss.ptb.last_acc"].gt(0).all()
+        assert ptb["mpcl_loss.ptb.count"] == 0
         record = tmp_path / "resumed_steps.txt"
         steps = json.dumps({"class_path": "test_resume.RecordSteps", "init_args": {"path": str(record)}})
         fit(tmp_path / "split", "--resume", "true", f"--trainer.callbacks+={steps}")

@@ -779,13 +779,14 @@ def test_min_batch_size_is_where_batchnorm_fails(bam):
             model.training_step(batch, 0)
 
 
-@pytest.mark.parametrize("flavour, head_norm, minimum", [("mocov2", None, 1), ("mocov3", None, 2),
-                                                          ("mocov3", "layer", 1)])
-def test_mpcl_min_batch_size_follows_its_head_norm(flavour, head_norm, minimum):
-    from ssl_zoo.methods import MPCL
+@pytest.mark.parametrize("framework, head_norm, minimum", [
+    ("MPCLMoCoV2", None, 1), ("MPCLMoCoV3", None, 2), ("MPCLMoCoV3", "layer", 1), ("MPCLBarlowTwins", "layer", 2)])
+def test_mpcl_min_batch_size_follows_its_head_norm(framework, head_norm, minimum):
+    import ssl_zoo.methods
 
-    model = MPCL("resnet18", flavour=flavour, img_size=32, num_projectors=2, projector_hidden_dims=8,
-                 proj_dim=8, pred_hidden_dim=8, head_norm=head_norm, queue_size=16)
+    options = {} if head_norm is None else {"head_norm": head_norm}  # None: the framework's default
+    model = getattr(ssl_zoo.methods, framework)("resnet18", img_size=32, num_projectors=2, projector_hidden_dims=8,
+                                                proj_dim=8, **options)
     assert model.min_batch_size()[0] == minimum
 
 

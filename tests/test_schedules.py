@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer
 from ssl_zoo.data import ImageFolderDataModule, TencentMLDataModule
 from ssl_zoo.data.tencent import read_tencent_dictionary
 from ssl_zoo.eval import LinearProbe
-from ssl_zoo.methods import BAMIA, HVPMTL, MPCL
+from ssl_zoo.methods import BAMIA, HVPMTL, MPCLMoCoV2
 from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine, warmup_cosine_scheduler
 
 
@@ -120,8 +120,8 @@ def test_bam_lr_follows_lr_batch_size_not_the_global_batch(demo_root, tmp_path):
 def test_mocov2_lr_is_003_per_256_with_cosine(demo_root, tmp_path):
     datamodule = ImageFolderDataModule(root=f"{demo_root}/folder", batch_size=4, num_workers=0)
     torch.manual_seed(0)
-    module = MPCL(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=8, proj_dim=4,
-                  queue_size=8)
+    module = MPCLMoCoV2(backbone="test_resnet", img_size=32, num_projectors=2, projector_hidden_dims=8, proj_dim=4,
+                        queue_size=8)
     recorder = _fit(module, datamodule, tmp_path, max_epochs=1, limit_train_batches=4)
     peak = 0.03 * 4 / 256
     assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(

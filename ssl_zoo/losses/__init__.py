@@ -17,8 +17,9 @@ from ssl_zoo.losses.ia_closs import (
 )
 from ssl_zoo.losses.mim import masked_l1_loss
 from ssl_zoo.losses.moco import KeyQueue, moco_v2_info_nce, moco_v3_info_nce
-from ssl_zoo.losses.mpcl import mpcl_total_loss, projector_contrastive_regularization, ptb_weights
+from ssl_zoo.losses.mpcl import MPCLLoss, mpcl_total_loss, projector_contrastive_regularization
 from ssl_zoo.losses.mvp import mvp_alignment_loss
+from ssl_zoo.losses.ptb import ProjectorTrainingBalance, ptb_weights
 from ssl_zoo.losses.sinkhorn import (
     SwappedPredictionLoss,
     sinkhorn_clamped_fraction,
@@ -29,6 +30,8 @@ from ssl_zoo.losses.sinkhorn import (
 __all__ = [
     "ImageAwareContrastiveLoss",
     "KeyQueue",
+    "MPCLLoss",
+    "ProjectorTrainingBalance",
     "SupConLoss",
     "SwappedPredictionLoss",
     "SymmetricKLDivergence",

@@ -1,30 +1,28 @@
-"""Multi-projector contrastive learning terms of MPCL (Eq. 2-4), and the weight-orthogonality alternative to PCR.
+"""The multi-projector terms of MPCL (Eq. 2, Eq. 4), the Table II weight-orthogonality alternative to PCR, and
+:class:`MPCLLoss`, which assembles Eq. 4 from the projectors' framework losses for every MPCL method.
 
-The three contract functions (:func:`projector_contrastive_regularization`, :func:`ptb_weights` = the bare
-softmax of Eq. 3, :func:`mpcl_total_loss` = Eq. 4 as printed) are used as they stand; :func:`ptb_loss_weights`
-is the loss-scale reading of Eq. 3-4 the method trains with (see its docstring).
+The contract functions (:func:`projector_contrastive_regularization` = Eq. 2, :func:`mpcl_total_loss` = Eq. 4 as
+printed; Eq. 3 is :func:`ssl_zoo.losses.ptb.ptb_weights`) are used as they stand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_zoo.losses.precision import float32_math
+from ssl_zoo.losses.ptb import ProjectorTrainingBalance, PTBScale
+from ssl_zoo.utils.distributed import all_reduce_sum
 
 __all__ = [
+    "MPCLLoss",
     "mpcl_total_loss",
     "projector_contrastive_regularization",
     "projector_weight_orthogonality",
-    "ptb_loss_weights",
-    "ptb_weights",
 ]
-
-PTBScale = Literal["projectors", "literal"]
 
 
 @float32_math
@@ -49,30 +47,6 @@ def projector_contrastive_regularization(z: Tensor) -> Tensor:
     off_diagonal = ~torch.eye(num_proj, dtype=torch.bool, device=z.device)  # [Mp, Mp], l != m
     per_sample = torch.where(off_diagonal, cos, 0.0).sum(dim=2) / (num_proj - 1)  # [B, Mp]
     return per_sample.mean(dim=0)
-
-
-@float32_math
-def ptb_weights(acc: Tensor, epsilon: float = 0.5) -> Tensor:
-    """Performance-based task balancing weights (MPCL Eq. 3): ``softmax((1 - acc) / epsilon)``.
-
-    Projectors with lower accuracy get larger weights. No gradient flows through the weights.
-
-    Args:
-        acc: ``[Mp]`` each projector's mean contrastive top-1 accuracy over the previous epoch, as a
-            fraction in ``[0, 1]``.
-        epsilon: softmax temperature, ``> 0``.
-
-    Returns:
-        ``[Mp]`` float32 weights summing to 1.
-    """
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if acc.ndim != 1:
-        raise ValueError(f"acc must have shape [Mp], got {tuple(acc.shape)}")
-    acc = acc.detach().float()
-    if bool(((acc < 0) | (acc > 1)).any()):
-        raise ValueError(f"acc must be fractions in [0, 1] (not percentages), got {acc.tolist()}")
-    return torch.softmax((1.0 - acc) / epsilon, dim=0)
 
 
 @float32_math
@@ -119,32 +93,6 @@ def projector_weight_orthogonality(weights: Sequence[Tensor]) -> Tensor:
     return pair.sum(dim=1) / (num_proj - 1)
 
 
-@torch.no_grad()
-def ptb_loss_weights(acc: Tensor, epsilon: float = 0.5, scale: PTBScale = "projectors") -> Tensor:
-    """The weights w_m that multiply the projectors' losses in Eq. 4 when PTB is on.
-
-    Eq. 4 averages over the projectors, ``(1/Mp) * sum_m (w_m L_m + lam PCR_m)``; with the bare softmax of
-    Eq. 3 as ``w_m`` (summing to 1) the contrastive part would be ``1/Mp`` of the mean projector loss, so
-    switching PTB on would also divide the loss (and the gradient reaching the backbone) by ``Mp`` against PTB
-    off (``w_m = 1``). Our reading: PTB *re-weights* the projectors, it does not shrink the loss, so the
-    default ``scale="projectors"`` uses ``Mp * softmax((1 - acc) / epsilon)``, which sums to ``Mp`` and is 1
-    for every projector when their accuracies are equal (exactly the PTB-off loss). ``scale="literal"`` keeps
-    the bare softmax of Eq. 3 (:func:`ptb_weights`).
-
-    Args:
-        acc: ``[Mp]`` each projector's mean top-1 accuracy over the previous epoch, fractions in ``[0, 1]``.
-        epsilon: softmax temperature of Eq. 3.
-        scale: ``projectors`` (``Mp * softmax``) or ``literal`` (``softmax``).
-
-    Returns:
-        ``[Mp]`` float32 weights.
-    """
-    if scale not in ("projectors", "literal"):
-        raise ValueError(f"scale must be 'projectors' or 'literal', got '{scale}'")
-    weights = ptb_weights(acc, epsilon)  # [Mp], sums to 1 (Eq. 3)
-    return weights * acc.shape[0] if scale == "projectors" else weights
-
-
 @float32_math
 def mpcl_total_loss(losses: Tensor, pcr: Tensor, weights: Tensor, lam: float = 0.01) -> Tensor:
     """MPCL objective (Eq. 4): ``(1/Mp) * sum_m (weights_m * losses_m + lam * pcr_m)``.
@@ -152,7 +100,7 @@ def mpcl_total_loss(losses: Tensor, pcr: Tensor, weights: Tensor, lam: float = 0
     Args:
         losses: ``[Mp]`` batch-averaged contrastive loss of each projector.
         pcr: ``[Mp]`` batch-averaged :func:`projector_contrastive_regularization`.
-        weights: ``[Mp]`` :func:`ptb_weights` (treated as constants).
+        weights: ``[Mp]`` PTB's weights, :func:`~ssl_zoo.losses.ptb.ptb_weights` (treated as constants).
         lam: weight of the regulariser, ``>= 0``.
 
     Returns:
@@ -167,3 +115,103 @@ def mpcl_total_loss(losses: Tensor, pcr: Tensor, weights: Tensor, lam: float = 0
         )
     per_projector = weights.detach().float() * losses.float() + lam * pcr.float()  # [Mp]
     return per_projector.mean()
+
+
+class MPCLLoss(nn.Module):
+    """Eq. 4 over ``Mp`` projectors' losses: PTB's weights (Eq. 3), PCR (Eq. 2) in the regulariser slot.
+
+        L = (1/Mp) * sum_m ( w_m * L_m + lam * R_m ),   R_m = PCR_m (+ the Table II orthogonality term)
+
+    The framework (MoCo v2 / v3, Barlow Twins) computes each projector's loss ``L_m`` and contrastive top-1
+    accuracy; :meth:`forward` adds the regulariser, weights the losses with :attr:`ptb` (its state: the epoch's
+    accuracy counts, which each call extends) and returns the loss with the step's statistics over the global
+    batch. With one projector PCR and the orthogonality term are undefined and left out, and PTB's weight is 1:
+    the loss is the framework's own.
+
+    Distributed: the framework losses come in as the framework computes them (MoCo's and Barlow Twins' see the
+    global batch); PCR compares projectors on the same sample, so it averages over this rank's batch and DDP's
+    gradient average makes it the global mean. PTB's counts and the returned statistics are summed over all ranks.
+
+    Args:
+        num_projectors: ``Mp >= 1``.
+        lam: lambda, the weight of the regulariser in Eq. 4 (0.01).
+        pcr: add PCR (Eq. 2), averaged over the views whose projections are given.
+        orthogonality: add the Table II alternative, :func:`projector_weight_orthogonality` of the projectors'
+            own weights, in the same slot with the same ``lam``.
+        ptb: weight the losses by PTB (Eq. 3); ``False`` keeps ``w_m = 1``.
+        epsilon: the softmax temperature of Eq. 3 (0.5).
+        ptb_scale: ``projectors`` or ``literal``, see :mod:`ssl_zoo.losses.ptb`.
+        gather_distributed: reduce the accuracy counts and statistics over all ranks (no-op on one process).
+    """
+
+    def __init__(self, num_projectors: int, lam: float = 0.01, pcr: bool = True, orthogonality: bool = False,
+                 ptb: bool = True, epsilon: float = 0.5, ptb_scale: PTBScale = "projectors",
+                 gather_distributed: bool = True) -> None:
+        super().__init__()
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        self.lam, self.pcr, self.orthogonality = lam, pcr, orthogonality
+        self.gather_distributed = gather_distributed
+        self.ptb = ProjectorTrainingBalance(num_projectors, epsilon, ptb_scale, enabled=ptb,
+                                            gather_distributed=gather_distributed)
+
+    def regularizers(self, projections: Sequence[Tensor],
+                     projector_weights: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+        """The terms of Eq. 4's regulariser slot, each ``[Mp]``: ``pcr`` (Eq. 2, the mean over the views'
+        projections ``[Mp, B, D]``) and / or ``orthogonality``; none with one projector."""
+        terms: dict[str, Tensor] = {}
+        if projections[0].shape[0] < 2:
+            return terms
+        if self.pcr:
+            terms["pcr"] = torch.stack([projector_contrastive_regularization(z) for z in projections]).mean(dim=0)
+        if self.orthogonality:
+            if projector_weights is None:
+                raise ValueError("the orthogonality term needs the projectors' own weights (projector_weights)")
+            terms["orthogonality"] = projector_weight_orthogonality(projector_weights)
+        return terms
+
+    def forward(self, losses: Tensor, accs: Tensor, projections: Sequence[Tensor], batch_size: int,
+                projector_weights: Sequence[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 4 and the step's statistics.
+
+        Args:
+            losses: ``[Mp]`` each projector's batch-averaged framework loss (Eq. 1 for MoCo).
+            accs: ``[Mp]`` each projector's top-1 accuracy over this rank's ``batch_size`` queries (fed to PTB).
+            projections: the projector outputs ``[Mp, B, D]`` of each view that PCR compares (before any predictor).
+            batch_size: this rank's number of images.
+            projector_weights: :meth:`~ssl_zoo.models.multi_projector.MultiProjector.distinct_weights`, for the
+                orthogonality term.
+
+        Returns:
+            The scalar float32 loss, and detached statistics over the global batch: ``proj{m}/loss``, ``/acc``,
+            ``/weight`` (and ``/pcr``, ``/orthogonality`` when present) per projector, their means ``loss_contrastive``,
+            ``pcr`` (0 when off), ``orthogonality`` (when on) and ``acc``.
+        """
+        terms = self.regularizers(projections, projector_weights)
+        regularizer = sum(terms.values()) if terms else torch.zeros_like(losses)  # [Mp]
+        weights = self.ptb.loss_weights()  # [Mp], this epoch's constants
+        loss = mpcl_total_loss(losses, regularizer, weights, lam=self.lam)
+        return loss, self.statistics(losses, terms, accs, batch_size, weights)
+
+    @torch.no_grad()
+    def statistics(self, losses: Tensor, terms: dict[str, Tensor], accs: Tensor, batch_size: int,
+                   weights: Tensor) -> dict[str, Tensor]:
+        """Add the step to PTB's counts and reduce its per-projector values over the global batch (one all-reduce
+        besides PTB's)."""
+        acc = self.ptb.update(accs, batch_size)  # [Mp] over the global batch
+        names = ["pcr", "orthogonality"]
+        n = torch.tensor([float(batch_size)], device=losses.device)
+        values = torch.cat([losses.detach().float(), *(terms.get(name, torch.zeros_like(losses)).detach().float()
+                                                       for name in names)]) * n
+        values = torch.cat([values, n])
+        if self.gather_distributed:
+            values = all_reduce_sum(values)
+        means = values[:-1].view(1 + len(names), -1) / values[-1]  # [3, Mp]: loss, pcr, orthogonality
+        stats: dict[str, Tensor] = {}
+        for m in range(losses.shape[0]):
+            stats.update({f"proj{m}/loss": means[0, m], f"proj{m}/acc": acc[m], f"proj{m}/weight": weights[m]})
+            stats.update({f"proj{m}/{name}": means[i, m] for i, name in enumerate(names, start=1) if name in terms})
+        stats["loss_contrastive"] = means[0].mean()
+        stats.update({name: means[i].mean() for i, name in enumerate(names, start=1) if name in terms or name == "pcr"})
+        stats["acc"] = acc.mean()
+        return stats

@@ -2,7 +2,7 @@
 
 from ssl_zoo.methods.bam_ia import BAMIA
 from ssl_zoo.methods.hvp_mtl import HVPMTL
-from ssl_zoo.methods.mpcl import MPCL
+from ssl_zoo.methods.mpcl import MPCLBarlowTwins, MPCLMoCoV2, MPCLMoCoV3
 from ssl_zoo.methods.mvp import MVP
 
-__all__ = ["BAMIA", "HVPMTL", "MPCL", "MVP"]
+__all__ = ["BAMIA", "HVPMTL", "MPCLBarlowTwins", "MPCLMoCoV2", "MPCLMoCoV3", "MVP"]

@@ -12,12 +12,21 @@ import copy
 from typing import Any
 
 __all__ = ["lightning_private_batches_done", "lightning_private_epochs_started", "lightning_private_fit_loop_state",
-           "lightning_private_next_epoch_loop_state"]
+           "lightning_private_next_epoch_loop_state", "training_epoch_completed"]
 
 
 def lightning_private_batches_done(trainer: Any) -> int:
     """Training batches processed in the current epoch (``fit_loop.epoch_loop.batch_progress.current.processed``)."""
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+def training_epoch_completed(trainer: Any) -> bool:
+    """Whether the training epoch now ending ran over all its batches (Lightning's own test for an epoch's end,
+    ``_num_ready_batches_reached``): False when ``max_steps`` or a stop request cut it short; True without a trainer
+    (a caller that closes epochs by hand)."""
+    if trainer is None:
+        return True
+    return trainer.is_last_batch or lightning_private_batches_done(trainer) >= trainer.num_training_batches
 
 
 def lightning_private_epochs_started(trainer: Any) -> int:
