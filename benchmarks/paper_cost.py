@@ -4,6 +4,8 @@
     python -m benchmarks.paper_cost experiments/mvp/vitb16_in1k_300ep.yaml --no-checks --no-hvp   # one config
     python -m benchmarks.paper_cost experiments/mpcl/r50_in100_mocov2.yaml+experiments/mpcl/ablations/ptb_off.yaml
     python -m benchmarks.paper_cost --table      # the Markdown of results/paper_cost.json
+    python -m benchmarks.paper_cost --markdown benchmarks/results/paper_cost.md   # the same, into a file
+    python -m benchmarks.paper_cost --summary    # one row per config family, with the totals
 
 For each config (chains joined by ``+``; default: every ``pretrain`` chain of ``experiments/*/tables.yaml`` and
 every evaluation / transfer chain those rows score with), resolved as the CLI resolves it
@@ -209,7 +211,7 @@ def run(chains, json_path: str | None, checks: bool = True, hvp: bool = True, ar
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.paper_cost_table import markdown
+    from benchmarks.paper_cost_table import markdown, summary_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help="config chains (c1.yaml+c2.yaml); default: every manifest chain")
@@ -219,10 +221,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-checks", action="store_true", help="skip the published-cost checks")
     parser.add_argument("--no-hvp", action="store_true", help="skip the HVP-MTL head comparison")
     parser.add_argument("--table", action="store_true", help="print the Markdown of --json and exit")
+    parser.add_argument("--markdown", metavar="OUT", default=None,
+                        help="write the Markdown of --json to OUT and exit (rendered from the JSON, nothing measured)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print one row per config family of --json, with the totals, and exit")
     args = parser.parse_args(argv)
-    if args.table:
+    if args.table or args.markdown or args.summary:
         report = json.loads((ROOT / (args.json or RESULTS)).read_text())
-        print(markdown(report))
+        if args.markdown:
+            (ROOT / args.markdown).write_text(markdown(report) + "\n")
+        if args.table:
+            print(markdown(report))
+        if args.summary:
+            print(summary_table(report))
         return report
     chains = ([(tuple(c.split("+")), (), "pretrain") for c in args.configs] if args.configs else manifest_chains())
     for chain, _, _ in chains:

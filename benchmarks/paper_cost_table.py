@@ -1,4 +1,6 @@
-"""Markdown tables of a ``benchmarks.paper_cost`` report (``python -m benchmarks.paper_cost --table``)."""
+"""Markdown tables of a ``benchmarks.paper_cost`` report, rendered from its JSON without recomputing anything:
+``python -m benchmarks.paper_cost --table`` (every table), ``--markdown OUT`` (the same, written to a file) and
+``--summary`` (one row per config family, the totals of the pre-training and the evaluation / transfer chains)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,49 @@ def config_table(report: dict[str, Any]) -> str:
             f"| {'yes' if r['fits']['40 GB'] else '**no**'} | {'yes' if r['fits']['80 GB'] else '**no**'} "
             f"| {r['optimizer_steps']:,} | {_hours(r['A100-80GB']['wall_h'])} | {_hours(r['A100-80GB']['gpu_h'])} "
             f"| {_hours(r['H100']['gpu_h'])} |")
+    return "\n".join(lines)
+
+
+def family(row: dict[str, Any]) -> str:
+    """A row's config family: the folder of the first config of its chain (``mpcl``, ``eval``, ``transfer``...)."""
+    return row["config"].split("/", 1)[0]
+
+
+def _span(values: list[float], fmt) -> str:
+    low, high = fmt(min(values)), fmt(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
+def _summary_line(name: str, rows: list[dict[str, Any]]) -> str:
+    flops = [sum(v["forward"] + v["backward"] for v in r["flops"].values()) for r in rows]
+    peaks = [r["memory"]["total"] for r in rows]
+    fit40 = sum(r["fits"]["40 GB"] for r in rows)
+    fit80 = sum(r["fits"]["80 GB"] for r in rows)
+    a100 = sum(r["A100-80GB"]["gpu_h"] for r in rows)
+    h100 = sum(r["H100"]["gpu_h"] for r in rows)
+    return (f"| {name} | {len(rows)} | {_span(flops, _tf)} | {_span(peaks, _gib)} | {fit40} of {len(rows)} "
+            f"| {fit80} of {len(rows)} | {_hours(a100)} | {_hours(h100)} |")
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """One row per config family (:func:`family`), then the pre-training chains, the evaluation / transfer chains
+    and all of them: TFLOP of one GPU's step and the step's peak GiB per GPU (ranges), how many fit 40 / 80 GB,
+    and the GPU-hours of their whole schedules summed."""
+    lines = ["| family | chains | TFLOP / GPU step | step peak (GiB / GPU) | fit 40 GB | fit 80 GB | A100 GPU-h "
+             "| H100 GPU-h |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in report["rows"]:
+        families.setdefault(family(r), []).append(r)
+    # Pre-training families first, then the evaluation and transfer folders, each group by name.
+    order = sorted(families.items(), key=lambda kv: (any(r["role"] != "pretrain" for r in kv[1]), kv[0]))
+    lines += [_summary_line(name, rows) for name, rows in order]
+    pretrain = [r for r in report["rows"] if r["role"] == "pretrain"]
+    others = [r for r in report["rows"] if r["role"] != "pretrain"]
+    for name, rows in (("**pre-training chains**", pretrain), ("**evaluation / transfer chains**", others),
+                       ("**all**", report["rows"])):
+        if rows:
+            lines.append(_summary_line(name, rows))
     return "\n".join(lines)
 
 
@@ -89,7 +134,7 @@ def gpu_lines(report: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    out = [config_table(report), "", mfu_line(report), "", gpu_lines(report)]
+    out = [summary_table(report), "", config_table(report), "", mfu_line(report), "", gpu_lines(report)]
     if report.get("checks"):
         out += ["", checks_table(report)]
     if report.get("hvp_head"):

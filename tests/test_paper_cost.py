@@ -202,3 +202,39 @@ def test_flops_total_equals_flop_counter_mode():
         x = torch.empty(2, 3, 64, 64, requires_grad=True)
         model(x).float().sum().backward()
     assert cost.total_flops == counter.get_total_flops()
+
+
+def _report_row(config, role, tflop, peak_gib, fits_40, a100_h, h100_h):
+    half = tflop * 1e12 / 2
+    return {"config": config, "role": role, "gpus": 8, "batch_per_gpu": 32, "accumulate": 1,
+            "flops": {"student": {"forward": half, "backward": half}, "teacher": {"forward": 0, "backward": 0},
+                      "heads": {"forward": 0, "backward": 0}, "losses": {"forward": 0, "backward": 0}},
+            "memory": {"weights": GIB, "all_gradients": GIB, "ddp_buckets": 0, "optimizer": GIB,
+                       "activations": GIB, "total": peak_gib * GIB},
+            "fits": {"40 GB": fits_40, "80 GB": True}, "optimizer_steps": 1000,
+            "A100-80GB": {"wall_h": a100_h / 8, "gpu_h": a100_h}, "H100": {"wall_h": h100_h / 8, "gpu_h": h100_h}}
+
+
+def test_summary_and_markdown_file_are_rendered_from_the_json(tmp_path):
+    """--summary groups the rows by the folder of their first config and sums their GPU-hours (hand-computed
+    below); --markdown writes the --table Markdown to a file; neither measures anything."""
+    from benchmarks.paper_cost_table import markdown, summary_table
+
+    report = {"gpu_measurement": None, "checks": [], "hvp_head": [],
+              "assumptions": {"mfu": {"A100-80GB": {"bf16": 0.2}}, "mfu_source": "test",
+                              "resnet50_train_flops_per_image": 24.3e9, "mfu_h100": "the A100's"},
+              "rows": [_report_row("mvp/a.yaml", "pretrain", 36.0, 20.0, True, 250.0, 80.0),
+                       _report_row("mvp/b.yaml+mvp/ablations/c.yaml", "pretrain", 104.0, 53.0, False, 700.0, 220.0),
+                       _report_row("eval/d.yaml", "eval", 9.0, 1.5, True, 19.0, 6.0)]}
+    lines = summary_table(report).splitlines()
+    assert lines[2] == "| mvp | 2 | 36.00-104.00 | 20.0-53.0 | 1 of 2 | 2 of 2 | 950 | 300 |"
+    assert lines[3] == "| eval | 1 | 9.00 | 1.5 | 1 of 1 | 1 of 1 | 19 | 6.0 |"
+    assert lines[4] == "| **pre-training chains** | 2 | 36.00-104.00 | 20.0-53.0 | 1 of 2 | 2 of 2 | 950 | 300 |"
+    assert lines[5] == "| **evaluation / transfer chains** | 1 | 9.00 | 1.5 | 1 of 1 | 1 of 1 | 19 | 6.0 |"
+    assert lines[6] == "| **all** | 3 | 9.00-104.00 | 1.5-53.0 | 2 of 3 | 3 of 3 | 969 | 306 |"
+
+    source, out = tmp_path / "paper_cost.json", tmp_path / "paper_cost.md"
+    source.write_text(json.dumps(report))
+    assert paper_cost.main(["--json", str(source), "--markdown", str(out)]) == report
+    assert out.read_text() == markdown(report) + "\n"
+    assert "| mvp/b.yaml+mvp/ablations/c.yaml | 8 x 32 | 52.00 | 52.00 |" in out.read_text()
