@@ -27,7 +27,8 @@ from ssl_zoo.data import (
     read_tencent_dictionary,
 )
 from ssl_zoo.data import io as data_io
-from ssl_zoo.data.demo import DEMO_CLASSES, SUPERCLASSES, _draw_object, main, make_demo_dataset
+from ssl_zoo.data.demo import main, make_demo_dataset
+from ssl_zoo.data.demo_images import DEMO_CLASSES, SUPERCLASSES, _draw_object
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -497,7 +498,7 @@ def test_datasets_survive_pickling(demo):
 
 
 def test_demo_placement_hides_at_most_a_quarter_of_any_object():
-    from ssl_zoo.data.demo import _overlaps_if_placed
+    from ssl_zoo.data.demo_images import _overlaps_if_placed
 
     def square(x0: int, side: int) -> np.ndarray:
         mask = np.zeros((8, 32), dtype=bool)
@@ -518,7 +519,7 @@ def test_demo_placement_hides_at_most_a_quarter_of_any_object():
 def test_demo_objects_overlap_and_are_annotated_as_seen():
     """Two to four objects of 12-19 px fit a 32 px image only if they may overlap: they do, the images stay
     multi-label, and the annotations describe the visible pixels."""
-    from ssl_zoo.data.demo import _POLYGONS, render_image
+    from ssl_zoo.data.demo_images import _POLYGONS, render_image
 
     multi = nonempty = occluded = 0
     for index in range(300):

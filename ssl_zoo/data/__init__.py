@@ -10,6 +10,7 @@ from ssl_zoo.data.datamodule import (
     ViewDataset,
     eval_transform,
 )
+from ssl_zoo.data.demo_images import DEMO_CLASSES, SUPERCLASSES
 from ssl_zoo.data.folder import ImageFolderDataset
 from ssl_zoo.data.io import (
     BadImageError,
@@ -21,15 +22,13 @@ from ssl_zoo.data.io import (
 from ssl_zoo.data.streaming import ShardDataset, StreamingDataModule
 from ssl_zoo.data.tencent import TencentClass, TencentML, parse_tencent_line, read_tencent_dictionary
 
-_DEMO_NAMES = ("DEMO_CLASSES", "SUPERCLASSES", "make_demo_dataset")
-
 
 def __getattr__(name: str):
     # The demo generator is imported on first use, so `python -m ssl_zoo.data.demo` runs the module once.
-    if name in _DEMO_NAMES:
-        from ssl_zoo.data import demo
+    if name == "make_demo_dataset":
+        from ssl_zoo.data.demo import make_demo_dataset
 
-        return getattr(demo, name)
+        return make_demo_dataset
     raise AttributeError(f"module 'ssl_zoo.data' has no attribute {name!r}")
 
 
