@@ -23,10 +23,10 @@ from ssl_zoo.data import (
     ImageFolderDataset,
     TencentClass,
     TencentML,
+    image_list,
     parse_tencent_line,
     read_tencent_dictionary,
 )
-from ssl_zoo.data import io as data_io
 from ssl_zoo.data.demo import main, make_demo_dataset
 from ssl_zoo.data.demo_images import DEMO_CLASSES, SUPERCLASSES, _draw_object
 
@@ -202,7 +202,7 @@ def test_tencent_empty_list_and_path_array(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     dataset = TencentML(tmp_path, tmp_path / "empty.txt", num_classes=4)
     assert len(dataset) == 0 and dataset.targets.shape == (0, 4)
-    paths = data_io.PathArray(iter(["a", "dossier/é.jpg", "", "z"]))
+    paths = image_list.PathArray(iter(["a", "dossier/é.jpg", "", "z"]))
     assert list(paths) == ["a", "dossier/é.jpg", "", "z"] and paths[-3] == "dossier/é.jpg"
     with pytest.raises(IndexError):
         paths[4]
