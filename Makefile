@@ -132,7 +132,7 @@ segment: $(STAMP) $(DEMO)/.complete
 sweep: $(STAMP) $(DEMO)/.complete
 	@test -n "$(SWEEP)" || { echo "error: give SWEEP=experiments/sweeps/<file>.yaml" >&2; exit 2; }
 	@test -f "$(SWEEP)" || { echo "error: sweep file '$(SWEEP)' not found; see experiments/sweeps/" >&2; exit 2; }
-	$(PYTHON) -m ssl_zoo.sweep $(SWEEP) $(if $(LOCAL),--local,) $(if $(COUNT),--count $(COUNT),) $(if $(ARGS),-- $(ARGS),)
+	$(PYTHON) -m ssl_zoo.cli.sweep $(SWEEP) $(if $(LOCAL),--local,) $(if $(COUNT),--count $(COUNT),) $(if $(ARGS),-- $(ARGS),)
 
 bench: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m benchmarks.run_all

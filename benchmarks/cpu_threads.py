@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import quality
-from ssl_zoo.plot import read_run
+from ssl_zoo.cli.plot import read_run
 
 ROOT = quality.ROOT
 

@@ -123,7 +123,7 @@ def _caller(transform: Callable, kind: str) -> Callable[[bytes, Image.Image], An
     if kind == "decoded":
         return lambda data, image: transform(image)
     if getattr(transform, "accepts_encoded", False):
-        from ssl_zoo.data.io import EncodedImage
+        from ssl_zoo.data.decode import EncodedImage
 
         return lambda data, image: transform(EncodedImage(data, "photo"))
     return lambda data, image: transform(decode_bytes(data))
@@ -191,7 +191,7 @@ def shard_benchmark(copies: int, rounds: int, workdir: Path, batch_decode: int |
     (``batch_decode``: litdata's setting for the shard reader; default the training stream's)."""
     import litdata
 
-    from ssl_zoo.data.io import EncodedImage
+    from ssl_zoo.data.decode import EncodedImage
     from ssl_zoo.data.shard import convert_split, read_source
     from ssl_zoo.data.streaming import READ_SETTINGS, keep_freed_buffers, record_image
 

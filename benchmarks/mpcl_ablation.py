@@ -68,7 +68,7 @@ def alignment_uniformity(ckpt: str | None, root: Path, img_size: int, max_images
     The two views come from the MoCo v2 transform the demo pre-trains with, under a fixed seed, so every
     backbone sees the same pairs.
     """
-    from ssl_zoo.augment.views import mocov2_transform
+    from ssl_zoo.augment.recipes import mocov2_transform
     from ssl_zoo.checkpoints import load_backbone
     from ssl_zoo.data.folder import ImageFolderDataset
     from ssl_zoo.models import Backbone

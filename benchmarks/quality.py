@@ -405,11 +405,11 @@ def fit_supervised(arch: dict, views: DataViews, work: Path, seed: int) -> tuple
 
 
 def export_teacher(run_dir: Path) -> Path:
-    """``run_dir``'s last backbone as a timm state dict (``python -m ssl_zoo.export --to timm``), written once
+    """``run_dir``'s last backbone as a timm state dict (``python -m ssl_zoo.cli.export --to timm``), written once
     into the run directory (which moves aside with it when its recipe changes)."""
     teacher = run_dir / "teacher_timm.pth"
     if not teacher.is_file():
-        from ssl_zoo.export import export_checkpoint
+        from ssl_zoo.cli.export import export_checkpoint
 
         export_checkpoint(run_dir / "checkpoints" / "last.ckpt", "timm", teacher)
     return teacher

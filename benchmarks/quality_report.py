@@ -157,7 +157,7 @@ def draw_figures(report: dict, state: dict, methods: list[str], figures: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ssl_zoo.plot import read_run, resolve_key
+    from ssl_zoo.cli.plot import read_run, resolve_key
 
     def monitor_curves(name: str, key: str | None) -> list[dict]:  # one {step: value} per seed of run ``name``
         curves = []

@@ -97,13 +97,14 @@ def catalogue(experiments: Path | None = None) -> str:
         make = f"make {job} CKPT=..." if job in targets else ""
         jobs.append((job, command, make, [c.name for c in configs]))
     jobs += [
-        ("sweep", f"python -m ssl_zoo.sweep {rel(experiments)}/sweeps/<file>.yaml [--local]", "make sweep SWEEP=..."
+        ("sweep", f"python -m ssl_zoo.cli.sweep {rel(experiments)}/sweeps/<file>.yaml [--local]", "make sweep SWEEP=..."
          if "sweep" in targets else "", []),
-        ("export", "python -m ssl_zoo.export --ckpt CKPT --to timm|torchvision|detectron2 --out FILE", "", []),
+        ("export", "python -m ssl_zoo.cli.export --ckpt CKPT --to timm|torchvision|detectron2 --out FILE", "", []),
         ("convert", "python -m ssl_zoo.checkpoints.convert IN.pth OUT.pth (a published checkpoint -> CKPT)", "", []),
         ("tables", f"python -m ssl_zoo.tables {rel(experiments)}/<method>/tables.yaml [--runs runs/ [--format md|csv|json]] [--check]",
          "", []),
-        ("plot", "python -m ssl_zoo.plot RUN_DIR [RUN_DIR ...] [--keys train/loss_sim] [--out fig.png]", "", []),
+        ("plot", "python -m ssl_zoo.cli.plot RUN_DIR [RUN_DIR ...] [--keys train/loss_sim] [--out fig.png]", "", []),
+        ("viz", "python -m ssl_zoo.cli.viz attention --ckpt CKPT --images IMG ... [--out grid.png]", "", []),
     ]
     lines += ["", "jobs (CKPT: a checkpoint of any method, e.g. runs/<method>/<stamp>/checkpoints/last.ckpt; the "
                   "backbone, its settings and the input size come from it; CONFIG=<file> picks another config):"]

@@ -754,7 +754,7 @@ def test_hvp_randaugment_survives_zero_bit_posterize():
     from PIL import Image as PILImage
     from timm.data.auto_augment import rand_augment_transform
 
-    from ssl_zoo.augment.views import safe_posterize
+    from ssl_zoo.augment.recipes import safe_posterize
 
     ra = safe_posterize(rand_augment_transform("rand-m10-inc1", {}))
     op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")

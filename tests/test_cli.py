@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_zoo.cli import ConfigError, apply_cpu_threads, main, wandb_mode
+from ssl_zoo.cli import main
+from ssl_zoo.cli.errors import ConfigError
+from ssl_zoo.cli.lightning_cli import apply_cpu_threads, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
@@ -113,7 +115,7 @@ def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from ssl_zoo.utils.run_summary import format_run_summary
+    from ssl_zoo.cli.run_summary import format_run_summary
 
     class SlowBatches(Callback):
         """Sleeps after every batch from global step ``from_step`` on, so that max_time runs out there."""

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_zoo.cli import explain_error, main
+from ssl_zoo.cli import main
+from ssl_zoo.cli.errors import explain_error
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.parent.name for p in (ROOT / "experiments").glob("*/demo.yaml"))
@@ -137,16 +138,16 @@ def test_empty_dataset_root(tmp_path):
 
 def test_missing_file_under_the_data_root_names_the_root():
     # What a data module raises for a root laid out for another format (the COCO annotations of a folder tree).
-    import ssl_zoo.cli as cli
+    from ssl_zoo.cli import errors
 
     error = FileNotFoundError(2, "No such file or directory", "data/demo/folder/annotations/instances_train2017.json")
-    cli._data_root = ("data/demo/folder", "CocoDataModule reads COCO 2017 multi-label")
+    errors._data_root = ("data/demo/folder", "CocoDataModule reads COCO 2017 multi-label")
     try:
         assert explain_error(error) == ("no such file or directory: 'data/demo/folder/annotations/"
                                         "instances_train2017.json' (is data.init_args.root 'data/demo/folder' the "
                                         "right folder? CocoDataModule reads COCO 2017 multi-label)")
     finally:
-        cli._data_root = None
+        errors._data_root = None
 
 
 def test_error_from_a_dataloader_worker_drops_the_worker_traceback():

@@ -23,11 +23,12 @@ from ssl_zoo.data import (
     ImageFolderDataset,
     TencentClass,
     TencentML,
+    image_list,
     parse_tencent_line,
     read_tencent_dictionary,
 )
-from ssl_zoo.data import io as data_io
-from ssl_zoo.data.demo import DEMO_CLASSES, SUPERCLASSES, _draw_object, main, make_demo_dataset
+from ssl_zoo.data.demo import main, make_demo_dataset
+from ssl_zoo.data.demo_images import DEMO_CLASSES, SUPERCLASSES, _draw_object
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -201,7 +202,7 @@ def test_tencent_empty_list_and_path_array(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     dataset = TencentML(tmp_path, tmp_path / "empty.txt", num_classes=4)
     assert len(dataset) == 0 and dataset.targets.shape == (0, 4)
-    paths = data_io.PathArray(iter(["a", "dossier/é.jpg", "", "z"]))
+    paths = image_list.PathArray(iter(["a", "dossier/é.jpg", "", "z"]))
     assert list(paths) == ["a", "dossier/é.jpg", "", "z"] and paths[-3] == "dossier/é.jpg"
     with pytest.raises(IndexError):
         paths[4]
@@ -497,7 +498,7 @@ def test_datasets_survive_pickling(demo):
 
 
 def test_demo_placement_hides_at_most_a_quarter_of_any_object():
-    from ssl_zoo.data.demo import _overlaps_if_placed
+    from ssl_zoo.data.demo_images import _overlaps_if_placed
 
     def square(x0: int, side: int) -> np.ndarray:
         mask = np.zeros((8, 32), dtype=bool)
@@ -518,7 +519,7 @@ def test_demo_placement_hides_at_most_a_quarter_of_any_object():
 def test_demo_objects_overlap_and_are_annotated_as_seen():
     """Two to four objects of 12-19 px fit a 32 px image only if they may overlap: they do, the images stay
     multi-label, and the annotations describe the visible pixels."""
-    from ssl_zoo.data.demo import _POLYGONS, render_image
+    from ssl_zoo.data.demo_images import _POLYGONS, render_image
 
     multi = nonempty = occluded = 0
     for index in range(300):

@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 
-from ssl_zoo.export import export_checkpoint, main, to_detectron2, to_torchvision
+from ssl_zoo.cli.export import export_checkpoint, main, to_detectron2, to_torchvision
 from ssl_zoo.models import Backbone
 
 TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}

@@ -25,7 +25,7 @@ from ssl_zoo.augment import (
     simsiam_view,
 )
 from ssl_zoo.augment.views import _adjust_hue, largest_reduction
-from ssl_zoo.data.io import BadImageError, EncodedImage, load_image
+from ssl_zoo.data.decode import BadImageError, EncodedImage, load_image
 
 
 @pytest.fixture(scope="module")

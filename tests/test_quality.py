@@ -1,5 +1,5 @@
 """Learning you can see: the CPU recipes, the kNN monitor in every demo/CPU recipe, curves.png and
-``python -m ssl_zoo.plot``, and the quality benchmark's bookkeeping (never the benchmark itself: it takes hours).
+``python -m ssl_zoo.cli.plot``, and the quality benchmark's bookkeeping (never the benchmark itself: it takes hours).
 
 Expected values come from hand-written CSVs and independent computations, not from the code under test.
 """
@@ -20,8 +20,8 @@ from PIL import Image
 
 from benchmarks import quality
 from ssl_zoo.cli import main as cli_main
-from ssl_zoo.plot import CurvesPlot, default_keys, plot_runs, read_run, resolve_key
-from ssl_zoo.plot import main as plot_main
+from ssl_zoo.cli.plot import CurvesPlot, default_keys, plot_runs, read_run, resolve_key
+from ssl_zoo.cli.plot import main as plot_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_RECIPES = sorted((ROOT / "experiments").glob("*/cpu*.yaml"))  # cpu.yaml per method, cpu_vit.yaml (MoCo v3)
@@ -69,7 +69,7 @@ def test_cpu_recipe_fits_the_budget_by_construction(config):
 
 def _mvp_teacher(tmp_path: Path) -> str:
     """A timm state dict of a ViT of MVP's student architecture (its teacher's, whichever run it is exported from),
-    as `python -m ssl_zoo.export --to timm` writes it."""
+    as `python -m ssl_zoo.cli.export --to timm` writes it."""
     from ssl_zoo.models import Backbone
 
     arch = quality.architecture("mvp")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from ssl_zoo.cli import apply_resume
+from ssl_zoo.cli.lightning_cli import apply_resume
 from ssl_zoo.data.sampler import ResumableSampler, SampleKey, sample_seed, seeded_rng
 from ssl_zoo.utils.callbacks import NonFiniteGuard, NonFiniteLossError
 from ssl_zoo.utils.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, keep_previous_metrics

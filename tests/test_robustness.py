@@ -46,7 +46,7 @@ from ssl_zoo.data import (
     load_image,
     parse_tencent_line,
 )
-from ssl_zoo.data import io as data_io
+from ssl_zoo.data import decode as image_decode
 from ssl_zoo.data.datamodule import CocoDataModule, ImageFolderDataModule, ViewDataset
 from ssl_zoo.data.demo import make_demo_dataset
 from ssl_zoo.utils.bad_samples import BadSampleMonitor, read_bad_files
@@ -276,18 +276,18 @@ def test_load_image_pixel_limit(tmp_path, monkeypatch):
     assert load_image(path, max_pixels=200).size == (20, 10)  # exactly at the limit: accepted
     with pytest.raises(BadImageError, match="exceeds the limit of 199"):
         load_image(path, max_pixels=199)
-    monkeypatch.setattr(data_io, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(image_decode, "MAX_IMAGE_PIXELS", 100)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     with pytest.raises(BadImageError, match="decompression bomb"):
         load_image(path)
-    data_io.set_max_image_pixels(50)
-    assert data_io.MAX_IMAGE_PIXELS == 50 and Image.MAX_IMAGE_PIXELS == 50
+    image_decode.set_max_image_pixels(50)
+    assert image_decode.MAX_IMAGE_PIXELS == 50 and Image.MAX_IMAGE_PIXELS == 50
     with pytest.raises(ValueError, match="pixels"):
-        data_io.set_max_image_pixels(0)
+        image_decode.set_max_image_pixels(0)
 
 
 def test_pillow_limit_set_explicitly():
-    assert Image.MAX_IMAGE_PIXELS == data_io.MAX_IMAGE_PIXELS == 2**28
+    assert Image.MAX_IMAGE_PIXELS == image_decode.MAX_IMAGE_PIXELS == 2**28
 
 
 def test_huge_image_is_rejected_from_its_header_without_decoding(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def test_variadic_and_self_are_not_options():
 
 
 def test_cli_and_evaluation_read_the_same_tree():
-    from ssl_zoo.cli import accepted_options
+    from ssl_zoo.cli.errors import accepted_options
     from ssl_zoo.data import ImageFolderDataModule
     from ssl_zoo.eval.module import _declared_default
 

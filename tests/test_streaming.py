@@ -26,7 +26,7 @@ from torch.utils.data import default_collate
 
 from ssl_zoo.data import CocoMultiLabel, ImageFolderDataset, TencentML, load_image
 from ssl_zoo.data.datamodule import ViewDataset
-from ssl_zoo.data.io import BadImageError, EncodedImage
+from ssl_zoo.data.decode import BadImageError, EncodedImage
 from ssl_zoo.data.shard import BAD_SAMPLES_FILE, META_FILE, convert_split, main, read_source
 from ssl_zoo.data.streaming import (
     ShardDataset,

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from ssl_zoo import sweep
-from ssl_zoo.sweep import SweepConfigError
+from ssl_zoo.cli import sweep, sweep_config, sweep_local
+from ssl_zoo.cli.sweep_config import SweepConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_DIR = ROOT / "experiments" / "sweeps"
@@ -30,7 +30,7 @@ def _get(tree: dict, dotted: str):
 
 
 def _first_params(config: dict) -> dict:
-    suggestion = sweep.suggest_params(config, [], seed=0)
+    suggestion = sweep_config.suggest_params(config, [], seed=0)
     return {key: spec["value"] for key, spec in suggestion.config.items()}
 
 
@@ -48,8 +48,8 @@ def test_there_are_sweeps_for_every_paper():
 @pytest.mark.parametrize("path", SWEEPS, ids=IDS)
 def test_sweep_file_validates(path):
     """wandb's schema, a metric, an args macro, existing program and --config (see validate_sweep)."""
-    config = sweep.load_sweep(path)
-    sweep.validate_sweep(config, path, workdir=ROOT)
+    config = sweep_config.load_sweep(path)
+    sweep_config.validate_sweep(config, path, workdir=ROOT)
     assert "ssl_zoo.eval.FinalKNNProbe" in " ".join(map(str, config["command"])), "no end-of-run probe"
     # The metric is the one FinalKNNProbe logs for the config's data: top-1 on class folders, mAP otherwise.
     data_class = yaml.safe_load(_command_config(config).read_text())["data"]["class_path"]
@@ -59,7 +59,7 @@ def test_sweep_file_validates(path):
 
 @pytest.mark.parametrize("path", [p for p in SWEEPS if not p.stem.endswith("_demo")], ids=lambda p: p.stem)
 def test_demo_variant_sweeps_the_same_keys(path):
-    paper, demo = sweep.load_sweep(path), sweep.load_sweep(path.with_name(f"{path.stem}_demo.yaml"))
+    paper, demo = sweep_config.load_sweep(path), sweep_config.load_sweep(path.with_name(f"{path.stem}_demo.yaml"))
     assert paper["parameters"].keys() == demo["parameters"].keys()
     assert paper["method"] == demo["method"]
     assert _command_config(demo).name.startswith("demo")
@@ -71,9 +71,9 @@ def test_demo_variant_sweeps_the_same_keys(path):
 def test_rendered_trial_parses_with_the_cli(path, monkeypatch):
     """A trial's rendered command parses with the LightningCLI and every swept value lands on its key."""
     monkeypatch.chdir(ROOT)
-    config = sweep.load_sweep(path)
+    config = sweep_config.load_sweep(path)
     params = _first_params(config)
-    resolved = sweep.check_trial_parses(sweep.render_command(config, params))
+    resolved = sweep_config.check_trial_parses(sweep_config.render_command(config, params))
     for key, value in params.items():
         got = _get(resolved, key)
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
@@ -89,9 +89,9 @@ def test_demo_trial_instantiates(path, monkeypatch, tmp_path):
     from ssl_zoo.eval import FinalKNNProbe
 
     monkeypatch.chdir(ROOT)
-    config = sweep.load_sweep(path)
+    config = sweep_config.load_sweep(path)
     params = _first_params(config)
-    subcommand, *args = sweep.cli_args(sweep.render_command(config, params))
+    subcommand, *args = sweep_config.cli_args(sweep_config.render_command(config, params))
     assert subcommand == "fit"
     cli = main([*args, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"], run=False)
     for key, value in params.items():
@@ -126,7 +126,7 @@ def test_render_command_matches_the_wandb_agent(monkeypatch, tmp_path):
     agent._command_run({"run_id": "r1", "program": "ssl_zoo/__main__.py",
                         "args": {k: {"value": v} for k, v in params.items()}})
     json_file = os.path.join(str(tmp_path), "wandb", "sweep-sw1", "config-r1.json")
-    ours = sweep.render_command({"command": command, "program": "ssl_zoo/__main__.py"}, params,
+    ours = sweep_config.render_command({"command": command, "program": "ssl_zoo/__main__.py"}, params,
                                 args_json_file=json_file)
     assert ours == captured["command"]
     assert "--model.init_args.lam=0.5" in ours and "--tag=from-env" in ours
@@ -139,12 +139,12 @@ def test_params_file_is_what_wandb_init_reads(tmp_path):
     params = {"model.init_args.lam": 0.5, "model.init_args.loss_on": "masked", "model.init_args.bam": False,
               "data.init_args.batch_size": 8, "model.init_args.note": "é, no ascii"}
     path = tmp_path / "trial-000.params.yaml"
-    sweep.write_params_file(path, params)
+    sweep_config.write_params_file(path, params)
     assert config_util.dict_from_config_file(str(path), must_exist=True) == params
 
 
 def _valid_config() -> dict:
-    return sweep.load_sweep(SWEEP_DIR / "mvp_loss_on_demo.yaml")
+    return sweep_config.load_sweep(SWEEP_DIR / "mvp_loss_on_demo.yaml")
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
@@ -161,7 +161,7 @@ def test_validate_rejects_broken_files(mutate, message):
     config = _valid_config()
     mutate(config)
     with pytest.raises(SweepConfigError) as err:
-        sweep.validate_sweep(config, "broken.yaml", workdir=ROOT)
+        sweep_config.validate_sweep(config, "broken.yaml", workdir=ROOT)
     assert message in str(err.value) and "broken.yaml" in str(err.value)
 
 
@@ -169,7 +169,7 @@ def test_misspelt_parameter_is_rejected_by_the_cli(monkeypatch):
     monkeypatch.chdir(ROOT)
     config = _valid_config()
     with pytest.raises(SweepConfigError, match="no_such_option"):
-        sweep.check_trial_parses(sweep.render_command(config, {"model.init_args.no_such_option": 1}))
+        sweep_config.check_trial_parses(sweep_config.render_command(config, {"model.init_args.no_such_option": 1}))
 
 
 def test_command_line_errors_name_the_file(capsys, tmp_path):
@@ -184,9 +184,9 @@ def test_command_line_errors_name_the_file(capsys, tmp_path):
 
 
 def test_grid_suggestions_cover_the_product_once():
-    config = sweep.load_sweep(SWEEP_DIR / "bam_ia_lambda_gamma.yaml")
+    config = sweep_config.load_sweep(SWEEP_DIR / "bam_ia_lambda_gamma.yaml")
     previous, seen = [], []
-    while (suggestion := sweep.suggest_params(config, previous, seed=len(previous))) is not None:
+    while (suggestion := sweep_config.suggest_params(config, previous, seed=len(previous))) is not None:
         previous.append(suggestion)
         seen.append((suggestion.config["model.init_args.lam"]["value"],
                      suggestion.config["model.init_args.overlap"]["value"]))
@@ -196,12 +196,12 @@ def test_grid_suggestions_cover_the_product_once():
 
 
 def test_random_suggestions_are_seeded_and_in_bounds():
-    config = sweep.load_sweep(SWEEP_DIR / "hvp_mtl_alphas.yaml")
+    config = sweep_config.load_sweep(SWEEP_DIR / "hvp_mtl_alphas.yaml")
     draws = [_first_params(config) for _ in range(2)]
     assert draws[0] == draws[1]
-    assert sweep.suggest_params(config, [], seed=1).config != sweep.suggest_params(config, [], seed=0).config
+    assert sweep_config.suggest_params(config, [], seed=1).config != sweep_config.suggest_params(config, [], seed=0).config
     for seed in range(20):
-        params = {k: v["value"] for k, v in sweep.suggest_params(config, [], seed=seed).config.items()}
+        params = {k: v["value"] for k, v in sweep_config.suggest_params(config, [], seed=seed).config.items()}
         for key, value in params.items():
             spec = config["parameters"][key]
             assert spec["min"] <= value <= spec["max"], key
@@ -209,34 +209,34 @@ def test_random_suggestions_are_seeded_and_in_bounds():
 
 def test_random_search_needs_a_count():
     with pytest.raises(SweepConfigError, match="--count"):
-        sweep._trial_count({"method": "random"}, None, "x.yaml")
-    assert sweep._trial_count({"method": "random", "run_cap": 3}, None, "x.yaml") == 3
-    assert sweep._trial_count({"method": "random", "run_cap": 3}, 5, "x.yaml") == 5
-    assert sweep._trial_count({"method": "grid"}, None, "x.yaml") is None
+        sweep_local._trial_count({"method": "random"}, None, "x.yaml")
+    assert sweep_local._trial_count({"method": "random", "run_cap": 3}, None, "x.yaml") == 3
+    assert sweep_local._trial_count({"method": "random", "run_cap": 3}, 5, "x.yaml") == 5
+    assert sweep_local._trial_count({"method": "grid"}, None, "x.yaml") is None
 
 
 def test_read_last_metric_takes_the_last_logged_value(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,probe/knn_top1,step,train/loss\n0,,1,2.5\n,12.5,2,\n1,,3,2.0\n,25.0,4,\n2,,5,1.0\n")
-    assert sweep.read_last_metric(path, "probe/knn_top1") == 25.0
-    assert sweep.read_last_metric(path, "train/loss") == 1.0
-    assert sweep.read_last_metric(path, "probe/knn_mAP") is None
-    assert sweep.read_last_metric(tmp_path / "missing.csv", "train/loss") is None
+    assert sweep_local.read_last_metric(path, "probe/knn_top1") == 25.0
+    assert sweep_local.read_last_metric(path, "train/loss") == 1.0
+    assert sweep_local.read_last_metric(path, "probe/knn_mAP") is None
+    assert sweep_local.read_last_metric(tmp_path / "missing.csv", "train/loss") is None
 
 
 @pytest.mark.parametrize("goal", ["maximize", "minimize"])
 def test_summary_is_sorted_by_the_metric_failures_last(tmp_path, goal):
-    results = [sweep.TrialResult(i, {"model.init_args.lam": lam}, status, value, 1.0, f"r{i}", f"r{i}/trial.log")
+    results = [sweep_local.TrialResult(i, {"model.init_args.lam": lam}, status, value, 1.0, f"r{i}", f"r{i}/trial.log")
                for i, (lam, status, value) in enumerate([(1, "finished", 3.0), (2, "failed", None),
                                                           (4, "finished", 7.0), (8, "finished", 5.0)])]
-    sweep.write_summary(results, tmp_path, "probe/knn_top1", goal, {"name": "t"})
+    sweep_local.write_summary(results, tmp_path, "probe/knn_top1", goal, {"name": "t"})
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     values = [float(r["probe/knn_top1"]) for r in rows[:3]]
     assert values == sorted(values, reverse=goal == "maximize")
     assert rows[-1]["status"] == "failed"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [t["trial"] for t in summary["trials"]] == [int(r["trial"]) for r in rows]
-    table = sweep.format_summary(results, "probe/knn_top1", goal).splitlines()
+    table = sweep_local.format_summary(results, "probe/knn_top1", goal).splitlines()
     assert table[0].split()[:3] == ["trial", "model.init_args.lam", "probe/knn_top1"]
     assert table[2].split()[0] == ("002" if goal == "maximize" else "000")
 
@@ -338,7 +338,7 @@ def test_two_trial_local_demo_sweep(demo_root, tmp_path, monkeypatch):
     tiny = [f"--data.init_args.root={demo_root}/folder", "--data.init_args.num_workers=0",
             "--data.init_args.batch_size=8", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
             "--trainer.log_every_n_steps=1"]
-    results = sweep.run_local(SWEEP_DIR / "mvp_loss_on_demo.yaml", out_dir=out, extra_args=tiny, quiet=True)
+    results = sweep_local.run_local(SWEEP_DIR / "mvp_loss_on_demo.yaml", out_dir=out, extra_args=tiny, quiet=True)
 
     assert len(results) == 2, "the grid has two points"
     assert sorted(r.params["model.init_args.loss_on"] for r in results) == ["all", "masked"]
@@ -351,7 +351,7 @@ def test_two_trial_local_demo_sweep(demo_root, tmp_path, monkeypatch):
         resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert resolved["model"]["init_args"]["loss_on"] == r.params["model.init_args.loss_on"]
         assert 0.0 <= r.metric <= 100.0
-        assert r.metric == sweep.read_last_metric(run_dir / "metrics.csv", "probe/knn_top1")
+        assert r.metric == sweep_local.read_last_metric(run_dir / "metrics.csv", "probe/knn_top1")
         assert len(r.wandb_runs) == 1 and Path(r.wandb_runs[0]).name.startswith("offline-run-")
         assert list(Path(r.wandb_runs[0]).glob("run-*.wandb")), "the offline run holds no log"
     summary = json.loads((out / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""python -m ssl_zoo.viz attention (MVP Figure 3): the CLS attention it draws against a brute-force
+"""python -m ssl_zoo.cli.viz attention (MVP Figure 3): the CLS attention it draws against a brute-force
 softmax(q . k / sqrt(d)) of the last block, for a timm ViT and a BEiT with a shared relative position bias, per
 head and averaged over the heads (Figure 3's map)."""
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ssl_zoo.cli.viz import HEADER, cls_attention, colorize, head_averaged_cls_attention, load_images, main
 from ssl_zoo.models import Backbone
-from ssl_zoo.viz import HEADER, cls_attention, colorize, head_averaged_cls_attention, load_images, main
 
 S = 32  # 2 x 2 patches of 16 px
 BEIT = {"depth": 2, "embed_dim": 48, "num_heads": 3, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,

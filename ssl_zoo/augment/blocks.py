@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ssl_zoo.augment.normalize import Normalization
+from ssl_zoo.augment.recipes import simsiam_view
 from ssl_zoo.augment.views import (
     BlurKind,
-    Normalization,
     ViewPipeline,
-    _as_rgb,
-    _check_scale,
-    _check_size,
-    _is_encoded,
+    as_rgb,
+    check_min_scale,
+    check_pixels,
+    is_encoded,
     render_views,
-    simsiam_view,
 )
 
 __all__ = ["BlockwiseAugmentation", "block_boxes", "shuffle_pairs"]
@@ -102,8 +102,8 @@ class BlockwiseAugmentation:
         blur: BlurKind = "pil",
     ) -> None:
         _check_overlap(overlap)
-        _check_size(size)
-        _check_scale(min_scale)
+        check_pixels(size)
+        check_min_scale(min_scale)
         self.size = size
         self.overlap = overlap
         self.bam = bam
@@ -131,7 +131,7 @@ class BlockwiseAugmentation:
                 "views": torch.stack(views),  # [8, 3, S, S] (or [2, ...]): block k's pair at rows 2k, 2k+1
                 "block_ids": torch.arange(len(boxes)).repeat_interleave(2),  # [8]: 0 0 1 1 2 2 3 3
             }
-        img = _as_rgb(img.decode() if _is_encoded(img) else img)
+        img = as_rgb(img.decode() if is_encoded(img) else img)
         if self.bam and min(img.size) < 2:
             # A 1-pixel side has blocks of round(0.5 + gamma) pixels: 0 at gamma = 0. Such images exist in
             # crawled data (tracking pixels, thumbnails); repeating the pixel keeps every block non-empty.

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ssl_zoo.data.io import ImageListDataset
+from ssl_zoo.data.image_list import ImageListDataset
 
 __all__ = ["CocoMultiLabel", "read_coco_multilabel"]
 
@@ -116,7 +116,7 @@ class CocoMultiLabel(ImageListDataset):
         root: folder holding the images (``file_name`` is relative to it), e.g. ``coco/train2017``.
         ann_file: ``instances_*.json`` (boxes and masks are ignored; only category ids are read).
         transform: applied to the decoded RGB ``PIL.Image``.
-        on_bad_sample: ``"raise"``: an unreadable image raises :class:`~ssl_zoo.data.io.BadImageError`
+        on_bad_sample: ``"raise"``: an unreadable image raises :class:`~ssl_zoo.data.decode.BadImageError`
             naming the file; ``"skip"``: it is replaced by the next readable image (with that image's
             target) and counted in :attr:`num_skipped`.
         validate_files: check at construction that every listed image exists (a ``stat`` each).

@@ -33,7 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from ssl_zoo.data.io import check_bad_sample_policy
+from ssl_zoo.data.bad_sample_policy import check_bad_sample_policy
 from ssl_zoo.data.sampler import ResumableSampler, SampleKey, sample_seed, seeded_rng
 from ssl_zoo.utils.distributed import rank, world_size
 from ssl_zoo.utils.loop_progress import lightning_private_batches_done

@@ -3,7 +3,7 @@ runs on the demo images (instance masks need nothing extra: the demo's COCO JSON
 polygon as ``segmentation``, which :class:`~ssl_zoo.transfer.data.datasets.CocoInstances` decodes).
 
 Written from the demo's per-object records (``class_index``, ``bbox``, ``segmentation`` polygons, as
-:func:`ssl_zoo.data.demo.render_image` returns them) into ``ADEChallengeData2016/`` under the demo folder:
+:func:`ssl_zoo.data.demo_images.render_image` returns them) into ``ADEChallengeData2016/`` under the demo folder:
 
 - ``images/{training,validation}/<name>.jpg``: hard links to the COCO-layout JPEGs (same images);
 - ``annotations/{training,validation}/<name>.png``: 8-bit class maps, ADE20K's convention of 0 = "other"
@@ -25,22 +25,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["ADE_DIR", "NUM_DENSE_CLASSES", "dense_class_names", "semantic_label_map", "write_dense_split"]
+from ssl_zoo.data.demo_images import DEMO_CLASSES, SUPERSAMPLE
+
+__all__ = ["ADE_DIR", "NUM_DENSE_CLASSES", "dense_class_names", "link_or_copy", "semantic_label_map",
+           "write_dense_split"]
 
 ADE_DIR = "ADEChallengeData2016"
 _ADE_SPLITS = {"train": "training", "val": "validation"}
 _OTHER, _BACKGROUND, _FIRST_CLASS = 0, 1, 2
-_SUPERSAMPLE = 4
 
 
 def dense_class_names() -> list[str]:
     """Label order after reduce-zero-label: background, then the demo classes."""
-    from ssl_zoo.data.demo import DEMO_CLASSES
-
     return ["background", *(c.name for c in DEMO_CLASSES)]
 
 
-NUM_DENSE_CLASSES = 11  # background + the 10 demo classes (checked against DEMO_CLASSES by the tests)
+NUM_DENSE_CLASSES = 1 + len(DEMO_CLASSES)  # background + the demo classes
 
 
 def semantic_label_map(objects: Sequence[dict], size: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def semantic_label_map(objects: Sequence[dict], size: int) -> np.ndarray:
             x, y, w, h = (int(round(v)) for v in obj["bbox"])
             label[y:y + h, x:x + w] = _OTHER
             continue
-        ss = _SUPERSAMPLE
+        ss = SUPERSAMPLE
         canvas = Image.new("L", (size * ss, size * ss), 0)
         draw = ImageDraw.Draw(canvas)
         for polygon in polygons:
@@ -62,7 +62,8 @@ def semantic_label_map(objects: Sequence[dict], size: int) -> np.ndarray:
     return label
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``target`` to ``source`` (the demo's views share one JPEG), or copy it where links fail."""
     try:
         os.link(source, target)
     except OSError:  # file systems without hard links
@@ -86,7 +87,7 @@ def write_dense_split(out: str | os.PathLike, split: str, records: Sequence[tupl
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
     for _, file_name, objects in records:
-        _link_or_copy(out / f"{split}2017" / file_name, image_dir / file_name)
+        link_or_copy(out / f"{split}2017" / file_name, image_dir / file_name)
         stem = os.path.splitext(file_name)[0]
         Image.fromarray(semantic_label_map(objects, size), mode="L").save(label_dir / f"{stem}.png")
     (out / ADE_DIR / "classes.txt").write_text("\n".join(dense_class_names()) + "\n", encoding="utf-8")

@@ -2,7 +2,7 @@
 
 The file discovery is torchvision's own (``find_classes`` / ``make_dataset``), so classes, their indices
 and the sample order are exactly those of ``torchvision.datasets.ImageFolder``; only the decoding (robust
-:func:`~ssl_zoo.data.io.load_image`) and the ``on_bad_sample`` policy differ. ImageNet-100 is this class
+:func:`~ssl_zoo.data.decode.load_image`) and the ``on_bad_sample`` policy differ. ImageNet-100 is this class
 on a folder holding the 100 chosen class directories. A subset list (SimCLR's ``1percent.txt`` /
 ``10percent.txt`` for semi-supervised fine-tuning) keeps only the listed images, with the classes of the full tree.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from ssl_zoo.data.io import ImageListDataset
+from ssl_zoo.data.image_list import ImageListDataset
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderDataset", "read_subset_list"]
 
@@ -56,7 +56,7 @@ class ImageFolderDataset(ImageListDataset):
     Args:
         root: the split folder, e.g. ``imagenet/train``.
         transform: applied to the decoded RGB ``PIL.Image``.
-        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`~ssl_zoo.data.io.BadSamplePolicy`).
+        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`~ssl_zoo.data.bad_sample_policy.BadSamplePolicy`).
         subset: optional subset list (:func:`read_subset_list`): keep only the images it names, in the
             tree's order; classes and their indices stay those of the whole tree. A listed name that is not
             in the tree raises ``ValueError`` naming the list file and line.

@@ -55,7 +55,8 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
 import numpy as np  # noqa: E402
 
-from ssl_zoo.data.io import BadImageError, EncodedImage, PathArray  # noqa: E402
+from ssl_zoo.data.decode import BadImageError, EncodedImage  # noqa: E402
+from ssl_zoo.data.image_list import PathArray  # noqa: E402
 
 __all__ = [
     "BAD_SAMPLES_FILE",

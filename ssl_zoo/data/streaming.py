@@ -48,8 +48,10 @@ import torch  # noqa: E402
 from litdata.streaming.sampler import ChunkedIndex  # noqa: E402
 from torch.utils.data import Dataset, get_worker_info  # noqa: E402
 
+from ssl_zoo.data.bad_sample_policy import BadSamplePolicy, transform_encoded  # noqa: E402
 from ssl_zoo.data.datamodule import PretrainDataModule, ViewDataset, run_seed  # noqa: E402
-from ssl_zoo.data.io import BadSamplePolicy, EncodedImage, Sample, transform_encoded  # noqa: E402
+from ssl_zoo.data.decode import EncodedImage  # noqa: E402
+from ssl_zoo.data.image_list import Sample  # noqa: E402
 from ssl_zoo.data.sampler import SampleKey  # noqa: E402
 from ssl_zoo.data.shard import META_FILE, SHARD_FORMAT  # noqa: E402
 from ssl_zoo.utils.loop_progress import lightning_private_batches_done  # noqa: E402
@@ -163,7 +165,7 @@ class ShardDataset(Dataset):
     for a class-per-folder source, a float multi-hot ``Tensor[C]`` for COCO and Tencent (Tencent: labels below
     ``min_confidence`` dropped; with ``soft_targets`` the values are the confidences, as
     :class:`~ssl_zoo.data.TencentML` does). A transform with ``accepts_encoded`` gets an
-    :class:`~ssl_zoo.data.io.EncodedImage` (it decodes once, at the JPEG scale its crops allow); any other the
+    :class:`~ssl_zoo.data.decode.EncodedImage` (it decodes once, at the JPEG scale its crops allow); any other the
     decoded RGB image. The converter dropped unreadable images, but ``on_bad_sample`` still applies to the
     shards (e.g. converted with ``--verify header``).
 

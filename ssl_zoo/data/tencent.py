@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ssl_zoo.data.io import ImageListDataset, PathArray
+from ssl_zoo.data.image_list import ImageListDataset, PathArray
 
 __all__ = [
     "TENCENT_NUM_CLASSES",
@@ -217,7 +217,7 @@ class TencentML(ImageListDataset):
         list_file: the image list (e.g. ``train_urls_from_openimages.txt``, or ``train.txt``), or several.
         num_classes: target length; every label index must lie in ``[0, num_classes)``.
         transform: applied to the decoded RGB ``PIL.Image``.
-        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`~ssl_zoo.data.io.BadSamplePolicy`).
+        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`~ssl_zoo.data.bad_sample_policy.BadSamplePolicy`).
         min_confidence: keep only labels with confidence ``>= min_confidence``; None keeps every listed label.
         soft_targets: target values are the confidences (the largest if a label is listed twice)
             instead of 1.

@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from ssl_zoo.eval.features import FeaturePoolingName, check_pooling
-from ssl_zoo.eval.knn import _check_knn_args, knn_vote_on_splits
+from ssl_zoo.eval.knn import check_knn_args, knn_vote_on_splits
 from ssl_zoo.eval.results import RESULTS_FILE, append_eval_record, make_eval_record
 
 __all__ = ["FinalKNNProbe", "METRIC_PREFIX"]
@@ -59,7 +59,7 @@ class FinalKNNProbe(Callback):
         max_train_samples: int | None = 50000,
         max_val_samples: int | None = 10000,
     ) -> None:
-        _check_knn_args(k, temperature)
+        check_knn_args(k, temperature)
         for name, cap in (("max_train_samples", max_train_samples), ("max_val_samples", max_val_samples)):
             if cap is not None and cap < 1:
                 raise ValueError(f"FinalKNNProbe: {name} must be >= 1 or None, got {cap}")

@@ -29,13 +29,15 @@ from ssl_zoo.eval.module import EvalModule, single_label_metrics
 from ssl_zoo.eval.transforms import SingleView, center_crop_transform, resize_transform
 from ssl_zoo.models.backbones import Backbone
 
-__all__ = ["KNNMonitor", "KNNProbe", "knn_evaluate", "knn_predict"]
+__all__ = ["KNNMonitor", "KNNProbe", "check_knn_args", "knn_evaluate", "knn_predict"]
 
 #: Names of the monitor's metrics: ``val/knn_top1`` (single-label) or ``val/knn_mAP`` (multi-label) ...
 MONITOR_PREFIX = "val/knn_"
 
 
-def _check_knn_args(k: int, temperature: float) -> None:
+def check_knn_args(k: int, temperature: float) -> None:
+    """Raise ``ValueError`` unless ``k >= 1`` neighbours and the vote's temperature ``T > 0`` (every kNN entry
+    point checks its arguments here, before any feature is computed)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
@@ -68,7 +70,7 @@ def knn_predict(
         temperature: T of the vote weights.
         chunk_size: queries per similarity matrix (bounds memory at ``chunk_size x N``).
     """
-    _check_knn_args(k, temperature)
+    check_knn_args(k, temperature)
     if features.dim() != 2 or bank.dim() != 2 or features.shape[1] != bank.shape[1]:
         raise ValueError(f"features [B, D] and bank [N, D] must share D; got {tuple(features.shape)} and "
                          f"{tuple(bank.shape)}")
@@ -115,7 +117,7 @@ def knn_evaluate(
     transform for both. Returns ``{"top1", "top5"}`` in percent for class-index targets, and
     :func:`~ssl_zoo.eval.metrics.multilabel_metrics` (mAP ... OF1) for multi-hot targets.
     """
-    _check_knn_args(k, temperature)
+    check_knn_args(k, temperature)
     bank, bank_targets = extract_features(backbone, train_loader, pooling, device)
     feats, targets = extract_features(backbone, val_loader, pooling, device)
     num_classes = None
@@ -214,7 +216,7 @@ class KNNProbe(EvalModule):
     ) -> None:
         super().__init__()
         check_pooling(pooling, "model.pooling")
-        _check_knn_args(k, temperature)
+        check_knn_args(k, temperature)
         self.save_hyperparameters()
         self.hparams.num_classes = None
         self.hparams.multilabel = None
@@ -307,7 +309,7 @@ class KNNMonitor(Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        _check_knn_args(k, temperature)
+        check_knn_args(k, temperature)
         check_pooling(pooling)
         self.every_n_epochs = every_n_epochs
         self.k = k

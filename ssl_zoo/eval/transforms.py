@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import v2 as T
 
-from ssl_zoo.augment.views import safe_posterize
+from ssl_zoo.augment.recipes import safe_posterize
 from ssl_zoo.data.datamodule import eval_transform
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Each reads the published layout and yields ``(image, target)`` through a joint transform (image and
 annotation together, :mod:`ssl_zoo.transfer.data.transforms`), with the project's bad-sample policy
-(:class:`~ssl_zoo.data.io.ImageListDataset`: ``on_bad_sample="raise"`` names the unreadable file,
+(:class:`~ssl_zoo.data.image_list.ImageListDataset`: ``on_bad_sample="raise"`` names the unreadable file,
 ``"skip"`` substitutes the next readable sample with its own annotation).
 
 Detection targets follow torchvision's detection models: ``boxes`` float ``[N, 4]`` (x1, y1, x2, y2 in
@@ -10,7 +10,7 @@ continuous pixel coordinates), ``labels`` int64 ``[N]`` in ``1..C`` (0 is torchv
 ``iscrowd`` uint8 ``[N]``, ``area`` float ``[N]``, ``image_id`` and, with masks, ``masks`` uint8 ``[N, H, W]``.
 VOC targets add ``difficult`` uint8 ``[N]``.
 
-Per-image annotations are kept as JSON strings in one :class:`~ssl_zoo.data.io.PathArray` buffer, so that
+Per-image annotations are kept as JSON strings in one :class:`~ssl_zoo.data.image_list.PathArray` buffer, so that
 forked DataLoader workers do not copy millions of Python objects.
 """
 
@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ssl_zoo.data.io import BadImageError, ImageListDataset, PathArray, Sample
+from ssl_zoo.data.decode import BadImageError
+from ssl_zoo.data.image_list import ImageListDataset, PathArray, Sample
 
 __all__ = [
     "ADE20K",

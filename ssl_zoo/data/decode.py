@@ -1,48 +1,35 @@
-"""Robust image decoding and the ``on_bad_sample`` policy shared by every dataset reader.
+"""Robust image decoding: every readable file an upright 8-bit RGB image, every unreadable one a named error.
 
 Large crawled datasets (Tencent ML-Images, web-scale COCO mirrors) always contain a few files that
 are empty, truncated by an interrupted download, HTML error pages saved as ``.jpg``, CMYK or 16-bit
 scans, or images whose EXIF says "rotate me". :func:`load_image` turns every readable file into an
 upright 8-bit RGB ``PIL.Image`` and every unreadable one into a :class:`BadImageError` that names the
 file, so a run either stops with a useful message (``on_bad_sample="raise"``) or replaces the sample
-deterministically and keeps count (``on_bad_sample="skip"``).
+deterministically and keeps count (``on_bad_sample="skip"``, :mod:`ssl_zoo.data.bad_sample_policy`).
+:class:`EncodedImage` holds a file's bytes with its header read, for the view transforms that decode once at
+a reduced JPEG scale.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import operator
 import os
-from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
-    "BAD_SAMPLE_POLICIES",
     "BadImageError",
-    "BadSamplePolicy",
     "EncodedImage",
-    "Fetched",
     "JPEG_REDUCTIONS",
-    "ImageListDataset",
-    "PathArray",
-    "Sample",
     "load_image",
     "set_max_image_pixels",
     "to_rgb",
-    "transform_encoded",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Largest accepted image, in pixels (width * height). 2**28 = 268M pixels, e.g. 16384 x 16384, is far
 #: above any real photo in COCO / ImageNet / Tencent ML-Images (their largest are a few tens of Mpx) but
@@ -69,13 +56,6 @@ def set_max_image_pixels(pixels: int) -> None:
 #: transparent index). White, as browsers and image viewers show such images, so logos and product shots
 #: with transparent backgrounds look the way their authors intended; black would hide dark foregrounds.
 TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
-
-BAD_SAMPLE_POLICIES = ("raise", "skip")
-
-# Threads for the up-front existence check of image files (I/O bound; the GIL is released in stat).
-_STAT_THREADS = 16
-
-T = TypeVar("T")
 
 
 class BadImageError(OSError, ValueError):
@@ -173,7 +153,7 @@ def _check_pixel_count(width: int, height: int, path: str, limit: int) -> None:
         raise BadImageError(
             path,
             f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} "
-            "(possible decompression bomb; see ssl_zoo.data.io.set_max_image_pixels)",
+            "(possible decompression bomb; see ssl_zoo.data.decode.set_max_image_pixels)",
         )
 
 
@@ -315,233 +295,3 @@ class EncodedImage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.format}, {self.size[0]}x{self.size[1]}, {len(self.data)} bytes)"
-
-
-def transform_encoded(transform: Callable[[EncodedImage], T], image: EncodedImage) -> T:
-    """``transform(image)`` for a transform that decodes ``image`` itself; on :class:`BadImageError` (a corrupt
-    body found by the decode) the torch RNG is put back, so a substitute sample draws what it would have drawn
-    had the bad file been rejected before any view was sampled (as a full decode up front rejects it)."""
-    state = torch.random.get_rng_state()
-    try:
-        return transform(image)
-    except BadImageError:
-        torch.random.set_rng_state(state)
-        raise
-
-
-def check_bad_sample_policy(on_bad_sample: str) -> str:
-    """Validate an ``on_bad_sample`` value; returns it unchanged."""
-    if on_bad_sample not in BAD_SAMPLE_POLICIES:
-        raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
-    return on_bad_sample
-
-
-class Fetched(NamedTuple, Generic[T]):
-    """What :meth:`BadSamplePolicy.fetch` read: the index actually used, its value, the bad files passed over."""
-
-    index: int  # index whose value is returned (the requested one unless it was unreadable)
-    value: T
-    skipped: tuple[tuple[str, str], ...]  # (path, reason) of every unreadable index passed over, in order
-
-
-class BadSamplePolicy:
-    """What a dataset does when an image cannot be read: ``"raise"`` or ``"skip"``.
-
-    With ``"skip"``, index ``i`` is replaced by the first readable index among ``i+1, i+2, ...`` (modulo
-    the dataset length), so the replacement is deterministic and the returned label is always the one of
-    the image actually returned. Indices found bad are remembered and passed over without re-reading.
-    Every bad index passed over increments :attr:`num_skipped` and is reported in the
-    :class:`Fetched` result, so the count can travel with the sample out of a DataLoader worker; the
-    first :attr:`max_recorded` distinct bad files are kept in :attr:`bad_paths` and logged. If no index
-    is readable, a ``RuntimeError`` says so.
-
-    :attr:`num_skipped` and :attr:`bad_paths` are per process: each DataLoader worker holds its own copy
-    of the dataset. Use the ``skipped`` field of :meth:`fetch`'s result (what the data modules put in
-    every batch) for counts that include the workers.
-
-    Args:
-        on_bad_sample: ``"raise"`` or ``"skip"``.
-        max_recorded: how many distinct bad paths to keep and log, ``>= 0``.
-    """
-
-    def __init__(self, on_bad_sample: Literal["raise", "skip"] = "raise", max_recorded: int = 100) -> None:
-        self.mode = check_bad_sample_policy(on_bad_sample)
-        if max_recorded < 0:
-            raise ValueError(f"max_recorded must be >= 0, got {max_recorded}")
-        self.max_recorded = max_recorded
-        self.num_skipped = 0
-        self.bad_paths: list[str] = []
-        self.bad_indices: dict[int, tuple[str, str]] = {}  # index -> (path, reason), read once
-
-    def _record(self, index: int, error: BadImageError) -> tuple[str, str]:
-        self.bad_indices[index] = (error.path, error.reason)
-        if len(self.bad_paths) < self.max_recorded and error.path not in self.bad_paths:
-            self.bad_paths.append(error.path)
-            logger.warning("on_bad_sample='skip': skipping unreadable image (%s)", error)
-        return self.bad_indices[index]
-
-    def fetch(self, index: int, length: int, read: Callable[[int], T]) -> Fetched[T]:
-        """Read sample ``index`` with ``read``, or with ``"skip"`` the first readable one after it.
-
-        Only :class:`BadImageError` counts as a bad sample; any other exception propagates.
-        """
-        if self.mode == "raise":
-            return Fetched(index, read(index), ())
-        skipped: list[tuple[str, str]] = []
-        for step in range(length):
-            candidate = (index + step) % length
-            known = self.bad_indices.get(candidate)
-            if known is None:
-                try:
-                    return Fetched(candidate, read(candidate), tuple(skipped))
-                except BadImageError as error:
-                    known = self._record(candidate, error)
-            skipped.append(known)
-            self.num_skipped += 1
-        raise RuntimeError(
-            f"on_bad_sample='skip': none of the {length} samples could be read; "
-            f"first unreadable files: {self.bad_paths[:5]}"
-        )
-
-
-class PathArray(Sequence[str]):
-    """An immutable list of strings stored as one UTF-8 buffer plus offsets.
-
-    A Python list of millions of ``str`` objects is slowly copied into every forked DataLoader worker
-    (reference counting touches each object's page); two numpy arrays are not.
-    """
-
-    def __init__(self, strings: Iterable[str]) -> None:
-        # One pass, without an intermediate list: `strings` may be a generator over a huge file.
-        buffer = bytearray()
-        ends = array("q")
-        for string in strings:
-            buffer += string.encode("utf-8")
-            ends.append(len(buffer))
-        self._offsets = np.zeros(
-            len(ends) + 1, dtype=np.int64
-        )  # [N+1]; string i is [offsets[i], offsets[i+1])
-        self._offsets[1:] = np.frombuffer(ends, dtype=np.int64)
-        self._buffer = np.frombuffer(bytes(buffer), dtype=np.uint8)  # [total bytes], read-only
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} paths")
-        index %= len(self)
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return self._buffer[start:end].tobytes().decode("utf-8")
-
-
-class Sample(NamedTuple):
-    """One item of an :class:`ImageListDataset` with its provenance (see :meth:`ImageListDataset.load_sample`)."""
-
-    image: Any  # the transformed image (a PIL image without transform)
-    target: Any  # the label of *this* image
-    index: int  # the dataset index the image was read from (differs from the requested one after a skip)
-    skipped: tuple[tuple[str, str], ...]  # (path, reason) of the unreadable files passed over
-
-
-class ImageListDataset(Dataset):
-    """Base of the dataset readers: a list of image files, a target per file, and the bad-sample policy.
-
-    Subclasses fill :attr:`paths` (full paths) and implement :meth:`target`. Items are
-    ``(transform(image) or PIL image, target)``; the transform is applied outside the bad-sample guard,
-    so a bug in a transform is raised, never mistaken for a bad file.
-
-    Args:
-        paths: full image paths, one per sample (any iterable; stored as a :class:`PathArray`).
-        transform: callable applied to the decoded RGB ``PIL.Image``.
-        on_bad_sample: ``"raise"`` or ``"skip"`` (see :class:`BadSamplePolicy`).
-    """
-
-    def __init__(
-        self,
-        paths: Iterable[str],
-        transform: Callable | None = None,
-        on_bad_sample: Literal["raise", "skip"] = "raise",
-    ) -> None:
-        self.paths = paths if isinstance(paths, PathArray) else PathArray(paths)
-        self.transform = transform
-        self.on_bad_sample = on_bad_sample
-        self.bad_sample_policy = BadSamplePolicy(on_bad_sample)
-
-    def target(self, index: int) -> Any:
-        """The label of sample ``index``."""
-        raise NotImplementedError
-
-    @property
-    def num_skipped(self) -> int:
-        """Bad indices passed over so far under ``on_bad_sample="skip"`` (this process)."""
-        return self.bad_sample_policy.num_skipped
-
-    @property
-    def bad_paths(self) -> list[str]:
-        """The first distinct unreadable files met so far (this process)."""
-        return self.bad_sample_policy.bad_paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int) -> Image.Image:
-        """Decode image ``index`` (no transform, no bad-sample handling)."""
-        return load_image(self.paths[index])
-
-    def load_sample(self, index: int) -> Sample:
-        """Sample ``index`` (or its substitute under ``"skip"``) with its target and the bad files passed over.
-
-        What :meth:`__getitem__` returns, plus the index of the image actually returned and the unreadable
-        files skipped to reach it, so that wrappers running in DataLoader workers can report them.
-        """
-        index = operator.index(index)  # Python / numpy / 0-dim integer tensor indices alike
-        length = len(self)
-        if not -length <= index < length:
-            raise IndexError(f"index {index} out of range for a dataset of {length} images")
-        index %= length
-        if getattr(self.transform, "accepts_encoded", False):
-            # The view transform decodes the file itself (once, at the reduced JPEG scale its crops allow), so
-            # a corrupt body surfaces inside it: read and transform together under the bad-sample guard.
-            used, image, skipped = self.bad_sample_policy.fetch(
-                index, length, lambda i: transform_encoded(self.transform, EncodedImage.read(self.paths[i])))
-            return Sample(image, self.target(used), used, skipped)
-        used, image, skipped = self.bad_sample_policy.fetch(index, length, self.load)
-        target = self.target(used)  # the label of the image actually returned
-        if self.transform is not None:
-            image = self.transform(image)
-        return Sample(image, target, used, skipped)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        sample = self.load_sample(index)
-        return sample.image, sample.target
-
-    def missing_indices(self) -> list[int]:
-        """Indices whose file does not exist (a ``stat`` each, no decoding).
-
-        The ``stat`` calls run in a thread pool: on network file systems each one waits on a round trip,
-        and a list of millions of images would otherwise take hours to check.
-        """
-        with ThreadPoolExecutor(max_workers=_STAT_THREADS) as pool:
-            exists = pool.map(os.path.isfile, self.paths, chunksize=1024)
-            return [index for index, ok in enumerate(exists) if not ok]
-
-    def missing_files(self) -> list[str]:
-        """Paths that do not exist as files (a cheap ``stat``, no decoding)."""
-        return [self.paths[index] for index in self.missing_indices()]
-
-    def locate(self, indices: Sequence[int]) -> list[str]:
-        """Where each sample is listed in its annotation file, for error messages (subclasses refine it)."""
-        return [f"sample {index}" for index in indices]
-
-    def check_files(self, source: str) -> None:
-        """Raise ``FileNotFoundError`` naming ``source`` (the annotation file) and where each missing image is listed."""
-        missing = self.missing_indices()
-        if missing:
-            shown = "; ".join(
-                f"{where}: '{self.paths[i]}'" for i, where in zip(missing[:5], self.locate(missing[:5]), strict=True)
-            )
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self)} images listed in '{source}' do not exist, e.g. {shown} "
-                "(fix the paths or the data root, or remove those entries)"
-            )

@@ -1,12 +1,12 @@
 """Curves of logged metrics against the step, for one run or several overlaid.
 
-``python -m ssl_zoo.plot RUN_DIR [RUN_DIR ...] [--keys KEY ...] [--labels NAME ...] [--out fig.png]``
+``python -m ssl_zoo.cli.plot RUN_DIR [RUN_DIR ...] [--keys KEY ...] [--labels NAME ...] [--out fig.png]``
 
 Each run directory holds the ``metrics.csv`` of Lightning's CSV logger (every ssl_zoo run writes one). Every key
 gets its own panel with one line per run, so runs of different methods or settings compare directly. BAM's
 Fig. 4 (SimSiam's L_sim with and without the block-wise augmentation) is one command::
 
-    python -m ssl_zoo.plot runs/bam_ia/<stamp> runs/simsiam/<stamp> --keys train/loss_sim --out fig4.png
+    python -m ssl_zoo.cli.plot runs/bam_ia/<stamp> runs/simsiam/<stamp> --keys train/loss_sim --out fig4.png
 
 A key names a logged metric with or without Lightning's ``_step`` / ``_epoch`` suffix: ``train/loss`` plots the
 per-step values (``train/loss_step``) when the run logged them, else the epoch means. Without ``--keys`` every
@@ -214,7 +214,7 @@ class CurvesPlot(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.cli.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (holding metrics.csv) or metrics.csv files")
     parser.add_argument("--keys", nargs="+", default=None,
                         help="metrics to plot, e.g. train/loss_sim knn/top1 (default: every loss and monitor)")

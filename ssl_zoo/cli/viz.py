@@ -2,9 +2,9 @@
 
 ::
 
-    python -m ssl_zoo.viz attention --ckpt runs/mvp/<stamp>/checkpoints/last.ckpt --images a.jpg b.jpg --out grid.png
-    python -m ssl_zoo.viz attention --ckpt runs/mvp/<stamp>/checkpoints/last.ckpt --images photos/ --average-heads
-    python -m ssl_zoo.viz attention --ckpt vit_state_dict.pth --backbone vit_base_patch16_224 --images photos/
+    python -m ssl_zoo.cli.viz attention --ckpt runs/mvp/<stamp>/checkpoints/last.ckpt --images a.jpg b.jpg --out grid.png
+    python -m ssl_zoo.cli.viz attention --ckpt runs/mvp/<stamp>/checkpoints/last.ckpt --images photos/ --average-heads
+    python -m ssl_zoo.cli.viz attention --ckpt vit_state_dict.pth --backbone vit_base_patch16_224 --images photos/
 
 writes a PNG grid: one row per image, the (resized, centre-cropped) input first, then one map per attention
 head of the chosen block (the last by default): the softmax attention of the CLS query over the patch keys,
@@ -196,7 +196,7 @@ def attention_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.viz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.cli.viz", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("attention", help="PNG grid of the CLS token's attention, per head or averaged over the "
                                          "heads (MVP Figure 3)")

@@ -1,6 +1,6 @@
 """Export a pre-trained backbone for use outside ssl_zoo.
 
-``python -m ssl_zoo.export --ckpt runs/<name>/<stamp>/checkpoints/last.ckpt --to timm|torchvision|detectron2 --out FILE [--teacher]``
+``python -m ssl_zoo.cli.export --ckpt runs/<name>/<stamp>/checkpoints/last.ckpt --to timm|torchvision|detectron2 --out FILE [--teacher]``
 
 Formats (the student backbone by default, the momentum / EMA teacher with ``--teacher``):
 
@@ -225,7 +225,7 @@ def _hint(model_name: str, to: str, out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ssl_zoo.cli.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="pre-training checkpoint (or a timm state dict with --backbone)")
     parser.add_argument("--to", required=True, choices=FORMATS, help="target key layout")
     parser.add_argument("--out", required=True, help="output file (.pth/.pt, .safetensors for timm, .pkl for detectron2)")
