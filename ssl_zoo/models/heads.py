@@ -16,7 +16,7 @@ def norm_layer_by_name(name: str) -> type[nn.Module] | None:
     return NORM_LAYERS[name]
 
 
-def _non_affine(norm_layer: type[nn.Module], dim: int) -> nn.Module:
+def non_affine_norm(norm_layer: type[nn.Module], dim: int) -> nn.Module:
     """A normalisation layer without learnable scale/shift (BatchNorm ``affine``, LayerNorm ``elementwise_affine``)."""
     if issubclass(norm_layer, nn.LayerNorm):
         return norm_layer(dim, elementwise_affine=False)
@@ -63,7 +63,7 @@ class MLPHead(nn.Sequential):
         use_last_norm = last_norm and norm_layer is not None
         layers.append(nn.Linear(dims[-1], output_dim, bias=not use_last_norm))
         if use_last_norm:
-            layers.append(_non_affine(norm_layer, output_dim))
+            layers.append(non_affine_norm(norm_layer, output_dim))
         super().__init__(*layers)
         self.input_dim = input_dim
         self.output_dim = output_dim

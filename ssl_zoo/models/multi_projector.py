@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_zoo.models.heads import _non_affine
+from ssl_zoo.models.heads import non_affine_norm
 
 __all__ = ["MIXED_INITS", "MultiProjector", "count_parameters"]
 
@@ -117,7 +117,7 @@ class MultiProjector(nn.Module):
         self.hidden = nn.ModuleList(_hidden_stack(input_dim, h, depth, norm_layer) for h in stacks)
         self.outputs = nn.ModuleList(
             nn.Sequential(nn.Linear(h, output_dim, bias=bias),
-                          *([_non_affine(norm_layer, output_dim)] if use_last_norm else []))
+                          *([non_affine_norm(norm_layer, output_dim)] if use_last_norm else []))
             for h in hidden_dims
         )
         if init == "mixed":
