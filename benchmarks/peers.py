@@ -40,7 +40,7 @@ class LightlyMoCoV2(LightningModule):
     lightly's parts: ``MoCoProjectionHead`` (Linear-ReLU-Linear), ``NTXentLoss`` with a memory bank (InfoNCE of
     each query against its key and the bank, the bank filled with the keys), ``update_momentum`` between query and
     key encoding, ``batch_shuffle`` around the key encoder. Defaults are MoCo v2's as our
-    :class:`~ssl_zoo.methods.MPCL` (``flavour: mocov2``) states them; argument names are its names, so that the
+    :class:`~ssl_zoo.methods.MPCLMoCoV2` states them; argument names are its names, so that the
     recipe's values come in unchanged. Weight decay on every parameter as MoCo's code and our recipe (lightly's
     benchmark exempts norms and biases).
     """
@@ -58,7 +58,7 @@ class LightlyMoCoV2(LightningModule):
         base_lr: float = 0.03,
         lr_batch_size: int | None = None,
         weight_decay: float = 1e-4,
-        sgd_momentum: float = 0.9,
+        momentum: float = 0.9,
         min_scale: float | None = None,
         blur: BlurKind = "pil",
     ) -> None:
@@ -107,7 +107,7 @@ class LightlyMoCoV2(LightningModule):
         hp = self.hparams
         lr = scaled_lr(hp.base_lr, hp.lr_batch_size or global_batch_size(self.trainer))
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=hp.sgd_momentum, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         scheduler = warmup_cosine_scheduler(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -19,8 +19,9 @@ PEER = "peer_lightly"
 #: lightly's peer of each method it implements (:mod:`benchmarks.peers`), and the recipe settings that make our
 #: module that method (the peer is that method and takes no such argument): they must hold in the recipe.
 PEERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mocov2": ("benchmarks.peers.LightlyMoCoV2", {"flavour": "mocov2", "num_projectors": 1}),
-    "simsiam": ("benchmarks.peers.LightlySimSiam", {"bam": False, "ia_loss": "none"}),
+    "mocov2": ("benchmarks.peers.LightlyMoCoV2", {"class_path": "ssl_zoo.methods.MPCLMoCoV2", "num_projectors": 1}),
+    "simsiam": ("benchmarks.peers.LightlySimSiam", {"class_path": "ssl_zoo.methods.BAMIA", "bam": False,
+                                                    "ia_loss": "none"}),
 }
 _DATA_CLASSES = {"folder": "ssl_zoo.data.ImageFolderDataModule", "coco": "ssl_zoo.data.CocoDataModule",
                  "tencent": "ssl_zoo.data.TencentMLDataModule"}
@@ -135,6 +136,10 @@ def peer_config(method: str) -> dict:
     cls = getattr(importlib.import_module(module), name)
     cfg = recipe(method)
     init = dict(cfg["model"]["init_args"])
+    own = dict(own)
+    if cfg["model"]["class_path"] != own.pop("class_path"):
+        raise ValueError(f"experiments/{method}/cpu.yaml: model.class_path is {cfg['model']['class_path']}, so the "
+                         f"recipe is not the method {name} implements")
     for key, value in own.items():
         if init.pop(key, value) != value:
             raise ValueError(f"experiments/{method}/cpu.yaml: model.init_args.{key} is not {value!r}, so the recipe "

@@ -321,10 +321,10 @@ def test_table_names_a_supervised_ceiling_stopped_by_the_guard():
 
 # ============================================================================ ours and lightly's: one step apart?
 def _recipe_models(method: str):
-    from ssl_zoo.methods import BAMIA, MPCL
+    from ssl_zoo.methods import BAMIA, MPCLMoCoV2
 
     torch.manual_seed(0)
-    ours = {"mocov2": MPCL, "simsiam": BAMIA}[method](**recipe(method)["model"]["init_args"])
+    ours = {"mocov2": MPCLMoCoV2, "simsiam": BAMIA}[method](**recipe(method)["model"]["init_args"])
     peer_class = {"mocov2": LightlyMoCoV2, "simsiam": LightlySimSiam}[method]
     return ours, peer_class(**peer_config(method)["model"]["init_args"])
 
