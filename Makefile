@@ -18,7 +18,7 @@ CKPT ?=
 BACKBONE ?=
 IMG_SIZE ?=
 SWEEP ?=
-# Scaling out (README "Scaling out"): GPUS per node and NODES override the config's trainer.devices / num_nodes;
+# Scaling out (experiments/launch/README.md): GPUS per node and NODES override the config's trainer.devices / num_nodes;
 # NODES > 1 prints the sbatch command (SUBMIT=1 submits it); RESUME=1 continues the newest run of the config's
 # name from its checkpoints/last.ckpt.
 NODES ?=
@@ -75,7 +75,7 @@ $(DEMO)/.complete: | $(STAMP)
 
 demo-data: $(DEMO)/.complete
 
-# The demo set as streaming shards (README "Streaming shards"): data/demo-shards/{folder,coco,tencent}/{train,val}.
+# The demo set as streaming shards (ssl_zoo/data/README.md, "Streaming shards"): data/demo-shards/{folder,coco,tencent}/{train,val}.
 DEMO_SHARDS ?= data/demo-shards
 $(DEMO_SHARDS)/.complete: $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo.data.shard folder $(DEMO)/folder $(DEMO_SHARDS)/folder --overwrite
@@ -115,7 +115,7 @@ finetune: $(STAMP) $(DEMO)/.complete
 knn: $(STAMP) $(DEMO)/.complete
 	$(PYTHON) -m ssl_zoo validate --config $(or $(filter-out experiments/$(METHOD)/demo.yaml,$(CONFIG)),experiments/eval/knn_demo.yaml) $(EVAL_CKPT_ARG) $(ARGS)
 
-# Transfer to dense prediction (README "Transfer"): the demo recipes on data/demo unless CONFIG= names a paper
+# Transfer to dense prediction (ssl_zoo/transfer/README.md): the demo recipes on data/demo unless CONFIG= names a paper
 # recipe in experiments/transfer/. CKPT=path/to/last.ckpt; without it, a randomly initialised backbone (the demo
 # recipes: ResNet-18; a paper recipe: its own).
 DENSE_CKPT_ARG = $(if $(CKPT),--model.init_args.ckpt $(CKPT) $(if $(BACKBONE),--model.init_args.backbone $(BACKBONE),),\
