@@ -26,7 +26,7 @@ from ssl_zoo.losses import (
     sinkhorn_knopp,
 )
 from ssl_zoo.utils import distributed as D
-from tests.ddp_utils import run_distributed
+from tests.helpers.ddp_utils import run_distributed
 
 pytestmark = pytest.mark.distributed
 

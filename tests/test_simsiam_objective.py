@@ -15,7 +15,7 @@ import torch
 
 from ssl_zoo.augment import shuffle_pairs
 from ssl_zoo.methods import BAMIA
-from tests.tolerances import assert_close_at_scale
+from tests.helpers.tolerances import assert_close_at_scale
 
 TINY = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 32, "model_kwargs": {"depth": 1}},
             img_size=32, proj_hidden_dim=16, proj_dim=12, pred_hidden_dim=6, head_norm="layer")
