@@ -1,5 +1,5 @@
 """The published baselines of experiments/hvp_mtl/tables.yaml that the converter loads, in the layouts their files
-use (MoCo v3, DINO and MAE ViTs: tests/test_checkpoints_official.py), and the one it refuses:
+use (MoCo v3, DINO and MAE ViTs: tests/checkpoints/test_official_checkpoints.py), and the one it refuses:
 
 * SimMIM's ViT-B (``{'model': {'encoder.*' BEiT names, shared relative position bias, mask_token, 'decoder.*'}}``)
   into timm's BEiT with mean pooling, as Table 1's SimMIM row evaluates it;

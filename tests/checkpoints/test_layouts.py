@@ -181,7 +181,7 @@ def test_beit_layout_renames_q_v_biases_and_layer_scale(tmp_path):
     converted = recognise(obj)
     assert converted.layout == "beit" and "blocks.0.attn.q_bias" in converted.state_dict  # timm Beit's names
     assert not any(k.startswith(("mask_token", "lm_head")) for k in converted.state_dict)
-    # relative position biases reach a BEiT backbone (tests/test_eval_probes.py); a plain ViT has none
+    # relative position biases reach a BEiT backbone (tests/eval/test_finetune.py); a plain ViT has none
     beit["blocks.0.attn.relative_position_bias_table"] = torch.zeros(12, 3)
     assert "blocks.0.attn.relative_position_bias_table" in recognise({"model": beit}).state_dict
     with pytest.raises(ValueError, match="relative position bias.*timm BEiT backbone"):

@@ -1,4 +1,4 @@
-"""Every public layout against its official model code: build the official model (``tests/official_models.py``,
+"""Every public layout against its official model code: build the official model (``tests/helpers/official_models.py``,
 or torchvision / open_clip themselves), save it the way the official training script saves, load it through
 ssl_zoo **without naming a backbone**, and compare the features with the official forward pass to 1e-5.
 
@@ -17,7 +17,6 @@ import torchvision
 from open_clip.model import CLIP
 
 from ssl_zoo.checkpoints import load_backbone, read_backbone_weights
-from ssl_zoo.checkpoints.convert import main as convert_main
 from tests.helpers import official_models as official
 
 IMG = 32  # a 2 x 2 patch grid keeps every model small; the 768-wide ones have one block
@@ -261,26 +260,6 @@ def test_openai_clip_visual_tower_through_open_clip(tmp_path):
     with pytest.raises(ValueError, match="act 'QuickGELU' in the checkpoint's architecture, 'GELU'"):
         load_backbone(path, backbone="vit_base_patch16_clip_224", backbone_kwargs={"img_size": IMG,
                                                                                    "model_kwargs": {"depth": 1}})
-
-
-# ---------------------------------------------------------------------------------------------- the convert command
-def test_convert_writes_a_checkpoint_every_job_takes_without_a_name(tmp_path, capsys):
-    model, path = _mocov3_vit_small_file(tmp_path)
-    out = tmp_path / "converted" / "mocov3_vits.pth"
-    assert convert_main([path, str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "layout mocov3, student: base_encoder.*" in printed and "momentum_encoder.*" in printed
-    assert "vit_small_patch16_224" in printed and "num_heads: 12" in printed and f"wrote {out}" in printed
-    converted = read_backbone_weights(out)
-    assert converted.is_pretraining_checkpoint and converted.name == "vit_small_patch16_224"
-    assert converted.img_size == IMG
-    _close(load_backbone(out).eval()(_images()), _timm_features(model.base_encoder, _images()))
-    # an unknown file: one line, exit status 2
-    bad = tmp_path / "bad.pth"
-    torch.save({"net": {"stem.weight": torch.randn(2)}}, bad)
-    assert convert_main([str(bad), str(tmp_path / "x.pth")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint") and err.count("\n") == 1
 
 
 def test_timm_state_dicts_named_by_the_user(tmp_path):

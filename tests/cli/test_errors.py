@@ -1,5 +1,7 @@
 """Mistakes at the command line end in one message (what is wrong, the key or file at fault, what to do), exit
-status 2 and no traceback; ``SSL_ZOO_DEBUG=1`` shows the traceback. The listings of ``--help`` / ``make help``.
+status 2 and no traceback; ``SSL_ZOO_DEBUG=1`` shows the traceback (``ssl_zoo.cli.errors``). Bad keys, types and
+values in configs and overrides are named before training starts; a dataset root or images that are missing, and a
+batch too small for BatchNorm, at setup.
 
 Each error case runs the command line in a child process, since the exit status and what reaches the terminal
 are the point: ``python -m ssl_zoo`` itself for the first case, and for the others the same entry point
@@ -9,17 +11,20 @@ seconds of imports already. Parse errors, which end the same way in-process, are
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ssl_zoo.cli import main
 from ssl_zoo.cli.errors import explain_error
@@ -241,49 +246,104 @@ def test_make_with_an_unknown_method_lists_the_methods():
     assert line.startswith(f"error: unknown METHOD=simsam; the methods are: {' '.join(METHODS)} ")
 
 
-def _run_configs(method: str) -> list[str]:
-    """A method's run configs (its tables.yaml is a manifest of paper tables, listed apart)."""
-    return [p.name for p in sorted((ROOT / "experiments" / method).glob("*.yaml")) if p.name != "tables.yaml"]
 
 
-#: The evaluation and transfer jobs: (make target, subcommand, folder of its configs).
-JOBS = [("linear", "fit", "eval"), ("gamp", "fit", "eval"), ("finetune", "fit", "eval"), ("knn", "validate", "eval"),
-        ("detect", "fit", "transfer"), ("segment", "fit", "transfer")]
+SIMSIAM = str(ROOT / "experiments/simsiam/demo.yaml")
 
 
-def _job_configs() -> set[str]:
-    return {p.name for folder in ("eval", "transfer") for p in (ROOT / "experiments" / folder).glob("*.yaml")}
+def _parse_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
 
 
-def test_make_help_lists_methods_configs_and_jobs():
-    result = _make("help")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    for method in METHODS:
-        line = next(line for line in out.splitlines() if line.startswith(f"  {method}: "))
-        assert line.startswith(f"  {method}: {' '.join(_run_configs(method))}"), line
-        for folder in sorted(p for p in (ROOT / "experiments" / method).iterdir() if p.is_dir()):
-            assert f"{folder.name}/*.yaml" in line, line
-    assert "make linear|gamp|finetune|knn CKPT=" in out and "make detect|segment CKPT=" in out
-    assert "make sweep SWEEP=" in out and "bench-quality" in out and "demo-shards" in out
-    assert all(name in out for name in _job_configs())
+def test_unknown_key_in_a_config_file_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load(Path(SIMSIAM).read_text())
+    cfg["model"]["init_args"]["no_such_option"] = 1
+    bad.write_text(yaml.safe_dump(cfg))
+    err = _parse_error(capsys, "fit", "--config", str(bad))
+    assert "no_such_option" in err and "not accepted" in err
 
 
-def test_python_m_ssl_zoo_help_lists_methods_configs_and_jobs():
-    result = subprocess.run([sys.executable, "-m", "ssl_zoo", "--help"], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    for method in METHODS:
-        line = next(line for line in out.splitlines() if line.startswith(f"  {method} "))
-        assert f": {' '.join(_run_configs(method))}" in line, line
-        for folder in sorted(p for p in (ROOT / "experiments" / method).iterdir() if p.is_dir()):
-            assert f" + {folder.name}/ ({len(list(folder.glob('*.yaml')))} overlay" in line, line
-        assert ("paper tables: tables.yaml" in line) == (ROOT / "experiments" / method / "tables.yaml").is_file()
-    for job, subcommand, folder in JOBS:
-        assert re.search(rf"^  {job} +python -m ssl_zoo {subcommand} --config experiments/{folder}/{job}_demo.yaml "
-                         rf"--model.init_args.ckpt CKPT +\(make {job} CKPT=\.\.\.\)$", out, re.M), out
-    listed = {name for line in out.splitlines() if line.strip().startswith("configs: ")
-              for name in line.split("configs: ", 1)[1].split()}
-    assert listed == _job_configs()  # every evaluation and transfer config, under the job that runs it
-    assert re.search(r"^  pretrain +python -m ssl_zoo fit", out, re.M) and "SSL_ZOO_DEBUG=1" in out
+def test_misspelt_override_is_rejected(capsys):
+    err = _parse_error(capsys, "fit", "--config", SIMSIAM, "--model.init_args.overlapp", "0.3")
+    assert "'overlapp' is not accepted" in err
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("--data.init_args.batch_size", "1.5", r"data\.init_args\.batch_size: Expected a <class 'int'>\. Got value: 1\.5"),
+        ("--model.init_args.overlap", "wide", r"model\.init_args\.overlap: Expected a <class 'float'>\. Got value: wide"),
+        ("--data.init_args.on_bad_sample", "ignore", r"data\.init_args\.on_bad_sample: .*ignore"),
+        ("--model.init_args.head_norm", "group", r"model\.init_args\.head_norm: .*group"),
+    ],
+    ids=["batch_size", "overlap", "on_bad_sample", "head_norm"],
+)
+def test_wrong_types_name_the_key(capsys, key, value, expected):
+    err = _parse_error(capsys, "fit", "--config", SIMSIAM, key, value)
+    assert re.search(expected, err, flags=re.S), err
+
+
+def _instantiate(*overrides: str, config: str = SIMSIAM):
+    return main(["--config", config, "--trainer.logger", "false", *overrides], run=False)
+
+
+@pytest.mark.parametrize("overlap", ["-0.1", "0.7"])
+def test_overlap_out_of_range_is_rejected_before_training(overlap):
+    with pytest.raises(ValueError, match=re.escape(f"model.overlap (gamma) must lie in [0, 0.5], got {overlap}")):
+        _instantiate("--model.init_args.bam", "true", "--model.init_args.overlap", overlap)
+
+
+def test_patch_grid_mismatch_says_what_to_change():
+    # The demo's student is a ViT/16 at 64 px (4x4 patches); a /32 teacher sees 2x2 patches.
+    config = str(ROOT / "experiments/mvp/demo.yaml")
+    teacher = yaml.safe_load(Path(config).read_text())["model"]["init_args"]["teacher_kwargs"]
+    teacher["vision_cfg"]["patch_size"] = 32
+    with pytest.raises(ValueError, match=r"patch grids differ.*4x4.*2x2.*give the student and the teacher the "
+                                         r"same patch size") as info:
+        _instantiate("--model.init_args.teacher_kwargs", json.dumps(teacher), config=config)
+    assert "vit_tiny_patch16_224" in str(info.value)
+
+
+def _fit(tmp_path: Path, *overrides: str, config: str = SIMSIAM):
+    return main(["fit", "--config", config, "--trainer.logger", "false", "--trainer.max_steps", "1",
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--data.init_args.num_workers", "0",
+                 "--model.init_args.img_size", "32", *overrides])
+
+
+def test_missing_dataset_root_fails_at_setup(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"data\.root: dataset root '.*nowhere' does not exist"):
+        _fit(tmp_path, "--data.init_args.root", str(tmp_path / "nowhere"))
+    assert time.perf_counter() - start < 30  # seconds, not hours
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_image_files_fail_at_setup_with_validate_files(tmp_path, demo_root):
+    root = tmp_path / "coco"
+    shutil.copytree(demo_root, root, ignore=shutil.ignore_patterns("folder", "tencent"))
+    victim = sorted((root / "train2017").iterdir())[5]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"'{victim}'")) as info:
+        _fit(tmp_path, "--data.init_args.root", str(root), "--data.init_args.validate_files", "true")
+    assert "instances_train2017.json" in str(info.value) and "1 of 48 images" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # SimSiam's heads hold BatchNorm over the batch: one image per process cannot be normalised.
+        (["--data.init_args.batch_size", "1"],
+         r"data\.batch_size=1 is too small for BAMIA: it needs at least 2 images per process \(the projector "
+         r"and predictor normalise with BatchNorm.*head_norm: layer\); set data\.init_args\.batch_size >= 2"),
+        (["--data.init_args.batch_size", "100"],
+         r"data\.batch_size=100 is larger than the 48 training images.*set data\.init_args\.batch_size <= 48"),
+    ],
+    ids=["below_the_method_minimum", "above_the_dataset"],
+)
+def test_unusable_batch_size_is_rejected_at_setup(tmp_path, demo_root, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _fit(tmp_path, "--data.init_args.root", demo_root, *overrides)

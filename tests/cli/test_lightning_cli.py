@@ -1,4 +1,5 @@
-"""The command line: every experiment config parses (no stale keys), demo configs run, run directories."""
+"""The command line (``ssl_zoo.cli.lightning_cli``): every experiment config parses (no stale keys), run directories,
+wandb's mode, CPU threads, and the run ``--resume`` continues."""
 
 import contextlib
 import io
@@ -6,15 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ssl_zoo.cli import main
 from ssl_zoo.cli.errors import ConfigError
-from ssl_zoo.cli.lightning_cli import apply_cpu_threads, wandb_mode
+from ssl_zoo.cli.lightning_cli import apply_cpu_threads, apply_resume, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[2]
 NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
-NON_CLI_FILES = {"tables.yaml"}  # paper table manifests, checked by tests/test_tables.py
+NON_CLI_FILES = {"tables.yaml"}  # paper table manifests, checked by tests/tables/test_manifest.py
 CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
                  if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts) and p.name not in NON_CLI_FILES)
 DEMOS = [p for p in CONFIGS if p.name == "demo.yaml" and p.parent.name != "eval"]
@@ -53,26 +55,6 @@ def test_config_parses(config):
     assert resolved["seed_everything"] is not None
 
 
-def _data_root(config: Path, demo_root: str) -> str:
-    """The tiny demo set in the format the config reads (folder configs read its class-per-folder view)."""
-    data = yaml.safe_load(config.read_text())["data"]
-    return f"{demo_root}/folder" if data["class_path"].endswith("ImageFolderDataModule") else demo_root
-
-
-def _fast_dev_run(config: Path, demo_root: str, tmp_path: Path, *extra: str):
-    return main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1",
-                 "--data.init_args.root", _data_root(config, demo_root), "--data.init_args.num_workers", "0",
-                 "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path), *extra])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("config", DEMOS, ids=lambda p: p.parent.name)
-def test_demo_config_fast_dev_run(config, demo_root, tmp_path):
-    cli = _fast_dev_run(config, demo_root, tmp_path)
-    loss = cli.trainer.callback_metrics["train/loss"]
-    assert loss.isfinite()
-
-
 @pytest.mark.slow
 def test_fit_writes_run_directory(demo_root, tmp_path):
     """A short real fit leaves the resolved config, last + best checkpoints and the CSV metrics."""
@@ -107,57 +89,8 @@ def test_wandb_mode_offline_without_key(monkeypatch, tmp_path):
     assert wandb_mode() == "disabled"
 
 
-def test_run_summary_says_when_max_time_stopped_the_schedule(tmp_path):
-    """A fit that trainer.max_time ends before max_epochs is named in the summary (epoch and step reached); one
-    that ran its schedule within the limit is not."""
-    import time
-
-    from lightning.pytorch import Callback, Trainer
-    from lightning.pytorch.demos.boring_classes import BoringModel
-
-    from ssl_zoo.cli.run_summary import format_run_summary
-
-    class SlowBatches(Callback):
-        """Sleeps after every batch from global step ``from_step`` on, so that max_time runs out there."""
-
-        def __init__(self, seconds, from_step=0):
-            self.seconds, self.from_step = seconds, from_step
-
-        def on_train_batch_end(self, trainer, *args, **kwargs):
-            if trainer.global_step >= self.from_step:
-                time.sleep(self.seconds)
-
-    def fit(max_time, callbacks, max_epochs=50):
-        trainer = Trainer(max_epochs=max_epochs, max_time=max_time, limit_train_batches=3, limit_val_batches=0,
-                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
-        trainer.fit(BoringModel())
-        return trainer
-
-    cut = fit({"seconds": 1}, [SlowBatches(0.1)])
-    assert 0 < cut.global_step < 50 * 3
-    summary = format_run_summary(cut, BoringModel(), "fit")
-    (line,) = [row for row in summary.splitlines() if row.startswith("stopped")]
-    # BoringModel takes one optimizer step per batch: the epoch reached and its batches follow from the steps.
-    epoch = -(-cut.global_step // 3)  # ceil
-    batches_done = cut.global_step - 3 * (epoch - 1)
-    assert "trainer.max_time" in line
-    assert f"in epoch {epoch} of 50, after {batches_done} of its 3 batches (step {cut.global_step})" in line
-
-    # Cut short in its last epoch (the time runs out after its first batch, step 4 of 6): the schedule did not
-    # finish either, though Lightning counts that epoch done.
-    last = fit({"seconds": 2}, [SlowBatches(2.5, from_step=4)], max_epochs=2)
-    assert 3 < last.global_step < 6 and last.current_epoch == 2
-    assert f"in epoch 2 of 2, after {last.global_step - 3} of its 3 batches" in format_run_summary(
-        last, BoringModel(), "fit")
-    complete = fit({"minutes": 5}, [])
-    assert complete.current_epoch == 50
-    assert "stopped" not in format_run_summary(complete, BoringModel(), "fit")
-
-
 @pytest.fixture
 def restore_threads():
-    import torch
 
     threads = torch.get_num_threads()
     yield
@@ -165,7 +98,6 @@ def restore_threads():
 
 
 def test_cpu_threads_set_torch_threads_on_cpu_runs_only(monkeypatch, restore_threads):
-    import torch
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     torch.set_num_threads(2)
@@ -185,3 +117,37 @@ def test_cpu_threads_set_torch_threads_on_cpu_runs_only(monkeypatch, restore_thr
     assert not apply_cpu_threads(1, {"accelerator": "cpu"}) and torch.get_num_threads() == 2
     with pytest.raises(ConfigError, match="cpu_threads: must be >= 0"):
         apply_cpu_threads(-1, {"accelerator": "cpu"})
+
+
+def _fit_config(tmp_path, **overrides) -> dict:
+    return {"ckpt_path": None, "trainer": {"default_root_dir": None}, "run_root": str(tmp_path), "name": "mpcl",
+            "resume": True, **overrides}
+
+
+def test_resume_picks_the_newest_run_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("SSL_ZOO_RUN_STAMP", raising=False)
+    for stamp in ("20250101-000000", "20250301-000000"):
+        (tmp_path / "mpcl" / stamp / "checkpoints").mkdir(parents=True)
+        (tmp_path / "mpcl" / stamp / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cfg = _fit_config(tmp_path)
+    apply_resume(cfg)
+    newest = tmp_path / "mpcl" / "20250301-000000"
+    assert cfg["ckpt_path"] == str(newest / "checkpoints" / "last.ckpt")
+    assert cfg["trainer"]["default_root_dir"] == str(newest)  # the run continues in its own directory
+
+    monkeypatch.setenv("SSL_ZOO_RUN_STAMP", "20250101-000000")  # a launcher pinned the run
+    cfg = _fit_config(tmp_path)
+    apply_resume(cfg)
+    assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "mpcl" / "20250101-000000")
+
+    with pytest.raises(ValueError, match="either --resume or --ckpt_path"):
+        apply_resume(_fit_config(tmp_path, ckpt_path="x.ckpt"))
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("SSL_ZOO_RUN_STAMP", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint .*mpcl.*last\.ckpt for run name 'mpcl'"):
+        apply_resume(_fit_config(tmp_path))
+    cfg = _fit_config(tmp_path, resume="auto")  # auto: a fresh run instead
+    apply_resume(cfg)
+    assert cfg["ckpt_path"] is None and cfg["trainer"]["default_root_dir"] is None

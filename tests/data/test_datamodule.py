@@ -1,13 +1,18 @@
-"""Data modules: every format of the demo data through the same loaders, the view-transform hook, errors."""
+"""Data modules (``ssl_zoo.data.datamodule``): every format of the demo data through the same loaders, the
+view-transform hook, subset lists, errors."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
+from PIL import Image
 from torchvision.transforms import v2 as T
 
 from ssl_zoo.data.datamodule import CocoDataModule, ImageFolderDataModule, TencentMLDataModule
+from ssl_zoo.eval.finetune import FineTune
 
 
 class TwoViews:
@@ -121,3 +126,42 @@ def test_tencent_list_arguments_errors(demo_root):
         TencentMLDataModule(root=demo_root, val_lists=[{"list_file": "a.txt"}, {"list_file": "b.txt", "root": "x"}])
     with pytest.raises(ValueError, match="data.train_lists is empty"):
         TencentMLDataModule(root=demo_root, train_lists=[])
+
+
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+
+
+def _imagenet_tree(root: Path, per_class: int = 4) -> list[str]:
+    """An ImageNet-style tree ``root/{train,val}/<wnid>/<wnid>_<k>.JPEG`` of tiny images; returns the train names."""
+    names = []
+    for split in ("train", "val"):
+        for c, wnid in enumerate(CLASSES):
+            (root / split / wnid).mkdir(parents=True)
+            for k in range(per_class):
+                name = f"{wnid}_{100 + k}.JPEG"
+                Image.new("RGB", (32, 32), (40 * c, 20 * k, 90)).save(root / split / wnid / name, format="JPEG")
+                if split == "train":
+                    names.append(name)
+    return names
+
+
+@pytest.mark.slow
+def test_data_module_trains_on_the_subset_and_validates_on_the_whole_split(tmp_path):
+    names = _imagenet_tree(tmp_path)
+    (tmp_path / "10percent.txt").write_text("\n".join(names[::3]) + "\n")  # 4 of the 12 training images
+    finetune = FineTune(backbone="resnet18", backbone_kwargs={"model_kwargs": {"layers": [1, 1, 1, 1]}}, img_size=32,
+                        optimizer="sgd", nesterov=False, base_lr=0.005, head_base_lr=0.5, lr_batch_size=256,
+                        weight_decay=0.0, layer_decay=1.0, warmup_epochs=0, lr_interval="epoch", drop_path_rate=0.0,
+                        mixup=0.0, cutmix=0.0, label_smoothing=0.0, auto_augment=None, re_prob=0.0, color_jitter=None)
+    data = ImageFolderDataModule(root=str(tmp_path), train_subset="10percent.txt", batch_size=2, num_workers=0)
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=str(tmp_path / "run"))
+    trainer.fit(finetune, datamodule=data)
+    assert len(data.train_set) == 4 and data.num_classes == 3
+    assert trainer.num_training_batches == 2  # 4 subset images / batch 2
+    assert trainer.num_val_batches[0] == 6  # the whole validation split: 12 images / batch 2
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults["nesterov"]  # Barlow Twins' evaluate.py
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+    steps = [type(t).__name__ for t in finetune.train_transform().transform.transforms]
+    assert "ColorJitter" not in steps and steps[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]

@@ -37,6 +37,7 @@ from ssl_zoo.data.streaming import (
     record_image,
 )
 from tests.helpers.ddp_utils import run_distributed
+from tests.helpers.resume import assert_resumed_run_matches, load_checkpoint, run_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = "16KB"
@@ -425,19 +426,17 @@ def _command(shards: str, every: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
     """SIGKILL part-way through epoch 1, --resume: the same per-step losses and final state as without the kill."""
-    from test_resume import _env, _load, assert_resumed_run_matches
-
     shards = str(shard_root / "folder")
     steps_per_epoch = len(ShardDataset(f"{shards}/train")) // BATCH
     every, kill_after, total = steps_per_epoch + 1, steps_per_epoch + 3, 2 * steps_per_epoch
     assert kill_after < total
     full_dir, runs, marker = tmp_path / "full", tmp_path / "runs", tmp_path / "stalled"
-    stall = json.dumps({"class_path": "test_resume.StallAfterStep",
+    stall = json.dumps({"class_path": "tests.helpers.resume.StallAfterStep",
                         "init_args": {"step": kill_after, "marker": str(marker)}})
     full = subprocess.Popen(_command(shards, every, "--trainer.default_root_dir", str(full_dir)),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = subprocess.Popen(_command(shards, every, "--run_root", str(runs), f"--trainer.callbacks+={stall}"),
-                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
         while not marker.exists():
@@ -450,13 +449,13 @@ def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
         if victim.poll() is None:
             victim.kill()
     (killed_dir,) = (runs / "mpcl").iterdir()
-    ckpt = _load(killed_dir / "checkpoints" / "last.ckpt")
+    ckpt = load_checkpoint(killed_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == every and ckpt["epoch"] == 1
     position = ckpt["StreamingDataModule"]["train_stream"]  # the data module's state_dict
     assert position["epoch"] == 1 and position["batches"] == 1 and position["num_workers"] == 2
 
     resumed = subprocess.run(_command(shards, every, "--run_root", str(runs), "--resume", "true"),
-                             cwd=ROOT, env=_env(), capture_output=True, text=True)
+                             cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]

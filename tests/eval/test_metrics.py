@@ -1,4 +1,5 @@
-"""Evaluation maths against independent brute-force computations: multi-label metrics, pooling, kNN vote."""
+"""Multi-label metrics (``ssl_zoo.eval.metrics``) against independent brute-force computations, sklearn and
+torchmetrics: mAP, CP / CR / CF1 and OP / OR / OF1, ties, thresholds and classes without positives."""
 
 import math
 
@@ -12,11 +13,7 @@ from torchmetrics.functional.classification import (
     multilabel_stat_scores,
 )
 
-from ssl_zoo.eval.features import embed, extract_features
-from ssl_zoo.eval.knn import knn_evaluate, knn_predict
 from ssl_zoo.eval.metrics import MULTILABEL_METRIC_NAMES, average_precision, multilabel_metrics
-from ssl_zoo.eval.pooling import FeaturePooling, gamp, gap, gmp, pool_map
-from ssl_zoo.models import Backbone
 
 
 # --------------------------------------------------------------------------------------------- references
@@ -201,136 +198,3 @@ def test_map_nan_when_no_class_has_positives():
     assert math.isnan(multilabel_metrics(torch.rand(3, 2), torch.zeros(3, 2))["mAP"])
 
 
-# --------------------------------------------------------------------------------------------- pooling
-def test_pooling_on_hand_made_map():
-    x = torch.zeros(1, 2, 2, 2)
-    x[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 10.0]])  # mean 4, max 10
-    x[0, 1] = torch.tensor([[-1.0, -1.0], [-1.0, -5.0]])  # mean -2, max -1
-    assert gap(x).tolist() == [[4.0, -2.0]]
-    assert gmp(x).tolist() == [[10.0, -1.0]]
-    assert gamp(x).tolist() == [[7.0, -1.5]]
-
-
-def test_gamp_is_mean_of_gap_and_gmp_on_random_maps():
-    x = torch.randn(3, 5, 4, 6)
-    flat = x.flatten(2)
-    torch.testing.assert_close(gamp(x), (flat.mean(-1) + flat.max(-1).values) / 2)
-    for name, fn in (("gap", gap), ("gmp", gmp), ("gamp", gamp)):
-        torch.testing.assert_close(pool_map(x, name), fn(x))
-        torch.testing.assert_close(FeaturePooling(name)(x), fn(x))
-
-
-def test_pooling_switch_changes_the_features_as_defined():
-    torch.manual_seed(0)
-    backbone = Backbone("resnet18").eval()
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fmap = backbone.forward_map(images)  # [2, 512, 2, 2]
-        feats = {p: embed(backbone, images, p) for p in ("gap", "gmp", "gamp", "backbone")}
-    torch.testing.assert_close(feats["gap"], fmap.mean(dim=(2, 3)))
-    torch.testing.assert_close(feats["gmp"], fmap.amax(dim=(2, 3)))
-    torch.testing.assert_close(feats["gamp"], (feats["gap"] + feats["gmp"]) / 2)
-    torch.testing.assert_close(feats["backbone"], feats["gap"])  # timm's ResNet head is an average pool
-    assert not torch.allclose(feats["gap"], feats["gmp"])
-
-
-def test_pooling_of_vit_uses_the_patch_grid():
-    torch.manual_seed(0)
-    backbone = Backbone("vit_tiny_patch16_224", img_size=32).eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        tokens = backbone.forward_tokens(images)  # [2, 1 + 4, 192]
-        got = embed(backbone, images, "gamp")
-    patches = tokens[:, 1:]
-    torch.testing.assert_close(got, (patches.mean(1) + patches.amax(1)) / 2)
-
-
-def test_pooling_rejects_unknown_names_and_shapes():
-    with pytest.raises(ValueError, match="gap, gmp, gamp"):
-        pool_map(torch.zeros(1, 1, 1, 1), "avg")
-    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
-        gamp(torch.zeros(2, 3))
-
-
-# --------------------------------------------------------------------------------------------- kNN
-def reference_knn(features, bank, labels, num_classes, k, t):
-    """DINO's weighted vote with explicit loops (labels: ints, or multi-hot rows)."""
-    f = features / np.linalg.norm(features, axis=1, keepdims=True)
-    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
-    out = []
-    for q in f:
-        sims = b @ q
-        nearest = np.argsort(-sims)[:k]
-        votes = np.zeros(num_classes)
-        for j in nearest:
-            y = np.eye(num_classes)[labels[j]] if np.ndim(labels[j]) == 0 else labels[j]
-            votes += math.exp(sims[j] / t) * y
-        out.append(votes / sum(math.exp(sims[j] / t) for j in nearest))
-    return np.array(out)
-
-
-@pytest.mark.parametrize("k", [1, 5, 20])
-def test_knn_predict_matches_brute_force_single_label(k):
-    rng = np.random.default_rng(k)
-    bank, feats = rng.normal(size=(50, 8)), rng.normal(size=(7, 8))
-    labels = rng.integers(0, 4, size=50)
-    got = knn_predict(torch.from_numpy(feats), torch.from_numpy(bank), torch.from_numpy(labels), 4, k=k,
-                      temperature=0.07, chunk_size=3)
-    np.testing.assert_allclose(got.numpy(), reference_knn(feats, bank, labels, 4, k, 0.07), atol=1e-5)
-    torch.testing.assert_close(got.sum(1), torch.ones(7))
-
-
-def test_knn_predict_matches_brute_force_multi_label():
-    rng = np.random.default_rng(5)
-    bank, feats = rng.normal(size=(30, 6)), rng.normal(size=(4, 6))
-    labels = (rng.random((30, 3)) < 0.4).astype(np.float32)
-    got = knn_predict(torch.from_numpy(feats), torch.from_numpy(bank), torch.from_numpy(labels), k=10,
-                      temperature=0.5)
-    np.testing.assert_allclose(got.numpy(), reference_knn(feats, bank, labels, 3, 10, 0.5), atol=1e-5)
-    assert ((got >= 0) & (got <= 1 + 1e-6)).all()
-
-
-def test_knn_predict_is_cosine_and_clips_k():
-    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    labels = torch.tensor([0, 1])
-    scaled_query = torch.tensor([[100.0, 1.0]])  # cosine: nearest is class 0 whatever the norm
-    got = knn_predict(scaled_query, bank * 7, labels, k=50, temperature=0.07)  # k > N is clipped
-    assert got.argmax(1).item() == 0 and got.shape == (1, 2)
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        knn_predict(scaled_query, bank, labels, k=0)
-    with pytest.raises(ValueError, match="temperature"):
-        knn_predict(scaled_query, bank, labels, temperature=0.0)
-
-
-class _ToyImages(torch.utils.data.Dataset):
-    def __init__(self, n=12, num_classes=3, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 32, 32, generator=g)
-        self.labels = torch.arange(n) % num_classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-
-def test_knn_evaluate_with_k1_on_its_own_training_set_is_perfect():
-    torch.manual_seed(0)
-    backbone = Backbone("resnet18")
-    loader = torch.utils.data.DataLoader(_ToyImages(), batch_size=5)
-    got = knn_evaluate(backbone, loader, loader, k=1)
-    assert got["top1"] == pytest.approx(100.0)
-    assert backbone.training  # mode restored after the frozen pass
-
-
-def test_extract_features_keeps_loader_order_and_eval_mode():
-    torch.manual_seed(0)
-    backbone = Backbone("resnet18")
-    data = _ToyImages(n=7)
-    feats, labels = extract_features(backbone, torch.utils.data.DataLoader(data, batch_size=3))
-    backbone.eval()
-    with torch.no_grad():
-        want = backbone(data.images)
-    torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-5)
-    assert labels.tolist() == data.labels.tolist()

@@ -12,9 +12,9 @@ BatchNorm computes per-process statistics, so a split batch cannot match one pro
 synchronised; ``SyncBatchNorm`` has no CPU kernel, so the heads here use LayerNorm (or no norm, MoCo
 v2's own projector) and the backbone is a ViT. Everything that crosses ranks is still exercised.
 
-Where the cross-rank pieces are tested on their own: ``tests/test_losses_distributed.py`` holds the
-IA-CLoss / SupCon gather, the MoCo v3 global negatives, the MoCo key-queue gather, the Sinkhorn
-all-reduce and the bare collectives; PTB's all-reduce (tests/test_ptb.py on its own) and shuffled BN
+Where the cross-rank pieces are tested on their own: each loss's file in ``tests/losses/`` holds its 2-process
+test (the IA-CLoss / SupCon gather, the MoCo v3 global negatives, the MoCo key-queue gather, the Sinkhorn
+all-reduce), ``tests/utils/test_distributed.py`` the bare collectives; PTB's all-reduce (tests/losses/test_ptb.py on its own) and shuffled BN
 (MPCLMoCoV2) are tested here inside the MPCL methods.
 """
 
@@ -81,7 +81,7 @@ def _mpcl(cls: type[nn.Module]) -> nn.Module:
     if cls is MPCLMoCoV3:
         # MoCo v3's ViT init starts the class token at ~1e-6 with a zero position: the first LayerNorm then sees a ~0
         # vector and scales float round-off by 1/sqrt(eps) = 1000 in that token's gradient. The init has its own
-        # test (test_mpcl.py); here it would only blur the comparison.
+        # test (tests/methods/test_mpcl.py); here it would only blur the comparison.
         return _seeded(cls, **TINY_VIT, **heads, pred_hidden_dim=16, head_norm="layer", moco_vit_init=False)
     return _seeded(cls, **TINY_VIT, **heads, head_norm="layer")
 

@@ -1,6 +1,6 @@
 """Several training steps in 2 gloo processes equal one process on the concatenated batches.
 
-One step (``tests/test_distributed.py``) checks losses and gradients; what carries over from step to step can
+One step (``tests/jobs/test_ddp_every_method.py``) checks losses and gradients; what carries over from step to step can
 only go wrong over several: MoCo v2's per-projector queues (each rank must enqueue the keys of both ranks, in
 rank order), the EMA teachers (every rank must average the same student), and PTB's accuracy counters and
 the weights they give at the epoch end. Each method runs 3 optimiser steps (SGD inside

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = sorted(p.parent.name for p in (ROOT / "experiments").glob("*/demo.yaml"))
 #: The Makefile's evaluation targets and the metric each reports on the demo data.
 JOBS = {"linear": "val/top1", "gamp": "val/mAP", "finetune": "val/top1", "knn": "val/top1"}
-#: The transfer jobs the run summary also names (run on every method's checkpoint in test_transfer_runs.py).
+#: The transfer jobs the run summary also names (run on every method's checkpoint in tests/jobs/test_transfer_runs.py).
 TRANSFER_JOBS = ("detect", "segment")
 
 # Overrides that only make the demo runs smaller: one step, 4 images, 32 px for the ResNets, 2-block ViTs (at

@@ -1,7 +1,7 @@
 """Barlow Twins loss (MPCLBarlowTwins) and the in-batch retrieval accuracy PTB uses with it.
 
 The 2-process DDP equivalence of the loss (global-batch standardisation and cross-correlation, gathered with
-gradients) runs inside the method in tests/test_distributed.py (``mpcl_barlowtwins``).
+gradients) runs inside the method in tests/jobs/test_ddp_every_method.py (``mpcl_barlowtwins``).
 """
 
 from __future__ import annotations

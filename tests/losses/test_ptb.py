@@ -2,19 +2,24 @@
 
 :class:`ProjectorTrainingBalance` against a brute-force computation of "the one epoch mean accuracy of m-th
 projector" and Eq. 3 (float64, loop by loop), its loss scales, its buffers across a resume, and its counts over two
-gloo processes against one process on the concatenated steps. The function ``ptb_weights`` alone is tested with the
-other losses (tests/test_losses.py); PTB inside the methods, at Lightning's epoch boundary, in tests/test_mpcl.py.
+gloo processes against one process on the concatenated steps; the function ``ptb_weights`` (Eq. 3) against its
+closed form. PTB inside the methods, at Lightning's epoch boundary, in tests/methods/test_mpcl.py.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ssl_zoo.losses import ProjectorTrainingBalance
+from ssl_zoo.losses import (
+    ProjectorTrainingBalance,
+    ptb_weights,
+)
 from tests.helpers.ddp_utils import run_distributed
+from tests.helpers.loss_checks import close
 
 EPS = 0.5
 
@@ -133,3 +138,19 @@ def test_two_processes_count_the_global_batch():
             torch.testing.assert_close(got["step_accs"][i], (acc_0 * b_0 + acc_1 * b_1) / (b_0 + b_1))
     for name in per_rank[0]:
         assert torch.equal(per_rank[0][name], per_rank[1][name]), name  # every rank holds the same buffers
+
+
+def test_ptb_weights():
+    acc = torch.tensor([0.9, 0.5, 0.7, 0.2])
+    for eps in (0.5, 0.1, 2.0):
+        w = ptb_weights(acc, epsilon=eps)
+        raw = [math.exp((1 - a) / eps) for a in acc.tolist()]
+        close(w, np.array(raw) / sum(raw))
+        close(w.sum(), 1.0)
+        # Lower accuracy, larger weight.
+        assert torch.equal(torch.argsort(w), torch.argsort(-acc))
+    close(ptb_weights(torch.full((3,), 0.4)), np.full(3, 1 / 3))
+    with pytest.raises(ValueError, match="acc"):
+        ptb_weights(torch.tensor([45.0, 60.0]))
+    with pytest.raises(ValueError, match="epsilon"):
+        ptb_weights(acc, epsilon=0.0)

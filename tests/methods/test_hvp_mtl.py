@@ -1,9 +1,9 @@
-"""HVP-MTL: the Query2Label head's wiring (its layout: tests/test_query2label.py), every loss term against a
+"""HVP-MTL: the Query2Label head's wiring (its layout: tests/models/test_query2label.py), every loss term against a
 float64 brute force, the leave-one-out switches, the EMA teacher, the demo config through the CLI and every config
 under experiments/hvp_mtl.
 
 Models are tiny (2-block ViT-Tiny at 32 px = 2 x 2 patches, 16-wide decoder, 7 prototypes, LayerNorm heads, no
-dropout), so the file runs in well under a minute on 2 CPU cores. DDP equivalence: tests/test_distributed.py.
+dropout), so the file runs in well under a minute on 2 CPU cores. DDP equivalence: tests/jobs/test_ddp_every_method.py.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def test_group_wise_linear_is_one_classifier_per_class():
 
 
 def test_decoder_options_reach_the_query2label_head():
-    """The head's layout is Query2Label's by default (tests/test_query2label.py); the constructor passes every
+    """The head's layout is Query2Label's by default (tests/models/test_query2label.py); the constructor passes every
     decoder option through, and the distillation reads Q0 and the memory of that head."""
     model = _model()
     dec = model.decoder
@@ -445,7 +445,7 @@ def test_train_transform_masks_the_patch_grid():
 
 
 # ---------------------------------------------------------------------- configs and the CLI
-CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "tables.yaml")  # the manifest: test_tables.py
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "tables.yaml")  # the manifest: tests/tables/test_manifest.py
 PAPER = {"swinb_tencentml_30ep.yaml": "swin_base_patch4_window7_224", "vitb_tencentml_30ep.yaml": "vit_base_patch16_224",
          "swint_tencentml_30ep.yaml": "swin_tiny_patch4_window7_224",
          "swins_tencentml_30ep.yaml": "swin_small_patch4_window7_224"}

@@ -1,11 +1,11 @@
 """MPCL on MoCo v2 / MoCo v3 / Barlow Twins (MPCLMoCoV2, MPCLMoCoV3, MPCLBarlowTwins): loss wiring against brute
 force, per-projector queues, the shared-hidden projector layout and the paper's parameter counts, PTB's loss scale
 and its epoch boundary, the Table II alternatives, MoCo v3's ViT construction, and every config under
-experiments/{mpcl,mocov2,mocov3}. PTB's state on its own: tests/test_ptb.py; the settings and steps of the former
-flavour-switched class: tests/test_mpcl_reference.py.
+experiments/{mpcl,mocov2,mocov3}. PTB's state on its own: tests/losses/test_ptb.py; the settings and steps of the former
+flavour-switched class: tests/methods/test_mpcl_reference.py.
 
 Models are tiny (2-block ViT-Tiny at 32 px = 4 patches, small heads) so the whole file runs in about a minute
-on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in tests/test_distributed.py.
+on 2 CPU cores. The 2-process DDP equivalence and the PTB all-reduce are in tests/jobs/test_ddp_every_method.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import Callback, Trainer
 
+from ssl_zoo.cli import main
 from ssl_zoo.methods import MPCLBarlowTwins, MPCLMoCoV2, MPCLMoCoV3
 from ssl_zoo.utils.loop_progress import lightning_private_batches_done
 
@@ -671,7 +672,7 @@ def test_paper_defaults_and_argument_errors():
 
 def test_shuffled_bn_leaves_one_process_alone():
     """MoCo's shuffled BN acts across processes only: on one, the key encoder sees the batch as it is and no
-    permutation is drawn (the 2-process shuffle is checked in tests/test_distributed.py)."""
+    permutation is drawn (the 2-process shuffle is checked in tests/jobs/test_ddp_every_method.py)."""
     model = _tiny("mocov2")
     assert model.hparams.shuffle_bn
     x = torch.randn(4, 3, 32, 32)
@@ -702,14 +703,13 @@ ABLATIONS = sorted(p.name for p in (EXPERIMENTS / "mpcl" / "ablations").glob("*.
 def test_every_config_is_listed():
     found = {str(p.relative_to(EXPERIMENTS)) for d in ("mpcl", "mocov2", "mocov3")
              for p in (EXPERIMENTS / d).glob("*.yaml")
-             if p.name != "tables.yaml" and not p.name.startswith("cpu")}  # CPU recipes: tests/test_quality.py
+             if p.name != "tables.yaml" and not p.name.startswith("cpu")}  # CPU recipes: tests/benchmarks/test_quality.py
     assert found == set(DEMO_CONFIGS + OTHER_DEMO_CONFIGS + list(PAPER_CONFIGS))
     assert len(ABLATIONS) >= 14
 
 
 @pytest.mark.parametrize("config", DEMO_CONFIGS)
 def test_demo_config_fast_dev_run(config, demo_root, tmp_path, monkeypatch):
-    from ssl_zoo.cli import main
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     args = ["fit", "--config", str(EXPERIMENTS / config), "--trainer.fast_dev_run", "1",
@@ -747,7 +747,6 @@ def _parse(*configs: Path) -> dict:
 
 @functools.cache
 def _parse_cached(configs: tuple[str, ...]) -> dict:
-    from ssl_zoo.cli import main
 
     args = ["fit"] + [a for c in configs for a in ("--config", c)] + ["--print_config"]
     buf = io.StringIO()
@@ -840,3 +839,14 @@ def test_blur_option_reaches_every_view(framework):
     assert all(type(b) is PILGaussianBlur for b in reference)
     assert all(type(b) is SeparableGaussianBlur and tuple(b.kernel_size) == (3, 3) for b in kernel)
     assert [b.sigma for b in kernel] == [b.sigma for b in reference] == [(0.1, 2.0)] * 2
+
+
+@pytest.mark.parametrize("framework, head_norm, minimum", [
+    ("MPCLMoCoV2", None, 1), ("MPCLMoCoV3", None, 2), ("MPCLMoCoV3", "layer", 1), ("MPCLBarlowTwins", "layer", 2)])
+def test_mpcl_min_batch_size_follows_its_head_norm(framework, head_norm, minimum):
+    import ssl_zoo.methods
+
+    options = {} if head_norm is None else {"head_norm": head_norm}  # None: the framework's default
+    model = getattr(ssl_zoo.methods, framework)("resnet18", img_size=32, num_projectors=2, projector_hidden_dims=8,
+                                                proj_dim=8, **options)
+    assert model.min_batch_size()[0] == minimum

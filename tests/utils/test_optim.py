@@ -1,4 +1,5 @@
-"""Learning rates: the schedule and scaling rules as tables, and the lr an optimiser actually holds in a run.
+"""Learning rates and LARS (``ssl_zoo.utils.optim``): the schedule and scaling rules as tables, the lr an optimiser
+actually holds in a run, and LARS against hand-computed and official updates.
 
 Expected values are written out by hand from the formulas (linear scaling rule, Goyal et al. 2017; linear
 warm-up then half-cosine, SGDR), not recomputed with the functions under test.
@@ -6,6 +7,7 @@ warm-up then half-cosine, SGDR), not recomputed with the functions under test.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +18,7 @@ from ssl_zoo.data import ImageFolderDataModule, TencentMLDataModule
 from ssl_zoo.data.tencent import read_tencent_dictionary
 from ssl_zoo.eval import LinearProbe
 from ssl_zoo.methods import BAMIA, HVPMTL, MPCLMoCoV2
-from ssl_zoo.utils.optim import global_batch_size, scaled_lr, warmup_cosine, warmup_cosine_scheduler
+from ssl_zoo.utils.optim import LARS, global_batch_size, scaled_lr, warmup_cosine, warmup_cosine_scheduler
 
 
 @pytest.mark.parametrize("step,total,warmup,final,expected", [
@@ -153,3 +155,68 @@ def test_linear_probe_lr_is_base_lr_per_256(demo_root, tmp_path):
     recorder = _fit(probe, datamodule, tmp_path, max_epochs=2, limit_train_batches=1)
     peak = 30.0 * 8 / 256
     assert [lrs[0] for lrs in recorder.lrs] == pytest.approx([peak, peak], rel=1e-9)  # 1 warm-up step, then 1
+
+
+def test_lars_step_matches_hand_computation():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(3))
+    opt = LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    gw, gb = torch.randn(3, 4), torch.randn(3)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    d = gw + 0.1 * w0
+    d = d * (0.01 * w0.norm() / d.norm())
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * d)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: plain SGD, no decay, no trust ratio
+    # second step: momentum buffer v = 0.9 v + d
+    w1 = w.detach().clone()
+    w.grad = gw.clone()
+    opt.step()
+    d2 = gw + 0.1 * w1
+    d2 = d2 * (0.01 * w1.norm() / d2.norm())
+    torch.testing.assert_close(w.detach(), w1 - 0.5 * (0.9 * d + d2))
+
+
+def test_lars_matches_the_official_update_on_hand_computed_steps():
+    """MoCo v3 / Barlow Twins LARS: d = g + wd * p, trust ratio eta * ||p|| / ||g + wd * p|| on matrices; a bias
+    takes neither (numbers worked out by hand; lightly's ||g|| + wd * ||p|| would give ratio 0.01 x 5 / 4.49)."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = LARS([w, b], lr=0.5, weight_decay=0.2, momentum=0.9, trust_coefficient=0.01)
+    gw, gb = torch.tensor([[3.4, -0.8]], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # d = [3.4, -0.8] + 0.2 x [3, 4] = [4, 0], ||d|| = 4; ratio 0.01 x 5 / 4 = 0.0125; step 0.5 x [0.05, 0]
+    torch.testing.assert_close(w.detach(), torch.tensor([[2.975, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(b.detach(), torch.tensor([0.75, -2.25], dtype=torch.float64))  # b - 0.5 g
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # w: d2 = [3.4 + 0.595, -0.8 + 0.8] = [3.995, 0], ratio 0.01 ||w1|| / 3.995, v = 0.9 [0.05, 0] + d2 x ratio
+    ratio = 0.01 * math.sqrt(2.975**2 + 4.0**2) / 3.995
+    expected = torch.tensor([[2.975 - 0.5 * (0.9 * 0.05 + 3.995 * ratio), 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(w.detach(), expected)
+    # b: v = 0.9 x 0.5 + 0.5 = 0.95, b - 0.5 x 0.95
+    torch.testing.assert_close(b.detach(), torch.tensor([0.275, -2.725], dtype=torch.float64))
+
+
+def test_lars_is_the_one_the_methods_and_probes_use():
+    """One LARS for the project, in the utilities room; the linear probe and MPCL (Barlow Twins, MoCo v3) import it."""
+    import ssl_zoo.eval.linear
+    import ssl_zoo.methods.mpcl.barlow_twins
+    import ssl_zoo.methods.mpcl.moco_v3
+    import ssl_zoo.utils.optim
+
+    assert ssl_zoo.eval.linear.LARS is ssl_zoo.utils.optim.LARS is LARS
+    assert ssl_zoo.methods.mpcl.barlow_twins.LARS is ssl_zoo.methods.mpcl.moco_v3.LARS is LARS
+    assert ssl_zoo.eval.LARS is LARS
+
+
+def test_lars_scales_even_without_weight_decay():
+    """Linear probes use weight decay 0: the trust ratio must still apply (lightly's LARS skips it)."""
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    opt = LARS([w], lr=1.0, weight_decay=0.0, momentum=0.0, trust_coefficient=0.001)
+    w.grad = torch.full((2, 2), 100.0)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.ones(2, 2) - 0.001 * 0.5 * 2)  # |w| = 2, step = 0.001*|w|

@@ -1,5 +1,6 @@
-"""The fast view pipeline computes what the torchvision recipe computes, and the reduced-scale JPEG decode gives
-the crops of a full decode up to resampling.
+"""The view pipeline (``ssl_zoo.augment.views``): the fast pipeline computes what the torchvision recipe computes,
+the reduced-scale JPEG decode gives the crops of a full decode up to resampling, blur kernel sizes, multi-view
+stacking.
 
 References: torchvision's own ``Compose`` of the same steps under the same seed, torchvision's 2-D
 ``gaussian_blur``, ``ToTensor`` + ``Normalize``, and a full-scale decode followed by the same crop.
@@ -18,8 +19,11 @@ from torchvision.transforms import functional as F
 
 from ssl_zoo.augment import (
     BlockwiseAugmentation,
+    MultiViewTransform,
     SeparableGaussianBlur,
+    TwoViewTransform,
     ViewPipeline,
+    blur_kernel_size,
     byol_view,
     gaussian_blur_separable,
     simsiam_view,
@@ -28,11 +32,26 @@ from ssl_zoo.augment.views import _adjust_hue, largest_reduction
 from ssl_zoo.data.decode import BadImageError, EncodedImage, load_image
 
 
-@pytest.fixture(scope="module")
-def photo() -> Image.Image:
-    from sklearn.datasets import load_sample_image
+@pytest.mark.parametrize(("size", "expected"), [(224, 23), (96, 9), (64, 7), (32, 3), (10, 3)])
+def test_blur_kernel_size(size, expected):
+    assert blur_kernel_size(size) == expected
 
-    return Image.fromarray(load_sample_image("china.jpg"))  # 640 x 427
+
+def test_blur_kernel_is_odd_and_about_ten_percent():
+    for size in range(40, 400):
+        k = blur_kernel_size(size)
+        assert k % 2 == 1 and abs(k - 0.1 * size) <= 1.0
+
+
+def test_multi_view_transform_stacks_in_order(photo):
+    first = T.Compose([T.Resize((8, 8)), T.ToTensor()])
+    second = T.Compose([T.Resize((8, 8)), T.ToTensor(), T.Lambda(lambda x: 1 - x)])
+    out = MultiViewTransform([first, second, first])(photo)["views"]
+    assert out.shape == (3, 3, 8, 8)
+    assert torch.equal(out[0], out[2]) and torch.allclose(out[1], 1 - out[0])
+    assert TwoViewTransform(first)(photo)["views"].shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="at least one"):
+        MultiViewTransform([])
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""Two gloo processes, each holding half of a batch, must reproduce one process on the whole batch.
+"""The losses and collectives in 2 gloo processes, each holding half of a batch, and in one process holding the
+whole batch: every check is computed in one spawn per test session (the ``two_process_losses`` fixture of
+``tests/conftest.py``), and the tests of each loss compare its entries.
 
 DDP conventions emulated here: the reported loss is the mean of the ranks' losses, and parameter
 gradients are averaged over ranks. A shared linear layer ``z = x W^T + b`` in front of each loss
 stands in for the network, so the averaged parameter gradients are compared directly; the
 gradient w.r.t. a rank's local ``z`` divided by the world size is compared with the single-process
 gradient of the same rows (that is what the averaging applies to it).
-
-All checks run in a single spawn (module-scoped fixture) to keep the suite fast.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -28,8 +27,6 @@ from ssl_zoo.losses import (
 from ssl_zoo.utils import distributed as D
 from tests.helpers.ddp_utils import run_distributed
 
-pytestmark = pytest.mark.distributed
-
 WORLD = 2
 N_LOCAL = 6
 D_IN, D_OUT = 5, 4
@@ -39,7 +36,7 @@ IDS = torch.tensor([0, 1, 2, 3, 0, 5, 1, 2, 6, 7, 9, 4])
 QUEUE_DIM, QUEUE_SIZE, QUEUE_SEED = 3, 10, 7
 
 
-def _make_inputs() -> dict[str, Any]:
+def make_inputs() -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(D_IN, D_OUT)
     with torch.no_grad():
@@ -121,86 +118,27 @@ def _distributed_checks(rank: int, world_size: int, inputs: dict[str, Any]) -> d
     return _checks(rank, world_size, inputs, local=True)
 
 
-@pytest.fixture(scope="module")
-def results() -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    inputs = _make_inputs()
+def run_two_processes() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What each of 2 gloo ranks computes on its half of the batch, and one process on the whole batch."""
+    inputs = make_inputs()
     per_rank = run_distributed(_distributed_checks, world_size=WORLD, inputs=inputs)
     single = _checks(0, 1, inputs, local=False)
     return per_rank, single
 
 
-def _close(a: Tensor, b: Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+def close_across_ranks(a: Tensor, b: Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> None:
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
-def test_process_group_queries(results):
-    per_rank, single = results
-    assert [r["rank"] for r in per_rank] == [0, 1]
-    assert all(r["world_size"] == WORLD for r in per_rank)
-    assert single["world_size"] == 1 and single["rank"] == 0
-
-
-def test_collectives(results):
-    per_rank, _ = results
-    for r in per_rank:
-        _close(r["gather"], torch.tensor([0.0, 1, 2, 10, 11, 12]))
-        _close(r["sum"], torch.tensor([10.0, 12, 14]))
-        _close(r["max"], torch.tensor([10.0, 11, 12]))
-    # d/dv_r of sum_r' sum_j c_j * gather(v)_j, summed over both ranks' losses: 2 * c[rank rows].
-    _close(per_rank[0]["gather_grad"], 2 * torch.tensor([0.0, 1, 2]))
-    _close(per_rank[1]["gather_grad"], 2 * torch.tensor([3.0, 4, 5]))
-
-
-@pytest.mark.parametrize("key", ["ia_0.1", "ia_0.01", "sup_0.1", "sup_0.01", "moco_v3"])
-def test_loss_and_gradients_match_single_process(results, key):
-    per_rank, single = results
+def assert_loss_and_gradients_match_single_process(per_rank: list[dict[str, Any]], single: dict[str, Any],
+                                                   key: str) -> None:
+    """The ranks' mean loss and averaged parameter gradients equal one process's on the whole batch, and each
+    rank's gradient of its own embeddings, divided by the world size, equals the single process's on those rows."""
     ref = single[key]
     for r in per_rank:
-        _close(r[key]["loss_mean"], ref["loss"])
+        close_across_ranks(r[key]["loss_mean"], ref["loss"])
         for g, g_ref in zip(r[key]["param_grads"], ref["param_grads"], strict=True):
-            _close(g, g_ref)
+            close_across_ranks(g, g_ref)
     z_grad = torch.cat([r[key]["z_grad"] for r in per_rank]) / WORLD
-    _close(z_grad, ref["z_grad"])
+    close_across_ranks(z_grad, ref["z_grad"])
     assert ref["z_grad"].abs().sum() > 0
-
-
-def test_ia_loss_without_gather_sees_local_batch_only(results):
-    per_rank, _ = results
-    for rank, r in enumerate(per_rank):
-        inputs = _make_inputs()
-        lin = nn.Linear(D_IN, D_OUT)
-        lin.load_state_dict(inputs["lin_state"])
-        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-        expected = ImageAwareContrastiveLoss()(lin(inputs["x"][rows]), IDS[rows])
-        _close(r["ia_local"], expected.detach())
-
-
-def test_moco_v3_accuracy_is_global(results):
-    per_rank, single = results
-    _close(sum(r["moco_v3_acc"] for r in per_rank) / WORLD, single["moco_v3_acc"])
-
-
-@pytest.mark.parametrize("key", ["codes", "codes_extreme"])
-def test_sinkhorn_uses_global_batch(results, key):
-    per_rank, single = results
-    codes = torch.cat([r[key] for r in per_rank])
-    assert torch.isfinite(codes).all()
-    _close(codes, single[key], atol=1e-5, rtol=1e-3)
-    _close(codes.sum(dim=1), torch.ones(WORLD * N_LOCAL))
-
-
-def test_key_queue_is_identical_across_ranks_in_rank_order(results):
-    per_rank, single = results
-    _close(per_rank[0]["queue_init"], per_rank[1]["queue_init"])
-    for r in per_rank:
-        _close(r["queue_keys"], single["queue_keys"], atol=0.0, rtol=0.0)
-        assert r["queue_ptr"] == single["queue_ptr"] == (2 * WORLD * 3) % QUEUE_SIZE
-    # Brute force: write normalised keys one by one in rank order, wrapping around.
-    inputs = _make_inputs()
-    expected = per_rank[0]["queue_init"].clone()
-    ptr = 0
-    for batch in inputs["queue_keys"]:
-        for key in batch:  # batch rows are rank 0's three keys then rank 1's three keys
-            expected[ptr] = key / key.norm()
-            ptr = (ptr + 1) % QUEUE_SIZE
-    _close(per_rank[0]["queue_keys"], expected)

@@ -1,19 +1,14 @@
-"""Where ssl_zoo relies on a library's private counters, or keeps its own piece beside a library's: tests that
-fail loudly when the library changes what they pin."""
+"""Lightning's private loop counters that ``ssl_zoo.utils.loop_progress`` reads: tests that fail loudly when
+Lightning changes what they pin."""
 
 from __future__ import annotations
 
-import csv
-
-import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_zoo.utils.callbacks import ThroughputMonitor, batch_num_images
 from ssl_zoo.utils.loop_progress import (
     lightning_private_batches_done,
     lightning_private_epochs_started,
@@ -24,7 +19,7 @@ from ssl_zoo.utils.loop_progress import (
 BATCHES = 5  # per epoch
 
 
-class TinyModule(LightningModule):
+class _TinyModule(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.Linear(4, 1)
@@ -39,15 +34,15 @@ class TinyModule(LightningModule):
         return DataLoader(TensorDataset(torch.randn(4 * BATCHES, 4)), batch_size=4)
 
 
-def fit(tmp_path, callbacks, **trainer_kwargs) -> Trainer:
+def _fit(tmp_path, callbacks, **trainer_kwargs) -> Trainer:
     trainer = Trainer(callbacks=callbacks, logger=CSVLogger(tmp_path), log_every_n_steps=1, accelerator="cpu",
                       enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                       **{"max_epochs": 2, **trainer_kwargs})
-    trainer.fit(TinyModule())
+    trainer.fit(_TinyModule())
     return trainer
 
 
-class RecordProgress(Callback):
+class _RecordProgress(Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, int, int, int]] = []
 
@@ -57,35 +52,15 @@ class RecordProgress(Callback):
 
 
 def test_lightning_private_loop_counters_follow_the_hooks(tmp_path):
-    """The fit loop's private counters read by ``ssl_zoo.utils.loop_progress``: in every ``on_train_batch_end``
+    """The _fit loop's private counters read by ``ssl_zoo.utils.loop_progress``: in every ``on_train_batch_end``
     the epoch started is the hook's (1-based) epoch and the batches done are ``batch_idx + 1``; after a stop in
     the middle of epoch 2 they still name that epoch and its batches, while ``current_epoch`` has moved on."""
-    record = RecordProgress()
-    fit(tmp_path, [record])
+    record = _RecordProgress()
+    _fit(tmp_path, [record])
     assert [(e, b) for e, b, _, _ in record.seen] == [(e, b) for e in (1, 2) for b in range(1, BATCHES + 1)]
     assert all(started == epoch and done == batch for epoch, batch, started, done in record.seen)
-    stopped = fit(tmp_path, [], max_steps=BATCHES + 2)  # 2 batches into the second epoch
+    stopped = _fit(tmp_path, [], max_steps=BATCHES + 2)  # 2 batches into the second epoch
     assert (lightning_private_epochs_started(stopped), lightning_private_batches_done(stopped)) == (2, 2)
-
-
-def test_lightning_throughput_monitor_does_not_give_what_ours_does(tmp_path):
-    """Why ``ssl_zoo.utils.callbacks.ThroughputMonitor`` is ours: Lightning's ``ThroughputMonitor`` sends its rates
-    to the loggers only (not to the progress bar, nor to ``trainer.callback_metrics``, which the run summary
-    prints), and only once a window of ``window_size`` batches (100 by default) has been seen."""
-    ours = fit(tmp_path / "ours", [ThroughputMonitor()])
-    assert "train/images_per_s" in ours.progress_bar_metrics and "train/images_per_s" in ours.callback_metrics
-
-    def logged_columns(trainer: Trainer) -> set[str]:
-        with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
-            return set(next(csv.reader(f)))
-
-    for window, rate_logged in ((100, False), (2, True)):
-        with pytest.warns(UserWarning, match="flops_per_batch"):  # on every run of a module without FLOPs
-            theirs = fit(tmp_path / f"lightning{window}", [LightningThroughputMonitor(batch_num_images,
-                                                                                     window_size=window)])
-        shown = set(theirs.progress_bar_metrics) | set(theirs.callback_metrics)
-        assert not any("per_sec" in name for name in shown)
-        assert ("train/device/samples_per_sec" in logged_columns(theirs)) is rate_logged
 
 
 def test_next_epoch_loop_state_reads_lightnings_fit_loop_layout(tmp_path):
@@ -97,7 +72,7 @@ def test_next_epoch_loop_state_reads_lightnings_fit_loop_layout(tmp_path):
             self.state = lightning_private_fit_loop_state(trainer)
 
     capture = CaptureAtEpochEnd()
-    fit(tmp_path, [capture], max_epochs=1)
+    _fit(tmp_path, [capture], max_epochs=1)
     before = capture.state
     after = lightning_private_next_epoch_loop_state(before)
     assert before["epoch_progress"]["current"]["completed"] == 0 and before["epoch_progress"]["current"]["processed"] == 1
