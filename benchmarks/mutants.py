@@ -35,25 +35,24 @@ FAST_SUITE = ("-m", "not slow and not distributed")
 #: fast suite fails too (it contains them), so the mutant is caught without running the rest. A mutant they miss
 #: is run against the whole fast suite before it is called uncaught.
 FIRST_FILES: dict[str, tuple[str, ...]] = {
-    "ssl_zoo/methods/bam_ia.py": ("tests/test_simsiam_objective.py", "tests/test_bam_ia.py"),
-    "ssl_zoo/losses/ia_closs.py": ("tests/test_loss_gradients.py", "tests/test_losses.py",
-                                   "tests/test_gathers_in_process.py"),
-    "ssl_zoo/losses/asl.py": ("tests/test_loss_gradients.py", "tests/test_losses.py"),
-    "ssl_zoo/losses/mim.py": ("tests/test_loss_gradients.py", "tests/test_losses.py"),
-    "ssl_zoo/methods/hvp_mtl.py": ("tests/test_ema_teachers.py", "tests/test_hvp_mtl.py"),
-    "ssl_zoo/losses/moco.py": ("tests/test_loss_gradients.py", "tests/test_losses.py"),
-    "ssl_zoo/losses/mpcl.py": ("tests/test_loss_gradients.py", "tests/test_losses.py", "tests/test_mpcl.py"),
-    "ssl_zoo/losses/ptb.py": ("tests/test_ptb.py", "tests/test_losses.py", "tests/test_mpcl.py"),
-    "ssl_zoo/methods/mpcl/parts.py": ("tests/test_ema_teachers.py", "tests/test_mpcl.py"),
-    "ssl_zoo/methods/mpcl/moco_v2.py": ("tests/test_mpcl.py", "tests/test_mpcl_reference.py"),
-    "ssl_zoo/methods/mpcl/moco_v3.py": ("tests/test_ema_teachers.py", "tests/test_mpcl.py"),
-    "ssl_zoo/utils/ema.py": ("tests/test_ema_teachers.py", "tests/test_hvp_mtl.py"),
-    "ssl_zoo/utils/optim.py": ("tests/test_schedules.py",),
-    "ssl_zoo/eval/metrics.py": ("tests/test_eval_metrics.py", "tests/test_eval_probes.py"),
-    "ssl_zoo/eval/knn.py": ("tests/test_eval_probes.py", "tests/test_eval_end_to_end.py"),
-    "ssl_zoo/eval/pooling.py": ("tests/test_eval_metrics.py", "tests/test_eval_probes.py"),
-    "ssl_zoo/eval/module.py": ("tests/test_gathers_in_process.py", "tests/test_eval_end_to_end.py"),
-    "ssl_zoo/data/sampler.py": ("tests/test_resume.py", "tests/test_datamodule.py"),
+    "ssl_zoo/methods/bam_ia.py": ("tests/methods/test_bam_ia.py",),
+    "ssl_zoo/losses/ia_closs.py": ("tests/losses/test_ia_closs.py",),
+    "ssl_zoo/losses/asl.py": ("tests/losses/test_asl.py",),
+    "ssl_zoo/losses/mim.py": ("tests/losses/test_mim.py",),
+    "ssl_zoo/methods/hvp_mtl.py": ("tests/jobs/test_ema_teachers.py", "tests/methods/test_hvp_mtl.py"),
+    "ssl_zoo/losses/moco.py": ("tests/losses/test_moco.py",),
+    "ssl_zoo/losses/mpcl.py": ("tests/losses/test_mpcl.py", "tests/methods/test_mpcl.py"),
+    "ssl_zoo/losses/ptb.py": ("tests/losses/test_ptb.py", "tests/methods/test_mpcl.py"),
+    "ssl_zoo/methods/mpcl/parts.py": ("tests/jobs/test_ema_teachers.py", "tests/methods/test_mpcl.py"),
+    "ssl_zoo/methods/mpcl/moco_v2.py": ("tests/methods/test_mpcl.py", "tests/methods/test_mpcl_reference.py"),
+    "ssl_zoo/methods/mpcl/moco_v3.py": ("tests/jobs/test_ema_teachers.py", "tests/methods/test_mpcl.py"),
+    "ssl_zoo/utils/ema.py": ("tests/jobs/test_ema_teachers.py", "tests/methods/test_hvp_mtl.py"),
+    "ssl_zoo/utils/optim.py": ("tests/utils/test_optim.py",),
+    "ssl_zoo/eval/metrics.py": ("tests/eval/test_metrics.py",),
+    "ssl_zoo/eval/knn.py": ("tests/eval/test_knn.py", "tests/jobs/test_eval_end_to_end.py"),
+    "ssl_zoo/eval/pooling.py": ("tests/eval/test_pooling.py", "tests/eval/test_features.py"),
+    "ssl_zoo/eval/module.py": ("tests/eval/test_module.py", "tests/jobs/test_eval_end_to_end.py"),
+    "ssl_zoo/data/sampler.py": ("tests/data/test_sampler.py", "tests/data/test_datamodule.py"),
 }
 
 
@@ -249,6 +248,17 @@ def apply(mutant: Mutant, root: Path) -> None:
     path.write_text(text.replace(mutant.find, mutant.replace))
 
 
+def first_files(mutant: Mutant, root: Path) -> list[str]:
+    """The fast-suite files that test ``mutant``'s module; every one must exist under ``root``."""
+    files = list(FIRST_FILES.get(mutant.file, ()))
+    missing = [f for f in files if not (root / f).is_file()]
+    if not files or missing:
+        raise ValueError(f"mutant '{mutant.name}': FIRST_FILES[{mutant.file!r}] "
+                         + (f"names missing test files {missing}" if files else "is not listed")
+                         + "; update benchmarks/mutants.py to where the module's tests are")
+    return files
+
+
 def run_suite(root: Path, pytest_args: list[str], timeout: float) -> tuple[int, str, float]:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
@@ -280,7 +290,8 @@ def markdown_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mutants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=None, help="run these mutants only")
-    parser.add_argument("--list", action="store_true", help="list the mutants and check that each applies")
+    parser.add_argument("--list", action="store_true",
+                        help="list the mutants and check that each applies and names existing first files")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "mutants.json")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per suite run")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments (e.g. '-k losses')")
@@ -297,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             scratch = Path(tmp) / "check"
             shutil.copytree(pristine, scratch, symlinks=True)
             apply(mutant, scratch)
+            first_files(mutant, scratch)
             shutil.rmtree(scratch)
         if args.list:
             for m in chosen:
@@ -314,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / mutant.name
             shutil.copytree(pristine, work, symlinks=True)
             apply(mutant, work)
-            first = [f for f in FIRST_FILES.get(mutant.file, ()) if (work / f).is_file()]
-            selection = "files testing the module" if first else "fast suite"
+            first = first_files(mutant, work)
+            selection = "files testing the module"
             rc, output, seconds = run_suite(work, [*first, *pytest_args], args.timeout)
-            if rc in (0, 5) and first:  # missed by the module's own files: the whole fast suite decides
+            if rc in (0, 5):  # missed by the module's own files: the whole fast suite decides
                 selection = "fast suite"
                 rc, output, more = run_suite(work, pytest_args, args.timeout)
                 seconds += more

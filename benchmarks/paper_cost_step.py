@@ -159,7 +159,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimiser state the first step creates: buffers per parameter, by optimiser kind.
 
     SGD / LARS with momentum: one momentum buffer; Adam / AdamW: two moments (three with ``amsgrad``), plus a
-    step counter each. ``tests/test_paper_cost.py`` checks this against a real optimiser's state after a step.
+    step counter each. ``tests/benchmarks/test_paper_cost.py`` checks this against a real optimiser's state after a step.
     """
     from ssl_zoo.utils.optim import LARS
 

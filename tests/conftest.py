@@ -14,3 +14,12 @@ def demo_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     return str(make_demo_dataset(root, num_train=48, num_val=16, size=64, seed=0))
+
+
+@pytest.fixture(scope="session")
+def two_process_losses():
+    """``(per_rank, single)``: what 2 gloo ranks and one process on the whole batch compute for every loss that
+    sees the global batch and for the bare collectives (``tests/helpers/two_process_losses.py``), spawned once."""
+    from tests.helpers.two_process_losses import run_two_processes
+
+    return run_two_processes()

@@ -138,7 +138,7 @@ def explain_parse_error(message: str, command_line: Sequence[str] = (), options:
 def argparse_private_subparsers(parser: Any) -> list[Any]:
     """The parsers of ``parser``'s subcommands (``fit``, ``validate``...), and ``argparse_private_option_strings``
     the option strings of one parser: argparse and jsonargparse keep both in private attributes and have no public
-    accessor. ``test_cli_errors.py`` (a misspelt ``--trainer`` option and a bad key named with its config file)
+    accessor. ``tests/cli/test_errors.py`` (a misspelt ``--trainer`` option and a bad key named with its config file)
     fails when they move."""
     subcommands = getattr(parser, "_subcommands_action", None)
     return list((getattr(subcommands, "_name_parser_map", None) or {}).values())

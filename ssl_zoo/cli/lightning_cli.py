@@ -270,7 +270,7 @@ class SSLZooCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> SSLZooCLI:
     # Lightning warns on every mid-epoch resume that the dataloader is not resumable; ssl_zoo's data modules
-    # are (ssl_zoo.data.sampler.ResumableSampler restores the position, tests/test_resume.py proves it exact).
+    # are (ssl_zoo.data.sampler.ResumableSampler restores the position, tests/jobs/test_resume.py proves it exact).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     import torch
 

@@ -21,7 +21,7 @@ litdata reads the training set:
   splits record by record with ranged reads.
 
 Where the layer differs from litdata's own loader, and why (each shown against the library in
-``tests/test_streaming.py``): Lightning hands a loader the state it saved only when it builds the loader after
+``tests/data/test_streaming.py``): Lightning hands a loader the state it saved only when it builds the loader after
 restoring the loops, not when ``configure_optimizers`` asked for ``estimated_stepping_batches`` first (every method
 here does), so the data module keeps the position, as the file-based modules do; after ``load_state_dict`` litdata
 stays in its resume mode until an epoch is iterated to exhaustion, which Lightning never does when the loader has
@@ -294,7 +294,7 @@ class StreamingViewDataset(litdata.StreamingDataset):
 def litdata_loader_state(loader: litdata.StreamingDataLoader, epoch: int, batches_done: int) -> dict[str, Any]:
     """What ``loader.state_dict()`` of litdata's fresh loader returns once it has handed out ``batches_done``
     batches of ``epoch`` (litdata's count, from 1): litdata's own format, built here from the trainer's count
-    (``tests/test_streaming.py`` checks it against litdata's, so a change of that format fails there)."""
+    (``tests/data/test_streaming.py`` checks it against litdata's, so a change of that format fails there)."""
     samples = batches_done * loader.batch_size
     loader.dataset.set_epoch(epoch)
     return {"dataset": loader.dataset.state_dict(samples, loader.num_workers, loader.batch_size),

@@ -63,7 +63,7 @@ def layer_ids(model: nn.Module) -> dict[str, int]:
     """BEiT / MAE layer ids of a timm model's parameters: 0 embeddings, 1..L blocks, L + 1 what follows them.
 
     timm's ``group_matcher(coarse=False)`` numbers the embeddings and the blocks (ViT / BEiT blocks, Swin blocks
-    across stages, ResNet blocks); ours departs from it where the recipes do (``test_eval_probes.py`` names each):
+    across stages, ResNet blocks); ours departs from it where the recipes do (``tests/eval/test_finetune.py`` names each):
 
     * the final ``norm`` goes after the last block, with the head: BEiT's ``get_num_layer_for_vit`` and MAE's
       ``get_layer_id_for_vit`` give it L + 1, timm's matcher merges it into block L (``MATCH_PREV_GROUP``);

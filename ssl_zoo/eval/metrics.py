@@ -5,7 +5,7 @@ overall (O*) precision, recall and F1 at a fixed score threshold. torchmetrics d
 AP (``multilabel_average_precision(average=None)``, the functional form of ``MultilabelAveragePrecision``) and
 the per-class true / false positives (``multilabel_stat_scores(average=None)``). What the contract
 (``ssl_zoo.eval.metrics.multilabel_metrics``) fixes differently from torchmetrics stays here, each tested in
-``tests/test_eval_metrics.py``:
+``tests/eval/test_metrics.py``:
 
 * a prediction is positive when ``score >= threshold``: torchmetrics thresholds with ``>`` (and takes scores
   outside [0, 1] for logits, which it passes through a sigmoid), so it is given the 0/1 predictions;

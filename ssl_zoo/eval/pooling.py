@@ -6,7 +6,7 @@ the strongest response of small objects that averaging would wash out. For ViTs 
 tokens reshaped to their grid (:meth:`ssl_zoo.models.Backbone.forward_map`).
 
 GAP, GMP and GAMP are timm's ``SelectAdaptivePool2d`` (its "fast" pools: ``mean`` / ``amax`` over H and W);
-timm's ``avgmax`` is ``0.5 * avg + 0.5 * max``, GAMP exactly (``tests/test_eval_metrics.py``).
+timm's ``avgmax`` is ``0.5 * avg + 0.5 * max``, GAMP exactly (``tests/eval/test_pooling.py``).
 """
 
 from __future__ import annotations

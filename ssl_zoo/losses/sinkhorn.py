@@ -41,7 +41,7 @@ def sinkhorn_knopp(
     but cannot underflow to an all-zero column (0/0 = NaN) when a sample's scores are far below the
     others'. The initial division by the total is a constant factor that the first row
     normalisation removes, so it is folded into it. Ours, not lightly's ``sinkhorn``: lightly iterates on
-    ``Q`` itself, and one underflowed sample turns every sample's codes into NaN (test in ``test_losses.py``).
+    ``Q`` itself, and one underflowed sample turns every sample's codes into NaN (test in ``tests/losses/test_sinkhorn.py``).
 
     Sees the global batch under DDP: the row sums run over all ranks (all-reduce) and ``B`` is the
     global batch size; every rank returns the codes of its own samples.

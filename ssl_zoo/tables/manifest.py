@@ -25,7 +25,7 @@ rendering). A row with neither ``pretrain`` nor ``checkpoint`` evaluates a rando
 
 ``paper`` cells are the numbers as printed (a number each); a column the paper leaves blank for a row is left
 out of that row's mapping. ``null`` marks a cell not yet copied from the paper: the manifest still loads (so
-its rows can run), and :func:`unfilled_cells` lists every such cell (``tests/test_tables.py`` requires none).
+its rows can run), and :func:`unfilled_cells` lists every such cell (``tests/tables/test_manifest.py`` requires none).
 
 Special ``settings`` keys, derived from the resolved config:
 
@@ -38,7 +38,7 @@ Special ``settings`` keys, derived from the resolved config:
 commands of each row; ``--runs runs/`` puts the numbers measured by those commands (from the run
 directories' ``eval.json``) beside the paper's, with their difference (ours - paper), and marks the rows not
 yet run; ``--format csv|json`` writes the same comparison for a report; ``--check`` resolves every row's
-config chain through the CLI parser and verifies its ``settings`` (what ``tests/test_tables.py`` does).
+config chain through the CLI parser and verifies its ``settings`` (what ``tests/tables/test_manifest.py`` does).
 """
 
 from __future__ import annotations

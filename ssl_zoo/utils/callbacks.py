@@ -31,7 +31,7 @@ class ThroughputMonitor(Callback):
 
     The time of a step is measured from one batch's end to the next, so data loading is included. Ours, not
     Lightning's ``ThroughputMonitor``, which logs to the loggers only (no progress bar, nothing in the
-    ``callback_metrics`` the run summary prints) and after a window of 100 batches (``test_library_contracts.py``).
+    ``callback_metrics`` the run summary prints) and after a window of 100 batches (``tests/utils/test_callbacks.py``).
     """
 
     def __init__(self, smoothing: float = 0.9) -> None:

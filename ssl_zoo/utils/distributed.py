@@ -4,7 +4,7 @@ Every function here returns the single-process answer when no process group is i
 call them unconditionally. ``rank`` and ``world_size`` are lightly's (``lightly.utils.dist``).
 
 :func:`gather` is lightly's ``GatherLayer`` (``lightly.utils.dist.gather``) and :func:`gather_no_grad` lightly's
-``concat_all_gather``. Ours adds what the callers need and lightly's do not do (``tests/test_losses.py``): they
+``concat_all_gather``. Ours adds what the callers need and lightly's do not do (``tests/utils/test_distributed.py``): they
 require an initialised process group and return one tensor per rank; ours return the input on one process and
 one tensor in rank order, and hand the collective a contiguous tensor (NCCL refuses strided ones, and MPCL's
 keys ``k[m]`` of ``[Mp, B, D]`` are strided).

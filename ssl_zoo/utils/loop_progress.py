@@ -2,7 +2,7 @@
 
 Lightning 2.x keeps its loops private (``trainer.fit_loop`` is a ``_FitLoop``): no public ``Trainer`` property gives
 the batches trained in the current epoch or the epoch a stopped run was in, and the loop state a checkpoint carries
-is the private loops' own layout. ``test_library_contracts.py`` checks the counters against the hooks' own
+is the private loops' own layout. ``tests/utils/test_loop_progress.py`` checks the counters against the hooks' own
 ``batch_idx`` and epoch and the layout against a real fit, so a change in Lightning fails loudly.
 """
 
