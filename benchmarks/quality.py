@@ -29,6 +29,8 @@ lightly's own training step on the same recipe -- backbone, views, batch, schedu
 trained and probed exactly as ours into ``<work>/peer_lightly/<method>/seedN``: rows ``backbone: peer_lightly``,
 a ``<method> (lightly)`` line under the method's in the table, a second table of ours against lightly's, and its
 curve on the method's figure. They tell a method that does not learn from an implementation that does not.
+``--peers-only`` trains the peers (and the baselines) alone; ``--report --merge`` with an earlier ``quality.json``
+then sets our rows from that file beside them.
 
 ``--baselines-only`` trains and probes only random init and the supervised ceiling of each recipe's architecture:
 on a new dataset (e.g. ``benchmarks/photo_digits.py``'s), whether the labels can be learnt at the recipes'
@@ -549,7 +551,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             continue
         arch = architecture(method)
         key = architecture_key(arch)
-        for seed in [] if args.baselines_only else args.seeds:
+        for seed in [] if args.baselines_only or args.peers_only else args.seeds:
             s = str(seed)
             extra = list(extra_base)
             if method == "mvp":
@@ -626,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also train lightly's own step on the recipe of each method lightly implements "
                              f"({', '.join(PEERS)}; rows 'backbone: {PEER}')")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="lightly's peers (and the baselines) only, not our recipes: e.g. after a lightly upgrade; "
+                             "--report --merge an earlier quality.json then puts our rows beside them")
     parser.add_argument("--baselines-only", action="store_true",
                         help="random init and the supervised ceiling of each method's architecture only: whether a "
                              "new dataset can be learnt at all at the recipes' resolution, before pre-training on it")

@@ -228,9 +228,12 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     taken = [m for m in dict.fromkeys(row["method"] for row in old["rows"]) if m not in measured]
     if not taken:
         return []
-    # A taken method comes with its own baselines, measured with its runs.
-    report["rows"] = ([row for row in report["rows"] if row["method"] not in taken]
-                      + [row for row in old["rows"] if row["method"] in taken])
+    # A taken method comes with its own baselines, measured with its runs; a peer measured here (``--peers-only``)
+    # stays and replaces the earlier file's.
+    peers_here = {row["method"] for row in report["rows"] if row["backbone"] == PEER}
+    report["rows"] = ([row for row in report["rows"] if row["method"] not in taken or row["backbone"] == PEER]
+                      + [row for row in old["rows"] if row["method"] in taken
+                         and not (row["backbone"] == PEER and row["method"] in peers_here)])
     report["rows"].sort(key=lambda row: METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
     report["verdicts"] = verdicts(report["rows"])
     report["peer_verdicts"] = verdicts(report["rows"], PEER)
@@ -241,14 +244,15 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     for method in taken:
         merged[method] = old.get("merged", {}).get(method, origin)
         report.setdefault("curves", {})[method] = old.get("curves", {}).get(method)
-        if f"{PEER}/{method}" in old.get("curves", {}):
+        if f"{PEER}/{method}" in old.get("curves", {}) and method not in peers_here:
             report["curves"][f"{PEER}/{method}"] = old["curves"][f"{PEER}/{method}"]
     # A taken method's entries (and its peer's, ``peer_lightly/<method>``) come with its rows; a baseline's
     # (``random/<arch>``, ``supervised/<arch>``) only where this report has none.
     for key in _PER_RUN_KEYS:
         entries = report.setdefault(key, {})
         for name, value in old.get(key, {}).items():
-            if name in taken or name.removeprefix(f"{PEER}/") in taken:
+            peer_of = name.removeprefix(f"{PEER}/") if name.startswith(f"{PEER}/") else None
+            if name in taken or (peer_of in taken and peer_of not in peers_here):
                 entries[name] = value
             elif "/" in name:
                 entries.setdefault(name, value)

@@ -461,3 +461,53 @@ def test_pooling_probe_reads_each_pooling_and_skips_missing_runs(demo_root, tmp_
     assert {name.split(" ")[0] for name in report["skipped"]} == {
         "mocov2", "mvp", *(f"supervised/{quality.architecture_key(quality.architecture(m))}"
                               for m in ("mocov2", "mvp"))}
+
+
+def test_peers_measured_alone_keep_their_rows_beside_our_earlier_ones(tmp_path):
+    """``--peers-only`` then ``--report --merge``: our rows of the method come from the earlier file, the peer's from
+    this report (not the earlier file's peer, if it had one), and the comparison sets one beside the other."""
+    def rows_of(method, backbone, values):
+        return [{"method": method, "probe": "knn_top1", "backbone": backbone, "mean": statistics.fmean(values),
+                 "std": round(statistics.stdev(values), 2), "values": values, "pretrain_s": []}]
+
+    earlier = {"rows": rows_of("simsiam", "pretrained", [27.0, 28.0, 29.0]) + rows_of("simsiam", "random", [10.0, 11.0, 12.0])
+               + rows_of("simsiam", quality.PEER, [1.0, 2.0, 3.0]),
+               "machine": {"date": "2026-01-01 10:00"}, "command": "earlier",
+               "curves": {"simsiam": {"key": "val/knn_top1", "runs": {"0": "ours"}},
+                          f"{quality.PEER}/simsiam": {"key": "val/knn_top1", "runs": {"0": "old peer"}}},
+               "stopped_at_time_limit": {"simsiam": {"0": False}, f"{quality.PEER}/simsiam": {"0": True}}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    report = {"rows": rows_of("simsiam", quality.PEER, [26.0, 27.0, 28.0]) + rows_of("simsiam", "random", [9.0, 9.0, 9.0]),
+              "methods": ["simsiam"], "curves": {f"{quality.PEER}/simsiam": {"key": "val/knn_top1", "runs": {"0": "new peer"}}},
+              "stopped_at_time_limit": {f"{quality.PEER}/simsiam": {"0": False}}}
+    assert quality.merge_report(report, path) == ["simsiam"]
+    by_backbone = {r["backbone"]: r["values"] for r in report["rows"]}
+    assert by_backbone == {"pretrained": [27.0, 28.0, 29.0], "random": [10.0, 11.0, 12.0],
+                           quality.PEER: [26.0, 27.0, 28.0]}
+    assert report["curves"][f"{quality.PEER}/simsiam"]["runs"] == {"0": "new peer"}
+    assert report["curves"]["simsiam"]["runs"] == {"0": "ours"}
+    assert report["stopped_at_time_limit"][f"{quality.PEER}/simsiam"] == {"0": False}
+    [comparison] = report["peer_comparison"]
+    assert comparison["method"] == "simsiam" and comparison["holds"] and comparison["difference"] == 1.0
+
+
+def test_peers_only_trains_no_recipe_of_ours(demo_root, tmp_path, monkeypatch):
+    """``--peers-only``: the peer and the baselines of a method are trained, our recipe is not."""
+    trained = []
+
+    def fake_pretrain_and_probe(state, name, method, config, seed, extra, views, work):
+        trained.append(name)
+        state["scores"].setdefault(name, {})[str(seed)] = {"knn_top1": 1.0}
+
+    monkeypatch.setattr(quality, "pretrain_and_probe", fake_pretrain_and_probe)
+    ceiling = {"trained": False, "seconds": 0.0, "recipe_sha256": "x", "ckpt": "x"}
+    monkeypatch.setattr(quality, "fit_supervised", lambda arch, views, work, seed: (work / "ceiling", ceiling))
+    monkeypatch.setattr(quality, "load_student", lambda ckpt, arch: None)
+    monkeypatch.setattr(quality, "random_backbone", lambda arch, seed: None)
+    monkeypatch.setattr(quality, "probe_backbone", lambda *a, **k: {"knn_top1": 0.0})
+    monkeypatch.setattr(quality, "monitor_metric", lambda *a, **k: None)
+    monkeypatch.setattr(quality, "write_report", lambda *a, **k: {"rows": [], "verdicts": []})
+    quality.main(["--root", demo_root, "--methods", "simsiam", "--seeds", "0", "--peers-only",
+                  "--work", str(tmp_path / "work"), "--out", str(tmp_path / "q.json"), "--figures", ""])
+    assert trained == [f"{quality.PEER}/simsiam"]
