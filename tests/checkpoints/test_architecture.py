@@ -2,21 +2,13 @@
 
 from ssl_zoo.checkpoints import describe_state_dict
 from ssl_zoo.models import Backbone
-
-TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
-
-
-TINY_BEIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}  # BEiT model_kwargs of the same size
+from tests.helpers.pretraining_checkpoints import BEIT_PRETRAIN, TINY_VIT
 
 
 def test_describe_state_dict_guesses_architectures():
     assert describe_state_dict(Backbone("resnet50").model.state_dict()) == "resnet50"
     vit = describe_state_dict(Backbone("vit_tiny_patch16_224", **TINY_VIT).model.state_dict())
     assert "embed dim 192, 2 blocks, patch 16" in vit
-
-
-BEIT_PRETRAIN = {**TINY_BEIT, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
-                 "use_abs_pos_emb": False, "global_pool": "token"}  # BEiT / MVP pre-training layout
 
 
 def test_describe_state_dict_recognises_beit():

@@ -13,8 +13,8 @@ import torchvision
 
 from ssl_zoo.checkpoints import UnknownCheckpointLayout, load_backbone, recognise
 from ssl_zoo.models import Backbone
+from tests.helpers.pretraining_checkpoints import TINY_VIT
 
-TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}
 # A ResNet-18 with one block per stage and narrow stages keeps the files small; the key names are ResNet-18's.
 TINY_RESNET = {"model_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}}
 

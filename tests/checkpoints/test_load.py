@@ -1,48 +1,18 @@
 """``load_backbone`` (``ssl_zoo.checkpoints.load``): student and teacher of our checkpoints, plain timm state dicts,
 position embeddings resampled, and mismatches named with both architectures and the tensors' shapes."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from ssl_zoo.checkpoints import load_backbone
 from ssl_zoo.models import Backbone
-
-TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
-
-
-def _random_backbone(name: str, seed: int, **kwargs) -> Backbone:
-    torch.manual_seed(seed)
-    model = Backbone(name, **kwargs)
-    with torch.no_grad():  # make BN statistics differ from their defaults too
-        for buffer_name, buffer in model.named_buffers():
-            if buffer_name.endswith("running_mean"):
-                buffer.normal_()
-    return model
-
-
-def make_pretraining_checkpoint(path: Path, name: str = "resnet18", teacher: bool = True,
-                                backbone_kwargs: dict | None = None) -> tuple[Backbone, Backbone | None]:
-    """A checkpoint laid out as the pre-training methods save it (Lightning dict, prefixed modules)."""
-    student = _random_backbone(name, 0, **(backbone_kwargs or {}))
-    state = {f"backbone.{k}": v for k, v in student.state_dict().items()}
-    state["projector.0.weight"] = torch.randn(4, student.num_features)
-    other = None
-    if teacher:
-        other = _random_backbone(name, 1, **(backbone_kwargs or {}))
-        state.update({f"teacher_backbone.{k}": v for k, v in other.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 3, "global_step": 30, "state_dict": state,
-                "hyper_parameters": {"backbone": name, "backbone_kwargs": backbone_kwargs, "lam": 4.0}}, path)
-    return student, other
-
-
-def assert_same_weights(a: Backbone, b: Backbone) -> None:
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+from tests.helpers.pretraining_checkpoints import (
+    TINY_VIT,
+    assert_same_weights,
+    make_pretraining_checkpoint,
+    random_backbone,
+)
 
 
 def test_load_backbone_student_and_teacher(tmp_path):
@@ -63,7 +33,7 @@ def test_architecture_mismatch_names_both(tmp_path):
     with pytest.raises(ValueError, match=r"'resnet18'.*'resnet34'"):
         load_backbone(ckpt, backbone="resnet34")
     plain = tmp_path / "plain.pth"
-    torch.save(_random_backbone("resnet18", 0).model.state_dict(), plain)
+    torch.save(random_backbone("resnet18", 0).model.state_dict(), plain)
     with pytest.raises(ValueError, match=r"resnet18.*'resnet50'") as info:
         load_backbone(plain, backbone="resnet50")
     assert "missing" in str(info.value) and "shape" in str(info.value)
@@ -83,7 +53,7 @@ def test_teacher_requested_but_absent(tmp_path):
     with pytest.raises(ValueError, match="no teacher backbone"):
         load_backbone(ckpt, teacher=True)
     plain = tmp_path / "plain.pth"
-    torch.save(_random_backbone("resnet18", 0).model.state_dict(), plain)
+    torch.save(random_backbone("resnet18", 0).model.state_dict(), plain)
     with pytest.raises(ValueError, match="not an ssl_zoo pre-training checkpoint"):
         load_backbone(plain, backbone="resnet18", teacher=True)
 

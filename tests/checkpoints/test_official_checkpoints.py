@@ -18,16 +18,14 @@ from open_clip.model import CLIP
 
 from ssl_zoo.checkpoints import load_backbone, read_backbone_weights
 from tests.helpers import official_models as official
-
-IMG = 32  # a 2 x 2 patch grid keeps every model small; the 768-wide ones have one block
-
-
-def _images(seed: int = 0, size: int = IMG) -> torch.Tensor:
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+from tests.helpers.official_models import (
+    IMG,
+    assert_features_close,
+    ddp_state_dict,
+    mocov3_vit_small_file,
+    seeded_images,
+    timm_pre_logits,
+)
 
 
 def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -36,11 +34,6 @@ def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
             if name.endswith(("running_mean", "running_var")):
                 buffer.uniform_(0.5, 1.5)
     return model
-
-
-def _ddp(state: dict) -> dict:
-    """What ``DistributedDataParallel(model).state_dict()`` saves: every key under ``module.``."""
-    return {f"module.{k}": v for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------- ResNet layouts
@@ -64,10 +57,10 @@ def test_simsiam_checkpoint_as_main_simsiam_saves_it(tmp_path):
     state = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
              **{f"predictor.{k}": v for k, v in predictor.state_dict().items()}}
     path = tmp_path / "checkpoint_0099.pth.tar"
-    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": _ddp(state), "optimizer": {}}, path)
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": ddp_state_dict(state), "optimizer": {}}, path)
     loaded = load_backbone(path).eval()
     assert loaded.name == "resnet18"
-    _close(loaded(_images(size=64)), _resnet_features(encoder, _images(size=64)))
+    assert_features_close(loaded(seeded_images(size=64)), _resnet_features(encoder, seeded_images(size=64)))
 
 
 def test_moco_v2_checkpoint_query_and_key_encoders(tmp_path):
@@ -83,20 +76,20 @@ def test_moco_v2_checkpoint_query_and_key_encoders(tmp_path):
              **{f"encoder_k.{k}": v for k, v in key.state_dict().items()},
              "queue": torch.randn(16, 64), "queue_ptr": torch.zeros(1, dtype=torch.long)}
     path = tmp_path / "moco_v2_200ep_pretrain.pth.tar"
-    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": _ddp(state), "optimizer": {}}, path)
-    x = _images(size=64)
-    _close(load_backbone(path).eval()(x), _resnet_features(query, x))
-    _close(load_backbone(path, teacher=True).eval()(x), _resnet_features(key, x))
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": ddp_state_dict(state), "optimizer": {}}, path)
+    x = seeded_images(size=64)
+    assert_features_close(load_backbone(path).eval()(x), _resnet_features(query, x))
+    assert_features_close(load_backbone(path, teacher=True).eval()(x), _resnet_features(key, x))
 
 
 def test_mocov3_resnet_checkpoint(tmp_path):
     model = official.MoCoV3(_torchvision_resnet18, "fc")
     _randomise_bn(model)
     path = tmp_path / "r-50-1000ep.pth.tar"
-    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": _ddp(model.state_dict()), "optimizer": {},
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": ddp_state_dict(model.state_dict()), "optimizer": {},
                 "scaler": {}}, path)
-    x = _images(size=64)
-    _close(load_backbone(path).eval()(x), _resnet_features(model.base_encoder, x))
+    x = seeded_images(size=64)
+    assert_features_close(load_backbone(path).eval()(x), _resnet_features(model.base_encoder, x))
 
 
 def test_torchvision_resnet_weights_need_no_name(tmp_path):
@@ -105,41 +98,29 @@ def test_torchvision_resnet_weights_need_no_name(tmp_path):
     torch.save(reference.state_dict(), path)  # torchvision's published files: the bare state dict with fc
     loaded = load_backbone(path).eval()
     assert loaded.name == "resnet18"
-    _close(loaded(_images(size=64)), _resnet_features(reference, _images(size=64)))
+    assert_features_close(loaded(seeded_images(size=64)), _resnet_features(reference, seeded_images(size=64)))
 
 
 # ---------------------------------------------------------------------------------------------- ViT layouts
-def _mocov3_vit_small_file(tmp_path) -> tuple[official.MoCoV3, str]:
-    torch.manual_seed(1)
-    model = official.MoCoV3(official.mocov3_vit_small, "head")
-    path = tmp_path / "vit-s-300ep.pth.tar"
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": _ddp(model.state_dict()), "optimizer": {},
-                "scaler": {}}, path)
-    return model, str(path)
-
-
-def _timm_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def test_mocov3_vit_small_has_12_heads(tmp_path):
-    model, path = _mocov3_vit_small_file(tmp_path)
+    model, path = mocov3_vit_small_file(tmp_path)
     weights = read_backbone_weights(path)
     assert weights.layout == "mocov3" and weights.architecture.facts["num_heads"] == 12
-    x = _images()
+    x = seeded_images()
     loaded = load_backbone(path).eval()
     assert loaded.model.blocks[0].attn.num_heads == 12
-    _close(loaded(x), _timm_features(model.base_encoder, x))
-    _close(load_backbone(path, teacher=True).eval()(x), _timm_features(model.momentum_encoder, x))
+    assert_features_close(loaded(x), timm_pre_logits(model.base_encoder, x))
+    assert_features_close(load_backbone(path, teacher=True).eval()(x), timm_pre_logits(model.momentum_encoder, x))
     # naming timm's vit_small_patch16_224 (6 heads by default) is corrected from the layout: 12 heads
     named = load_backbone(path, backbone="vit_small_patch16_224").eval()
     assert named.model.blocks[0].attn.num_heads == 12
-    _close(named(x), _timm_features(model.base_encoder, x))
+    assert_features_close(named(x), timm_pre_logits(model.base_encoder, x))
 
 
 def test_mocov3_vit_small_into_a_6_head_vit_is_refused_in_one_line(tmp_path):
-    _, path = _mocov3_vit_small_file(tmp_path)
+    _, path = mocov3_vit_small_file(tmp_path)
     with pytest.raises(ValueError, match=r"num_heads 12 in the checkpoint's architecture, 6 in '.*'.*"
                                          r"set model_kwargs \{num_heads: 12\}") as info:
         load_backbone(path, backbone="vit_small_patch16_224", backbone_kwargs={"model_kwargs": {"num_heads": 6}})
@@ -155,14 +136,14 @@ def test_dino_training_checkpoint_student_and_teacher(tmp_path):
     torch.manual_seed(3)
     teacher = official.MultiCropWrapper(official.DinoViT(), official.DinoHead(384))
     path = tmp_path / "checkpoint.pth"
-    torch.save({"student": _ddp(student.state_dict()), "teacher": teacher.state_dict(), "optimizer": {},
+    torch.save({"student": ddp_state_dict(student.state_dict()), "teacher": teacher.state_dict(), "optimizer": {},
                 "epoch": 100, "args": argparse.Namespace(arch="vit_small", patch_size=16),
                 "dino_loss": {"center": torch.zeros(1, 32)}}, path)
-    x = _images()
+    x = seeded_images()
     loaded = load_backbone(path).eval()
     assert loaded.model.blocks[0].attn.num_heads == 6
-    _close(loaded(x), student.backbone.eval()(x))
-    _close(load_backbone(path, teacher=True).eval()(x), teacher.backbone.eval()(x))
+    assert_features_close(loaded(x), student.backbone.eval()(x))
+    assert_features_close(load_backbone(path, teacher=True).eval()(x), teacher.backbone.eval()(x))
     # the released backbone-only file (dino_deitsmall16_pretrain.pth) is a bare state dict: the name is needed
     bare = tmp_path / "dino_deitsmall16_pretrain.pth"
     torch.save(student.backbone.state_dict(), bare)
@@ -170,7 +151,7 @@ def test_dino_training_checkpoint_student_and_teacher(tmp_path):
         load_backbone(bare)
     named = load_backbone(bare, backbone="vit_small_patch16_224", backbone_kwargs={"img_size": IMG,
                                                                                    "model_kwargs": {"depth": 2}})
-    _close(named.eval()(x), student.backbone(x))
+    assert_features_close(named.eval()(x), student.backbone(x))
 
 
 def test_mae_pretraining_checkpoint(tmp_path):
@@ -185,8 +166,8 @@ def test_mae_pretraining_checkpoint(tmp_path):
     torch.save({"model": {**state, **decoder}}, path)
     weights = read_backbone_weights(path)
     assert weights.layout == "mae" and weights.name == "vit_base_patch16_224"
-    x = _images()
-    _close(load_backbone(path).eval()(x), encoder.eval().features(x))
+    x = seeded_images()
+    assert_features_close(load_backbone(path).eval()(x), encoder.eval().features(x))
 
 
 def _beit_file(tmp_path, name: str, **kwargs) -> tuple[official.BeitViT, str]:
@@ -206,10 +187,10 @@ def test_beit_pretraining_checkpoint_tokens(tmp_path):
     assert weights.kwargs["model_kwargs"]["use_shared_rel_pos_bias"] is True
     assert "mask_token" in weights.dropped and "lm_head.*" in weights.dropped
     loaded = load_backbone(path).eval()
-    x = _images()
+    x = seeded_images()
     with torch.no_grad():
-        _close(loaded.forward_tokens(x), model.forward_features(x))
-        _close(loaded(x), model.forward_features(x)[:, 0])
+        assert_features_close(loaded.forward_tokens(x), model.forward_features(x))
+        assert_features_close(loaded(x), model.forward_features(x)[:, 0])
 
 
 def test_beit_v2_drops_its_cls_pretraining_blocks(tmp_path):
@@ -217,7 +198,8 @@ def test_beit_v2_drops_its_cls_pretraining_blocks(tmp_path):
     weights = read_backbone_weights(path)
     assert "cls_pt_layers.*" in weights.dropped
     with torch.no_grad():
-        _close(load_backbone(path).eval().forward_tokens(_images()), model.forward_features(_images()))
+        assert_features_close(load_backbone(path).eval().forward_tokens(seeded_images()),
+                              model.forward_features(seeded_images()))
 
 
 def test_beit_fine_tuned_checkpoint_mean_pooling(tmp_path):
@@ -226,7 +208,7 @@ def test_beit_fine_tuned_checkpoint_mean_pooling(tmp_path):
     weights = read_backbone_weights(path)
     assert weights.architecture.facts["global_pool"] == "avg"
     with torch.no_grad():
-        _close(load_backbone(path).eval()(_images()), model.forward_features(_images()))
+        assert_features_close(load_backbone(path).eval()(seeded_images()), model.forward_features(seeded_images()))
 
 
 def test_torchvision_vit_b(tmp_path):
@@ -238,7 +220,7 @@ def test_torchvision_vit_b(tmp_path):
     loaded = load_backbone(path).eval()
     assert loaded.name == "vit_base_patch16_224"
     reference.heads = torch.nn.Identity()
-    _close(loaded(_images()), reference.eval()(_images()))
+    assert_features_close(loaded(seeded_images()), reference.eval()(seeded_images()))
 
 
 def test_openai_clip_visual_tower_through_open_clip(tmp_path):
@@ -254,9 +236,9 @@ def test_openai_clip_visual_tower_through_open_clip(tmp_path):
     assert weights.layout == "openai_clip" and weights.name == "vit_base_patch16_clip_quickgelu_224"
     assert "visual.proj" in weights.dropped and "transformer.*" in weights.dropped
     loaded = load_backbone(path).eval()
-    x = _images()
+    x = seeded_images()
     with torch.no_grad():
-        _close(loaded(x) @ clip.visual.proj, clip.encode_image(x))
+        assert_features_close(loaded(x) @ clip.visual.proj, clip.encode_image(x))
     with pytest.raises(ValueError, match="act 'QuickGELU' in the checkpoint's architecture, 'GELU'"):
         load_backbone(path, backbone="vit_base_patch16_clip_224", backbone_kwargs={"img_size": IMG,
                                                                                    "model_kwargs": {"depth": 1}})
@@ -273,4 +255,4 @@ def test_timm_state_dicts_named_by_the_user(tmp_path):
     torch.save(reference.state_dict(), path)
     loaded = load_backbone(path, backbone="vit_small_patch16_224",
                            backbone_kwargs={"img_size": IMG, "model_kwargs": {"depth": 2}}).eval()
-    _close(loaded(_images()), _timm_features(reference, _images()))
+    assert_features_close(loaded(seeded_images()), timm_pre_logits(reference, seeded_images()))

@@ -9,8 +9,8 @@ import torchvision
 
 from ssl_zoo.cli.export import export_checkpoint, main, to_detectron2, to_torchvision
 from ssl_zoo.models import Backbone
+from tests.helpers.pretraining_checkpoints import TINY_VIT
 
-TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}
 TINY_SWIN = {"img_size": 32, "model_kwargs": {"depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1),
                                               "window_size": 2}}
 

@@ -13,17 +13,13 @@ import yaml
 from ssl_zoo.cli import main
 from ssl_zoo.cli.errors import ConfigError
 from ssl_zoo.cli.lightning_cli import apply_cpu_threads, apply_resume, wandb_mode
+from tests.helpers.experiment_configs import CLI_CONFIGS, DEMO_CONFIGS, NON_CLI_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
-NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
-NON_CLI_FILES = {"tables.yaml"}  # paper table manifests, checked by tests/tables/test_manifest.py
-CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
-                 if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts) and p.name not in NON_CLI_FILES)
-DEMOS = [p for p in CONFIGS if p.name == "demo.yaml" and p.parent.name != "eval"]
 
 
 def test_there_are_configs():
-    assert DEMOS, "no experiments/<method>/demo.yaml found"
+    assert DEMO_CONFIGS, "no experiments/<method>/demo.yaml found"
 
 
 def _is_overlay(config: Path) -> bool:
@@ -41,7 +37,7 @@ def _base_of(overlay: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+@pytest.mark.parametrize("config", CLI_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
 def test_config_parses(config):
     """Parsing validates every key against the typed constructors: a stale or misspelt key fails here."""
     configs = ["--config", str(_base_of(config)), "--config", str(config)] if _is_overlay(config) else [

@@ -6,14 +6,10 @@ Generated images encode their own identity in their pixels, so a label that shif
 
 from __future__ import annotations
 
-import io
 import re
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from ssl_zoo.data import (
@@ -23,84 +19,16 @@ from ssl_zoo.data import (
 )
 from ssl_zoo.data.datamodule import CocoDataModule, ViewDataset
 from ssl_zoo.utils.bad_samples import read_bad_files
-from tests.data.images import pixels, save_solid
-
-
-def colour_encoding(index: int) -> tuple[int, int, int]:
-    """A colour that encodes ``index`` exactly (for ``index < 65536``)."""
-    return (index % 256, index // 256, 77)
-
-
-def index_from_colour(colour) -> int:
-    return int(colour[0]) + 256 * int(colour[1])
-
-
-def jpeg_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-        buffer, "JPEG", quality=90
-    )
-    return buffer.getvalue()
-
-
-#: One of each kind of broken file met in crawled data; "missing" is a listed file that is not on disk.
-BAD_CONTENT = {
-    "zero-byte": b"",
-    "truncated": jpeg_bytes()[: len(jpeg_bytes()) // 2],
-    "text": b"<html><body>404 Not Found</body></html>\n",
-    "random": bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)),
-    "corrupt-header": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
-}
-
-
-BAD_KINDS = [*BAD_CONTENT, "missing"]
-
-
-def break_file(path: Path, kind: str) -> None:
-    if kind == "missing":
-        path.unlink(missing_ok=True)
-    else:
-        path.write_bytes(BAD_CONTENT[kind])
-
-
-def pixel_views(image: Image.Image) -> dict[str, torch.Tensor]:
-    """A view transform that keeps the identity of the image: its top-left pixel as a 1x1 view."""
-    colour = torch.as_tensor(pixels(image)[0, 0])  # [3]
-    return {"views": colour.view(1, 3, 1, 1).float()}
-
-
-def labelled_tree(root: Path, n: int, bad: dict[int, str], num_classes: int = 4) -> list[tuple[Path, int, bool]]:
-    """``root/<class>/<i>.png`` with image ``i`` of class ``i % num_classes`` coloured ``colour_encoding(i)``.
-
-    ``bad`` maps image numbers to a kind of breakage. A class-per-folder dataset lists what is on disk, so
-    "missing" files are written here and must be removed with :func:`remove_missing` after the dataset
-    is built (a file deleted while a run goes on). Returns ``(path, label, is_bad)`` in ImageFolder order
-    (class folder, then file name).
-    """
-    files = []
-    for i in range(n):
-        label = i % num_classes
-        path = save_solid(root / f"c{label}" / f"{i:03d}.png", colour_encoding(i))
-        if i in bad and bad[i] != "missing":
-            break_file(path, bad[i])
-        files.append((path, label, i in bad))
-    return sorted(files)
-
-
-def remove_missing(root: Path, bad: dict[int, str]) -> None:
-    for i, kind in bad.items():
-        if kind == "missing":
-            next(root.glob(f"*/{i:03d}.png")).unlink()
-
-
-def expected_walk(is_bad: list[bool], position: int) -> tuple[int, int]:
-    """Brute force of the skip policy: (position actually read, bad files passed over) for a request."""
-    j, skipped = position, 0
-    while is_bad[j]:
-        skipped += 1
-        j = (j + 1) % len(is_bad)
-    return j, skipped
+from tests.data.images import (
+    BAD_KINDS,
+    expected_walk,
+    index_from_colour,
+    labelled_tree,
+    pixel_views,
+    pixels,
+    remove_missing,
+    save_solid,
+)
 
 
 def test_bad_sample_policy_rejects_unknown_mode(tmp_path):

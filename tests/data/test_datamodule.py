@@ -3,16 +3,15 @@ view-transform hook, subset lists, errors."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from PIL import Image
 from torchvision.transforms import v2 as T
 
 from ssl_zoo.data.datamodule import CocoDataModule, ImageFolderDataModule, TencentMLDataModule
 from ssl_zoo.eval.finetune import FineTune
+from tests.data.images import imagenet_tree
 
 
 class TwoViews:
@@ -128,26 +127,9 @@ def test_tencent_list_arguments_errors(demo_root):
         TencentMLDataModule(root=demo_root, train_lists=[])
 
 
-CLASSES = ["n01440764", "n01443537", "n01484850"]
-
-
-def _imagenet_tree(root: Path, per_class: int = 4) -> list[str]:
-    """An ImageNet-style tree ``root/{train,val}/<wnid>/<wnid>_<k>.JPEG`` of tiny images; returns the train names."""
-    names = []
-    for split in ("train", "val"):
-        for c, wnid in enumerate(CLASSES):
-            (root / split / wnid).mkdir(parents=True)
-            for k in range(per_class):
-                name = f"{wnid}_{100 + k}.JPEG"
-                Image.new("RGB", (32, 32), (40 * c, 20 * k, 90)).save(root / split / wnid / name, format="JPEG")
-                if split == "train":
-                    names.append(name)
-    return names
-
-
 @pytest.mark.slow
 def test_data_module_trains_on_the_subset_and_validates_on_the_whole_split(tmp_path):
-    names = _imagenet_tree(tmp_path)
+    names = imagenet_tree(tmp_path)
     (tmp_path / "10percent.txt").write_text("\n".join(names[::3]) + "\n")  # 4 of the 12 training images
     finetune = FineTune(backbone="resnet18", backbone_kwargs={"model_kwargs": {"layers": [1, 1, 1, 1]}}, img_size=32,
                         optimizer="sgd", nesterov=False, base_lr=0.005, head_base_lr=0.5, lr_batch_size=256,

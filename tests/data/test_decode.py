@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import io
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,36 +14,7 @@ from ssl_zoo.data import (
     load_image,
 )
 from ssl_zoo.data import decode as image_decode
-from tests.data.images import pixels, save_solid
-
-
-def jpeg_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-        buffer, "JPEG", quality=90
-    )
-    return buffer.getvalue()
-
-
-#: One of each kind of broken file met in crawled data; "missing" is a listed file that is not on disk.
-BAD_CONTENT = {
-    "zero-byte": b"",
-    "truncated": jpeg_bytes()[: len(jpeg_bytes()) // 2],
-    "text": b"<html><body>404 Not Found</body></html>\n",
-    "random": bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)),
-    "corrupt-header": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
-}
-
-
-BAD_KINDS = [*BAD_CONTENT, "missing"]
-
-
-def break_file(path: Path, kind: str) -> None:
-    if kind == "missing":
-        path.unlink(missing_ok=True)
-    else:
-        path.write_bytes(BAD_CONTENT[kind])
+from tests.data.images import BAD_KINDS, break_file, jpeg_bytes, pixels, save_solid
 
 
 def test_load_image_grayscale_becomes_three_equal_channels(tmp_path):

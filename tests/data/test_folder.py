@@ -14,7 +14,7 @@ from torchvision.datasets import ImageFolder
 from ssl_zoo.data import (
     ImageFolderDataset,
 )
-from tests.data.images import pixels, save_solid
+from tests.data.images import IMAGENET_WNIDS, imagenet_tree, pixels, save_solid
 
 
 def test_image_folder_errors(tmp_path):
@@ -69,30 +69,13 @@ def test_image_folder_matches_torchvision(tmp_path):
         assert np.array_equal(pixels(image), pixels(reference))
 
 
-CLASSES = ["n01440764", "n01443537", "n01484850"]
-
-
-def _imagenet_tree(root: Path, per_class: int = 4) -> list[str]:
-    """An ImageNet-style tree ``root/{train,val}/<wnid>/<wnid>_<k>.JPEG`` of tiny images; returns the train names."""
-    names = []
-    for split in ("train", "val"):
-        for c, wnid in enumerate(CLASSES):
-            (root / split / wnid).mkdir(parents=True)
-            for k in range(per_class):
-                name = f"{wnid}_{100 + k}.JPEG"
-                Image.new("RGB", (32, 32), (40 * c, 20 * k, 90)).save(root / split / wnid / name, format="JPEG")
-                if split == "train":
-                    names.append(name)
-    return names
-
-
 def test_subset_list_keeps_the_listed_images_with_the_full_trees_labels(tmp_path):
-    _imagenet_tree(tmp_path)
+    imagenet_tree(tmp_path)
     # SimCLR's format (bare file names), a relative path, blank lines; nothing from the second class
     (tmp_path / "1percent.txt").write_text("n01484850_101.JPEG\n\nn01440764/n01440764_100.JPEG\nn01484850_103.JPEG\n")
     full = ImageFolderDataset(tmp_path / "train")
     subset = ImageFolderDataset(tmp_path / "train", subset=tmp_path / "1percent.txt")
-    assert subset.classes == full.classes == CLASSES  # class indices of the whole tree
+    assert subset.classes == full.classes == IMAGENET_WNIDS  # class indices of the whole tree
     assert [(Path(p).name, label) for p, label in subset.samples] == [
         ("n01440764_100.JPEG", 0), ("n01484850_101.JPEG", 2), ("n01484850_103.JPEG", 2)]  # the tree's order
     for i in range(len(subset)):
@@ -101,7 +84,7 @@ def test_subset_list_keeps_the_listed_images_with_the_full_trees_labels(tmp_path
 
 
 def test_subset_list_errors_name_the_file_and_line(tmp_path):
-    _imagenet_tree(tmp_path)
+    imagenet_tree(tmp_path)
     bad = tmp_path / "bad.txt"
     bad.write_text("n01440764_100.JPEG\nn01440764_999.JPEG\n")
     with pytest.raises(ValueError, match=r"bad\.txt:2: 'n01440764_999\.JPEG' is not an image under"):

@@ -11,10 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning
@@ -36,8 +34,8 @@ from ssl_zoo.data.streaming import (
     litdata_loader_state,
     record_image,
 )
+from tests.helpers import resume
 from tests.helpers.ddp_utils import run_distributed
-from tests.helpers.resume import assert_resumed_run_matches, load_checkpoint, run_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = "16KB"
@@ -431,36 +429,23 @@ def test_killed_streaming_run_resumes_exactly(shard_root, tmp_path):
     every, kill_after, total = steps_per_epoch + 1, steps_per_epoch + 3, 2 * steps_per_epoch
     assert kill_after < total
     full_dir, runs, marker = tmp_path / "full", tmp_path / "runs", tmp_path / "stalled"
-    stall = json.dumps({"class_path": "tests.helpers.resume.StallAfterStep",
-                        "init_args": {"step": kill_after, "marker": str(marker)}})
-    full = subprocess.Popen(_command(shards, every, "--trainer.default_root_dir", str(full_dir)),
-                            cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim = subprocess.Popen(_command(shards, every, "--run_root", str(runs), f"--trainer.callbacks+={stall}"),
-                              cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 400
-        while not marker.exists():
-            assert victim.poll() is None, f"the run to be killed ended early:\n{victim.communicate()[0][-3000:]}"
-            assert time.monotonic() < deadline, "the run to be killed never reached its stall step"
-            time.sleep(0.2)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
+    stall = resume.stall_callback(kill_after, marker)
+    full = resume.start_run(_command(shards, every, "--trainer.default_root_dir", str(full_dir)))
+    victim = resume.start_run(_command(shards, every, "--run_root", str(runs), f"--trainer.callbacks+={stall}"))
+    resume.kill_when_stalled(victim, marker, timeout=400)
     (killed_dir,) = (runs / "mpcl").iterdir()
-    ckpt = load_checkpoint(killed_dir / "checkpoints" / "last.ckpt")
+    ckpt = resume.load_checkpoint(killed_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == every and ckpt["epoch"] == 1
     position = ckpt["StreamingDataModule"]["train_stream"]  # the data module's state_dict
     assert position["epoch"] == 1 and position["batches"] == 1 and position["num_workers"] == 2
 
     resumed = subprocess.run(_command(shards, every, "--run_root", str(runs), "--resume", "true"),
-                             cwd=ROOT, env=run_env(), capture_output=True, text=True)
+                             cwd=ROOT, env=resume.run_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
 
-    assert_resumed_run_matches(full_dir, killed_dir, every, total)
+    resume.assert_resumed_run_matches(full_dir, killed_dir, every, total)
 
 
 def test_batches_collate(shard_root):

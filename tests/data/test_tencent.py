@@ -17,16 +17,7 @@ from ssl_zoo.data import (
     parse_tencent_line,
     read_tencent_dictionary,
 )
-from tests.data.images import pixels, save_solid
-
-
-def colour_encoding(index: int) -> tuple[int, int, int]:
-    """A colour that encodes ``index`` exactly (for ``index < 65536``)."""
-    return (index % 256, index // 256, 77)
-
-
-def index_from_colour(colour) -> int:
-    return int(colour[0]) + 256 * int(colour[1])
+from tests.data.images import colour_encoding, index_from_colour, pixels, save_solid
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import torch
 
 from ssl_zoo.eval.features import embed, extract_features
 from ssl_zoo.models import Backbone
+from tests.helpers.toy_images import ToyImageDataset
 
 
 def test_pooling_switch_changes_the_features_as_defined():
@@ -32,23 +33,10 @@ def test_pooling_of_vit_uses_the_patch_grid():
     torch.testing.assert_close(got, (patches.mean(1) + patches.amax(1)) / 2)
 
 
-class _ToyImages(torch.utils.data.Dataset):
-    def __init__(self, n=12, num_classes=3, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 32, 32, generator=g)
-        self.labels = torch.arange(n) % num_classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-
 def test_extract_features_keeps_loader_order_and_eval_mode():
     torch.manual_seed(0)
     backbone = Backbone("resnet18")
-    data = _ToyImages(n=7)
+    data = ToyImageDataset(n=7)
     feats, labels = extract_features(backbone, torch.utils.data.DataLoader(data, batch_size=3))
     backbone.eval()
     with torch.no_grad():

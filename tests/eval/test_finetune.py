@@ -11,7 +11,12 @@ import yaml
 
 from ssl_zoo.cli import main
 from ssl_zoo.eval.finetune import FineTune, layer_ids
-from ssl_zoo.models import Backbone
+from tests.helpers.pretraining_checkpoints import (
+    BEIT_PRETRAIN,
+    TINY_VIT,
+    make_beit_pretraining_checkpoint,
+    make_pretraining_checkpoint,
+)
 
 
 def test_finetune_crop_scale_reaches_the_training_crop():
@@ -28,57 +33,7 @@ def test_finetune_crop_scale_reaches_the_training_crop():
 ROOT = Path(__file__).resolve().parents[2]
 
 
-TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
-
-
-TINY_BEIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}  # BEiT model_kwargs of the same size
-
-
-def _random_backbone(name: str, seed: int, **kwargs) -> Backbone:
-    torch.manual_seed(seed)
-    model = Backbone(name, **kwargs)
-    with torch.no_grad():  # make BN statistics differ from their defaults too
-        for buffer_name, buffer in model.named_buffers():
-            if buffer_name.endswith("running_mean"):
-                buffer.normal_()
-    return model
-
-
-def make_pretraining_checkpoint(path: Path, name: str = "resnet18", teacher: bool = True,
-                                backbone_kwargs: dict | None = None) -> tuple[Backbone, Backbone | None]:
-    """A checkpoint laid out as the pre-training methods save it (Lightning dict, prefixed modules)."""
-    student = _random_backbone(name, 0, **(backbone_kwargs or {}))
-    state = {f"backbone.{k}": v for k, v in student.state_dict().items()}
-    state["projector.0.weight"] = torch.randn(4, student.num_features)
-    other = None
-    if teacher:
-        other = _random_backbone(name, 1, **(backbone_kwargs or {}))
-        state.update({f"teacher_backbone.{k}": v for k, v in other.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 3, "global_step": 30, "state_dict": state,
-                "hyper_parameters": {"backbone": name, "backbone_kwargs": backbone_kwargs, "lam": 4.0}}, path)
-    return student, other
-
-
-BEIT_PRETRAIN = {**TINY_BEIT, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
-                 "use_abs_pos_emb": False, "global_pool": "token"}  # BEiT / MVP pre-training layout
-
-
 BEIT_FINETUNE = {"model_kwargs": {"use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}}
-
-
-def make_beit_pretraining_checkpoint(path: Path) -> Backbone:
-    """An MVP-style checkpoint of a tiny BEiT (shared relative position bias with non-zero entries)."""
-    torch.manual_seed(0)
-    student = Backbone("beit_base_patch16_224", img_size=32, model_kwargs=BEIT_PRETRAIN)
-    with torch.no_grad():
-        student.model.rel_pos_bias.relative_position_bias_table.normal_()
-        student.model.norm.weight.uniform_(0.5, 1.5)  # a trained final norm, which fine-tuning must drop
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in student.state_dict().items()},
-                "hyper_parameters": {"backbone": "beit_base_patch16_224",
-                                     "backbone_kwargs": {"img_size": 32, "model_kwargs": BEIT_PRETRAIN}}}, path)
-    return student
 
 
 def test_beit_mean_pooling_head_loads_a_pretraining_checkpoint(tmp_path):

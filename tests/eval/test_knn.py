@@ -13,6 +13,7 @@ from ssl_zoo.data import ImageFolderDataModule
 from ssl_zoo.eval.knn import KNNMonitor, knn_evaluate, knn_predict
 from ssl_zoo.eval.transforms import SingleView, center_crop_transform
 from ssl_zoo.models import Backbone
+from tests.helpers.toy_images import ToyImageDataset
 
 
 def reference_knn(features, bank, labels, num_classes, k, t):
@@ -64,23 +65,10 @@ def test_knn_predict_is_cosine_and_clips_k():
         knn_predict(scaled_query, bank, labels, temperature=0.0)
 
 
-class _ToyImages(torch.utils.data.Dataset):
-    def __init__(self, n=12, num_classes=3, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 32, 32, generator=g)
-        self.labels = torch.arange(n) % num_classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-
 def test_knn_evaluate_with_k1_on_its_own_training_set_is_perfect():
     torch.manual_seed(0)
     backbone = Backbone("resnet18")
-    loader = torch.utils.data.DataLoader(_ToyImages(), batch_size=5)
+    loader = torch.utils.data.DataLoader(ToyImageDataset(), batch_size=5)
     got = knn_evaluate(backbone, loader, loader, k=1)
     assert got["top1"] == pytest.approx(100.0)
     assert backbone.training  # mode restored after the frozen pass

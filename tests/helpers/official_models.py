@@ -283,3 +283,38 @@ class BeitViT(nn.Module):
 def beit_state_dict(model: BeitViT) -> dict[str, Tensor]:
     """The keys BEiT's code saves: the per-block table directly under ``attn.`` (``attn.rel.*`` here)."""
     return {k.replace("attn.rel.", "attn."): v for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- saved files
+IMG = 32  # a 2 x 2 patch grid keeps every model small; the 768-wide ones have one block
+
+
+def seeded_images(seed: int = 0, size: int = IMG) -> Tensor:
+    """Two seeded random images ``[2, 3, size, size]``."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_features_close(ours: Tensor, theirs: Tensor) -> None:
+    """Our features against the official forward pass, to 1e-5."""
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def ddp_state_dict(state: dict) -> dict:
+    """What ``DistributedDataParallel(model).state_dict()`` saves: every key under ``module.``."""
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def timm_pre_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """A timm model's features before its classifier, in eval mode."""
+    model.eval()
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def mocov3_vit_small_file(tmp_path) -> tuple[MoCoV3, str]:
+    """A MoCo v3 ViT-S saved as moco-v3's ``main_moco.py`` saves it (DDP keys), in ``tmp_path``; and its path."""
+    torch.manual_seed(1)
+    model = MoCoV3(mocov3_vit_small, "head")
+    path = tmp_path / "vit-s-300ep.pth.tar"
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": ddp_state_dict(model.state_dict()), "optimizer": {},
+                "scaler": {}}, path)
+    return model, str(path)

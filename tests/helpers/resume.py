@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -62,6 +64,34 @@ def run_env() -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if k != "SSL_ZOO_RUN_STAMP"}
     return {**inherited, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def start_run(command: list[str]) -> subprocess.Popen:
+    """``command`` started from the repository root with :func:`run_env`, its output (stdout and stderr) piped."""
+    return subprocess.Popen(command, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def stall_callback(step: int, marker: Path) -> str:
+    """The ``--trainer.callbacks+=`` value that adds a :class:`StallAfterStep` at ``step`` announcing in ``marker``."""
+    return json.dumps({"class_path": "tests.helpers.resume.StallAfterStep",
+                       "init_args": {"step": step, "marker": str(marker)}})
+
+
+def kill_when_stalled(victim: subprocess.Popen, marker: Path, timeout: float) -> None:
+    """Wait until ``victim`` has written ``marker`` (its :class:`StallAfterStep` reached), then SIGKILL it; fail if
+    it ends first or ``timeout`` seconds pass."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert victim.poll() is None, f"the run to be killed ended early:\n{victim.communicate()[0][-3000:]}"
+            assert time.monotonic() < deadline, "the run to be killed never reached its stall step"
+            time.sleep(0.2)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
 
 
 def step_losses(metrics_csv: Path) -> dict[int, str]:

@@ -20,7 +20,7 @@ import torch
 
 from ssl_zoo.cli import main
 from ssl_zoo.eval.results import read_eval_records
-from tests.jobs.test_eval_every_method import BACKBONE_KWARGS, _config_of, _data_overrides, make_command
+from tests.jobs.test_eval_every_method import BACKBONE_KWARGS, config_of, data_overrides, make_command
 
 BEIT_MVP_LAYOUT = ('{"img_size": 64, "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 3, "init_values": 0.1, '
                    '"use_shared_rel_pos_bias": true, "use_rel_pos_bias": false, "use_abs_pos_emb": false, '
@@ -44,7 +44,7 @@ def beit_mvp_checkpoint(demo_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("mvp_beit")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        main([*command, *_data_overrides(_config_of(command), demo_root), "--trainer.max_epochs", "1",
+        main([*command, *data_overrides(config_of(command), demo_root), "--trainer.max_epochs", "1",
               "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(run_dir),
               "--model.init_args.backbone", "beit_base_patch16_224", BACKBONE_KWARGS, BEIT_MVP_LAYOUT])
     return run_dir / "checkpoints" / "last.ckpt", printed.getvalue()
@@ -68,7 +68,7 @@ def test_a_beit_mvp_checkpoint_goes_through_every_job(beit_mvp_checkpoint, demo_
         command = make_command(job, f"CKPT={ckpt}")
         assert "--model.init_args.backbone" not in command  # everything comes from the checkpoint
         overrides = _dense_overrides(job, demo_root) if job in ("detect", "segment") else \
-            _data_overrides(_config_of(command), demo_root)
+            data_overrides(config_of(command), demo_root)
         cli = main([*command, *overrides, *short, "--trainer.logger", "false",
                     "--trainer.default_root_dir", str(tmp_path / job)])
         backbone = cli.model.backbone

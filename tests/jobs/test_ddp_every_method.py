@@ -110,7 +110,7 @@ def _patch_mask(g: torch.Generator, n: int, masked: int) -> torch.Tensor:
     return torch.stack([torch.randperm(4, generator=g) < masked for _ in range(n)]).view(n, 2, 2)
 
 
-def _batch(method: str) -> dict[str, torch.Tensor]:
+def global_batch(method: str) -> dict[str, torch.Tensor]:
     """The global batch (WORLD * B_LOCAL images) in the layout of the method's transform and collate."""
     g = torch.Generator().manual_seed(1)
     n = WORLD * B_LOCAL
@@ -199,7 +199,7 @@ def _single_process(batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, An
 
 @pytest.fixture(scope="module")
 def results() -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    batches = {method: _batch(method) for method in METHODS}
+    batches = {method: global_batch(method) for method in METHODS}
     per_rank = run_distributed(_per_rank, world_size=WORLD, batches=batches)
     return per_rank, _single_process(batches)
 

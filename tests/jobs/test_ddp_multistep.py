@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.helpers.ddp_utils import ddp_average_step, run_distributed
-from tests.jobs.test_ddp_every_method import METHODS, MPCL_CLASSES, WORLD, _batch
+from tests.jobs.test_ddp_every_method import METHODS, MPCL_CLASSES, WORLD, global_batch
 
 MULTISTEP_METHODS = ("mpcl_mocov2", "mpcl_mocov3", "hvp_mtl")
 STEPS = 3
@@ -29,7 +29,7 @@ def _step_batch(method: str, step: int) -> dict[str, torch.Tensor]:
     positive wins by a clear margin and the contrastive accuracies PTB counts are not decided by round-off
     between near-equal logits.
     """
-    batch = {k: v.roll(step, dims=0) for k, v in _batch(method).items()}
+    batch = {k: v.roll(step, dims=0) for k, v in global_batch(method).items()}
     if method.startswith("mpcl"):
         views = batch["views"].clone()
         noise = torch.randn(views[:, 1].shape, generator=torch.Generator().manual_seed(step))

@@ -6,21 +6,7 @@ import pytest
 import yaml
 
 from ssl_zoo.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-NON_CLI_DIRS = {"sweeps", "launch"}  # wandb sweep files and launcher templates are checked elsewhere
-
-
-NON_CLI_FILES = {"tables.yaml"}  # paper table manifests, checked by tests/tables/test_manifest.py
-
-
-CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
-                 if not NON_CLI_DIRS & set(p.relative_to(ROOT / "experiments").parts) and p.name not in NON_CLI_FILES)
-
-
-DEMOS = [p for p in CONFIGS if p.name == "demo.yaml" and p.parent.name != "eval"]
+from tests.helpers.experiment_configs import DEMO_CONFIGS
 
 
 def _data_root(config: Path, demo_root: str) -> str:
@@ -36,7 +22,7 @@ def _fast_dev_run(config: Path, demo_root: str, tmp_path: Path, *extra: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", DEMOS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", DEMO_CONFIGS, ids=lambda p: p.parent.name)
 def test_demo_config_fast_dev_run(config, demo_root, tmp_path):
     cli = _fast_dev_run(config, demo_root, tmp_path)
     loss = cli.trainer.callback_metrics["train/loss"]

@@ -12,69 +12,18 @@ import yaml
 
 from ssl_zoo.cli import main
 from ssl_zoo.eval.results import read_eval_records
-from ssl_zoo.models import Backbone
+from tests.helpers.pretraining_checkpoints import (
+    TINY_BEIT,
+    TINY_VIT,
+    assert_same_weights,
+    make_beit_pretraining_checkpoint,
+    make_pretraining_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 EVAL_CONFIGS = sorted((ROOT / "experiments" / "eval").glob("*.yaml"))
-
-
-TINY_VIT = {"img_size": 32, "model_kwargs": {"depth": 2}}  # a 2-block ViT-Ti keeps the tests fast
-
-
-TINY_BEIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}  # BEiT model_kwargs of the same size
-
-
-def _random_backbone(name: str, seed: int, **kwargs) -> Backbone:
-    torch.manual_seed(seed)
-    model = Backbone(name, **kwargs)
-    with torch.no_grad():  # make BN statistics differ from their defaults too
-        for buffer_name, buffer in model.named_buffers():
-            if buffer_name.endswith("running_mean"):
-                buffer.normal_()
-    return model
-
-
-def make_pretraining_checkpoint(path: Path, name: str = "resnet18", teacher: bool = True,
-                                backbone_kwargs: dict | None = None) -> tuple[Backbone, Backbone | None]:
-    """A checkpoint laid out as the pre-training methods save it (Lightning dict, prefixed modules)."""
-    student = _random_backbone(name, 0, **(backbone_kwargs or {}))
-    state = {f"backbone.{k}": v for k, v in student.state_dict().items()}
-    state["projector.0.weight"] = torch.randn(4, student.num_features)
-    other = None
-    if teacher:
-        other = _random_backbone(name, 1, **(backbone_kwargs or {}))
-        state.update({f"teacher_backbone.{k}": v for k, v in other.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 3, "global_step": 30, "state_dict": state,
-                "hyper_parameters": {"backbone": name, "backbone_kwargs": backbone_kwargs, "lam": 4.0}}, path)
-    return student, other
-
-
-def assert_same_weights(a: Backbone, b: Backbone) -> None:
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-
-
-BEIT_PRETRAIN = {**TINY_BEIT, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False,
-                 "use_abs_pos_emb": False, "global_pool": "token"}  # BEiT / MVP pre-training layout
-
-
-def make_beit_pretraining_checkpoint(path: Path) -> Backbone:
-    """An MVP-style checkpoint of a tiny BEiT (shared relative position bias with non-zero entries)."""
-    torch.manual_seed(0)
-    student = Backbone("beit_base_patch16_224", img_size=32, model_kwargs=BEIT_PRETRAIN)
-    with torch.no_grad():
-        student.model.rel_pos_bias.relative_position_bias_table.normal_()
-        student.model.norm.weight.uniform_(0.5, 1.5)  # a trained final norm, which fine-tuning must drop
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in student.state_dict().items()},
-                "hyper_parameters": {"backbone": "beit_base_patch16_224",
-                                     "backbone_kwargs": {"img_size": 32, "model_kwargs": BEIT_PRETRAIN}}}, path)
-    return student
 
 
 @pytest.mark.slow

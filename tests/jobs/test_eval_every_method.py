@@ -75,14 +75,16 @@ def make_command(*args: str) -> list[str]:
     return words[words.index("ssl_zoo") + 1:]
 
 
-def _data_overrides(config: str, demo_root: str) -> list[str]:
+def data_overrides(config: str, demo_root: str) -> list[str]:
+    """Arguments that run ``config`` (a path under the repository) on the tiny demo set, 4 images a batch."""
     data = yaml.safe_load((ROOT / config).read_text())["data"]
     root = f"{demo_root}/folder" if data["class_path"].endswith("ImageFolderDataModule") else demo_root
     return ["--data.init_args.root", root, "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def _config_of(command: list[str]) -> str:
+def config_of(command: list[str]) -> str:
+    """The ``--config`` file a ``python -m ssl_zoo`` command names."""
     return command[command.index("--config") + 1]
 
 
@@ -94,7 +96,7 @@ def pretrained(request, demo_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(request.param)
     printed = io.StringIO()  # capsys is per test, this fixture per module
     with contextlib.redirect_stdout(printed):
-        main([*command, *_data_overrides(_config_of(command), demo_root), "--trainer.max_epochs", "1",
+        main([*command, *data_overrides(config_of(command), demo_root), "--trainer.max_epochs", "1",
               "--trainer.max_steps", "1", "--trainer.logger", "false",
               "--trainer.default_root_dir", str(run_dir), *extra])
     return request.param, run_dir / "checkpoints" / "last.ckpt", printed.getvalue()
@@ -127,10 +129,10 @@ def test_evaluation_job_runs_on_the_checkpoint_without_naming_a_backbone(pretrai
     command = make_command(*_next_command(printed, job))
     assert "--model.init_args.backbone" not in command and "--model.init_args.img_size" not in command
     assert command[command.index("--model.init_args.ckpt") + 1] == str(ckpt)
-    config = yaml.safe_load((ROOT / _config_of(command)).read_text())
+    config = yaml.safe_load((ROOT / config_of(command)).read_text())
     assert "backbone" not in (config["model"].get("init_args") or {})  # the demo config fixes none
 
-    cli = main([*command, *_data_overrides(_config_of(command), demo_root), "--trainer.fast_dev_run", "1",
+    cli = main([*command, *data_overrides(config_of(command), demo_root), "--trainer.fast_dev_run", "1",
                 "--trainer.default_root_dir", str(tmp_path)])
 
     weights = read_backbone_weights(ckpt)

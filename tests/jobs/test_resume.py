@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ssl_zoo.cli import main
-from tests.helpers.resume import assert_resumed_run_matches, assert_same_state, load_checkpoint, run_env
+from tests.helpers.resume import (
+    assert_resumed_run_matches,
+    assert_same_state,
+    kill_when_stalled,
+    load_checkpoint,
+    run_env,
+    stall_callback,
+    start_run,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,25 +60,11 @@ def test_killed_run_resumes_exactly(method, demo_root, tmp_path):
     every, kill_after, total = steps_per_epoch + 1, steps_per_epoch + 3, 2 * steps_per_epoch
     assert kill_after < total
     full_dir, runs, marker = tmp_path / "full", tmp_path / "runs", tmp_path / "stalled"
-    stall = json.dumps({"class_path": "tests.helpers.resume.StallAfterStep",
-                        "init_args": {"step": kill_after, "marker": str(marker)}})
-    full = subprocess.Popen(_command(method, demo_root, every, "--trainer.default_root_dir", str(full_dir)),
-                            cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stall = stall_callback(kill_after, marker)
+    full = start_run(_command(method, demo_root, every, "--trainer.default_root_dir", str(full_dir)))
     # the interrupted run goes to runs/<name>/<stamp>/, where --resume (make pretrain RESUME=1) looks for it
-    victim = subprocess.Popen(_command(method, demo_root, every, "--run_root", str(runs),
-                                       f"--trainer.callbacks+={stall}"),
-                              cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert victim.poll() is None, f"the run to be killed ended early:\n{victim.communicate()[0][-3000:]}"
-            assert time.monotonic() < deadline, "the run to be killed never reached its stall step"
-            time.sleep(0.2)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
+    victim = start_run(_command(method, demo_root, every, "--run_root", str(runs), f"--trainer.callbacks+={stall}"))
+    kill_when_stalled(victim, marker, timeout=300)
     (killed_dir,) = (runs / method).iterdir()
     ckpt = load_checkpoint(killed_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == every and ckpt["epoch"] == 1  # part-way through the second epoch

@@ -2,7 +2,6 @@
 the configs and the demo through the CLI (the teachers: tests/models/test_teachers.py; DDP:
 tests/jobs/test_ddp_every_method.py)."""
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,51 +10,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_zoo.methods import MVP
+from tests.helpers.tiny_mvp import IMAGE_SIDE, TINY_CLIP, mvp_batch, quiet, tiny_mvp
 
 ROOT = Path(__file__).resolve().parents[2]
-S = 32  # image side: a 2 x 2 patch grid for both the student and the teacher (16 px patches)
-
-# A tiny open_clip tower: 2 blocks, width 64, 16 px patches, 32-d joint space; the text tower is a stub.
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": S, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-# A 2-block ViT-Tiny/16 student keeps every test fast.
-TINY = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": S, "model_kwargs": {"depth": 2}},
-            img_size=S, num_masking_patches=2, min_num_patches=1, teacher_kwargs=TINY_CLIP,
-            lr_batch_size=2048, warmup_epochs=0)
-
-
-def _quiet(fn, *args, **kwargs):
-    """Build something with a random teacher without printing the (expected) random-init warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
-def _model(seed: int = 0, **overrides) -> MVP:
-    torch.manual_seed(seed)
-    return _quiet(MVP, **{**TINY, **overrides})
-
-
-def _batch(num_images: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(num_images, 4, dtype=torch.bool)
-    for i in range(num_images):  # two masked patches per image, at varying positions
-        mask[i, torch.randperm(4, generator=g)[:2]] = True
-    return {
-        "views": torch.randn(num_images, 1, 3, S, S, generator=g),
-        "teacher_views": torch.randn(num_images, 1, 3, S, S, generator=g),
-        "mask": mask.view(num_images, 2, 2),
-        "index": torch.arange(num_images),
-    }
 
 
 # ---------------------------------------------------------------------------------------- student
 def test_masked_positions_carry_the_mask_token():
-    model = _model()
-    batch = _batch(3)
+    model = tiny_mvp()
+    batch = mvp_batch(3)
     x, mask = batch["views"][:, 0], batch["mask"].flatten(1)
     vit = model.backbone.model
     assert isinstance(vit.norm_pre, torch.nn.Identity)  # so the blocks' input is the embedding itself
@@ -78,18 +41,18 @@ def test_masked_positions_carry_the_mask_token():
 def test_patch_grid_mismatch_is_a_configuration_error():
     teacher_cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "patch_size": 8}}
     with pytest.raises(ValueError, match=r"patch grids differ.*2x2.*4x4"):
-        _model(teacher_kwargs=teacher_cfg)
+        tiny_mvp(teacher_kwargs=teacher_cfg)
 
 
 def test_bad_loss_on_is_rejected():
     with pytest.raises(ValueError, match="loss_on"):
-        _model(loss_on="visible")
+        tiny_mvp(loss_on="visible")
 
 
 @pytest.mark.parametrize("loss_on", ["all", "masked"])
 def test_training_step_is_eq9_on_student_predictions_and_teacher_targets(loss_on):
-    model = _model(loss_on=loss_on)
-    batch = _batch(3)
+    model = tiny_mvp(loss_on=loss_on)
+    batch = mvp_batch(3)
     loss = model.training_step(batch, 0)
     with torch.no_grad():
         pred = model.predict_tokens(batch["views"][:, 0], batch["mask"]).numpy().astype(np.float64)
@@ -105,8 +68,8 @@ def test_training_step_is_eq9_on_student_predictions_and_teacher_targets(loss_on
 
 
 def test_teacher_gets_no_gradient_and_every_student_parameter_does():
-    model = _model()
-    model.training_step(_batch(2), 0).backward()
+    model = tiny_mvp()
+    model.training_step(mvp_batch(2), 0).backward()
     for name, p in model.teacher_backbone.named_parameters():
         assert not p.requires_grad and p.grad is None, name
     student = [n for n, p in model.named_parameters() if not n.startswith("teacher_backbone.")]
@@ -118,10 +81,10 @@ def test_teacher_gets_no_gradient_and_every_student_parameter_does():
 def test_teacher_is_bit_identical_after_several_optimizer_steps():
     import lightning.pytorch as pl
 
-    model = _model()
+    model = tiny_mvp()
     teacher_before = {k: v.clone() for k, v in model.teacher_backbone.state_dict().items()}
     student_before = model.backbone.model.patch_embed.proj.weight.detach().clone()
-    batches = [{k: v[0] for k, v in _batch(1, seed=i).items()} for i in range(8)]  # per-sample dicts
+    batches = [{k: v[0] for k, v in mvp_batch(1, seed=i).items()} for i in range(8)]  # per-sample dicts
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, DataLoader(batches, batch_size=2))
@@ -141,8 +104,8 @@ def test_teacher_is_bit_identical_after_several_optimizer_steps():
 def test_train_transform_matches_the_student_grid():
     from PIL import Image
 
-    sample = _model().train_transform()(Image.new("RGB", (48, 40), (120, 30, 200)))
-    assert sample["views"].shape == sample["teacher_views"].shape == (1, 3, S, S)
+    sample = tiny_mvp().train_transform()(Image.new("RGB", (48, 40), (120, 30, 200)))
+    assert sample["views"].shape == sample["teacher_views"].shape == (1, 3, IMAGE_SIDE, IMAGE_SIDE)
     assert sample["mask"].shape == (2, 2) and sample["mask"].sum() == 2
 
 
@@ -159,7 +122,7 @@ def test_config_parses(config):
     from ssl_zoo.cli import main
 
     if config.name == "demo.yaml":  # the demo builds offline: instantiate it
-        cli = _quiet(main, ["--config", str(config)], run=False)
+        cli = quiet(main, ["--config", str(config)], run=False)
         assert isinstance(cli.model, MVP) and cli.model.teacher_backbone.grid_size == (4, 4)
         return
     # The paper configs would download CLIP ViT-B/16: parse and validate them without instantiating.
@@ -188,15 +151,15 @@ def test_demo_config_fast_dev_run(demo_root, tmp_path):
 
 # ---------------------------------------------------------------------------------------- BEiT details
 TINY_BEIT = dict(backbone="beit_base_patch16_224",
-                 backbone_kwargs={"img_size": S, "model_kwargs": {
+                 backbone_kwargs={"img_size": IMAGE_SIDE, "model_kwargs": {
                      "depth": 2, "embed_dim": 96, "num_heads": 3, "use_shared_rel_pos_bias": True,
                      "use_rel_pos_bias": False, "use_abs_pos_emb": False, "global_pool": "token"}})
 
 
 def test_beit_student_trains_with_the_shared_relative_position_bias():
-    model = _model(**TINY_BEIT)
+    model = tiny_mvp(**TINY_BEIT)
     assert model.backbone.family == "beit" and model.backbone.model.pos_embed is None
-    loss = model.training_step(_batch(2), 0)
+    loss = model.training_step(mvp_batch(2), 0)
     assert torch.isfinite(loss)
     loss.backward()
     shared = model.backbone.model.rel_pos_bias.relative_position_bias_table
@@ -214,12 +177,12 @@ def test_beit_student_trains_with_the_shared_relative_position_bias():
 def test_paper_defaults_follow_beits_pretraining():
     from ssl_zoo.augment import BEiTMaskGenerator
 
-    transform = _model().train_transform()
+    transform = tiny_mvp().train_transform()
     assert isinstance(transform.mask_generator, BEiTMaskGenerator)
     jitter = transform.geometric.transforms[0]
     assert type(jitter).__name__ == "ColorJitter" and jitter.brightness == (0.6, 1.4)  # strength 0.4
     assert jitter.contrast == (0.6, 1.4) and jitter.saturation == (0.6, 1.4) and jitter.hue is None
-    hp = _model().hparams
+    hp = tiny_mvp().hparams
     assert (hp.warmup_lr, hp.min_lr, hp.mask_sampling, hp.color_jitter) == (1e-6, 1e-5, "beit", 0.4)
 
 
@@ -235,7 +198,7 @@ def beit_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs, star
 def test_lr_schedule_is_beits_cosine_from_warmup_lr_to_min_lr():
     from types import SimpleNamespace
 
-    model = _model(warmup_epochs=2, lr_batch_size=None)
+    model = tiny_mvp(warmup_epochs=2, lr_batch_size=None)
     steps_per_epoch, epochs = 7, 5
     model._trainer = SimpleNamespace(  # what configure_optimizers reads from the Trainer
         estimated_stepping_batches=steps_per_epoch * epochs, max_epochs=epochs, world_size=8,

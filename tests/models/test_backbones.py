@@ -5,11 +5,8 @@ import timm
 import torch
 
 from ssl_zoo.models import Backbone, MLPHead
+from tests.helpers.pretraining_checkpoints import BEIT_PRETRAIN
 
-# BEiT as BEiT (and MVP) pre-train it: one relative position bias shared by the blocks, no absolute position
-# embedding, CLS token after the final norm; 2 blocks of width 192 keep it small.
-BEIT_PRETRAIN = {"depth": 2, "embed_dim": 192, "num_heads": 3, "use_shared_rel_pos_bias": True,
-                 "use_rel_pos_bias": False, "use_abs_pos_emb": False, "global_pool": "token"}
 SMALL = {
     "resnet18": {},
     "vit_tiny_patch16_224": {"img_size": 64},

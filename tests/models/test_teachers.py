@@ -8,55 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_zoo.methods import MVP
 from ssl_zoo.models import Backbone
 from ssl_zoo.models.teachers import CLIPTeacher, TimmTeacher
-
-S = 32  # image side: a 2 x 2 patch grid for both the student and the teacher (16 px patches)
-
-
-# A tiny open_clip tower: 2 blocks, width 64, 16 px patches, 32-d joint space; the text tower is a stub.
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": S, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-# A 2-block ViT-Tiny/16 student keeps every test fast.
-TINY = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": S, "model_kwargs": {"depth": 2}},
-            img_size=S, num_masking_patches=2, min_num_patches=1, teacher_kwargs=TINY_CLIP,
-            lr_batch_size=2048, warmup_epochs=0)
-
-
-def _quiet(fn, *args, **kwargs):
-    """Build something with a random teacher without printing the (expected) random-init warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
-def _model(seed: int = 0, **overrides) -> MVP:
-    torch.manual_seed(seed)
-    return _quiet(MVP, **{**TINY, **overrides})
+from tests.helpers.tiny_mvp import IMAGE_SIDE, TINY_CLIP, mvp_batch, quiet, tiny_mvp
 
 
 def _clip(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return _quiet(open_clip.create_model, "ViT-B-16", pretrained=None, **TINY_CLIP)
-
-
-def _batch(num_images: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(num_images, 4, dtype=torch.bool)
-    for i in range(num_images):  # two masked patches per image, at varying positions
-        mask[i, torch.randperm(4, generator=g)[:2]] = True
-    return {
-        "views": torch.randn(num_images, 1, 3, S, S, generator=g),
-        "teacher_views": torch.randn(num_images, 1, 3, S, S, generator=g),
-        "mask": mask.view(num_images, 2, 2),
-        "index": torch.arange(num_images),
-    }
+    return quiet(open_clip.create_model, "ViT-B-16", pretrained=None, **TINY_CLIP)
 
 
 def _hand_written_targets(visual: torch.nn.Module, x: torch.Tensor, project: bool = True) -> torch.Tensor:
@@ -78,9 +37,9 @@ def _hand_written_targets(visual: torch.nn.Module, x: torch.Tensor, project: boo
 
 def test_clip_targets_equal_a_hand_written_pass_with_ln_post_and_proj_on_every_token():
     clip = _clip()
-    teacher = _quiet(CLIPTeacher, model_cfg=TINY_CLIP, image_size=S)
+    teacher = quiet(CLIPTeacher, model_cfg=TINY_CLIP, image_size=IMAGE_SIDE)
     teacher.visual.load_state_dict(clip.visual.state_dict())
-    x = torch.randn(3, 3, S, S)
+    x = torch.randn(3, 3, IMAGE_SIDE, IMAGE_SIDE)
     targets = teacher(x)
     assert targets.shape == (3, 1 + 4, 32) and not targets.requires_grad
     with torch.no_grad():
@@ -97,14 +56,14 @@ def test_clip_targets_equal_a_hand_written_pass_with_ln_post_and_proj_on_every_t
 
 def test_unprojected_targets_keep_the_tower_width():
     clip = _clip()
-    teacher = _quiet(CLIPTeacher, model_cfg=TINY_CLIP, image_size=S, project_targets=False)
+    teacher = quiet(CLIPTeacher, model_cfg=TINY_CLIP, image_size=IMAGE_SIDE, project_targets=False)
     teacher.visual.load_state_dict(clip.visual.state_dict())
-    x = torch.randn(2, 3, S, S)
+    x = torch.randn(2, 3, IMAGE_SIDE, IMAGE_SIDE)
     with torch.no_grad():
         expected = _hand_written_targets(clip.visual, x, project=False)
     assert teacher.out_dim == 64
     torch.testing.assert_close(teacher(x), expected, rtol=1e-5, atol=1e-5)
-    assert _model(project_targets=False).head.out_features == 64
+    assert tiny_mvp(project_targets=False).head.out_features == 64
 
 
 def test_local_open_clip_checkpoint_gives_the_in_memory_models_targets(tmp_path):
@@ -114,41 +73,41 @@ def test_local_open_clip_checkpoint_gives_the_in_memory_models_targets(tmp_path)
     torch.manual_seed(2)  # a different random init, overwritten by the checkpoint
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        teacher = CLIPTeacher(pretrained=str(path), model_cfg=TINY_CLIP, image_size=S)
+        teacher = CLIPTeacher(pretrained=str(path), model_cfg=TINY_CLIP, image_size=IMAGE_SIDE)
     assert not [w for w in caught if "RANDOMLY" in str(w.message)]
-    x = torch.randn(2, 3, S, S)
+    x = torch.randn(2, 3, IMAGE_SIDE, IMAGE_SIDE)
     with torch.no_grad():
         expected = _hand_written_targets(clip.visual, x)
     torch.testing.assert_close(teacher(x), expected, rtol=1e-5, atol=1e-5)
-    random_teacher = _quiet(CLIPTeacher, model_cfg=TINY_CLIP, image_size=S)
+    random_teacher = quiet(CLIPTeacher, model_cfg=TINY_CLIP, image_size=IMAGE_SIDE)
     assert not torch.allclose(random_teacher(x), expected, atol=1e-3)
 
 
 def test_random_teacher_warns_loudly():
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        CLIPTeacher(model_cfg=TINY_CLIP, image_size=S)
+        CLIPTeacher(model_cfg=TINY_CLIP, image_size=IMAGE_SIDE)
 
 
 def test_unknown_pretrained_value_is_rejected():
     with pytest.raises(ValueError, match="neither a local file nor an open_clip tag"):
-        CLIPTeacher(pretrained="no_such_tag", model_cfg=TINY_CLIP, image_size=S)
+        CLIPTeacher(pretrained="no_such_tag", model_cfg=TINY_CLIP, image_size=IMAGE_SIDE)
 
 
 def test_timm_teacher_from_a_local_checkpoint(tmp_path):
     torch.manual_seed(3)
     depth = {"model_kwargs": {"depth": 2}}
-    reference = Backbone("vit_tiny_patch16_224", img_size=S, **depth)
+    reference = Backbone("vit_tiny_patch16_224", img_size=IMAGE_SIDE, **depth)
     path = tmp_path / "vit.pt"
     torch.save(reference.model.state_dict(), path)
-    teacher = TimmTeacher("vit_tiny_patch16_224", pretrained=str(path), image_size=S, backbone_kwargs=depth)
-    x = torch.randn(2, 3, S, S)
+    teacher = TimmTeacher("vit_tiny_patch16_224", pretrained=str(path), image_size=IMAGE_SIDE, backbone_kwargs=depth)
+    x = torch.randn(2, 3, IMAGE_SIDE, IMAGE_SIDE)
     with torch.no_grad():
         expected = reference.eval().forward_tokens(x)  # CLS + patches after the final norm
     torch.testing.assert_close(teacher(x), expected)
     # In MVP the timm teacher reads the ImageNet-normalised student view.
-    model = _model(teacher="timm", teacher_name="vit_tiny_patch16_224", teacher_pretrained=str(path),
+    model = tiny_mvp(teacher="timm", teacher_name="vit_tiny_patch16_224", teacher_pretrained=str(path),
                    teacher_kwargs=depth)
-    batch = _batch(2)
+    batch = mvp_batch(2)
     teacher_targets = model.teacher_backbone(model.teacher_input(batch))
     torch.testing.assert_close(teacher_targets, teacher(batch["views"][:, 0]))
     assert torch.isfinite(model.training_step(batch, 0))

@@ -7,14 +7,12 @@ import csv
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_zoo.utils.callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputMonitor, batch_num_images
 from tests.helpers.resume import assert_same_state, load_checkpoint
+from tests.helpers.tiny_trainer import fit_tiny_module
 
 # The demo's single-label view (about 27 training images at the fixture's size): 6 steps per epoch.
 BATCH = 4
@@ -113,37 +111,11 @@ def test_skip_under_gradient_accumulation_forgets_the_whole_step(tmp_path, demo_
     assert_same_state(states[2], states[4], "after the skipped accumulated step")
 
 
-BATCHES = 5  # per epoch
-
-
-class _TinyModule(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.randn(4 * BATCHES, 4)), batch_size=4)
-
-
-def _fit(tmp_path, callbacks, **trainer_kwargs) -> Trainer:
-    trainer = Trainer(callbacks=callbacks, logger=CSVLogger(tmp_path), log_every_n_steps=1, accelerator="cpu",
-                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                      **{"max_epochs": 2, **trainer_kwargs})
-    trainer.fit(_TinyModule())
-    return trainer
-
-
 def test_lightning_throughput_monitor_does_not_give_what_ours_does(tmp_path):
     """Why ``ssl_zoo.utils.callbacks.ThroughputMonitor`` is ours: Lightning's ``ThroughputMonitor`` sends its rates
     to the loggers only (not to the progress bar, nor to ``trainer.callback_metrics``, which the run summary
     prints), and only once a window of ``window_size`` batches (100 by default) has been seen."""
-    ours = _fit(tmp_path / "ours", [ThroughputMonitor()])
+    ours = fit_tiny_module(tmp_path / "ours", [ThroughputMonitor()])
     assert "train/images_per_s" in ours.progress_bar_metrics and "train/images_per_s" in ours.callback_metrics
 
     def logged_columns(trainer: Trainer) -> set[str]:
@@ -152,7 +124,7 @@ def test_lightning_throughput_monitor_does_not_give_what_ours_does(tmp_path):
 
     for window, rate_logged in ((100, False), (2, True)):
         with pytest.warns(UserWarning, match="flops_per_batch"):  # on every run of a module without FLOPs
-            theirs = _fit(tmp_path / f"lightning{window}", [LightningThroughputMonitor(batch_num_images,
+            theirs = fit_tiny_module(tmp_path / f"lightning{window}", [LightningThroughputMonitor(batch_num_images,
                                                                                      window_size=window)])
         shown = set(theirs.progress_bar_metrics) | set(theirs.callback_metrics)
         assert not any("per_sec" in name for name in shown)

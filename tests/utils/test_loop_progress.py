@@ -3,11 +3,7 @@ Lightning changes what they pin."""
 
 from __future__ import annotations
 
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch import Callback
 
 from ssl_zoo.utils.loop_progress import (
     lightning_private_batches_done,
@@ -15,31 +11,7 @@ from ssl_zoo.utils.loop_progress import (
     lightning_private_fit_loop_state,
     lightning_private_next_epoch_loop_state,
 )
-
-BATCHES = 5  # per epoch
-
-
-class _TinyModule(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.randn(4 * BATCHES, 4)), batch_size=4)
-
-
-def _fit(tmp_path, callbacks, **trainer_kwargs) -> Trainer:
-    trainer = Trainer(callbacks=callbacks, logger=CSVLogger(tmp_path), log_every_n_steps=1, accelerator="cpu",
-                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                      **{"max_epochs": 2, **trainer_kwargs})
-    trainer.fit(_TinyModule())
-    return trainer
+from tests.helpers.tiny_trainer import BATCHES_PER_EPOCH, fit_tiny_module
 
 
 class _RecordProgress(Callback):
@@ -56,10 +28,10 @@ def test_lightning_private_loop_counters_follow_the_hooks(tmp_path):
     the epoch started is the hook's (1-based) epoch and the batches done are ``batch_idx + 1``; after a stop in
     the middle of epoch 2 they still name that epoch and its batches, while ``current_epoch`` has moved on."""
     record = _RecordProgress()
-    _fit(tmp_path, [record])
-    assert [(e, b) for e, b, _, _ in record.seen] == [(e, b) for e in (1, 2) for b in range(1, BATCHES + 1)]
+    fit_tiny_module(tmp_path, [record])
+    assert [(e, b) for e, b, _, _ in record.seen] == [(e, b) for e in (1, 2) for b in range(1, BATCHES_PER_EPOCH + 1)]
     assert all(started == epoch and done == batch for epoch, batch, started, done in record.seen)
-    stopped = _fit(tmp_path, [], max_steps=BATCHES + 2)  # 2 batches into the second epoch
+    stopped = fit_tiny_module(tmp_path, [], max_steps=BATCHES_PER_EPOCH + 2)  # 2 batches into the second epoch
     assert (lightning_private_epochs_started(stopped), lightning_private_batches_done(stopped)) == (2, 2)
 
 
@@ -72,15 +44,15 @@ def test_next_epoch_loop_state_reads_lightnings_fit_loop_layout(tmp_path):
             self.state = lightning_private_fit_loop_state(trainer)
 
     capture = CaptureAtEpochEnd()
-    _fit(tmp_path, [capture], max_epochs=1)
+    fit_tiny_module(tmp_path, [capture], max_epochs=1)
     before = capture.state
     after = lightning_private_next_epoch_loop_state(before)
     assert before["epoch_progress"]["current"]["completed"] == 0 and before["epoch_progress"]["current"]["processed"] == 1
     assert after["epoch_progress"]["current"]["completed"] == after["epoch_progress"]["current"]["processed"] == 1
-    assert before["epoch_loop.batch_progress"]["current"]["processed"] == BATCHES
+    assert before["epoch_loop.batch_progress"]["current"]["processed"] == BATCHES_PER_EPOCH
     assert set(after["epoch_loop.batch_progress"]["current"].values()) == {0}
-    assert after["epoch_loop.batch_progress"]["total"]["processed"] == BATCHES
+    assert after["epoch_loop.batch_progress"]["total"]["processed"] == BATCHES_PER_EPOCH
     assert after["epoch_loop.batch_progress"]["is_last_batch"] is False
     optimiser = after["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
     assert optimiser and all(set(p["current"].values()) == {0} for p in optimiser.values())
-    assert optimiser["step"]["total"]["completed"] == BATCHES
+    assert optimiser["step"]["total"]["completed"] == BATCHES_PER_EPOCH
