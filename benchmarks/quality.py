@@ -643,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="earlier quality.json files: the methods they measured and --work did not keep their "
                              "rows (each marked with its origin); may name --out itself")
     args = parser.parse_args(argv)
+    if args.peers_only and (not args.peers or args.baselines_only):
+        parser.error("--peers-only trains lightly's peers: it cannot go with --no-peers or --baselines-only")
     if args.table:
         print(markdown_table(json.loads((ROOT / args.out).read_text())))
         return 0

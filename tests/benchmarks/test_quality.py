@@ -511,3 +511,11 @@ def test_peers_only_trains_no_recipe_of_ours(demo_root, tmp_path, monkeypatch):
     quality.main(["--root", demo_root, "--methods", "simsiam", "--seeds", "0", "--peers-only",
                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "q.json"), "--figures", ""])
     assert trained == [f"{quality.PEER}/simsiam"]
+
+
+@pytest.mark.parametrize("contradiction", ["--no-peers", "--baselines-only"])
+def test_peers_only_refuses_the_flags_that_contradict_it(contradiction, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--methods", "simsiam", "--peers-only", contradiction])
+    assert exit_info.value.code == 2
+    assert "--peers-only trains lightly's peers" in capsys.readouterr().err
