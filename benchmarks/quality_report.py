@@ -228,12 +228,20 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     taken = [m for m in dict.fromkeys(row["method"] for row in old["rows"]) if m not in measured]
     if not taken:
         return []
-    # A taken method comes with its own baselines, measured with its runs; a peer measured here (``--peers-only``)
-    # stays and replaces the earlier file's.
+    # A taken method comes with its own baselines, measured with its runs, and with its peer unless a peer was
+    # measured here (``--peers-only``): that one stays and replaces the earlier file's.
     peers_here = {row["method"] for row in report["rows"] if row["backbone"] == PEER}
-    report["rows"] = ([row for row in report["rows"] if row["method"] not in taken or row["backbone"] == PEER]
-                      + [row for row in old["rows"] if row["method"] in taken
-                         and not (row["backbone"] == PEER and row["method"] in peers_here)])
+
+    def from_earlier(name: str) -> bool:
+        """Whether run ``name`` (``<method>`` or ``peer_lightly/<method>``) takes the earlier file's rows and entries."""
+        method = name.removeprefix(f"{PEER}/")
+        return method in taken and (method == name or method not in peers_here)
+
+    def run_name(row: dict) -> str:
+        return f"{PEER}/{row['method']}" if row["backbone"] == PEER else row["method"]
+
+    report["rows"] = ([row for row in report["rows"] if not from_earlier(run_name(row))]
+                      + [row for row in old["rows"] if from_earlier(run_name(row))])
     report["rows"].sort(key=lambda row: METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
     report["verdicts"] = verdicts(report["rows"])
     report["peer_verdicts"] = verdicts(report["rows"], PEER)
@@ -244,15 +252,15 @@ def merge_report(report: dict, earlier: str | os.PathLike) -> list[str]:
     for method in taken:
         merged[method] = old.get("merged", {}).get(method, origin)
         report.setdefault("curves", {})[method] = old.get("curves", {}).get(method)
-        if f"{PEER}/{method}" in old.get("curves", {}) and method not in peers_here:
-            report["curves"][f"{PEER}/{method}"] = old["curves"][f"{PEER}/{method}"]
+        peer = f"{PEER}/{method}"
+        if peer in old.get("curves", {}) and from_earlier(peer):
+            report["curves"][peer] = old["curves"][peer]
     # A taken method's entries (and its peer's, ``peer_lightly/<method>``) come with its rows; a baseline's
     # (``random/<arch>``, ``supervised/<arch>``) only where this report has none.
     for key in _PER_RUN_KEYS:
         entries = report.setdefault(key, {})
         for name, value in old.get(key, {}).items():
-            peer_of = name.removeprefix(f"{PEER}/") if name.startswith(f"{PEER}/") else None
-            if name in taken or (peer_of in taken and peer_of not in peers_here):
+            if from_earlier(name):
                 entries[name] = value
             elif "/" in name:
                 entries.setdefault(name, value)
